@@ -1,0 +1,4 @@
+//! Command-line interface.
+pub fn main() -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The run description: one TOML file, every knob in it, refused before any work starts when a key
+//! is unknown or a value is out of range.
+mod data;
+mod loss;
+mod model;
+mod train;
+
+pub use data::*;
+pub use loss::*;
+pub use model::*;
+pub use train::*;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub lora: LoraConfig,
+    #[serde(default)]
+    pub loss: LossConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Folder of the run: adapter, checkpoints, metrics, summaries.
+    #[serde(default = "default_output_dir")]
+    pub dir: PathBuf,
+}
+
+fn default_output_dir() -> PathBuf {
+    PathBuf::from("runs/latest")
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_output_dir(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `key=value` overrides, resolves relative paths against the config
+    /// file's folder and validates every section.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut value: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: invalid TOML: {}", path.display(), e))?;
+        for o in overrides {
+            apply_override(&mut value, o).with_context(|| format!("--set {o}"))?;
+        }
+        let mut cfg: Config = Config::deserialize(toml::Value::Table(value))
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+        Ok(cfg)
+    }
+
+    /// Parses a config from a string (no path resolution); used by tests and `--set`-only runs.
+    pub fn from_toml_str(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.output.dir);
+        self.model.resolve_paths(base);
+        self.data.resolve_paths(base);
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate().context("[model]")?;
+        self.lora.validate().context("[lora]")?;
+        self.loss.validate().context("[loss]")?;
+        self.data.validate().context("[data]")?;
+        self.train.validate().context("[train]")?;
+        if self.loss.needs_kl() && self.train.batch_size < 2 {
+            bail!(
+                "[train] batch_size = {}: the KL reference point needs batch_size >= 2 \
+                 (each example is paired with another example's completion)",
+                self.train.batch_size
+            );
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+/// `a.b.c=value`: value parsed as a TOML value (number, bool, string, array), else taken as a string.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("expected key=value, got `{assignment}`"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("invalid key `{key}`");
+    }
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow::anyhow!("`{p}` in `{key}` is not a table"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}

@@ -1,0 +1,172 @@
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F64,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Passes over the training split (ignored when max_steps is set).
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides epochs).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch (>= 2 for KL-based losses).
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "d_accum")]
+    pub grad_accum: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default = "d_sched")]
+    pub lr_schedule: LrSchedule,
+    /// Linear warmup length in optimizer steps; `warmup_ratio` is used when this is 0.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of the total optimizer steps (HF Trainer's warmup_ratio).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default = "d_b1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_b2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_eps")]
+    pub adam_eps: f64,
+    /// Decoupled weight decay (HF Trainer's default 0.0).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Clip the global gradient L2 norm to this (0 disables).
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// Prompt + completion tokens per sequence; longer sequences are cut from the end (TRL).
+    #[serde(default = "d_maxlen")]
+    pub max_length: usize,
+    /// Seed for LoRA init, dropout, shuffling and the data split.
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N` (the latter needs the `cuda` cargo feature).
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// Compute dtype of the network: f32 (default), f64 (for checks), bf16.
+    #[serde(default = "d_dtype")]
+    pub dtype: DType,
+    /// Log metrics every N optimizer steps.
+    #[serde(default = "d_log")]
+    pub log_every: usize,
+}
+
+fn d_epochs() -> usize {
+    1
+}
+fn d_batch() -> usize {
+    2
+}
+fn d_accum() -> usize {
+    8
+}
+fn d_lr() -> f64 {
+    2e-4
+}
+fn d_sched() -> LrSchedule {
+    LrSchedule::Linear
+}
+fn d_b1() -> f64 {
+    0.9
+}
+fn d_b2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_maxlen() -> usize {
+    512
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_dtype() -> DType {
+    DType::F32
+}
+fn d_log() -> usize {
+    1
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 && self.max_steps.is_none() {
+            bail!("epochs = 0 and no max_steps: nothing to train");
+        }
+        if self.max_steps == Some(0) {
+            bail!("max_steps = 0: must be at least 1 (or leave it out)");
+        }
+        if self.batch_size == 0 {
+            bail!("batch_size = 0: must be at least 1");
+        }
+        if self.grad_accum == 0 {
+            bail!("grad_accum = 0: must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("lr = {}: must be a positive number", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            bail!("warmup_ratio = {}: must be in [0, 1)", self.warmup_ratio);
+        }
+        for (k, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{k} = {v}: must be in [0, 1)");
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            bail!("adam_eps = {}: must be positive", self.adam_eps);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("weight_decay = {}: must be >= 0", self.weight_decay);
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            bail!("max_grad_norm = {}: must be >= 0 (0 disables clipping)", self.max_grad_norm);
+        }
+        if self.max_length < 2 {
+            bail!("max_length = {}: must be at least 2", self.max_length);
+        }
+        if self.log_every == 0 {
+            bail!("log_every = 0: must be at least 1");
+        }
+        let d = self.device.as_str();
+        let ok = d == "cpu"
+            || d == "cuda"
+            || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if !ok {
+            bail!("device = `{d}`: allowed are `cpu`, `cuda`, `cuda:N`");
+        }
+        Ok(())
+    }
+}

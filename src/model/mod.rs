@@ -1,0 +1,1 @@
+//! Llama network, LoRA, loading.

@@ -1,0 +1,2 @@
+//! The training run: recipe, optimizer, schedule, metrics.
+pub mod metrics;
