@@ -1,1 +1,3 @@
-//! Small shared helpers.
+//! Small shared helpers: atomic file writes and safetensors serialization.
+pub mod atomic;
+pub mod st;

@@ -1,0 +1,168 @@
+//! The Llama network (SmolLM2's architecture): RMSNorm, rotary embeddings, grouped-query
+//! attention, SwiGLU MLP, optional tied embeddings. Built only from differentiable ops (candle's
+//! fused rope/softmax/rms_norm kernels have no backward).
+use super::config::LlamaConfig;
+use super::lora::{Forward, Linear};
+use super::ops::frozen_linear;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+/// The seven projections LoRA can target, in PEFT's module names.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+];
+
+/// Where a projection lives in the module tree (`self_attn` or `mlp`).
+pub fn projection_parent(name: &str) -> &'static str {
+    match name {
+        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
+        _ => "mlp",
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dim = x.dim(D::Minus1)?;
+        let var = (x.sqr()?.sum_keepdim(D::Minus1)? / dim as f64)?;
+        let normed = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+    /// q, k, v, o, gate, up, down (PROJECTIONS order).
+    pub proj: [Linear; 7],
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// [vocab, hidden]; the embedding matrix itself when embeddings are tied.
+    pub lm_head: Tensor,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+impl Llama {
+    /// cos/sin tables [T, head_dim] as transformers builds them (non-interleaved halves).
+    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let d = self.cfg.head_dim;
+        let inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.cfg.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(t * d);
+        let mut sin = Vec::with_capacity(t * d);
+        for pos in 0..t {
+            for _ in 0..2 {
+                for f in &inv {
+                    // transformers computes the angles in f32
+                    let ang = (pos as f32 * *f as f32) as f64;
+                    cos.push(ang.cos());
+                    sin.push(ang.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, d), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, d), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn causal_mask(&self, t: usize) -> Result<Tensor> {
+        let m: Vec<f32> = (0..t * t)
+            .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)
+    }
+
+    /// Final-norm hidden states [B, T, hidden] for right-padded token ids [B, T].
+    pub fn hidden_states(&self, ids: &Tensor, fwd: Forward) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
+            .forward(ids)?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let mask = self.causal_mask(t)?;
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in &self.layers {
+            let h = layer.input_layernorm.forward(&x)?;
+            let [q, k, v, o, gate, up, down] = &layer.proj;
+            let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
+                lin.forward(&h, fwd)?
+                    .reshape((b, t, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let rope = |x: Tensor| -> Result<Tensor> {
+                x.broadcast_mul(&cos)? + rotate_half(&x)?.broadcast_mul(&sin)?
+            };
+            let qh = rope(heads(q, nh)?)?;
+            let kh = rope(heads(k, nkv)?)?;
+            let vh = heads(v, nkv)?;
+            let rep = nh / nkv;
+            let (kh, vh) = if rep > 1 {
+                let expand = |x: Tensor| -> Result<Tensor> {
+                    x.unsqueeze(2)?
+                        .broadcast_as((b, nkv, rep, t, hd))?
+                        .contiguous()?
+                        .reshape((b, nh, t, hd))
+                };
+                (expand(kh)?, expand(vh)?)
+            } else {
+                (kh, vh)
+            };
+            let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            let y = att
+                .matmul(&vh)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, t, nh * hd))?;
+            x = (x + o.forward(&y, fwd)?)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            let g = gate.forward(&h, fwd)?.silu()?;
+            let u = up.forward(&h, fwd)?;
+            x = (x + down.forward(&(g * u)?, fwd)?)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits [N, vocab] for hidden rows [N, hidden].
+    pub fn logits(&self, rows: &Tensor) -> Result<Tensor> {
+        frozen_linear(rows, &self.lm_head)
+    }
+
+    /// Every LoRA layer, with its PEFT module path (`model.layers.{i}.self_attn.q_proj`).
+    pub fn lora_layers(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, lin) in PROJECTIONS.iter().zip(layer.proj.iter()) {
+                if lin.lora.is_some() {
+                    out.push((
+                        format!("model.layers.{i}.{}.{name}", projection_parent(name)),
+                        lin,
+                    ));
+                }
+            }
+        }
+        out
+    }
+}

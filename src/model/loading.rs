@@ -1,0 +1,345 @@
+//! Finding a model (local folder or the Hugging Face cache, with hf-hub download as a last
+//! resort) and building the network from its safetensors.
+use super::config::LlamaConfig;
+use super::llama::{Block, Llama, RmsNorm, PROJECTIONS};
+use super::lora::{init_lora, Linear, Lora};
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+
+/// The files of one model.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    /// One file, or the shards listed by model.safetensors.index.json.
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    /// The name the user gave (hub id or path), for adapter_config.json.
+    pub name: String,
+}
+
+/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub` (as Python does).
+pub fn hf_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join("hub");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .unwrap_or(false)
+}
+
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// Model files from a local folder.
+pub fn local_model_files(dir: &Path, name: &str) -> Result<ModelFiles> {
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        bail!(
+            "model folder {} has no config.json (expected a Hugging Face model folder)",
+            dir.display()
+        );
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let weights = if index.is_file() {
+        shards_from_index(&index, |f| Ok(dir.join(f)))?
+    } else if dir.join("model.safetensors").is_file() {
+        vec![dir.join("model.safetensors")]
+    } else {
+        bail!(
+            "model folder {} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        );
+    };
+    for w in &weights {
+        if !w.is_file() {
+            bail!("weights file {} is missing", w.display());
+        }
+    }
+    let tok = dir.join("tokenizer.json");
+    Ok(ModelFiles {
+        dir: dir.to_path_buf(),
+        config,
+        weights,
+        tokenizer: tok.is_file().then_some(tok),
+        name: name.to_string(),
+    })
+}
+
+fn shards_from_index(
+    index: &Path,
+    mut fetch: impl FnMut(&str) -> Result<PathBuf>,
+) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: missing object `weight_map`", index.display()))?;
+    let mut files: Vec<String> = map
+        .values()
+        .map(|f| {
+            f.as_str()
+                .map(str::to_string)
+                .with_context(|| format!("{}: weight_map values must be file names", index.display()))
+        })
+        .collect::<Result<_>>()?;
+    files.sort();
+    files.dedup();
+    files.iter().map(|f| fetch(f)).collect()
+}
+
+/// Resolves a local folder or a hub id (through the HF cache; downloaded with hf-hub when it is
+/// not cached and HF_HUB_OFFLINE is not set).
+pub fn resolve_model(name_or_path: &str, revision: &str) -> Result<ModelFiles> {
+    let p = Path::new(name_or_path);
+    if p.is_dir() {
+        return local_model_files(p, name_or_path);
+    }
+    if !looks_like_hub_id(name_or_path) {
+        bail!(
+            "model folder {name_or_path} does not exist (give a Hugging Face model folder with \
+             config.json and model.safetensors, or a hub id such as HuggingFaceTB/SmolLM2-360M)"
+        );
+    }
+    let cache_dir = hf_cache_dir();
+    let repo = hf_hub::Repo::with_revision(
+        name_or_path.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    );
+    let cache = hf_hub::Cache::new(cache_dir.clone()).repo(repo.clone());
+    if let Some(config) = cache.get("config.json") {
+        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        let weights = if let Some(index) = cache.get("model.safetensors.index.json") {
+            shards_from_index(&index, |f| {
+                cache.get(f).with_context(|| {
+                    format!("shard {f} of {name_or_path} is not in the cache at {}", dir.display())
+                })
+            })?
+        } else if let Some(w) = cache.get("model.safetensors") {
+            vec![w]
+        } else {
+            bail!(
+                "{name_or_path} is in the cache at {} but without model.safetensors; \
+                 download it again (huggingface-cli download {name_or_path})",
+                dir.display()
+            );
+        };
+        return Ok(ModelFiles {
+            dir,
+            config,
+            weights,
+            tokenizer: cache.get("tokenizer.json"),
+            name: name_or_path.to_string(),
+        });
+    }
+    let where_ = cache_dir.join(format!("models--{}", name_or_path.replace('/', "--")));
+    if offline() {
+        bail!(
+            "model {name_or_path} (revision {revision}) is not in the Hugging Face cache: looked in {} \
+             (HF_HUB_OFFLINE is set, so nothing is downloaded). Obtain it with \
+             `huggingface-cli download {name_or_path}` on a machine with network access and copy the \
+             cache, set HF_HOME/HF_HUB_CACHE to where it is, or point model.name_or_path at a local folder",
+            where_.display()
+        );
+    }
+    download(name_or_path, &repo, &cache_dir).with_context(|| {
+        format!(
+            "model {name_or_path} is not in the Hugging Face cache ({}) and could not be downloaded; \
+             download it with `huggingface-cli download {name_or_path}` or give a local folder",
+            where_.display()
+        )
+    })
+}
+
+fn download(name: &str, repo: &hf_hub::Repo, cache_dir: &Path) -> Result<ModelFiles> {
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))
+        .with_progress(true)
+        .build()?
+        .repo(repo.clone());
+    let config = api.get("config.json")?;
+    let weights = match api.get("model.safetensors.index.json") {
+        Ok(index) => shards_from_index(&index, |f| Ok(api.get(f)?))?,
+        Err(_) => vec![api.get("model.safetensors")?],
+    };
+    let tokenizer = api.get("tokenizer.json").ok();
+    Ok(ModelFiles {
+        dir: config.parent().map(Path::to_path_buf).unwrap_or_default(),
+        config,
+        weights,
+        tokenizer,
+        name: name.to_string(),
+    })
+}
+
+/// How the LoRA layers are set up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+    /// Seed of PEFT's init (A kaiming-uniform, B zero).
+    pub seed: u64,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    pub fn from_config(cfg: &crate::config::LoraConfig, seed: u64) -> Self {
+        Self {
+            r: cfg.r,
+            alpha: cfg.alpha,
+            dropout: cfg.dropout,
+            target_modules: cfg.target_modules.clone(),
+            use_rslora: cfg.use_rslora,
+            seed,
+        }
+    }
+}
+
+struct Weights<'a> {
+    st: MmapedSafetensors,
+    files: &'a ModelFiles,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.st.load(name, &self.device).with_context(|| {
+            format!(
+                "model weights ({}) have no tensor `{name}`",
+                self.files.weights[0].display()
+            )
+        })?;
+        if t.dims() != shape {
+            bail!(
+                "tensor `{name}` in {} has shape {:?}, but config.json implies {:?}",
+                self.files.dir.display(),
+                t.dims(),
+                shape
+            );
+        }
+        Ok(t.to_dtype(self.dtype)?)
+    }
+}
+
+/// Builds the network from its files, with LoRA layers per `lora` (frozen base weights).
+pub fn load_llama(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    lora: Option<&LoraSpec>,
+) -> Result<Llama> {
+    let cfg = LlamaConfig::from_file(&files.config)?;
+    // SAFETY: the weight files are memory-mapped read-only; changing them while a run is going on
+    // is not supported (as with every mmap-based loader).
+    let st = unsafe { MmapedSafetensors::multi(&files.weights) }.with_context(|| {
+        format!("cannot read safetensors weights {:?}", files.weights)
+    })?;
+    let w = Weights {
+        st,
+        files,
+        dtype,
+        device: device.clone(),
+    };
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
+    let mut rng = lora.map(|l| ChaCha8Rng::seed_from_u64(l.seed));
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for li in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{li}");
+        let shapes = [
+            [nh * hd, h],
+            [nkv * hd, h],
+            [nkv * hd, h],
+            [h, nh * hd],
+            [i, h],
+            [i, h],
+            [h, i],
+        ];
+        let mut proj = Vec::with_capacity(7);
+        for (pi, (name, shape)) in PROJECTIONS.iter().zip(shapes).enumerate() {
+            let parent = super::llama::projection_parent(name);
+            let weight = w.get(&format!("{p}.{parent}.{name}.weight"), &shape)?;
+            let lora = match (lora, rng.as_mut()) {
+                (Some(spec), Some(rng)) if spec.target_modules.iter().any(|t| t == name) => {
+                    let (a, b) = init_lora(rng, shape[1], shape[0], spec.r, dtype, device)?;
+                    Some(Lora {
+                        a,
+                        b,
+                        scale: spec.scale(),
+                        dropout: spec.dropout,
+                    })
+                }
+                _ => None,
+            };
+            proj.push(Linear {
+                weight,
+                lora,
+                module_index: (li * 7 + pi) as u64,
+            });
+        }
+        let norm = |n: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: w.get(&format!("{p}.{n}.weight"), &[h])?,
+                eps: cfg.rms_norm_eps,
+            })
+        };
+        layers.push(Block {
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            proj: proj.try_into().map_err(|_| anyhow::anyhow!("seven projections"))?,
+        });
+    }
+    let norm = RmsNorm {
+        weight: w.get("model.norm.weight", &[h])?,
+        eps: cfg.rms_norm_eps,
+    };
+    // transformers ignores a saved lm_head.weight when the embeddings are tied.
+    let lm_head = if cfg.tie_word_embeddings {
+        embed_tokens.clone()
+    } else {
+        w.get("lm_head.weight", &[v, h])?
+    };
+    Ok(Llama {
+        cfg,
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+        dtype,
+        device: device.clone(),
+    })
+}

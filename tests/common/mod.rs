@@ -1,0 +1,54 @@
+#![allow(dead_code)]
+use candle_core::{DType, Device, Tensor};
+use kto_train::model::{load_llama, loading::local_model_files, Llama, LoraSpec};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(p: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(p)
+}
+
+pub fn load_st(p: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(p), &Device::Cpu).unwrap()
+}
+
+pub fn tiny(dtype: DType, lora: Option<&LoraSpec>) -> Llama {
+    let files = local_model_files(&fixture("tiny-llama"), "tiny-llama").unwrap();
+    load_llama(&files, dtype, &Device::Cpu, lora).unwrap()
+}
+
+/// The fixture adapter's spec, and the model with its weights in the LoRA layers.
+pub fn tiny_with_peft(dtype: DType) -> Llama {
+    let dir = fixture("peft-adapter");
+    let (spec, _) = kto_train::model::adapter::read_adapter_spec(&dir).unwrap();
+    let m = tiny(dtype, Some(&spec));
+    kto_train::model::adapter::load_adapter_weights(&m, &dir).unwrap();
+    m
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Relative L2 error |a - b| / |b|.
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let d = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    (d / n).sqrt()
+}
