@@ -1,0 +1,109 @@
+//! One TRL KTOTrainer step (fixtures/kto-step) reproduced: log-probs, loss, metrics, gradients.
+mod common;
+use candle_core::DType;
+use common::*;
+use kto_train::config::LossConfig;
+use kto_train::loss::{finalize_metrics, LossHead};
+use kto_train::model::logprobs::Sequence;
+use kto_train::model::Forward;
+use kto_train::train::batch::MicroBatch;
+use kto_train::train::step::run_micro_batch;
+use serde_json::Value;
+
+fn seqs(v: &Value) -> Vec<Sequence> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let ids = |k: &str| -> Vec<u32> {
+                e[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+            };
+            let (p, c) = (ids("prompt_ids"), ids("completion_ids"));
+            Sequence {
+                prompt_len: p.len(),
+                tokens: p.into_iter().chain(c).collect(),
+            }
+        })
+        .collect()
+}
+
+fn f64s(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{name}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() < tol, "{name}[{i}]: got {g}, TRL {w} (tol {tol})");
+    }
+}
+
+#[test]
+fn trl_kto_step_is_reproduced() {
+    let b: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("kto-step/batch.json")).unwrap())
+            .unwrap();
+    let cfg = &b["trl_config"];
+    let model = tiny_with_peft(DType::F32);
+    let batch = MicroBatch {
+        seqs: seqs(&b["examples"]),
+        kl_seqs: Some(seqs(&b["kl_examples"])),
+        labels: b["labels"].as_array().unwrap().iter().map(|x| x.as_bool().unwrap()).collect(),
+    };
+    let loss_cfg: LossConfig = toml::from_str(&format!(
+        "loss_type = \"{}\"\nbeta = {}\ndesirable_weight = {}\nundesirable_weight = {}",
+        cfg["loss_type"].as_str().unwrap(),
+        cfg["beta"],
+        cfg["desirable_weight"],
+        cfg["undesirable_weight"]
+    ))
+    .unwrap();
+    let mut head = LossHead::new(&loss_cfg);
+    // The adapter has dropout 0: training mode and evaluation mode are the same network.
+    let out =
+        run_micro_batch(&model, &mut head, &batch, Forward::POLICY_EVAL, Forward::POLICY_EVAL, 0, true)
+            .unwrap();
+    let l = &out.logps;
+    assert_close("policy_logps", &l.policy, &f64s(&b["policy_logps"]), 1e-3);
+    assert_close("reference_logps", &l.reference, &f64s(&b["reference_logps"]), 1e-3);
+    assert_close("policy_KL_logps", l.policy_kl.as_ref().unwrap(), &f64s(&b["policy_KL_logps"]), 1e-3);
+    assert_close(
+        "reference_KL_logps",
+        l.reference_kl.as_ref().unwrap(),
+        &f64s(&b["reference_KL_logps"]),
+        1e-3,
+    );
+    let want_loss = b["loss"].as_f64().unwrap();
+    assert!((out.loss.loss - want_loss).abs() < 1e-4, "loss {} vs TRL {want_loss}", out.loss.loss);
+    let m = finalize_metrics(&out.loss.metrics);
+    for (k, tol) in [
+        ("kl", 1e-3),
+        ("logps/chosen", 1e-3),
+        ("logps/rejected", 1e-3),
+        ("rewards/chosen", 1e-4),
+        ("rewards/rejected", 1e-4),
+        ("rewards/margins", 1e-4),
+        ("logits/chosen", 1e-5),
+        ("logits/rejected", 1e-5),
+    ] {
+        let want = b["metrics"][k].as_f64().unwrap();
+        let got = m[k];
+        assert!((got - want).abs() < tol, "metric {k}: {got} vs TRL {want}");
+    }
+    // Gradients of all 28 LoRA tensors.
+    let grads = out.grads.unwrap();
+    let want = load_st("kto-step/grads.safetensors");
+    let mut n = 0;
+    for (path, lin) in model.lora_layers() {
+        let lora = lin.lora.as_ref().unwrap();
+        for (which, var) in [("A", &lora.a), ("B", &lora.b)] {
+            let key = format!("base_model.model.{path}.lora_{which}.weight");
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+            let e = rel_l2(g, &want[&key]);
+            assert!(e < 1e-3, "{key}: relative L2 error {e}");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 28);
+    assert_eq!(want.len(), 28);
+}
