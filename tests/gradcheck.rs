@@ -20,20 +20,32 @@ fn batch() -> MicroBatch {
             .iter()
             .map(|e| {
                 let ids = |k: &str| -> Vec<u32> {
-                    e[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+                    e[k].as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_u64().unwrap() as u32)
+                        .collect()
                 };
                 let (p, c) = (ids("prompt_ids"), ids("completion_ids"));
                 // Shorter sequences keep the check fast; the math is the same.
                 let p = p[p.len().saturating_sub(24)..].to_vec();
                 let c = c[..c.len().min(16)].to_vec();
-                Sequence { prompt_len: p.len(), tokens: p.into_iter().chain(c).collect() }
+                Sequence {
+                    prompt_len: p.len(),
+                    tokens: p.into_iter().chain(c).collect(),
+                }
             })
             .collect()
     };
     MicroBatch {
         seqs: seqs("examples"),
         kl_seqs: Some(seqs("kl_examples")),
-        labels: b["labels"].as_array().unwrap().iter().map(|x| x.as_bool().unwrap()).collect(),
+        labels: b["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_bool().unwrap())
+            .collect(),
     }
 }
 
@@ -50,8 +62,16 @@ pub fn check_gradients(loss_toml: &str) {
     let cfg: LossConfig = toml::from_str(loss_toml).unwrap();
     let batch = batch();
     let mut head = LossHead::new(&cfg);
-    let out = run_micro_batch(&model, &mut head, &batch, Forward::POLICY_EVAL, Forward::POLICY_EVAL, 0, true)
-        .unwrap();
+    let out = run_micro_batch(
+        &model,
+        &mut head,
+        &batch,
+        Forward::POLICY_EVAL,
+        Forward::POLICY_EVAL,
+        0,
+        true,
+    )
+    .unwrap();
     let grads = out.grads.unwrap();
     let (reference, reference_kl) = reference_logps(&model, &batch).unwrap();
     assert_eq!(reference, out.logps.reference);
@@ -77,7 +97,10 @@ pub fn check_gradients(loss_toml: &str) {
                 let fd = (bump(h) - bump(-h)) / (2.0 * h);
                 let an = g.i((r, c)).unwrap().to_scalar::<f64>().unwrap();
                 let err = (fd - an).abs() / an.abs().max(1e-6);
-                assert!(err < 1e-5, "{path}.lora_{which}[{r},{c}]: analytic {an}, finite difference {fd}");
+                assert!(
+                    err < 1e-5,
+                    "{path}.lora_{which}[{r},{c}]: analytic {an}, finite difference {fd}"
+                );
                 checked += 1;
             }
         }

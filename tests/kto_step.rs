@@ -16,7 +16,11 @@ fn seqs(v: &Value) -> Vec<Sequence> {
         .iter()
         .map(|e| {
             let ids = |k: &str| -> Vec<u32> {
-                e[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+                e[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect()
             };
             let (p, c) = (ids("prompt_ids"), ids("completion_ids"));
             Sequence {
@@ -28,13 +32,20 @@ fn seqs(v: &Value) -> Vec<Sequence> {
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{name}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() < tol, "{name}[{i}]: got {g}, TRL {w} (tol {tol})");
+        assert!(
+            (g - w).abs() < tol,
+            "{name}[{i}]: got {g}, TRL {w} (tol {tol})"
+        );
     }
 }
 
@@ -48,7 +59,12 @@ fn trl_kto_step_is_reproduced() {
     let batch = MicroBatch {
         seqs: seqs(&b["examples"]),
         kl_seqs: Some(seqs(&b["kl_examples"])),
-        labels: b["labels"].as_array().unwrap().iter().map(|x| x.as_bool().unwrap()).collect(),
+        labels: b["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_bool().unwrap())
+            .collect(),
     };
     let loss_cfg: LossConfig = toml::from_str(&format!(
         "loss_type = \"{}\"\nbeta = {}\ndesirable_weight = {}\nundesirable_weight = {}",
@@ -60,13 +76,30 @@ fn trl_kto_step_is_reproduced() {
     .unwrap();
     let mut head = LossHead::new(&loss_cfg);
     // The adapter has dropout 0: training mode and evaluation mode are the same network.
-    let out =
-        run_micro_batch(&model, &mut head, &batch, Forward::POLICY_EVAL, Forward::POLICY_EVAL, 0, true)
-            .unwrap();
+    let out = run_micro_batch(
+        &model,
+        &mut head,
+        &batch,
+        Forward::POLICY_EVAL,
+        Forward::POLICY_EVAL,
+        0,
+        true,
+    )
+    .unwrap();
     let l = &out.logps;
     assert_close("policy_logps", &l.policy, &f64s(&b["policy_logps"]), 1e-3);
-    assert_close("reference_logps", &l.reference, &f64s(&b["reference_logps"]), 1e-3);
-    assert_close("policy_KL_logps", l.policy_kl.as_ref().unwrap(), &f64s(&b["policy_KL_logps"]), 1e-3);
+    assert_close(
+        "reference_logps",
+        &l.reference,
+        &f64s(&b["reference_logps"]),
+        1e-3,
+    );
+    assert_close(
+        "policy_KL_logps",
+        l.policy_kl.as_ref().unwrap(),
+        &f64s(&b["policy_KL_logps"]),
+        1e-3,
+    );
     assert_close(
         "reference_KL_logps",
         l.reference_kl.as_ref().unwrap(),
@@ -74,7 +107,11 @@ fn trl_kto_step_is_reproduced() {
         1e-3,
     );
     let want_loss = b["loss"].as_f64().unwrap();
-    assert!((out.loss.loss - want_loss).abs() < 1e-4, "loss {} vs TRL {want_loss}", out.loss.loss);
+    assert!(
+        (out.loss.loss - want_loss).abs() < 1e-4,
+        "loss {} vs TRL {want_loss}",
+        out.loss.loss
+    );
     let m = finalize_metrics(&out.loss.metrics);
     for (k, tol) in [
         ("kl", 1e-3),
@@ -98,7 +135,9 @@ fn trl_kto_step_is_reproduced() {
         let lora = lin.lora.as_ref().unwrap();
         for (which, var) in [("A", &lora.a), ("B", &lora.b)] {
             let key = format!("base_model.model.{path}.lora_{which}.weight");
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {key}"));
             let e = rel_l2(g, &want[&key]);
             assert!(e < 1e-3, "{key}: relative L2 error {e}");
             n += 1;

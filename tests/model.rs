@@ -17,7 +17,9 @@ fn all_logits(m: &Llama, ids: &Tensor, fwd: Forward) -> Tensor {
 fn check_against(m: &Llama, expected: &HashMap<String, Tensor>, fwd: Forward) {
     let mut n = 0;
     for i in 0.. {
-        let Some(ids) = expected.get(&format!("input_ids.{i}")) else { break };
+        let Some(ids) = expected.get(&format!("input_ids.{i}")) else {
+            break;
+        };
         n += 1;
         let logits = all_logits(m, ids, fwd);
         let t = logits.dim(0).unwrap();
@@ -27,10 +29,18 @@ fn check_against(m: &Llama, expected: &HashMap<String, Tensor>, fwd: Forward) {
         let last = logits.i(t - 1).unwrap();
         let d = max_abs_diff(&last, &expected[&format!("last_logits.{i}")]);
         assert!(d < 1e-4, "text {i}: last_logits differ by {d}");
-        let lsm = candle_nn::ops::log_softmax(&logits.narrow(0, 0, t - 1).unwrap(), D::Minus1)
+        let lsm =
+            candle_nn::ops::log_softmax(&logits.narrow(0, 0, t - 1).unwrap(), D::Minus1).unwrap();
+        let next = ids
+            .narrow(0, 1, t - 1)
+            .unwrap()
+            .to_dtype(DType::U32)
             .unwrap();
-        let next = ids.narrow(0, 1, t - 1).unwrap().to_dtype(DType::U32).unwrap();
-        let lp = lsm.gather(&next.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap();
+        let lp = lsm
+            .gather(&next.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
         let d = max_abs_diff(&lp, &expected[&format!("token_logprobs.{i}")]);
         assert!(d < 1e-4, "text {i}: token log-probs differ by {d}");
     }
@@ -40,13 +50,25 @@ fn check_against(m: &Llama, expected: &HashMap<String, Tensor>, fwd: Forward) {
 #[test]
 fn logits_match_transformers() {
     let m = tiny(DType::F32, None);
-    check_against(&m, &load_st("tiny-llama/expected.safetensors"), Forward::REFERENCE);
+    check_against(
+        &m,
+        &load_st("tiny-llama/expected.safetensors"),
+        Forward::REFERENCE,
+    );
 }
 
 #[test]
 fn logits_with_peft_adapter_match_peft() {
     let m = tiny_with_peft(DType::F32);
-    check_against(&m, &load_st("peft-adapter/expected.safetensors"), Forward::POLICY_EVAL);
+    check_against(
+        &m,
+        &load_st("peft-adapter/expected.safetensors"),
+        Forward::POLICY_EVAL,
+    );
     // LoRA switched off is the base model again.
-    check_against(&m, &load_st("tiny-llama/expected.safetensors"), Forward::REFERENCE);
+    check_against(
+        &m,
+        &load_st("tiny-llama/expected.safetensors"),
+        Forward::REFERENCE,
+    );
 }

@@ -3,7 +3,13 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub const ALL_TARGET_MODULES: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

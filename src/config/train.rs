@@ -140,7 +140,10 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             bail!("warmup_ratio = {}: must be in [0, 1)", self.warmup_ratio);
         }
-        for (k, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+        for (k, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
             if !(0.0..1.0).contains(&v) {
                 bail!("{k} = {v}: must be in [0, 1)");
             }
@@ -152,7 +155,10 @@ impl TrainConfig {
             bail!("weight_decay = {}: must be >= 0", self.weight_decay);
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            bail!("max_grad_norm = {}: must be >= 0 (0 disables clipping)", self.max_grad_norm);
+            bail!(
+                "max_grad_norm = {}: must be >= 0 (0 disables clipping)",
+                self.max_grad_norm
+            );
         }
         if self.max_length < 2 {
             bail!("max_length = {}: must be at least 2", self.max_length);
@@ -163,7 +169,8 @@ impl TrainConfig {
         let d = self.device.as_str();
         let ok = d == "cpu"
             || d == "cuda"
-            || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+            || d.strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
         if !ok {
             bail!("device = `{d}`: allowed are `cpu`, `cuda`, `cuda:N`");
         }

@@ -47,6 +47,20 @@ pub fn prepare(_cfg: &DataConfig, _opts: &PrepareOptions) -> Result<PreparedData
 /// The order in which one epoch feeds examples into micro-batches of `batch_size`: seeded by
 /// (seed, epoch), each micro-batch mixes labels and never holds two examples of one interaction
 /// where that is possible, so that the rotated KL pairs see mismatched prompts.
-pub fn epoch_order(examples: &[KtoExample], _batch_size: usize, _seed: u64, _epoch: u64) -> Vec<usize> {
+pub fn epoch_order(
+    examples: &[KtoExample],
+    _batch_size: usize,
+    _seed: u64,
+    _epoch: u64,
+) -> Vec<usize> {
     (0..examples.len()).collect()
+}
+
+/// `kto-train data`: print the mix table of a config (and write the examples when asked).
+pub fn run_data_command(
+    _cfg: &crate::config::Config,
+    _out: Option<&std::path::Path>,
+    _strict: bool,
+) -> Result<()> {
+    bail!("data pipeline not implemented yet")
 }

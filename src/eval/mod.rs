@@ -1,1 +1,2 @@
-//! Scoring and benchmark evaluation.
+//! Using a model or adapter: scoring records.
+pub mod score;

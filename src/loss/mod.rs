@@ -58,6 +58,7 @@ impl LossHead {
         self.compute(s)
     }
 
+    #[allow(clippy::needless_range_loop)]
     fn compute(&self, s: &SequenceLogps) -> Result<LossOutput> {
         let n = s.labels.len();
         if n == 0 || s.policy.len() != n || s.reference.len() != n {

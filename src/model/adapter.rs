@@ -53,8 +53,14 @@ pub fn adapter_tensors(model: &Llama) -> Result<Vec<(String, RawTensor)>> {
     let mut out = Vec::new();
     for (path, lin) in model.lora_layers() {
         let lora = lin.lora.as_ref().expect("lora_layers yields LoRA layers");
-        out.push((peft_key(&path, "A"), RawTensor::from_tensor(lora.a.as_tensor(), DType::F32)?));
-        out.push((peft_key(&path, "B"), RawTensor::from_tensor(lora.b.as_tensor(), DType::F32)?));
+        out.push((
+            peft_key(&path, "A"),
+            RawTensor::from_tensor(lora.a.as_tensor(), DType::F32)?,
+        ));
+        out.push((
+            peft_key(&path, "B"),
+            RawTensor::from_tensor(lora.b.as_tensor(), DType::F32)?,
+        ));
     }
     Ok(out)
 }
@@ -64,7 +70,10 @@ pub fn save_adapter(model: &Llama, spec: &LoraSpec, base_model: &str, dir: &Path
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let bytes = serialize_pt(&adapter_tensors(model)?)?;
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
-    write_json_atomic(&dir.join(CONFIG_FILE), &adapter_config_json(spec, base_model))
+    write_json_atomic(
+        &dir.join(CONFIG_FILE),
+        &adapter_config_json(spec, base_model),
+    )
 }
 
 /// Reads adapter_config.json into a LoraSpec; refuses PEFT features kto-train does not implement.
@@ -77,7 +86,10 @@ pub fn read_adapter_spec(dir: &Path) -> Result<(LoraSpec, Value)> {
     let field = |k: &str| v.get(k).filter(|x| !x.is_null());
     if let Some(t) = field("peft_type").and_then(Value::as_str) {
         if t != "LORA" {
-            bail!("{}: peft_type `{t}` is not supported (only LORA)", path.display());
+            bail!(
+                "{}: peft_type `{t}` is not supported (only LORA)",
+                path.display()
+            );
         }
     }
     let r = field("r")
@@ -107,24 +119,42 @@ pub fn read_adapter_spec(dir: &Path) -> Result<(LoraSpec, Value)> {
     };
     for m in &target_modules {
         if !crate::config::ALL_TARGET_MODULES.contains(&m.as_str()) {
-            bail!("{}: target module `{m}` is not one of the Llama projections", path.display());
+            bail!(
+                "{}: target module `{m}` is not one of the Llama projections",
+                path.display()
+            );
         }
     }
     for (k, ok) in [
-        ("use_dora", field("use_dora").and_then(Value::as_bool) != Some(true)),
-        ("fan_in_fan_out", field("fan_in_fan_out").and_then(Value::as_bool) != Some(true)),
+        (
+            "use_dora",
+            field("use_dora").and_then(Value::as_bool) != Some(true),
+        ),
+        (
+            "fan_in_fan_out",
+            field("fan_in_fan_out").and_then(Value::as_bool) != Some(true),
+        ),
         (
             "rank_pattern",
-            field("rank_pattern").and_then(Value::as_object).is_none_or(|m| m.is_empty()),
+            field("rank_pattern")
+                .and_then(Value::as_object)
+                .is_none_or(|m| m.is_empty()),
         ),
         (
             "alpha_pattern",
-            field("alpha_pattern").and_then(Value::as_object).is_none_or(|m| m.is_empty()),
+            field("alpha_pattern")
+                .and_then(Value::as_object)
+                .is_none_or(|m| m.is_empty()),
         ),
-        ("layers_to_transform", field("layers_to_transform").is_none()),
+        (
+            "layers_to_transform",
+            field("layers_to_transform").is_none(),
+        ),
         (
             "bias",
-            field("bias").and_then(Value::as_str).is_none_or(|b| b == "none"),
+            field("bias")
+                .and_then(Value::as_str)
+                .is_none_or(|b| b == "none"),
         ),
     ] {
         if !ok {
@@ -136,7 +166,9 @@ pub fn read_adapter_spec(dir: &Path) -> Result<(LoraSpec, Value)> {
         alpha,
         dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         target_modules,
-        use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        use_rslora: field("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         seed: 0,
     };
     Ok((spec, v))
@@ -152,10 +184,9 @@ pub fn load_adapter_weights(model: &Llama, dir: &Path) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, view) in st.tensors() {
         // Some writers keep PEFT's adapter name in the key.
-        let key = name.replace(".lora_A.default.weight", ".lora_A.weight").replace(
-            ".lora_B.default.weight",
-            ".lora_B.weight",
-        );
+        let key = name
+            .replace(".lora_A.default.weight", ".lora_A.weight")
+            .replace(".lora_B.default.weight", ".lora_B.weight");
         let t = crate::util::st::tensor_from_view(&view, &model.device)
             .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
         tensors.insert(key, t);

@@ -27,17 +27,18 @@ pub struct LlamaConfig {
 fn usize_key(v: &Value, file: &Path, key: &str) -> Result<Option<usize>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .with_context(|| format!("{}: `{key}` must be a non-negative integer, got {x}", file.display())),
+        Some(x) => x.as_u64().map(|n| Some(n as usize)).with_context(|| {
+            format!(
+                "{}: `{key}` must be a non-negative integer, got {x}",
+                file.display()
+            )
+        }),
     }
 }
 
 fn required(v: &Value, file: &Path, key: &str) -> Result<usize> {
-    usize_key(v, file, key)?.with_context(|| {
-        format!("{}: required field `{key}` is missing", file.display())
-    })
+    usize_key(v, file, key)?
+        .with_context(|| format!("{}: required field `{key}` is missing", file.display()))
 }
 
 fn f64_key(v: &Value, file: &Path, key: &str) -> Result<Option<f64>> {
@@ -59,10 +60,12 @@ fn token_id(v: &Value, file: &Path, key: &str) -> Result<Option<u32>> {
                 format!("{}: `{key}` must hold integers, got {x}", file.display())
             }),
         },
-        Some(x) => x
-            .as_u64()
-            .map(|n| Some(n as u32))
-            .with_context(|| format!("{}: `{key}` must be an integer or a list, got {x}", file.display())),
+        Some(x) => x.as_u64().map(|n| Some(n as u32)).with_context(|| {
+            format!(
+                "{}: `{key}` must be an integer or a list, got {x}",
+                file.display()
+            )
+        }),
     }
 }
 
@@ -111,7 +114,10 @@ impl LlamaConfig {
             );
         }
         if head_dim % 2 != 0 {
-            bail!("{}: head_dim {head_dim} must be even for rotary embeddings", file.display());
+            bail!(
+                "{}: head_dim {head_dim} must be even for rotary embeddings",
+                file.display()
+            );
         }
         // transformers 5 moved rope_theta into rope_parameters.
         let rope_params = v.get("rope_parameters").filter(|x| !x.is_null());
@@ -132,7 +138,10 @@ impl LlamaConfig {
         .or(f64_key(v, file, "rope_theta")?)
         .unwrap_or(10000.0);
         if let Some(rs) = v.get("rope_scaling").filter(|x| !x.is_null()) {
-            let t = rs.get("rope_type").or(rs.get("type")).and_then(Value::as_str);
+            let t = rs
+                .get("rope_type")
+                .or(rs.get("type"))
+                .and_then(Value::as_str);
             if t != Some("default") {
                 bail!(
                     "{}: rope_scaling {rs} is not supported (only unscaled rotary embeddings)",
@@ -147,7 +156,10 @@ impl LlamaConfig {
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                bail!("{}: hidden_act `{act}` is not supported (only silu)", file.display());
+                bail!(
+                    "{}: hidden_act `{act}` is not supported (only silu)",
+                    file.display()
+                );
             }
         }
         let saved_dtype = v

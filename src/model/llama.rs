@@ -8,7 +8,13 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 /// The seven projections LoRA can target, in PEFT's module names.
 pub const PROJECTIONS: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 /// Where a projection lives in the module tree (`self_attn` or `mlp`).
@@ -87,7 +93,13 @@ impl Llama {
 
     fn causal_mask(&self, t: usize) -> Result<Tensor> {
         let m: Vec<f32> = (0..t * t)
-            .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 })
+            .map(|i| {
+                if i % t > i / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
             .collect();
         Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)
     }

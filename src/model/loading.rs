@@ -30,13 +30,20 @@ pub fn hf_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache").join("huggingface").join("hub")
 }
 
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -46,7 +53,8 @@ fn looks_like_hub_id(s: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -100,9 +108,9 @@ fn shards_from_index(
     let mut files: Vec<String> = map
         .values()
         .map(|f| {
-            f.as_str()
-                .map(str::to_string)
-                .with_context(|| format!("{}: weight_map values must be file names", index.display()))
+            f.as_str().map(str::to_string).with_context(|| {
+                format!("{}: weight_map values must be file names", index.display())
+            })
         })
         .collect::<Result<_>>()?;
     files.sort();
@@ -135,7 +143,10 @@ pub fn resolve_model(name_or_path: &str, revision: &str) -> Result<ModelFiles> {
         let weights = if let Some(index) = cache.get("model.safetensors.index.json") {
             shards_from_index(&index, |f| {
                 cache.get(f).with_context(|| {
-                    format!("shard {f} of {name_or_path} is not in the cache at {}", dir.display())
+                    format!(
+                        "shard {f} of {name_or_path} is not in the cache at {}",
+                        dir.display()
+                    )
                 })
             })?
         } else if let Some(w) = cache.get("model.safetensors") {
@@ -175,10 +186,11 @@ pub fn resolve_model(name_or_path: &str, revision: &str) -> Result<ModelFiles> {
 }
 
 fn download(name: &str, repo: &hf_hub::Repo, cache_dir: &Path) -> Result<ModelFiles> {
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))
-        .with_progress(true)
-        .build()?
-        .repo(repo.clone());
+    let api =
+        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))
+            .with_progress(true)
+            .build()?
+            .repo(repo.clone());
     let config = api.get("config.json")?;
     let weights = match api.get("model.safetensors.index.json") {
         Ok(index) => shards_from_index(&index, |f| Ok(api.get(f)?))?,
@@ -264,9 +276,8 @@ pub fn load_llama(
     let cfg = LlamaConfig::from_file(&files.config)?;
     // SAFETY: the weight files are memory-mapped read-only; changing them while a run is going on
     // is not supported (as with every mmap-based loader).
-    let st = unsafe { MmapedSafetensors::multi(&files.weights) }.with_context(|| {
-        format!("cannot read safetensors weights {:?}", files.weights)
-    })?;
+    let st = unsafe { MmapedSafetensors::multi(&files.weights) }
+        .with_context(|| format!("cannot read safetensors weights {:?}", files.weights))?;
     let w = Weights {
         st,
         files,
@@ -274,7 +285,11 @@ pub fn load_llama(
         device: device.clone(),
     };
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
     let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
     let mut rng = lora.map(|l| ChaCha8Rng::seed_from_u64(l.seed));
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -320,7 +335,9 @@ pub fn load_llama(
         layers.push(Block {
             input_layernorm: norm("input_layernorm")?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            proj: proj.try_into().map_err(|_| anyhow::anyhow!("seven projections"))?,
+            proj: proj
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("seven projections"))?,
         });
     }
     let norm = RmsNorm {

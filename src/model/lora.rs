@@ -73,7 +73,9 @@ impl Linear {
         let k = dims[dims.len() - 1];
         let m = x.elem_count() / k;
         let h = x.reshape((m, k))?.matmul(&lora.a.as_tensor().t()?)?;
-        let h = h.matmul(&lora.b.as_tensor().t()?)?.affine(lora.scale, 0.0)?;
+        let h = h
+            .matmul(&lora.b.as_tensor().t()?)?
+            .affine(lora.scale, 0.0)?;
         let mut out_dims = dims[..dims.len() - 1].to_vec();
         out_dims.push(self.out_features());
         base + h.reshape(out_dims)?
@@ -100,7 +102,11 @@ fn dropout(x: &Tensor, p: f64, key: DropoutKey, module: u64) -> Result<Tensor> {
         let r: u64 = rng.random();
         for half in [r as u32, (r >> 32) as u32] {
             if mask.len() < n {
-                mask.push(if (half as u64) < threshold { 0.0f32 } else { keep as f32 });
+                mask.push(if (half as u64) < threshold {
+                    0.0f32
+                } else {
+                    keep as f32
+                });
             }
         }
     }

@@ -11,8 +11,10 @@ use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 
 /// SmolLM2's tokenizer (byte-level BPE, vocab 49152), shipped in data/samples/smollm2.
-pub const SMOLLM2_TOKENIZER: &[u8] =
-    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/samples/smollm2/tokenizer.json"));
+pub const SMOLLM2_TOKENIZER: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/data/samples/smollm2/tokenizer.json"
+));
 
 #[derive(Debug, Clone)]
 pub struct TinySpec {
@@ -62,10 +64,17 @@ pub fn write_random_model(dir: &Path, cfg: &LlamaConfig, seed: u64, dtype: DType
         Ok(())
     };
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
     rand_t("model.embed_tokens.weight".into(), &[v, h], &mut rng)?;
     let ones = |name: String, n: usize| -> Result<(String, RawTensor)> {
-        Ok((name, RawTensor::from_tensor(&Tensor::ones(n, DType::F32, &dev)?, dtype)?))
+        Ok((
+            name,
+            RawTensor::from_tensor(&Tensor::ones(n, DType::F32, &dev)?, dtype)?,
+        ))
     };
     let mut norms = Vec::new();
     for l in 0..cfg.num_hidden_layers {
@@ -80,10 +89,17 @@ pub fn write_random_model(dir: &Path, cfg: &LlamaConfig, seed: u64, dtype: DType
         ];
         for (name, shape) in PROJECTIONS.iter().zip(shapes) {
             let parent = projection_parent(name);
-            rand_t(format!("model.layers.{l}.{parent}.{name}.weight"), &shape, &mut rng)?;
+            rand_t(
+                format!("model.layers.{l}.{parent}.{name}.weight"),
+                &shape,
+                &mut rng,
+            )?;
         }
         norms.push(ones(format!("model.layers.{l}.input_layernorm.weight"), h)?);
-        norms.push(ones(format!("model.layers.{l}.post_attention_layernorm.weight"), h)?);
+        norms.push(ones(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            h,
+        )?);
     }
     if !cfg.tie_word_embeddings {
         rand_t("lm_head.weight".into(), &[v, h], &mut rng)?;

@@ -24,7 +24,9 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
 pub fn reference_logps(model: &Llama, batch: &MicroBatch) -> Result<(Vec<f64>, Option<Vec<f64>>)> {
     let main = to_f64(&completion_logps(model, &batch.seqs, Forward::REFERENCE, false)?.sums)?;
     let kl = match &batch.kl_seqs {
-        Some(kl) => Some(to_f64(&completion_logps(model, kl, Forward::REFERENCE, false)?.sums)?),
+        Some(kl) => Some(to_f64(
+            &completion_logps(model, kl, Forward::REFERENCE, false)?.sums,
+        )?),
         None => None,
     };
     Ok((main, kl))
@@ -63,9 +65,16 @@ pub fn run_micro_batch(
     if let Some(sums) = &policy.logit_sums {
         let vocab = model.cfg.vocab_size as f64;
         for (i, s) in sums.iter().enumerate() {
-            let side = if batch.labels[i] { "chosen" } else { "rejected" };
-            loss.metrics
-                .add(&format!("logits/{side}"), *s, policy.counts[i] as f64 * vocab);
+            let side = if batch.labels[i] {
+                "chosen"
+            } else {
+                "rejected"
+            };
+            loss.metrics.add(
+                &format!("logits/{side}"),
+                *s,
+                policy.counts[i] as f64 * vocab,
+            );
         }
     }
     let grads = if train {

@@ -35,19 +35,31 @@ impl RawTensor {
         let (st, data) = match dtype {
             DType::F32 => (
                 Dtype::F32,
-                t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
             ),
             DType::F64 => (
                 Dtype::F64,
-                t.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
             ),
             DType::BF16 => (
                 Dtype::BF16,
-                t.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
             ),
             DType::F16 => (
                 Dtype::F16,
-                t.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
             ),
             other => bail!("cannot write dtype {other:?} to safetensors"),
         };
