@@ -4,11 +4,50 @@ use serde::{Deserialize, Serialize};
 
 /// The running state of the loss head that a checkpoint must carry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(into = "LossStateRepr", from = "LossStateRepr")]
 pub struct LossState {
     /// Running mean mu of the detached beta (r_i - z).
     pub mu: f64,
     /// Examples folded into mu so far.
     pub n: u64,
+}
+
+/// Serialized form: `mu` for people, `mu_bits` (hex of the f64 bits) so that a resume continues
+/// bit for bit even through a float parser that is off by one ulp (serde_json's default one is).
+#[derive(Serialize, Deserialize)]
+struct LossStateRepr {
+    mu: f64,
+    n: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mu_bits: Option<String>,
+}
+
+impl From<LossState> for LossStateRepr {
+    fn from(s: LossState) -> Self {
+        Self {
+            mu: s.mu,
+            n: s.n,
+            mu_bits: Some(format!("{:016x}", s.mu.to_bits())),
+        }
+    }
+}
+
+impl From<LossStateRepr> for LossState {
+    fn from(r: LossStateRepr) -> Self {
+        let exact = r
+            .mu_bits
+            .as_deref()
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .map(f64::from_bits)
+            // A hand-edited mu wins over stale bits.
+            .filter(|b| {
+                (b - r.mu).abs() <= 1e-12 * r.mu.abs().max(1e-300) || b.to_bits() == r.mu.to_bits()
+            });
+        LossState {
+            mu: exact.unwrap_or(r.mu),
+            n: r.n,
+        }
+    }
 }
 
 /// Running-mean baseline of the detached values beta (r_i - z).
