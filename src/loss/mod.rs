@@ -1,9 +1,26 @@
 //! The loss head: works on per-sequence log-prob sums only (f64), returns the loss, its
 //! gradient with respect to each policy log-prob sum, and metrics. The model's gradient is then
 //! one backward pass of `sum_i (dL/dP_i) * P_i` (enhanced-kto.md, section 4).
-use crate::config::{LossConfig, LossType};
+//!
+//! TRL's `kto`, `apo_zero_unpaired` and `enhanced_kto` share one code path ([`kto::loss_terms`]):
+//! the TRL losses are Enhanced KTO with every component off (and z = 0 for apo).
+pub mod bco;
+pub mod kto;
+pub mod numerics;
+pub mod odds_ratio;
+pub mod value;
+pub mod weighting;
+
+pub use bco::{bco_stage_factor, trl_bco_loss, BcoBaseline, LossState, TrlRunningMoments};
+pub use kto::{kl_reference_point, loss_terms, Components, LossTerms};
+pub use numerics::{log1mexp, log_sigmoid, sigmoid, softplus};
+pub use odds_ratio::{log_odds, odds_ratio_term, orpo_loss, OddsRatioTerm, OrpoOutput};
+pub use value::{value, ValueParams};
+pub use weighting::{weight_of_logit, weight_of_prob, WeightFn, Weighted};
+
+use crate::config::LossConfig;
 use crate::train::metrics::MetricSums;
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// Per-sequence inputs of one micro-batch.
 #[derive(Debug, Clone, Default)]
@@ -14,109 +31,190 @@ pub struct SequenceLogps {
     /// Mismatched-pair (KL) log-probs; required when the loss needs z.
     pub policy_kl: Option<Vec<f64>>,
     pub reference_kl: Option<Vec<f64>>,
-    /// Completion token counts n_i.
+    /// Completion token counts n_i (needed by the odds-ratio term).
     pub completion_tokens: Vec<f64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct LossOutput {
+    /// Loss of the micro-batch (before any division by the accumulation steps).
     pub loss: f64,
-    /// dL/dP_i for every example's policy log-prob sum.
+    /// dL/dP_i for every example's policy log-prob sum: `grad_pt + grad_or`, after component
+    /// clipping. This is what goes into the backward pass.
     pub grad: Vec<f64>,
     pub metrics: MetricSums,
-}
-
-pub fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    /// The prospect-theory component's dL/dP (after clipping).
+    pub grad_pt: Vec<f64>,
+    /// The weighted odds-ratio component's dL/dP (after clipping; zeros when off).
+    pub grad_or: Vec<f64>,
+    /// L2 norms of the two component vectors before clipping.
+    pub grad_norm_pt: f64,
+    pub grad_norm_or: f64,
+    /// The KL reference point z used (0 for apo_zero_unpaired).
+    pub z: f64,
+    /// The BCO shift used (after staging; 0 when BCO is off).
+    pub delta: f64,
+    /// All intermediates (s, o, V, pi, l, L_OR, ...), for tests and diagnostics.
+    pub terms: LossTerms,
 }
 
 pub struct LossHead {
     cfg: LossConfig,
+    components: Components,
+    /// Present when the BCO shift is on.
+    bco: Option<BcoBaseline>,
 }
 
 impl LossHead {
     pub fn new(cfg: &LossConfig) -> Self {
-        Self { cfg: cfg.clone() }
+        let bco = (cfg.is_enhanced() && cfg.bco_shift).then(|| BcoBaseline::new(cfg.bco_momentum));
+        Self {
+            cfg: cfg.clone(),
+            components: Components::from_config(cfg),
+            bco,
+        }
     }
 
     pub fn needs_kl(&self) -> bool {
         self.cfg.needs_kl()
     }
 
-    /// Loss of one training micro-batch at optimizer step `step`.
-    pub fn train_batch(&mut self, s: &SequenceLogps, _step: u64) -> Result<LossOutput> {
-        self.compute(s)
+    /// The running state to save in a checkpoint (mu = 0, n = 0 when BCO is off).
+    pub fn state(&self) -> LossState {
+        self.bco.as_ref().map(|b| b.state).unwrap_or_default()
     }
 
-    /// Loss of one evaluation micro-batch (never updates any running state).
-    pub fn eval_batch(&self, s: &SequenceLogps, _step: u64) -> Result<LossOutput> {
-        self.compute(s)
-    }
-
-    #[allow(clippy::needless_range_loop)]
-    fn compute(&self, s: &SequenceLogps) -> Result<LossOutput> {
-        let n = s.labels.len();
-        if n == 0 || s.policy.len() != n || s.reference.len() != n {
-            bail!("loss head: inconsistent batch sizes");
+    /// Restores the state saved by [`LossHead::state`] (ignored when BCO is off).
+    pub fn restore(&mut self, state: LossState) {
+        if let Some(b) = &mut self.bco {
+            b.state = state;
         }
-        let beta = self.cfg.beta;
-        let z = if self.needs_kl() {
-            let (Some(pk), Some(rk)) = (&s.policy_kl, &s.reference_kl) else {
-                bail!("loss head: the KL log-probs are required for loss_type kto");
-            };
-            let mean = pk.iter().zip(rk).map(|(p, r)| p - r).sum::<f64>() / pk.len() as f64;
-            mean.max(0.0)
+    }
+
+    /// Loss of one training micro-batch at optimizer step `step` (starting at 0). With the BCO
+    /// shift on, the baseline first takes in this micro-batch's detached beta (r_i - z).
+    pub fn train_batch(&mut self, s: &SequenceLogps, step: u64) -> Result<LossOutput> {
+        kto::check_batch(s, self.needs_kl(), self.components.odds_ratio_on())?;
+        let z = self.z(s)?;
+        if let Some(b) = &mut self.bco {
+            let beta = self.cfg.beta;
+            let vals: Vec<f64> = s
+                .policy
+                .iter()
+                .zip(&s.reference)
+                .map(|(p, r)| beta * ((p - r) - z))
+                .collect();
+            b.update(&vals);
+        }
+        self.compute(s, z, self.delta_at(step))
+    }
+
+    /// Loss of one evaluation micro-batch with the current baseline (never updates any state).
+    pub fn eval_batch(&self, s: &SequenceLogps, step: u64) -> Result<LossOutput> {
+        kto::check_batch(s, self.needs_kl(), self.components.odds_ratio_on())?;
+        let z = self.z(s)?;
+        self.compute(s, z, self.delta_at(step))
+    }
+
+    /// delta used at optimizer step `step`: mu times the staged-start factor.
+    pub fn delta_at(&self, step: u64) -> f64 {
+        match &self.bco {
+            Some(b) => {
+                let f = bco_stage_factor(step, self.cfg.bco_start_step, self.cfg.bco_ramp_steps);
+                // While the factor is 0 delta is exactly 0, whatever mu is.
+                if f == 0.0 {
+                    0.0
+                } else {
+                    b.state.mu * f
+                }
+            }
+            None => 0.0,
+        }
+    }
+
+    fn z(&self, s: &SequenceLogps) -> Result<f64> {
+        if self.needs_kl() {
+            kl_reference_point(s)
         } else {
-            0.0
+            Ok(0.0)
+        }
+    }
+
+    fn compute(&self, s: &SequenceLogps, z: f64, delta: f64) -> Result<LossOutput> {
+        let terms = loss_terms(&self.components, s, z, delta)?;
+        let mut grad_pt = terms.grad_pt.clone();
+        let mut grad_or = terms.grad_or.clone();
+        let (grad_norm_pt, grad_norm_or) = match self.cfg.component_clip {
+            Some(c) if self.cfg.is_enhanced() => (
+                numerics::clip_l2(&mut grad_pt, c),
+                numerics::clip_l2(&mut grad_or, c),
+            ),
+            _ => (numerics::l2_norm(&grad_pt), numerics::l2_norm(&grad_or)),
         };
-        let mut loss = 0.0;
-        let mut grad = vec![0.0; n];
+        let grad: Vec<f64> = grad_pt.iter().zip(&grad_or).map(|(a, b)| a + b).collect();
+        let metrics = self.metrics(s, &terms, grad_norm_pt, grad_norm_or);
+        Ok(LossOutput {
+            loss: terms.loss,
+            grad,
+            metrics,
+            grad_pt,
+            grad_or,
+            grad_norm_pt,
+            grad_norm_or,
+            z,
+            delta,
+            terms,
+        })
+    }
+
+    fn metrics(&self, s: &SequenceLogps, t: &LossTerms, norm_pt: f64, norm_or: f64) -> MetricSums {
+        let beta = self.cfg.beta;
         let mut m = MetricSums::new();
-        for i in 0..n {
-            let r = s.policy[i] - s.reference[i];
-            let (l, d) = match (self.cfg.loss_type, s.labels[i]) {
-                // d/dP (1 - sigmoid(beta (r - z))) = -beta sigmoid(s) sigmoid(-s)
-                (LossType::Kto, true) => {
-                    let t = beta * (r - z);
-                    let w = self.cfg.desirable_weight;
-                    (w * sigmoid(-t), -w * beta * sigmoid(t) * sigmoid(-t))
-                }
-                (LossType::Kto, false) => {
-                    let t = beta * (z - r);
-                    let w = self.cfg.undesirable_weight;
-                    (w * sigmoid(-t), w * beta * sigmoid(t) * sigmoid(-t))
-                }
-                (LossType::ApoZeroUnpaired, true) => {
-                    let t = beta * r;
-                    let w = self.cfg.desirable_weight;
-                    (w * sigmoid(-t), -w * beta * sigmoid(t) * sigmoid(-t))
-                }
-                (LossType::ApoZeroUnpaired, false) => {
-                    let t = beta * r;
-                    let w = self.cfg.undesirable_weight;
-                    (w * sigmoid(t), w * beta * sigmoid(t) * sigmoid(-t))
-                }
-            };
-            loss += l / n as f64;
-            grad[i] = d / n as f64;
+        for i in 0..s.labels.len() {
             let side = if s.labels[i] { "chosen" } else { "rejected" };
-            m.add(&format!("rewards/{side}"), beta * r, 1.0);
+            m.add(
+                &format!("rewards/{side}"),
+                beta * (s.policy[i] - s.reference[i]),
+                1.0,
+            );
             m.add(&format!("logps/{side}"), s.policy[i], 1.0);
         }
-        m.add_value("loss", loss);
-        if self.needs_kl() {
-            m.add_value("kl", z);
+        m.add_value("loss", t.loss);
+        // TRL logs kl for every loss type (0 without the KL pass).
+        m.add_value("kl", t.z);
+        if !self.cfg.is_enhanced() {
+            return m;
         }
-        Ok(LossOutput {
-            loss,
-            grad,
-            metrics: m,
-        })
+        let n = s.labels.len() as f64;
+        m.add("loss/pt", t.l.iter().sum(), n);
+        for (label, side) in [(true, "chosen"), (false, "rejected")] {
+            let idx: Vec<usize> = (0..s.labels.len())
+                .filter(|&i| s.labels[i] == label)
+                .collect();
+            if !idx.is_empty() {
+                let sum: f64 = idx.iter().map(|&i| t.pi[i]).sum();
+                m.add(&format!("pt/confidence/{side}"), sum, idx.len() as f64);
+            }
+        }
+        let losses = t.o.iter().filter(|&&o| o < 0.0).count() as f64;
+        m.add("pt/frac_loss_domain", losses, n);
+        m.add_value("grad_norm/pt", norm_pt);
+        if let Some(or) = &t.odds {
+            // Pair metrics pool over pairs; a micro-batch with one label has none and adds
+            // nothing (rather than a 0/0).
+            if or.n_pairs > 0 {
+                let np = or.n_pairs as f64;
+                m.add("loss/or", or.loss * np, np);
+                m.add("log_odds_ratio", or.sum_log_sigmoid, np);
+                m.add("log_odds_chosen", or.sum_diff, np);
+                m.add_value("grad_norm/or", norm_or);
+            }
+        }
+        if let Some(b) = &self.bco {
+            m.add_value("delta", t.delta);
+            m.add_value("bco/mu", b.state.mu);
+        }
+        m
     }
 }
 
@@ -127,4 +225,37 @@ pub fn finalize_metrics(m: &MetricSums) -> std::collections::BTreeMap<String, f6
         out.insert("rewards/margins".into(), c - r);
     }
     out
+}
+
+/// The paper's rule for the class weights: a warning when (w_D n_D)/(w_U n_U) lies outside
+/// [1, 4/3] (KTO, Ethayarajh et al. 2024, section 4).
+pub fn weight_ratio_warning(
+    n_desirable: usize,
+    n_undesirable: usize,
+    cfg: &LossConfig,
+) -> Option<String> {
+    if n_desirable == 0 || n_undesirable == 0 {
+        return Some(format!(
+            "the training data has {n_desirable} desirable and {n_undesirable} undesirable \
+             examples: KTO needs both labels"
+        ));
+    }
+    let ratio = (cfg.desirable_weight * n_desirable as f64)
+        / (cfg.undesirable_weight * n_undesirable as f64);
+    // Rounding slack only: a ratio of exactly 4/3 must not warn.
+    let tol = 1e-12;
+    if ratio < 1.0 - tol || ratio > 4.0 / 3.0 + tol {
+        let (lo, hi) = (
+            n_undesirable as f64 * cfg.undesirable_weight / n_desirable as f64,
+            4.0 / 3.0 * n_undesirable as f64 * cfg.undesirable_weight / n_desirable as f64,
+        );
+        Some(format!(
+            "(desirable_weight x {n_desirable} desirable) / (undesirable_weight x \
+             {n_undesirable} undesirable) = {ratio:.4}, outside the recommended [1, 4/3]; \
+             with undesirable_weight = {} a desirable_weight in [{lo:.4}, {hi:.4}] would fit",
+            cfg.undesirable_weight
+        ))
+    } else {
+        None
+    }
 }
