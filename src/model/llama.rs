@@ -3,6 +3,7 @@
 //! fused rope/softmax/rms_norm kernels have no backward).
 use super::config::LlamaConfig;
 use super::lora::{Forward, Linear};
+use super::fused;
 use super::ops::frozen_linear;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
@@ -32,7 +33,10 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, use_fused: bool) -> Result<Tensor> {
+        if use_fused && fused::available(x) {
+            return fused::rms_norm(x, &self.weight, self.eps);
+        }
         let dim = x.dim(D::Minus1)?;
         let var = (x.sqr()?.sum_keepdim(D::Minus1)? / dim as f64)?;
         let normed = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
@@ -58,6 +62,9 @@ pub struct Llama {
     pub lm_head: Tensor,
     pub dtype: DType,
     pub device: Device,
+    /// Use the fused CPU ops (src/model/fused.rs); the composite candle forms otherwise (other
+    /// devices and dtypes, and as the reference the fused ops are tested against).
+    pub use_fused_ops: bool,
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
@@ -110,12 +117,13 @@ impl Llama {
         let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
             .forward(ids)?;
         let (cos, sin) = self.rope_tables(t)?;
-        let mask = self.causal_mask(t)?;
+        let use_fused = self.use_fused_ops && fused::available(&self.embed_tokens);
+        let mask = if use_fused { None } else { Some(self.causal_mask(t)?) };
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
-            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.input_layernorm.forward(&x, use_fused)?;
             let [q, k, v, o, gate, up, down] = &layer.proj;
             let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
                 lin.forward(&h, fwd)?
@@ -123,38 +131,51 @@ impl Llama {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let rope = |x: Tensor| -> Result<Tensor> {
-                x.broadcast_mul(&cos)? + rotate_half(&x)?.broadcast_mul(&sin)?
-            };
-            let qh = rope(heads(q, nh)?)?;
-            let kh = rope(heads(k, nkv)?)?;
-            let vh = heads(v, nkv)?;
-            let rep = nh / nkv;
-            let (kh, vh) = if rep > 1 {
-                let expand = |x: Tensor| -> Result<Tensor> {
-                    x.unsqueeze(2)?
-                        .broadcast_as((b, nkv, rep, t, hd))?
-                        .contiguous()?
-                        .reshape((b, nh, t, hd))
-                };
-                (expand(kh)?, expand(vh)?)
+            let y = if use_fused {
+                // Query heads of one key/value head are stacked as rows: no repeated k/v.
+                let rope = |x: Tensor| fused::rope(&x, &cos, &sin);
+                let rep = nh / nkv;
+                let qh = rope(heads(q, nh)?)?.reshape((b, nkv, rep * t, hd))?;
+                let kh = rope(heads(k, nkv)?)?;
+                let vh = heads(v, nkv)?;
+                let att = fused::causal_softmax(&qh.matmul(&kh.t()?)?, scale, t)?;
+                att.matmul(&vh)?.reshape((b, nh, t, hd))?
             } else {
-                (kh, vh)
+                let rope = |x: Tensor| -> Result<Tensor> {
+                    x.broadcast_mul(&cos)? + rotate_half(&x)?.broadcast_mul(&sin)?
+                };
+                let qh = rope(heads(q, nh)?)?;
+                let kh = rope(heads(k, nkv)?)?;
+                let vh = heads(v, nkv)?;
+                let rep = nh / nkv;
+                let (kh, vh) = if rep > 1 {
+                    let expand = |x: Tensor| -> Result<Tensor> {
+                        x.unsqueeze(2)?
+                            .broadcast_as((b, nkv, rep, t, hd))?
+                            .contiguous()?
+                            .reshape((b, nh, t, hd))
+                    };
+                    (expand(kh)?, expand(vh)?)
+                } else {
+                    (kh, vh)
+                };
+                let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?.broadcast_add(mask.as_ref().expect("composite path"))?;
+                let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+                att.matmul(&vh)?
             };
-            let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            let y = att
-                .matmul(&vh)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, t, nh * hd))?;
+            let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
             x = (x + o.forward(&y, fwd)?)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            let g = gate.forward(&h, fwd)?.silu()?;
+            let h = layer.post_attention_layernorm.forward(&x, use_fused)?;
+            let g = gate.forward(&h, fwd)?;
             let u = up.forward(&h, fwd)?;
-            x = (x + down.forward(&(g * u)?, fwd)?)?;
+            let gu = if use_fused {
+                fused::silu_mul(&g, &u)?
+            } else {
+                (g.silu()? * u)?
+            };
+            x = (x + down.forward(&gu, fwd)?)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x, use_fused)
     }
 
     /// Logits [N, vocab] for hidden rows [N, hidden].

@@ -358,5 +358,6 @@ pub fn load_llama(
         lm_head,
         dtype,
         device: device.clone(),
+        use_fused_ops: true,
     })
 }

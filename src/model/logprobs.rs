@@ -93,9 +93,13 @@ pub fn completion_logps(
     } else {
         None
     };
-    let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-    let token_logps = lsm.gather(&targets, 1)?.squeeze(1)?;
+    let token_logps = if model.use_fused_ops && super::fused::available(&logits) {
+        super::fused::log_softmax_gather(&logits, &Tensor::from_vec(targets, n, dev)?)?
+    } else {
+        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
+        lsm.gather(&targets, 1)?.squeeze(1)?
+    };
     // Per-sequence sums as one small matmul with a 0/1 segment matrix (differentiable).
     let mut seg = vec![0f32; b * n];
     let mut k = 0;

@@ -111,7 +111,11 @@ fn dropout(x: &Tensor, p: f64, key: DropoutKey, module: u64) -> Result<Tensor> {
         }
     }
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    if super::fused::available(x) {
+        super::fused::mul_const(x, &mask)
+    } else {
+        x.mul(&mask)
+    }
 }
 
 /// PEFT's fresh LoRA init: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5)), B = 0.

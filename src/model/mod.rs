@@ -2,6 +2,7 @@
 //! files, and sequence log-probs shared by training and scoring.
 pub mod adapter;
 pub mod config;
+pub mod fused;
 pub mod llama;
 pub mod loading;
 pub mod logprobs;
