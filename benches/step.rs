@@ -105,13 +105,10 @@ fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let fwd = Forward {
-            lora: true,
-            dropout: Some(DropoutKey {
-                seed: 42,
-                pass: i as u64,
-            }),
-        };
+        let fwd = Forward::train(DropoutKey {
+            seed: 42,
+            pass: i as u64,
+        });
         let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, i as u64, true)?;
         let grads = collect_grads(&vars, out.grads.as_ref().unwrap())?;
         opt.step(&grads, 2e-4)?;

@@ -20,10 +20,17 @@ fn batch() -> MicroBatch {
             .iter()
             .map(|e| {
                 let ids = |k: &str| -> Vec<u32> {
-                    e[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+                    e[k].as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_u64().unwrap() as u32)
+                        .collect()
                 };
                 let (p, c) = (ids("prompt_ids"), ids("completion_ids"));
-                Sequence { prompt_len: p.len(), tokens: p.into_iter().chain(c).collect() }
+                Sequence {
+                    prompt_len: p.len(),
+                    tokens: p.into_iter().chain(c).collect(),
+                }
             })
             .collect()
     };
@@ -51,15 +58,24 @@ fn compare(fwd: Forward) {
     model.use_fused_ops = false;
     let composite = run(&model, fwd);
     for (a, b) in fused.logps.policy.iter().zip(&composite.logps.policy) {
-        assert!((a - b).abs() < 1e-9, "policy log-prob: fused {a}, composite {b}");
+        assert!(
+            (a - b).abs() < 1e-9,
+            "policy log-prob: fused {a}, composite {b}"
+        );
     }
     assert!((fused.loss.loss - composite.loss.loss).abs() < 1e-12);
     let (gf, gc) = (fused.grads.unwrap(), composite.grads.unwrap());
     for (path, lin) in model.lora_layers() {
         let lora = lin.lora.as_ref().unwrap();
         for (w, var) in [("A", &lora.a), ("B", &lora.b)] {
-            let e = rel_l2(gf.get(var.as_tensor()).unwrap(), gc.get(var.as_tensor()).unwrap());
-            assert!(e < 1e-9, "{path}.lora_{w}: fused vs composite gradient, relative error {e}");
+            let e = rel_l2(
+                gf.get(var.as_tensor()).unwrap(),
+                gc.get(var.as_tensor()).unwrap(),
+            );
+            assert!(
+                e < 1e-9,
+                "{path}.lora_{w}: fused vs composite gradient, relative error {e}"
+            );
         }
     }
 }
@@ -71,5 +87,5 @@ fn fused_ops_match_composite_forms() {
 
 #[test]
 fn fused_ops_match_composite_forms_with_dropout() {
-    compare(Forward { lora: true, dropout: Some(DropoutKey { seed: 7, pass: 3 }) });
+    compare(Forward::train(DropoutKey { seed: 7, pass: 3 }));
 }

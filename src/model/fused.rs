@@ -6,7 +6,9 @@
 //! shapes that is most of the memory. Each op here keeps only its inputs and returns gradients
 //! only for the inputs that need them. Every backward is tested against finite differences and
 //! against the composite forms (tests/fused_ops.rs).
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -62,7 +64,13 @@ struct RmsNormBwd {
     eps: f64,
 }
 
-fn rms_fwd<T: Fl>(eps: f64, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn rms_fwd<T: Fl>(
+    eps: f64,
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (x, w) = (contig::<T>(xs, xl)?, contig::<T>(ws, wl)?);
     let h = last_dim(xl);
     let mut y = vec![T::zero(); x.len()];
@@ -80,10 +88,22 @@ impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "fused-rms-norm"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, rms_fwd, self.eps, s1, l1, s2, l2)
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
         Ok((Some(dx), None))
     }
@@ -92,21 +112,32 @@ impl CustomOp2 for RmsNorm {
 // dx_j = g_j w_j r - x_j (r^3 / H) sum_i g_i w_i x_i, with r = (mean x^2 + eps)^-1/2.
 fn rms_bwd<T: Fl>(
     eps: f64,
-    xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, gs: &CpuStorage, gl: &Layout,
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (x, w, g) = (contig::<T>(xs, xl)?, contig::<T>(ws, wl)?, contig::<T>(gs, gl)?);
+    let (x, w, g) = (
+        contig::<T>(xs, xl)?,
+        contig::<T>(ws, wl)?,
+        contig::<T>(gs, gl)?,
+    );
     let h = last_dim(xl);
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(h).zip(x.par_chunks(h).zip(g.par_chunks(h))).for_each(|(dx, (x, g))| {
-        let ss: f64 = x.iter().map(|v| to64(*v).powi(2)).sum();
-        let r = 1.0 / (ss / h as f64 + eps).sqrt();
-        let dot: f64 = (0..h).map(|i| to64(g[i] * w[i] * x[i])).sum();
-        let c = to_t::<T>(dot * r * r * r / h as f64);
-        let r = to_t::<T>(r);
-        for i in 0..h {
-            dx[i] = g[i] * w[i] * r - x[i] * c;
-        }
-    });
+    dx.par_chunks_mut(h)
+        .zip(x.par_chunks(h).zip(g.par_chunks(h)))
+        .for_each(|(dx, (x, g))| {
+            let ss: f64 = x.iter().map(|v| to64(*v).powi(2)).sum();
+            let r = 1.0 / (ss / h as f64 + eps).sqrt();
+            let dot: f64 = (0..h).map(|i| to64(g[i] * w[i] * x[i])).sum();
+            let c = to_t::<T>(dot * r * r * r / h as f64);
+            let r = to_t::<T>(r);
+            for i in 0..h {
+                dx[i] = g[i] * w[i] * r - x[i] * c;
+            }
+        });
     Ok(out(dx, xl))
 }
 
@@ -115,7 +146,13 @@ impl CustomOp3 for RmsNormBwd {
         "fused-rms-norm-bwd"
     }
     fn cpu_fwd(
-        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, rms_bwd, self.eps, s1, l1, s2, l2, s3, l3)
     }
@@ -131,24 +168,35 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 struct Rope;
 
 fn rope_fwd<T: Fl>(
-    xs: &CpuStorage, xl: &Layout, cs: &CpuStorage, cl: &Layout, ss: &CpuStorage, sl: &Layout,
+    xs: &CpuStorage,
+    xl: &Layout,
+    cs: &CpuStorage,
+    cl: &Layout,
+    ss: &CpuStorage,
+    sl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (x, cos, sin) = (contig::<T>(xs, xl)?, contig::<T>(cs, cl)?, contig::<T>(ss, sl)?);
+    let (x, cos, sin) = (
+        contig::<T>(xs, xl)?,
+        contig::<T>(cs, cl)?,
+        contig::<T>(ss, sl)?,
+    );
     let dims = xl.dims();
     let d = dims[dims.len() - 1];
     let t = dims[dims.len() - 2];
     let half = d / 2;
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
-        for p in 0..t {
-            let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
-            let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-            for i in 0..half {
-                yr[i] = xr[i] * c[i] - xr[i + half] * s[i];
-                yr[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
+    y.par_chunks_mut(t * d)
+        .zip(x.par_chunks(t * d))
+        .for_each(|(y, x)| {
+            for p in 0..t {
+                let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
+                for i in 0..half {
+                    yr[i] = xr[i] * c[i] - xr[i + half] * s[i];
+                    yr[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
+                }
             }
-        }
-    });
+        });
     Ok(out(y, xl))
 }
 
@@ -157,13 +205,24 @@ impl CustomOp3 for Rope {
         "fused-rope"
     }
     fn cpu_fwd(
-        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, rope_fwd, s1, l1, s2, l2, s3, l3)
     }
     // The rotation's transpose is the rotation by -angle (cos halves are equal).
     fn bwd(
-        &self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor,
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dx = g.contiguous()?.apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
         Ok((Some(dx), None, None))
@@ -187,25 +246,35 @@ struct CausalSoftmaxBwd {
     scale: f64,
 }
 
-fn csm_fwd<T: Fl>(scale: f64, t_q: usize, ss: &CpuStorage, sl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn csm_fwd<T: Fl>(
+    scale: f64,
+    t_q: usize,
+    ss: &CpuStorage,
+    sl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let s = contig::<T>(ss, sl)?;
     let t = last_dim(sl);
     let scale = to_t::<T>(scale);
     let mut p = vec![T::zero(); s.len()];
-    p.par_chunks_mut(t).zip(s.par_chunks(t)).enumerate().for_each(|(row, (p, s))| {
-        let n = (row % t_q + 1).min(t);
-        let m = s[..n].iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
-        let mut sum = T::zero();
-        for j in 0..n {
-            let e = (s[j] * scale - m).exp();
-            p[j] = e;
-            sum = sum + e;
-        }
-        let inv = T::one() / sum;
-        for v in &mut p[..n] {
-            *v = *v * inv;
-        }
-    });
+    p.par_chunks_mut(t)
+        .zip(s.par_chunks(t))
+        .enumerate()
+        .for_each(|(row, (p, s))| {
+            let n = (row % t_q + 1).min(t);
+            let m = s[..n]
+                .iter()
+                .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
+            let mut sum = T::zero();
+            for j in 0..n {
+                let e = (s[j] * scale - m).exp();
+                p[j] = e;
+                sum = sum + e;
+            }
+            let inv = T::one() / sum;
+            for v in &mut p[..n] {
+                *v = *v * inv;
+            }
+        });
     Ok(out(p, sl))
 }
 
@@ -217,22 +286,33 @@ impl CustomOp1 for CausalSoftmax {
         by_dtype!(s, csm_fwd, self.scale, self.t_q, s, l)
     }
     fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(p.apply_op2_no_bwd(&g.contiguous()?, &CausalSoftmaxBwd { scale: self.scale })?))
+        Ok(Some(p.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &CausalSoftmaxBwd { scale: self.scale },
+        )?))
     }
 }
 
 // ds = scale * p (g - sum_j g_j p_j); masked entries have p = 0.
-fn csm_bwd<T: Fl>(scale: f64, ps: &CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn csm_bwd<T: Fl>(
+    scale: f64,
+    ps: &CpuStorage,
+    pl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (p, g) = (contig::<T>(ps, pl)?, contig::<T>(gs, gl)?);
     let t = last_dim(pl);
     let scale = to_t::<T>(scale);
     let mut ds = vec![T::zero(); p.len()];
-    ds.par_chunks_mut(t).zip(p.par_chunks(t).zip(g.par_chunks(t))).for_each(|(ds, (p, g))| {
-        let dot = (0..t).fold(T::zero(), |a, j| a + p[j] * g[j]);
-        for j in 0..t {
-            ds[j] = scale * p[j] * (g[j] - dot);
-        }
-    });
+    ds.par_chunks_mut(t)
+        .zip(p.par_chunks(t).zip(g.par_chunks(t)))
+        .for_each(|(ds, (p, g))| {
+            let dot = (0..t).fold(T::zero(), |a, j| a + p[j] * g[j]);
+            for j in 0..t {
+                ds[j] = scale * p[j] * (g[j] - dot);
+            }
+        });
     Ok(out(ds, pl))
 }
 
@@ -240,7 +320,13 @@ impl CustomOp2 for CausalSoftmaxBwd {
     fn name(&self) -> &'static str {
         "fused-causal-softmax-bwd"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, csm_bwd, self.scale, s1, l1, s2, l2)
     }
 }
@@ -260,14 +346,21 @@ fn sigmoid<T: Fl>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())
 }
 
-fn silu_mul_fwd<T: Fl>(gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+fn silu_mul_fwd<T: Fl>(
+    gs: &CpuStorage,
+    gl: &Layout,
+    us: &CpuStorage,
+    ul: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (g, u) = (contig::<T>(gs, gl)?, contig::<T>(us, ul)?);
     let mut y = vec![T::zero(); g.len()];
-    y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
-        for i in 0..y.len() {
-            y[i] = g[i] * sigmoid(g[i]) * u[i];
-        }
-    });
+    y.par_chunks_mut(4096)
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+        .for_each(|(y, (g, u))| {
+            for i in 0..y.len() {
+                y[i] = g[i] * sigmoid(g[i]) * u[i];
+            }
+        });
     Ok(out(y, gl))
 }
 
@@ -275,10 +368,22 @@ impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "fused-silu-mul"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, silu_mul_fwd, s1, l1, s2, l2)
     }
-    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let du = g.apply_op2_no_bwd(&grad, &SiluMul)?;
         let dg = g.apply_op3_no_bwd(u, &grad, &SiluMulBwdG)?;
@@ -287,12 +392,24 @@ impl CustomOp2 for SiluMul {
 }
 
 fn silu_mul_bwd_g<T: Fl>(
-    gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout, os: &CpuStorage, ol: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    us: &CpuStorage,
+    ul: &Layout,
+    os: &CpuStorage,
+    ol: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (g, u, o) = (contig::<T>(gs, gl)?, contig::<T>(us, ul)?, contig::<T>(os, ol)?);
+    let (g, u, o) = (
+        contig::<T>(gs, gl)?,
+        contig::<T>(us, ul)?,
+        contig::<T>(os, ol)?,
+    );
     let mut dg = vec![T::zero(); g.len()];
     dg.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096).zip(o.par_chunks(4096))))
+        .zip(
+            g.par_chunks(4096)
+                .zip(u.par_chunks(4096).zip(o.par_chunks(4096))),
+        )
         .for_each(|(dg, (g, (u, o)))| {
             for i in 0..dg.len() {
                 let s = sigmoid(g[i]);
@@ -307,7 +424,13 @@ impl CustomOp3 for SiluMulBwdG {
         "fused-silu-mul-bwd"
     }
     fn cpu_fwd(
-        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, silu_mul_bwd_g, s1, l1, s2, l2, s3, l3)
     }
@@ -322,7 +445,12 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// x * m for a constant m (dropout masks): no gradient tensor is made for m.
 struct MulConst;
 
-fn mul_fwd<T: Fl>(xs: &CpuStorage, xl: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
+fn mul_fwd<T: Fl>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ms: &CpuStorage,
+    ml: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (x, m) = (contig::<T>(xs, xl)?, contig::<T>(ms, ml)?);
     Ok(out(x.iter().zip(m).map(|(a, b)| *a * *b).collect(), xl))
 }
@@ -331,10 +459,22 @@ impl CustomOp2 for MulConst {
     fn name(&self) -> &'static str {
         "mul-const"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, mul_fwd, s1, l1, s2, l2)
     }
-    fn bwd(&self, _x: &Tensor, m: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        m: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(g.contiguous()?.apply_op2_no_bwd(m, &MulConst)?), None))
     }
 }
@@ -356,10 +496,19 @@ fn lse<T: Fl>(row: &[T]) -> T {
     m + s.ln()
 }
 
-fn lsg_fwd<T: Fl>(ls: &CpuStorage, ll: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn lsg_fwd<T: Fl>(
+    ls: &CpuStorage,
+    ll: &Layout,
+    ts: &CpuStorage,
+    tl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (x, t) = (contig::<T>(ls, ll)?, contig::<u32>(ts, tl)?);
     let v = last_dim(ll);
-    let y: Vec<T> = x.par_chunks(v).zip(t.par_iter()).map(|(row, &k)| row[k as usize] - lse(row)).collect();
+    let y: Vec<T> = x
+        .par_chunks(v)
+        .zip(t.par_iter())
+        .map(|(row, &k)| row[k as usize] - lse(row))
+        .collect();
     let n = y.len();
     Ok((T::to_cpu_storage_owned(y), Shape::from(n)))
 }
@@ -368,28 +517,55 @@ impl CustomOp2 for LogSoftmaxGather {
     fn name(&self) -> &'static str {
         "fused-log-softmax-gather"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, lsg_fwd, s1, l1, s2, l2)
     }
-    fn bwd(&self, x: &Tensor, t: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(x.apply_op3_no_bwd(t, &g.contiguous()?, &LogSoftmaxGatherBwd)?), None))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(x.apply_op3_no_bwd(t, &g.contiguous()?, &LogSoftmaxGatherBwd)?),
+            None,
+        ))
     }
 }
 
 // dx = g (onehot(target) - softmax(x))
 fn lsg_bwd<T: Fl>(
-    ls: &CpuStorage, ll: &Layout, ts: &CpuStorage, tl: &Layout, gs: &CpuStorage, gl: &Layout,
+    ls: &CpuStorage,
+    ll: &Layout,
+    ts: &CpuStorage,
+    tl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (x, t, g) = (contig::<T>(ls, ll)?, contig::<u32>(ts, tl)?, contig::<T>(gs, gl)?);
+    let (x, t, g) = (
+        contig::<T>(ls, ll)?,
+        contig::<u32>(ts, tl)?,
+        contig::<T>(gs, gl)?,
+    );
     let v = last_dim(ll);
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(i, (d, row))| {
-        let l = lse(row);
-        for j in 0..v {
-            d[j] = -g[i] * (row[j] - l).exp();
-        }
-        d[t[i] as usize] = d[t[i] as usize] + g[i];
-    });
+    dx.par_chunks_mut(v)
+        .zip(x.par_chunks(v))
+        .enumerate()
+        .for_each(|(i, (d, row))| {
+            let l = lse(row);
+            for j in 0..v {
+                d[j] = -g[i] * (row[j] - l).exp();
+            }
+            d[t[i] as usize] = d[t[i] as usize] + g[i];
+        });
     Ok(out(dx, ll))
 }
 
@@ -398,12 +574,20 @@ impl CustomOp3 for LogSoftmaxGatherBwd {
         "fused-log-softmax-gather-bwd"
     }
     fn cpu_fwd(
-        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1, lsg_bwd, s1, l1, s2, l2, s3, l3)
     }
 }
 
 pub fn log_softmax_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, LogSoftmaxGather)
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, LogSoftmaxGather)
 }

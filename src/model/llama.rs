@@ -2,8 +2,8 @@
 //! attention, SwiGLU MLP, optional tied embeddings. Built only from differentiable ops (candle's
 //! fused rope/softmax/rms_norm kernels have no backward).
 use super::config::LlamaConfig;
-use super::lora::{Forward, Linear};
 use super::fused;
+use super::lora::{Forward, Linear};
 use super::ops::frozen_linear;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
@@ -118,7 +118,11 @@ impl Llama {
             .forward(ids)?;
         let (cos, sin) = self.rope_tables(t)?;
         let use_fused = self.use_fused_ops && fused::available(&self.embed_tokens);
-        let mask = if use_fused { None } else { Some(self.causal_mask(t)?) };
+        let mask = if use_fused {
+            None
+        } else {
+            Some(self.causal_mask(t)?)
+        };
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -159,7 +163,8 @@ impl Llama {
                 } else {
                     (kh, vh)
                 };
-                let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?.broadcast_add(mask.as_ref().expect("composite path"))?;
+                let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?
+                    .broadcast_add(mask.as_ref().expect("composite path"))?;
                 let att = candle_nn::ops::softmax(&att, D::Minus1)?;
                 att.matmul(&vh)?
             };

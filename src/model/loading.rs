@@ -121,6 +121,16 @@ fn shards_from_index(
 /// Resolves a local folder or a hub id (through the HF cache; downloaded with hf-hub when it is
 /// not cached and HF_HUB_OFFLINE is not set).
 pub fn resolve_model(name_or_path: &str, revision: &str) -> Result<ModelFiles> {
+    resolve_model_in(name_or_path, revision, &hf_cache_dir(), offline())
+}
+
+/// [`resolve_model`] with the cache folder and offline mode given explicitly.
+pub fn resolve_model_in(
+    name_or_path: &str,
+    revision: &str,
+    cache_dir: &Path,
+    offline: bool,
+) -> Result<ModelFiles> {
     let p = Path::new(name_or_path);
     if p.is_dir() {
         return local_model_files(p, name_or_path);
@@ -131,7 +141,7 @@ pub fn resolve_model(name_or_path: &str, revision: &str) -> Result<ModelFiles> {
              config.json and model.safetensors, or a hub id such as HuggingFaceTB/SmolLM2-360M)"
         );
     }
-    let cache_dir = hf_cache_dir();
+    let cache_dir = cache_dir.to_path_buf();
     let repo = hf_hub::Repo::with_revision(
         name_or_path.to_string(),
         hf_hub::RepoType::Model,
@@ -167,7 +177,7 @@ pub fn resolve_model(name_or_path: &str, revision: &str) -> Result<ModelFiles> {
         });
     }
     let where_ = cache_dir.join(format!("models--{}", name_or_path.replace('/', "--")));
-    if offline() {
+    if offline {
         bail!(
             "model {name_or_path} (revision {revision}) is not in the Hugging Face cache: looked in {} \
              (HF_HUB_OFFLINE is set, so nothing is downloaded). Obtain it with \

@@ -10,17 +10,35 @@ pub struct Forward {
     pub lora: bool,
     /// Dropout on the LoRA branch; `None` = evaluation mode.
     pub dropout: Option<DropoutKey>,
+    /// Build the backprop graph through the LoRA weights. Passes whose result is detached
+    /// anyway (the KL pass, evaluation) skip it so their intermediates are freed at once.
+    pub grad: bool,
 }
 
 impl Forward {
     pub const REFERENCE: Forward = Forward {
         lora: false,
         dropout: None,
+        grad: false,
     };
     pub const POLICY_EVAL: Forward = Forward {
         lora: true,
         dropout: None,
+        grad: false,
     };
+
+    /// The policy in training mode: dropout keyed by `key`, gradient tracked.
+    pub fn train(key: DropoutKey) -> Forward {
+        Forward {
+            lora: true,
+            dropout: Some(key),
+            grad: true,
+        }
+    }
+
+    pub fn with_grad(self, grad: bool) -> Forward {
+        Forward { grad, ..self }
+    }
 }
 
 /// Identifies one forward pass so that dropout masks are a pure function of (seed, pass, module):

@@ -276,12 +276,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             for (mi, examples) in group.iter().enumerate() {
                 let batch: MicroBatch = build_micro_batch(examples, tc.max_length, head.needs_kl());
                 let pass = ((step * tc.grad_accum + mi) as u64) * 2;
-                let key = |p| Forward {
-                    lora: true,
-                    dropout: Some(DropoutKey {
+                let key = |p| {
+                    Forward::train(DropoutKey {
                         seed: tc.seed,
                         pass: p,
-                    }),
+                    })
                 };
                 let out = run_micro_batch(
                     &model,

@@ -43,12 +43,16 @@ pub fn run_micro_batch(
     step: u64,
     train: bool,
 ) -> Result<StepResult> {
-    let policy = completion_logps(model, &batch.seqs, fwd, true)?;
+    // The no-gradient passes run first so that their memory is free before the policy pass
+    // builds its graph.
     let (reference, reference_kl) = reference_logps(model, batch)?;
     let policy_kl = match (&batch.kl_seqs, head.needs_kl()) {
-        (Some(kl), true) => Some(to_f64(&completion_logps(model, kl, kl_fwd, false)?.sums)?),
+        (Some(kl), true) => Some(to_f64(
+            &completion_logps(model, kl, kl_fwd.with_grad(false), false)?.sums,
+        )?),
         _ => None,
     };
+    let policy = completion_logps(model, &batch.seqs, fwd.with_grad(train), true)?;
     let logps = SequenceLogps {
         labels: batch.labels.clone(),
         policy: to_f64(&policy.sums)?,
