@@ -1,0 +1,176 @@
+//! TRL's dataset formats: preference records (prompt, chosen, rejected) and unpaired KTO records
+//! (prompt, completion, label), each text a string or a list of `{role, content}` messages.
+use super::super::format::Turns;
+use super::super::reader::RawRecord;
+use super::super::report::{filter, reason, Tally};
+use super::{field, is_blank, object, turns, type_name, Bad, ByPrompt, Interaction, Item};
+use anyhow::Result;
+use serde_json::Value;
+
+/// TRL's `extract_prompt` for records without a prompt: the shared beginning of chosen and
+/// rejected is the prompt (whole messages for conversations; characters for strings, leaving a
+/// space that ends the shared part to the completions).
+fn implicit_prompt(chosen: Turns, rejected: Turns) -> Result<(Turns, Turns, Turns), Bad> {
+    match (chosen, rejected) {
+        (Turns::Messages(c), Turns::Messages(r)) => {
+            let n = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+            if n == 0 {
+                return Err(Bad::new(
+                    "prompt",
+                    reason::MISSING_FIELD,
+                    "missing, and chosen and rejected share no first message to take it from",
+                ));
+            }
+            Ok((
+                Turns::Messages(c[..n].to_vec()),
+                Turns::Messages(c[n..].to_vec()),
+                Turns::Messages(r[n..].to_vec()),
+            ))
+        }
+        (Turns::Text(c), Turns::Text(r)) => {
+            let mut cut = c
+                .char_indices()
+                .zip(r.chars())
+                .find(|((_, a), b)| a != b)
+                .map(|((i, _), _)| i)
+                .unwrap_or(c.len().min(r.len()));
+            if cut > 0 && c[..cut].ends_with(' ') {
+                cut -= 1;
+            }
+            if cut == 0 {
+                return Err(Bad::new(
+                    "prompt",
+                    reason::MISSING_FIELD,
+                    "missing, and chosen and rejected share no beginning to take it from",
+                ));
+            }
+            Ok((
+                Turns::Text(c[..cut].to_string()),
+                Turns::Text(c[cut..].to_string()),
+                Turns::Text(r[cut..].to_string()),
+            ))
+        }
+        _ => Err(Bad::new(
+            "rejected",
+            reason::WRONG_TYPE,
+            "chosen and rejected must both be strings or both message lists",
+        )),
+    }
+}
+
+pub fn load_preference(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec<Interaction>> {
+    let mut group = ByPrompt::default();
+    for rec in records {
+        tally.records_read += 1;
+        let loc = &rec.loc;
+        let parsed = (|| -> Result<(Turns, Turns, Turns), Bad> {
+            let obj = object(&rec)?;
+            let chosen = turns(field(obj, "", "chosen")?, "chosen")?;
+            let rejected = turns(field(obj, "", "rejected")?, "rejected")?;
+            match obj.get("prompt") {
+                None => implicit_prompt(chosen, rejected),
+                Some(p) => Ok((turns(p, "prompt")?, chosen, rejected)),
+            }
+        })();
+        let (prompt, chosen, rejected) = match parsed {
+            Ok(t) => t,
+            Err(b) => {
+                b.report(tally, loc)?;
+                continue;
+            }
+        };
+        if is_blank(&prompt) {
+            Bad::new(
+                "prompt",
+                reason::EMPTY_PROMPT,
+                "the prompt is empty; record skipped",
+            )
+            .report(tally, loc)?;
+            continue;
+        }
+        if chosen == rejected {
+            tally.filtered(filter::IDENTICAL_COMPLETIONS, 1);
+            continue;
+        }
+        let mut items = Vec::with_capacity(2);
+        for (c, label, f) in [(chosen, true, "chosen"), (rejected, false, "rejected")] {
+            if is_blank(&c) {
+                Bad::new(
+                    f,
+                    reason::EMPTY_COMPLETION,
+                    "the completion is empty; this example is skipped",
+                )
+                .report(tally, loc)?;
+                continue;
+            }
+            items.push(Item {
+                completion: c,
+                label,
+                loc: loc.clone(),
+                field: f.to_string(),
+            });
+        }
+        group.add(prompt, items, 1, loc);
+    }
+    Ok(group.list)
+}
+
+pub fn load_unpaired(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec<Interaction>> {
+    let mut group = ByPrompt::default();
+    for rec in records {
+        tally.records_read += 1;
+        let loc = &rec.loc;
+        let parsed = (|| -> Result<(Turns, Turns, bool), Bad> {
+            let obj = object(&rec)?;
+            let prompt = turns(field(obj, "", "prompt")?, "prompt")?;
+            let completion = turns(field(obj, "", "completion")?, "completion")?;
+            let label = match field(obj, "", "label")? {
+                Value::Bool(b) => *b,
+                v => {
+                    return Err(Bad::new(
+                        "label",
+                        reason::WRONG_TYPE,
+                        format!(
+                            "expected a boolean (true = desirable), found {}",
+                            type_name(v)
+                        ),
+                    ))
+                }
+            };
+            Ok((prompt, completion, label))
+        })();
+        let (prompt, completion, label) = match parsed {
+            Ok(t) => t,
+            Err(b) => {
+                b.report(tally, loc)?;
+                continue;
+            }
+        };
+        if is_blank(&prompt) {
+            Bad::new(
+                "prompt",
+                reason::EMPTY_PROMPT,
+                "the prompt is empty; record skipped",
+            )
+            .report(tally, loc)?;
+            continue;
+        }
+        if is_blank(&completion) {
+            Bad::new(
+                "completion",
+                reason::EMPTY_COMPLETION,
+                "the completion is empty; record skipped",
+            )
+            .report(tally, loc)?;
+            continue;
+        }
+        let item = Item {
+            completion,
+            label,
+            loc: loc.clone(),
+            field: "completion".to_string(),
+        };
+        group.add(prompt, vec![item], 0, loc);
+    }
+    Ok(group.list)
+}

@@ -1,0 +1,121 @@
+//! Tokenization as TRL does it: prompt and completion encoded separately without special tokens,
+//! EOS appended to the completion. The final cut of prompt + completion to max_length is left to
+//! the batcher, because TRL cuts after the KL completions are rotated.
+use super::format::Renderer;
+use super::report::{drop, reason};
+use super::sources::Interaction;
+use anyhow::{anyhow, Result};
+use rayon::prelude::*;
+use tokenizers::Tokenizer;
+
+pub struct Limits {
+    pub eos: u32,
+    pub max_length: usize,
+    pub max_prompt_length: Option<usize>,
+    pub max_completion_length: Option<usize>,
+}
+
+pub struct TokItem {
+    pub completion_ids: Vec<u32>,
+    pub label: bool,
+}
+
+pub struct TokInteraction {
+    pub prompt_ids: Vec<u32>,
+    pub items: Vec<TokItem>,
+    pub pairs: usize,
+}
+
+/// A bad-input report produced in parallel, filed in order afterwards.
+pub struct LateIssue {
+    pub loc: super::reader::Loc,
+    pub field: String,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+pub struct Outcome {
+    pub kept: Option<TokInteraction>,
+    pub issues: Vec<LateIssue>,
+    pub dropped: Vec<(&'static str, usize)>,
+}
+
+fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    // encode_fast skips the offsets, which nothing here needs; the ids are the same.
+    tok.encode_fast(text, false)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| anyhow!("tokenizer failed: {e}"))
+}
+
+fn one(it: &Interaction, r: &Renderer, tok: &Tokenizer, lim: &Limits) -> Result<Outcome> {
+    let mut out = Outcome {
+        kept: None,
+        issues: Vec::new(),
+        dropped: Vec::new(),
+    };
+    let prompt = match r.prompt(&it.prompt) {
+        Ok(p) => p,
+        Err(e) => {
+            out.issues.push(LateIssue {
+                loc: it.loc.clone(),
+                field: "prompt".into(),
+                reason: reason::TEMPLATE,
+                message: format!("{e:#}; the interaction is skipped"),
+            });
+            return Ok(out);
+        }
+    };
+    let mut prompt_ids = encode(tok, &prompt.text)?;
+    if let Some(m) = lim.max_prompt_length {
+        if prompt_ids.len() > m {
+            // Keep the end: it holds the turn the completion answers.
+            prompt_ids.drain(..prompt_ids.len() - m);
+        }
+    }
+    if prompt_ids.len() >= lim.max_length {
+        out.dropped.push((drop::PROMPT_TOO_LONG, it.items.len()));
+        return Ok(out);
+    }
+    let mut items = Vec::with_capacity(it.items.len());
+    for item in &it.items {
+        let text = match r.completion(&prompt, &item.completion) {
+            Ok(t) => t,
+            Err(e) => {
+                out.issues.push(LateIssue {
+                    loc: item.loc.clone(),
+                    field: item.field.clone(),
+                    reason: reason::TEMPLATE,
+                    message: format!("{e:#}; this example is skipped"),
+                });
+                continue;
+            }
+        };
+        let mut ids = encode(tok, &text)?;
+        ids.push(lim.eos);
+        if let Some(m) = lim.max_completion_length {
+            ids.truncate(m);
+        }
+        items.push(TokItem {
+            completion_ids: ids,
+            label: item.label,
+        });
+    }
+    if !items.is_empty() {
+        out.kept = Some(TokInteraction {
+            prompt_ids,
+            items,
+            pairs: it.pairs,
+        });
+    }
+    Ok(out)
+}
+
+/// Tokenizes interactions in parallel, results in input order.
+pub fn tokenize_all(
+    its: &[Interaction],
+    r: &Renderer,
+    tok: &Tokenizer,
+    lim: &Limits,
+) -> Result<Vec<Outcome>> {
+    its.par_iter().map(|it| one(it, r, tok, lim)).collect()
+}
