@@ -66,7 +66,7 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
         cfg.validate()
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+            .map_err(|e| anyhow::anyhow!("{}: {:#}", path.display(), e))?;
         Ok(cfg)
     }
 

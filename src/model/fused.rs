@@ -12,7 +12,7 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
-trait Fl: Float + WithDType + Send + Sync {}
+trait Fl: Float + WithDType + Send + Sync + std::ops::AddAssign + std::ops::MulAssign {}
 impl Fl for f32 {}
 impl Fl for f64 {}
 
@@ -268,11 +268,11 @@ fn csm_fwd<T: Fl>(
             for j in 0..n {
                 let e = (s[j] * scale - m).exp();
                 p[j] = e;
-                sum = sum + e;
+                sum += e;
             }
             let inv = T::one() / sum;
             for v in &mut p[..n] {
-                *v = *v * inv;
+                *v *= inv;
             }
         });
     Ok(out(p, sl))
@@ -564,7 +564,7 @@ fn lsg_bwd<T: Fl>(
             for j in 0..v {
                 d[j] = -g[i] * (row[j] - l).exp();
             }
-            d[t[i] as usize] = d[t[i] as usize] + g[i];
+            d[t[i] as usize] += g[i];
         });
     Ok(out(dx, ll))
 }
