@@ -32,12 +32,10 @@ const REQUIRED_KEYS: [&str; 19] = [
     "use_dora",
 ];
 
-fn layout(
-    bytes: &[u8],
-) -> (
-    BTreeMap<String, (String, Vec<usize>)>,
-    Option<std::collections::HashMap<String, String>>,
-) {
+type Layout = BTreeMap<String, (String, Vec<usize>)>;
+type Meta = Option<std::collections::HashMap<String, String>>;
+
+fn layout(bytes: &[u8]) -> (Layout, Meta) {
     let st = SafeTensors::deserialize(bytes).unwrap();
     let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();
     let map = st
