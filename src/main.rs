@@ -1,6 +1,6 @@
 fn main() {
     if let Err(e) = kto_train::cli::main() {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(kto_train::cli::exit_code(&e));
     }
 }

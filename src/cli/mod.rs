@@ -44,6 +44,9 @@ pub struct TrainArgs {
     /// Replace a finished run in the output folder.
     #[arg(long)]
     pub overwrite: bool,
+    /// Continue from the newest checkpoint in the output folder.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,6 +101,15 @@ pub enum Command {
         #[arg(long, default_value = "main")]
         revision: String,
     },
+}
+
+/// Exit codes a script can rely on (README, "Exit codes").
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    match e.downcast_ref::<crate::train::Stopped>() {
+        Some(crate::train::Stopped::Interrupted { code, .. }) => *code,
+        Some(crate::train::Stopped::NonFinite { .. }) => 3,
+        None => 1,
+    }
 }
 
 pub fn main() -> Result<()> {
@@ -223,6 +235,7 @@ fn run_train(a: &TrainArgs) -> Result<()> {
             quiet: a.quiet,
             verbose: a.verbose,
             overwrite: a.overwrite,
+            resume: a.resume,
         },
     )?;
     if !a.quiet {

@@ -69,6 +69,22 @@ pub struct TrainConfig {
     /// Log metrics every N optimizer steps.
     #[serde(default = "d_log")]
     pub log_every: usize,
+    /// Evaluate on the validation split every N optimizer steps (0 = only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Examples per evaluation micro-batch (default: batch_size).
+    #[serde(default)]
+    pub eval_batch_size: Option<usize>,
+    /// Write a checkpoint every N optimizer steps (0 = only at the end and on SIGINT/SIGTERM).
+    #[serde(default = "d_save")]
+    pub save_every: usize,
+    /// Checkpoints kept (the newest ones).
+    #[serde(default = "d_keep")]
+    pub keep_checkpoints: usize,
+    /// Stop (with a checkpoint) after this many consecutive steps with a non-finite loss or
+    /// gradient; each such step is skipped without an update.
+    #[serde(default = "d_nonfinite")]
+    pub max_consecutive_nonfinite: usize,
 }
 
 fn d_epochs() -> usize {
@@ -112,6 +128,15 @@ fn d_dtype() -> DType {
 }
 fn d_log() -> usize {
     1
+}
+fn d_save() -> usize {
+    100
+}
+fn d_keep() -> usize {
+    3
+}
+fn d_nonfinite() -> usize {
+    5
 }
 
 impl Default for TrainConfig {
@@ -162,6 +187,15 @@ impl TrainConfig {
         }
         if self.max_length < 2 {
             bail!("max_length = {}: must be at least 2", self.max_length);
+        }
+        if self.eval_batch_size == Some(0) {
+            bail!("eval_batch_size = 0: must be at least 1");
+        }
+        if self.keep_checkpoints == 0 {
+            bail!("keep_checkpoints = 0: must be at least 1 (resume needs one)");
+        }
+        if self.max_consecutive_nonfinite == 0 {
+            bail!("max_consecutive_nonfinite = 0: must be at least 1");
         }
         if self.log_every == 0 {
             bail!("log_every = 0: must be at least 1");

@@ -2,7 +2,7 @@
 //! accumulation and logging intervals pool over all examples of the interval, as TRL does.
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MetricSums {
     sums: BTreeMap<String, (f64, f64)>,
 }

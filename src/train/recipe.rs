@@ -1,19 +1,23 @@
 //! The whole training run, top to bottom: resolve the model, prepare the data, build the policy
 //! (base + LoRA; the reference is the same network with LoRA off), then for each optimizer step
-//! accumulate micro-batch gradients, clip, update, log; finally write the PEFT adapter.
-use super::batch::{build_micro_batch, MicroBatch};
+//! accumulate micro-batch gradients, clip, update, log, evaluate and checkpoint; finally write
+//! the PEFT adapter (and the best one by validation loss).
+use super::batch::build_micro_batch;
+use super::checkpoint::{self, Checkpoint, TrainState};
 use super::metrics::MetricSums;
 use super::optim::{clip_grads, collect_grads, global_norm, AdamW, AdamWParams};
 use super::schedule::Schedule;
+use super::signals;
 use super::step::run_micro_batch;
 use crate::config::{Config, DType as CfgDType};
 use crate::data::{self, KtoExample, PrepareOptions};
-use crate::loss::{finalize_metrics, LossHead};
+use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
 use crate::model::adapter::{load_adapter_weights, read_adapter_spec, save_adapter};
 use crate::model::{load_llama, resolve_model, DropoutKey, Forward, Llama, LlamaConfig, LoraSpec};
 use crate::util::atomic::{write_atomic, write_json_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,6 +29,8 @@ pub struct RunOptions {
     pub verbose: bool,
     /// Replace a finished run in the output folder.
     pub overwrite: bool,
+    /// Continue from the newest checkpoint in the output folder.
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -32,18 +38,23 @@ pub struct RunSummary {
     pub output_dir: PathBuf,
     pub adapter_dir: PathBuf,
     pub steps: usize,
-    pub final_metrics: std::collections::BTreeMap<String, f64>,
+    pub final_metrics: BTreeMap<String, f64>,
+}
+
+/// Why a run stopped early; the CLI turns these into documented exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped {
+    #[error("interrupted by {signal} after step {step}; checkpoint written to {checkpoint}; continue with --resume")]
+    Interrupted { signal: &'static str, code: i32, step: usize, checkpoint: String },
+    #[error("{count} consecutive steps had a non-finite loss or gradient (last: step {step}); stopped with a checkpoint in {checkpoint}")]
+    NonFinite { count: usize, step: usize, checkpoint: String },
 }
 
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         d if d.starts_with("cuda") => {
-            let idx = d
-                .strip_prefix("cuda:")
-                .map(|n| n.parse::<usize>())
-                .transpose()?
-                .unwrap_or(0);
+            let idx = d.strip_prefix("cuda:").map(|n| n.parse::<usize>()).transpose()?.unwrap_or(0);
             if !cfg!(feature = "cuda") {
                 bail!("device `{d}` needs a build with the `cuda` cargo feature (cargo build --release --features cuda)");
             }
@@ -135,13 +146,49 @@ pub fn epoch_batches(
         .collect()
 }
 
+/// Evaluation over the whole validation split, metrics prefixed `eval_` (TRL's names).
+pub fn evaluate(
+    model: &Llama,
+    head: &mut LossHead,
+    examples: &[KtoExample],
+    batch_size: usize,
+    max_length: usize,
+    step: usize,
+) -> Result<Option<BTreeMap<String, f64>>> {
+    let min_batch = if head.needs_kl() { 2 } else { 1 };
+    let mut m = MetricSums::new();
+    for batch in examples.chunks(batch_size).filter(|c| c.len() >= min_batch) {
+        let refs: Vec<&KtoExample> = batch.iter().collect();
+        let mb = build_micro_batch(&refs, max_length, head.needs_kl());
+        let out = run_micro_batch(
+            model,
+            head,
+            &mb,
+            Forward::POLICY_EVAL,
+            Forward::POLICY_EVAL,
+            step as u64,
+            false,
+        )?;
+        m.merge(&out.loss.metrics);
+    }
+    if m.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        finalize_metrics(&m)
+            .into_iter()
+            .map(|(k, v)| (format!("eval_{k}"), v))
+            .collect(),
+    ))
+}
+
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     quiet: bool,
 }
 
 impl Progress {
-    fn new(total: usize, quiet: bool) -> Self {
+    fn new(total: usize, done: usize, quiet: bool) -> Self {
         use std::io::IsTerminal;
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let b = indicatif::ProgressBar::new(total as u64);
@@ -151,18 +198,27 @@ impl Progress {
                 )
                 .expect("template"),
             );
+            b.set_position(done as u64);
             b
         });
         Self { bar, quiet }
     }
 
-    fn update(&self, step: usize, msg: &str) {
+    fn update(&self, step: usize, total: usize, msg: &str) {
         match &self.bar {
             Some(b) => {
                 b.set_position(step as u64);
                 b.set_message(msg.to_string());
             }
-            None if !self.quiet => eprintln!("step {step}: {msg}"),
+            None if !self.quiet => eprintln!("step {step}/{total}: {msg}"),
+            None => {}
+        }
+    }
+
+    fn println(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None if !self.quiet => eprintln!("{msg}"),
             None => {}
         }
     }
@@ -174,19 +230,61 @@ impl Progress {
     }
 }
 
+/// Test hook: `KTO_TRAIN_FAULT_NONFINITE_STEPS=2,3` poisons the gradient at those steps.
+fn forced_nonfinite(step: usize) -> bool {
+    std::env::var("KTO_TRAIN_FAULT_NONFINITE_STEPS")
+        .map(|v| v.split(',').any(|s| s.trim().parse::<usize>().ok() == Some(step)))
+        .unwrap_or(false)
+}
+
+/// metrics.jsonl cut back to the lines up to `step` (the lines a resumed run will not rewrite).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
+    // 1. The run folder: refuse to clobber a finished run; find the checkpoint to resume.
     let out_dir = cfg.output.dir.clone();
     let adapter_dir = out_dir.join("adapter");
-    if adapter_dir
-        .join(crate::model::adapter::CONFIG_FILE)
-        .exists()
-        && !opts.overwrite
-    {
+    let ckpt_dir = out_dir.join("checkpoints");
+    let finished = adapter_dir.join(crate::model::adapter::CONFIG_FILE).exists();
+    if finished && !opts.overwrite {
         bail!(
             "{} already holds a finished run; pass --overwrite to replace it or choose another output.dir",
             out_dir.display()
         );
     }
+    let resume_from = if opts.resume {
+        let all = checkpoint::list(&ckpt_dir)?;
+        match all.last() {
+            Some((_, p)) => Some(p.clone()),
+            None => bail!("--resume: no checkpoint in {}", ckpt_dir.display()),
+        }
+    } else {
+        None
+    };
+    if finished && opts.overwrite {
+        std::fs::remove_dir_all(&adapter_dir).ok();
+    }
+    if resume_from.is_none() && ckpt_dir.exists() {
+        std::fs::remove_dir_all(&ckpt_dir)
+            .with_context(|| format!("cannot clear old checkpoints in {}", ckpt_dir.display()))?;
+    }
+
+    // 2. Model files, tokenizer, data.
     let dev = device(&cfg.train.device)?;
     let files = resolve_model(&cfg.model.name_or_path, &cfg.model.revision)?;
     let (tokenizer, eos) = tokenizer_and_eos(cfg, &files)?;
@@ -206,16 +304,19 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create output folder {}", out_dir.display()))?;
-    write_atomic(
-        &out_dir.join("data_summary.txt"),
-        prepared.summary_text.as_bytes(),
-    )?;
+    write_atomic(&out_dir.join("data_summary.txt"), prepared.summary_text.as_bytes())?;
     write_json_atomic(&out_dir.join("data_summary.json"), &prepared.summary_json)?;
     write_atomic(&out_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-    if !opts.quiet {
+    let progress_quiet = opts.quiet;
+    if !progress_quiet {
         eprintln!("{}", prepared.summary_text);
     }
+    let n_d = prepared.train.iter().filter(|e| e.label).count();
+    if let Some(w) = weight_ratio_warning(n_d, prepared.train.len() - n_d, &cfg.loss) {
+        eprintln!("warning: {w}");
+    }
 
+    // 3. Policy (base + LoRA), loss head, optimizer, schedule.
     let (model, spec) = build_policy(cfg, &files, &dev)?;
     let vars = lora_vars(&model);
     let mut head = LossHead::new(&cfg.loss);
@@ -251,113 +352,219 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             weight_decay: tc.weight_decay,
         },
     )?;
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(out_dir.join("metrics.jsonl"))?;
-    let progress = Progress::new(total_steps, opts.quiet);
-    let start = Instant::now();
-    let mut interval = MetricSums::new();
-    let mut interval_tokens = 0usize;
+
+    // 4. Resume: weights, optimizer moments, loss-head state, position, pooled metrics.
+    let mut st = TrainState {
+        step: 0,
+        epoch: 0,
+        next_group: 0,
+        loss_state: head.state(),
+        interval: MetricSums::new(),
+        interval_tokens: 0,
+        skipped_nonfinite: 0,
+        consecutive_nonfinite: 0,
+        best_eval_loss: None,
+        elapsed_seconds: 0.0,
+        adam_t: 0,
+    };
+    let metrics_path = out_dir.join("metrics.jsonl");
+    if let Some(dir) = &resume_from {
+        let ck = checkpoint::load(dir, &dev)?;
+        if ck.lora.len() != vars.len() || ck.adam_m.len() != vars.len() {
+            bail!(
+                "{}: checkpoint has {} LoRA tensors, this config builds {}",
+                dir.display(),
+                ck.lora.len(),
+                vars.len()
+            );
+        }
+        for (v, t) in vars.iter().zip(&ck.lora) {
+            v.set(t)?;
+        }
+        opt.m = ck.adam_m;
+        opt.v = ck.adam_v;
+        opt.t = ck.state.adam_t;
+        head.restore(ck.state.loss_state.clone());
+        st = ck.state;
+        truncate_metrics(&metrics_path, st.step)?;
+        if !opts.quiet {
+            eprintln!("resuming from {} (step {})", dir.display(), st.step);
+        }
+    } else {
+        write_atomic(&metrics_path, b"")?;
+    }
+    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+    let mut log_line = |v: serde_json::Value| -> Result<()> {
+        writeln!(metrics_file, "{v}")?;
+        metrics_file.flush()?;
+        Ok(())
+    };
+    let save_ck = |st: &TrainState, opt: &AdamW| -> Result<PathBuf> {
+        let ck = Checkpoint {
+            state: st.clone(),
+            lora: vars.iter().map(|v| v.as_tensor().clone()).collect(),
+            adam_m: opt.m.clone(),
+            adam_v: opt.v.clone(),
+        };
+        checkpoint::save(&ckpt_dir, &ck, tc.keep_checkpoints)
+    };
+    let eval_bs = tc.eval_batch_size.unwrap_or(tc.batch_size);
+    signals::install();
+
+    // 5. The loop: one optimizer step per group of grad_accum micro-batches.
+    let progress = Progress::new(total_steps, st.step, opts.quiet);
+    let run_start = Instant::now() - std::time::Duration::from_secs_f64(st.elapsed_seconds);
     let mut interval_start = Instant::now();
-    let mut last_metrics = std::collections::BTreeMap::new();
-    let mut step = 0usize;
-    let mut epoch = 0u64;
-    let mut skipped_nonfinite = 0usize;
-    'outer: loop {
-        let batches = epoch_batches(&prepared.train, tc.batch_size, tc.seed, epoch, min_batch);
-        for group in batches.chunks(tc.grad_accum) {
-            if step >= total_steps {
-                break 'outer;
-            }
-            let mut acc: Option<Vec<Tensor>> = None;
-            let mut step_metrics = MetricSums::new();
-            for (mi, examples) in group.iter().enumerate() {
-                let batch: MicroBatch = build_micro_batch(examples, tc.max_length, head.needs_kl());
-                let pass = ((step * tc.grad_accum + mi) as u64) * 2;
-                let key = |p| {
-                    Forward::train(DropoutKey {
-                        seed: tc.seed,
-                        pass: p,
-                    })
-                };
-                let out = run_micro_batch(
-                    &model,
-                    &mut head,
-                    &batch,
-                    key(pass),
-                    key(pass + 1),
-                    step as u64,
-                    true,
-                )?;
-                interval_tokens += batch.n_tokens();
-                step_metrics.merge(&out.loss.metrics);
-                // Each micro-batch loss is divided by the accumulation count of its group.
-                let scale = 1.0 / group.len() as f64;
-                let g = collect_grads(&vars, out.grads.as_ref().expect("training step"))?;
-                acc = Some(match acc {
-                    None => g
-                        .into_iter()
-                        .map(|t| t * scale)
-                        .collect::<candle_core::Result<_>>()?,
-                    Some(a) => a
-                        .iter()
-                        .zip(g)
-                        .map(|(a, t)| a + (t * scale)?)
-                        .collect::<candle_core::Result<_>>()?,
-                });
-            }
-            let mut grads = acc.expect("non-empty group");
-            let norm = global_norm(&grads)?;
-            let loss_mean = step_metrics.mean("loss").unwrap_or(f64::NAN);
-            let lr = schedule.lr(step);
-            if !norm.is_finite() || !loss_mean.is_finite() {
-                skipped_nonfinite += 1;
-                eprintln!("step {step}: non-finite loss or gradient (loss {loss_mean}, grad norm {norm}); update skipped");
-            } else {
-                clip_grads(&mut grads, norm, tc.max_grad_norm)?;
-                opt.step(&grads, lr)?;
-                interval.merge(&step_metrics);
-                interval.add_value("grad_norm", norm);
-            }
-            step += 1;
-            if step.is_multiple_of(tc.log_every) || step == total_steps {
-                let elapsed = interval_start.elapsed().as_secs_f64();
-                let mut m = finalize_metrics(&interval);
-                m.insert("learning_rate".into(), lr);
-                let line = serde_json::json!({
-                    "step": step,
-                    "epoch": epoch as f64 + 1.0,
-                    "lr": lr,
-                    "tokens_per_second": interval_tokens as f64 / elapsed.max(1e-9),
-                    "elapsed_seconds": start.elapsed().as_secs_f64(),
-                    "skipped_nonfinite": skipped_nonfinite,
-                    "metrics": m,
-                });
-                writeln!(metrics_file, "{line}")?;
-                metrics_file.flush()?;
-                let msg = format!(
-                    "loss {:.4} | {:.0} tok/s",
-                    m.get("loss").copied().unwrap_or(f64::NAN),
-                    interval_tokens as f64 / elapsed.max(1e-9)
-                );
-                progress.update(step, &msg);
-                if opts.verbose {
-                    eprintln!("{line}");
+    let mut last_metrics = BTreeMap::new();
+    while st.step < total_steps {
+        let batches = epoch_batches(&prepared.train, tc.batch_size, tc.seed, st.epoch, min_batch);
+        let groups: Vec<&[Vec<&KtoExample>]> = batches.chunks(tc.grad_accum).collect();
+        if st.next_group >= groups.len() {
+            st.epoch += 1;
+            st.next_group = 0;
+            continue;
+        }
+        let group = groups[st.next_group];
+        let step = st.step;
+        let mut acc: Option<Vec<Tensor>> = None;
+        let mut step_metrics = MetricSums::new();
+        for (mi, examples) in group.iter().enumerate() {
+            let batch = build_micro_batch(examples, tc.max_length, head.needs_kl());
+            // Dropout masks are a function of (seed, pass): resumable without generator state.
+            let pass = ((step * tc.grad_accum + mi) as u64) * 2;
+            let key = |p| Forward::train(DropoutKey { seed: tc.seed, pass: p });
+            let out = run_micro_batch(
+                &model,
+                &mut head,
+                &batch,
+                key(pass),
+                key(pass + 1),
+                step as u64,
+                true,
+            )?;
+            st.interval_tokens += batch.n_tokens();
+            step_metrics.merge(&out.loss.metrics);
+            // Each micro-batch loss is divided by the number of micro-batches in its step.
+            let scale = 1.0 / group.len() as f64;
+            let g = collect_grads(&vars, out.grads.as_ref().expect("training step"))?;
+            acc = Some(match acc {
+                None => g.into_iter().map(|t| t * scale).collect::<candle_core::Result<_>>()?,
+                Some(a) => a
+                    .iter()
+                    .zip(g)
+                    .map(|(a, t)| a + (t * scale)?)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads = acc.expect("non-empty group");
+        if forced_nonfinite(step) {
+            grads[0] = (&grads[0] * f64::NAN)?;
+        }
+        let norm = global_norm(&grads)?;
+        let loss_mean = step_metrics.mean("loss").unwrap_or(f64::NAN);
+        let lr = schedule.lr(step);
+        st.step += 1;
+        st.next_group += 1;
+        if !norm.is_finite() || !loss_mean.is_finite() {
+            st.skipped_nonfinite += 1;
+            st.consecutive_nonfinite += 1;
+            progress.println(&format!(
+                "step {}: non-finite loss or gradient (loss {loss_mean}, grad norm {norm}); update skipped ({} so far)",
+                st.step, st.skipped_nonfinite
+            ));
+            if st.consecutive_nonfinite >= tc.max_consecutive_nonfinite {
+                st.elapsed_seconds = run_start.elapsed().as_secs_f64();
+                st.loss_state = head.state();
+                st.adam_t = opt.t;
+                let ck = save_ck(&st, &opt)?;
+                return Err(Stopped::NonFinite {
+                    count: st.consecutive_nonfinite,
+                    step: st.step,
+                    checkpoint: ck.display().to_string(),
                 }
-                last_metrics = m;
-                interval.clear();
-                interval_tokens = 0;
-                interval_start = Instant::now();
+                .into());
+            }
+        } else {
+            st.consecutive_nonfinite = 0;
+            clip_grads(&mut grads, norm, tc.max_grad_norm)?;
+            opt.step(&grads, lr)?;
+            st.interval.merge(&step_metrics);
+            st.interval.add_value("grad_norm", norm);
+        }
+
+        if st.step.is_multiple_of(tc.log_every) || st.step == total_steps {
+            let elapsed = interval_start.elapsed().as_secs_f64();
+            let mut m = finalize_metrics(&st.interval);
+            m.insert("learning_rate".into(), lr);
+            let tps = st.interval_tokens as f64 / elapsed.max(1e-9);
+            log_line(serde_json::json!({
+                "step": st.step,
+                "epoch": st.epoch as f64 + st.next_group as f64 / groups.len() as f64,
+                "lr": lr,
+                "loss": m.get("loss"),
+                "grad_norm": m.get("grad_norm"),
+                "tokens_per_second": tps,
+                "elapsed_seconds": run_start.elapsed().as_secs_f64(),
+                "skipped_nonfinite": st.skipped_nonfinite,
+                "metrics": m,
+            }))?;
+            let msg = format!(
+                "loss {:.4} | {:.0} tok/s | epoch {}",
+                m.get("loss").copied().unwrap_or(f64::NAN),
+                tps,
+                st.epoch + 1
+            );
+            progress.update(st.step, total_steps, &msg);
+            if opts.verbose {
+                progress.println(&serde_json::to_string(&m)?);
+            }
+            last_metrics = m;
+            st.interval.clear();
+            st.interval_tokens = 0;
+            interval_start = Instant::now();
+        }
+        let last = st.step == total_steps;
+        if (tc.eval_every > 0 && st.step.is_multiple_of(tc.eval_every)) || last {
+            if let Some(m) =
+                evaluate(&model, &mut head, &prepared.validation, eval_bs, tc.max_length, st.step)?
+            {
+                log_line(serde_json::json!({
+                    "step": st.step, "epoch": st.epoch as f64 + 1.0, "eval": true, "metrics": m,
+                }))?;
+                if let Some(&l) = m.get("eval_loss") {
+                    if st.best_eval_loss.is_none_or(|b| l < b) {
+                        st.best_eval_loss = Some(l);
+                        save_adapter(&model, &spec, &files.name, &out_dir.join("best"))?;
+                    }
+                }
+                progress.println(&format!(
+                    "step {}: eval_loss {:.4}",
+                    st.step,
+                    m.get("eval_loss").copied().unwrap_or(f64::NAN)
+                ));
             }
         }
-        epoch += 1;
-        if tc.max_steps.is_none() && epoch as usize >= tc.epochs {
-            break;
+        let sig = signals::received();
+        if (tc.save_every > 0 && st.step.is_multiple_of(tc.save_every)) || last || sig.is_some() {
+            st.elapsed_seconds = run_start.elapsed().as_secs_f64();
+            st.loss_state = head.state();
+            st.adam_t = opt.t;
+            let ck = save_ck(&st, &opt)?;
+            if let Some(s) = sig {
+                progress.finish();
+                return Err(Stopped::Interrupted {
+                    signal: signals::name(s),
+                    code: 128 + s,
+                    step: st.step,
+                    checkpoint: ck.display().to_string(),
+                }
+                .into());
+            }
         }
     }
     progress.finish();
+
+    // 6. The adapter, in PEFT's layout.
     save_adapter(&model, &spec, &files.name, &adapter_dir)?;
     if !opts.quiet {
         eprintln!("adapter written to {}", adapter_dir.display());
@@ -365,7 +572,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     Ok(RunSummary {
         output_dir: out_dir,
         adapter_dir,
-        steps: step,
+        steps: st.step,
         final_metrics: last_metrics,
     })
 }
