@@ -1152,6 +1152,9 @@ pairs = "best_vs_rest"
     assert_eq!(d.sources[2].display_name(), "oasst1");
     assert_eq!(d.max_interactions_per_source, Some(1130));
     assert_eq!(DataConfig::default().validation_fraction, 0.05);
+    // The run folder keeps the resolved config as TOML: it must read back the same.
+    let back = Config::from_toml_str(&cfg.to_toml()).unwrap();
+    assert_eq!(back.data, cfg.data);
 
     let bad = |data: &str| {
         let t = format!("[model]\nname_or_path = \"x\"\n[data]\n{data}");
@@ -1248,5 +1251,76 @@ fn shp_files_glob_and_data_command() {
         std::fs::read_to_string(dir.path().join("run/data_summary.txt"))
             .unwrap()
             .contains("shp")
+    );
+}
+
+// ---------------------------------------------------------------- fast encoder
+
+#[test]
+fn fast_encoder_matches_tokenizers_encode() {
+    use kto_train::data::fasttok::{FastEncoder, WordCache};
+    let enc = FastEncoder::new(tok());
+    assert!(
+        enc.is_fast(),
+        "SmolLM2's byte-level BPE takes the direct path"
+    );
+    let mut texts: Vec<String> = vec![
+        String::new(),
+        " ".into(),
+        "   ".into(),
+        "\n".into(),
+        "a  b   c\t\td \n\n e\r\nf \u{a0}g\u{2003} h ".into(),
+        "I'm you're they've we'll he'd it's 'tis O'NEIL's  's".into(),
+        "x123 4567 89.0 ١٢٣ ² ⅷ 3rd".into(),
+        "Ünïcödé façade naïve, 日本語のテキスト, 한국어, emoji 😀👍🏽, combining e\u{301} a\u{308}"
+            .into(),
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n".into(),
+        "<|im_start|><|im_end|><|endoftext|>text<|im_start|x<|im_end|>".into(),
+        "!!! ?? ... -- --- ''' \"\" ’’ “quoted” (parens) [brackets] {braces}".into(),
+        "tabs\tand\u{b}vertical\u{c}feeds\u{85}next\u{2028}line".into(),
+    ];
+    for path in [HH] {
+        for line in std::fs::read_to_string(repo(path)).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            texts.push(v["chosen"].as_str().unwrap().to_string());
+            texts.push(v["rejected"].as_str().unwrap().to_string());
+        }
+    }
+    for line in std::fs::read_to_string(repo(OASST)).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        texts.push(v["text"].as_str().unwrap().to_string());
+    }
+    let mut cache = WordCache::default();
+    for t in &texts {
+        let want = tok().encode(t.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(enc.encode(t, &mut cache).unwrap(), want, "{t:?}");
+    }
+}
+
+#[test]
+fn fast_encoder_falls_back_for_other_tokenizers() {
+    use kto_train::data::fasttok::{FastEncoder, WordCache};
+    // A tiny word-level tokenizer with a whitespace pre-tokenizer, built from an inline JSON.
+    let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":{"type":"Lowercase"},
+        "pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+        "model":{"type":"WordLevel","vocab":{"[UNK]":0,"hello":1,"world":2},"unk_token":"[UNK]"}}"#;
+    let t: Tokenizer = json.parse().unwrap();
+    let enc = FastEncoder::new(&t);
+    assert!(!enc.is_fast());
+    assert_eq!(
+        enc.encode("Hello big World", &mut WordCache::default())
+            .unwrap(),
+        vec![1, 0, 2]
+    );
+}
+
+#[test]
+fn example_config_parses() {
+    let cfg = Config::load(&repo("configs/data-example.toml"), &[]).unwrap();
+    assert_eq!(cfg.data.sources.len(), 3);
+    assert_eq!(cfg.data.max_interactions_per_source, Some(1130));
+    assert_eq!(
+        cfg.data.sources[1].files,
+        vec![repo("configs/shp/*/train.json")]
     );
 }
