@@ -693,6 +693,8 @@ fn generic_preference_and_unpaired_records() {
             "rejected": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Green."}]}),
         // same prompt as the first: joins its interaction
         serde_json::json!({"prompt": "2+2=", "chosen": " four", "rejected": " fish"}),
+        // bad: a number where a text belongs
+        serde_json::json!({"prompt": "x", "chosen": 3, "rejected": "y"}),
     ];
     let unpaired = [
         serde_json::json!({"prompt": "Capital of France?", "completion": " Paris", "label": true}),
@@ -719,6 +721,16 @@ fn generic_preference_and_unpaired_records() {
             s0["examples"].as_u64()
         ),
         (Some(3), Some(4), Some(8))
+    );
+    // In a JSON array the location is the record number.
+    assert_eq!(s0["issues"][0]["line"], 5);
+    assert_eq!(s0["issues"][0]["unit"], "record");
+    assert_eq!(s0["issues"][0]["field"], "chosen");
+    assert!(
+        p.summary_text
+            .contains("pref.json (record 5): field `chosen`"),
+        "{}",
+        p.summary_text
     );
     let s1 = src_summary(&p, 1);
     assert_eq!(
