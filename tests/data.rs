@@ -1336,3 +1336,61 @@ fn example_config_parses() {
         vec![repo("configs/shp/*/train.json")]
     );
 }
+
+#[test]
+fn model_folder_gives_tokenizer_eos_and_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(
+        repo("data/samples/smollm2/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    // Instruct-style config: eos_token_id as a list, the first one is used.
+    std::fs::write(model.join("config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template}).to_string(),
+    )
+    .unwrap();
+    let text = format!(
+        "[model]\nname_or_path = \"model\"\n[data]\nprompt_format = \"template\"\n[[data.sources]]\nkind = \"hh-rlhf\"\nfiles = [\"{}\"]\n",
+        repo(HH_GZ).display()
+    );
+    let cfg_path = dir.path().join("run.toml");
+    std::fs::write(&cfg_path, text).unwrap();
+    let cfg = Config::load(&cfg_path, &[]).unwrap();
+    let info = kto_train::data::resolve_tokenizer(&cfg).unwrap();
+    assert_eq!(info.eos_token_id, 2);
+    let out = dir.path().join("ex.jsonl");
+    kto_train::data::run_data_command(&cfg, Some(&out), false).unwrap();
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(first["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("<|im_start|>user\n"));
+    assert!(
+        first["completion"]
+            .as_str()
+            .unwrap()
+            .ends_with("<|im_end|>\n<|im_end|>"),
+        "{first}"
+    );
+    // Without a local model folder the tokenizer must be named.
+    let mut c = cfg.clone();
+    c.model.name_or_path = "Org/not-local".into();
+    let err = format!(
+        "{:#}",
+        kto_train::data::run_data_command(&c, None, false).unwrap_err()
+    );
+    assert!(err.contains("model.tokenizer"), "{err}");
+}
