@@ -693,6 +693,8 @@ fn generic_preference_and_unpaired_records() {
             "rejected": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Green."}]}),
         // same prompt as the first: joins its interaction
         serde_json::json!({"prompt": "2+2=", "chosen": " four", "rejected": " fish"}),
+        // bad: a number where a text belongs
+        serde_json::json!({"prompt": "x", "chosen": 3, "rejected": "y"}),
     ];
     let unpaired = [
         serde_json::json!({"prompt": "Capital of France?", "completion": " Paris", "label": true}),
@@ -719,6 +721,16 @@ fn generic_preference_and_unpaired_records() {
             s0["examples"].as_u64()
         ),
         (Some(3), Some(4), Some(8))
+    );
+    // In a JSON array the location is the record number.
+    assert_eq!(s0["issues"][0]["line"], 5);
+    assert_eq!(s0["issues"][0]["unit"], "record");
+    assert_eq!(s0["issues"][0]["field"], "chosen");
+    assert!(
+        p.summary_text
+            .contains("pref.json (record 5): field `chosen`"),
+        "{}",
+        p.summary_text
     );
     let s1 = src_summary(&p, 1);
     assert_eq!(
@@ -1152,6 +1164,9 @@ pairs = "best_vs_rest"
     assert_eq!(d.sources[2].display_name(), "oasst1");
     assert_eq!(d.max_interactions_per_source, Some(1130));
     assert_eq!(DataConfig::default().validation_fraction, 0.05);
+    // The run folder keeps the resolved config as TOML: it must read back the same.
+    let back = Config::from_toml_str(&cfg.to_toml()).unwrap();
+    assert_eq!(back.data, cfg.data);
 
     let bad = |data: &str| {
         let t = format!("[model]\nname_or_path = \"x\"\n[data]\n{data}");
@@ -1249,4 +1264,133 @@ fn shp_files_glob_and_data_command() {
             .unwrap()
             .contains("shp")
     );
+}
+
+// ---------------------------------------------------------------- fast encoder
+
+#[test]
+fn fast_encoder_matches_tokenizers_encode() {
+    use kto_train::data::fasttok::{FastEncoder, WordCache};
+    let enc = FastEncoder::new(tok());
+    assert!(
+        enc.is_fast(),
+        "SmolLM2's byte-level BPE takes the direct path"
+    );
+    let mut texts: Vec<String> = vec![
+        String::new(),
+        " ".into(),
+        "   ".into(),
+        "\n".into(),
+        "a  b   c\t\td \n\n e\r\nf \u{a0}g\u{2003} h ".into(),
+        "I'm you're they've we'll he'd it's 'tis O'NEIL's  's".into(),
+        "x123 4567 89.0 ١٢٣ ² ⅷ 3rd".into(),
+        "Ünïcödé façade naïve, 日本語のテキスト, 한국어, emoji 😀👍🏽, combining e\u{301} a\u{308}"
+            .into(),
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n".into(),
+        "<|im_start|><|im_end|><|endoftext|>text<|im_start|x<|im_end|>".into(),
+        "!!! ?? ... -- --- ''' \"\" ’’ “quoted” (parens) [brackets] {braces}".into(),
+        "tabs\tand\u{b}vertical\u{c}feeds\u{85}next\u{2028}line".into(),
+    ];
+    for path in [HH] {
+        for line in std::fs::read_to_string(repo(path)).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            texts.push(v["chosen"].as_str().unwrap().to_string());
+            texts.push(v["rejected"].as_str().unwrap().to_string());
+        }
+    }
+    for line in std::fs::read_to_string(repo(OASST)).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        texts.push(v["text"].as_str().unwrap().to_string());
+    }
+    let mut cache = WordCache::default();
+    for t in &texts {
+        let want = tok().encode(t.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(enc.encode(t, &mut cache).unwrap(), want, "{t:?}");
+    }
+}
+
+#[test]
+fn fast_encoder_falls_back_for_other_tokenizers() {
+    use kto_train::data::fasttok::{FastEncoder, WordCache};
+    // A tiny word-level tokenizer with a whitespace pre-tokenizer, built from an inline JSON.
+    let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":{"type":"Lowercase"},
+        "pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+        "model":{"type":"WordLevel","vocab":{"[UNK]":0,"hello":1,"world":2},"unk_token":"[UNK]"}}"#;
+    let t: Tokenizer = json.parse().unwrap();
+    let enc = FastEncoder::new(&t);
+    assert!(!enc.is_fast());
+    assert_eq!(
+        enc.encode("Hello big World", &mut WordCache::default())
+            .unwrap(),
+        vec![1, 0, 2]
+    );
+}
+
+#[test]
+fn example_config_parses() {
+    let cfg = Config::load(&repo("configs/data-example.toml"), &[]).unwrap();
+    assert_eq!(cfg.data.sources.len(), 3);
+    assert_eq!(cfg.data.max_interactions_per_source, Some(1130));
+    assert_eq!(
+        cfg.data.sources[1].files,
+        vec![repo("configs/shp/*/train.json")]
+    );
+}
+
+#[test]
+fn model_folder_gives_tokenizer_eos_and_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(
+        repo("data/samples/smollm2/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    // Instruct-style config: eos_token_id as a list, the first one is used.
+    std::fs::write(model.join("config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template}).to_string(),
+    )
+    .unwrap();
+    let text = format!(
+        "[model]\nname_or_path = \"model\"\n[data]\nprompt_format = \"template\"\n[[data.sources]]\nkind = \"hh-rlhf\"\nfiles = [\"{}\"]\n",
+        repo(HH_GZ).display()
+    );
+    let cfg_path = dir.path().join("run.toml");
+    std::fs::write(&cfg_path, text).unwrap();
+    let cfg = Config::load(&cfg_path, &[]).unwrap();
+    let info = kto_train::data::resolve_tokenizer(&cfg).unwrap();
+    assert_eq!(info.eos_token_id, 2);
+    let out = dir.path().join("ex.jsonl");
+    kto_train::data::run_data_command(&cfg, Some(&out), false).unwrap();
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(first["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("<|im_start|>user\n"));
+    assert!(
+        first["completion"]
+            .as_str()
+            .unwrap()
+            .ends_with("<|im_end|>\n<|im_end|>"),
+        "{first}"
+    );
+    // Without a local model folder the tokenizer must be named.
+    let mut c = cfg.clone();
+    c.model.name_or_path = "Org/not-local".into();
+    let err = format!(
+        "{:#}",
+        kto_train::data::run_data_command(&c, None, false).unwrap_err()
+    );
+    assert!(err.contains("model.tokenizer"), "{err}");
 }

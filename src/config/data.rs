@@ -350,7 +350,7 @@ impl DataConfig {
         }
     }
 
-    /// The cap on interactions for source `i`.
+    /// The cap on interactions taken from `source`.
     pub fn cap_for(&self, source: &SourceConfig) -> Option<usize> {
         source.max_interactions.or(self.max_interactions_per_source)
     }

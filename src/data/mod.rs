@@ -5,6 +5,7 @@
 //! tokenized (in parallel) until its cap of usable interactions is reached; the sources are
 //! interleaved round-robin; a seeded, per-source split puts whole interactions into validation;
 //! each interaction's completions become KTO examples.
+pub mod fasttok;
 pub mod format;
 pub mod mix;
 pub mod order;
@@ -106,6 +107,7 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
     tok.with_truncation(None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     tok.with_padding(None);
+    let encoder = fasttok::FastEncoder::new(&tok);
     let limits = tokenize::Limits {
         eos: opts.eos_token_id,
         max_length: opts.max_length,
@@ -157,7 +159,7 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
                 (need + need / 8 + 32).min(ordered.len() - pos)
             };
             let outcomes =
-                tokenize::tokenize_all(&ordered[pos..pos + chunk], &renderer, &tok, &limits)?;
+                tokenize::tokenize_all(&ordered[pos..pos + chunk], &renderer, &encoder, &limits)?;
             pos += chunk;
             for o in outcomes {
                 if kept.len() == cap {

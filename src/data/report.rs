@@ -11,8 +11,10 @@ pub const MAX_LISTED_ISSUES: usize = 50;
 #[derive(Debug, Clone, Serialize)]
 pub struct Issue {
     pub file: String,
-    /// 1-based line (JSON lines) or record number (JSON array, Parquet).
+    /// 1-based line (JSON lines) or record number (JSON array, Parquet row): see `unit`.
     pub line: usize,
+    /// `line` or `record`.
+    pub unit: &'static str,
     pub field: String,
     pub reason: &'static str,
     pub message: String,
@@ -20,10 +22,15 @@ pub struct Issue {
 
 impl std::fmt::Display for Issue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.unit == "line" {
+            write!(f, "{}:{}", self.file, self.line)?;
+        } else {
+            write!(f, "{} (record {})", self.file, self.line)?;
+        }
         write!(
             f,
-            "{}:{}: field `{}`: {} [{}]",
-            self.file, self.line, self.field, self.message, self.reason
+            ": field `{}`: {} [{}]",
+            self.field, self.message, self.reason
         )
     }
 }
@@ -99,6 +106,7 @@ impl Tally {
         let issue = Issue {
             file: loc.file.display().to_string(),
             line: loc.index,
+            unit: if loc.is_line { "line" } else { "record" },
             field: field.to_string(),
             reason,
             message: message.into(),

@@ -252,6 +252,12 @@ impl Summary {
                 }
             }
         }
+        s.push_str(
+            "(skipped: bad input, over all records read: whole records, or single examples for empty \
+             completions; filtered: records, messages or pairs left out by a rule or filter; dropped: \
+             examples of tokenized interactions, e.g. a prompt that fills max_length; with a cap, an \
+             interaction left without examples is replaced by the next one in the source's order)\n",
+        );
         for src in &self.sources {
             let total = src.issues.len() + src.issues_not_listed;
             for issue in src.issues.iter().take(TEXT_ISSUES) {

@@ -1,12 +1,12 @@
 //! Tokenization as TRL does it: prompt and completion encoded separately without special tokens,
 //! EOS appended to the completion. The final cut of prompt + completion to max_length is left to
 //! the batcher, because TRL cuts after the KL completions are rotated.
+use super::fasttok::{FastEncoder, WordCache};
 use super::format::Renderer;
 use super::report::{drop, reason};
 use super::sources::Interaction;
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use rayon::prelude::*;
-use tokenizers::Tokenizer;
 
 pub struct Limits {
     pub eos: u32,
@@ -40,14 +40,13 @@ pub struct Outcome {
     pub dropped: Vec<(&'static str, usize)>,
 }
 
-fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    // encode_fast skips the offsets, which nothing here needs; the ids are the same.
-    tok.encode_fast(text, false)
-        .map(|e| e.get_ids().to_vec())
-        .map_err(|e| anyhow!("tokenizer failed: {e}"))
-}
-
-fn one(it: &Interaction, r: &Renderer, tok: &Tokenizer, lim: &Limits) -> Result<Outcome> {
+fn one(
+    it: &Interaction,
+    r: &Renderer,
+    enc: &FastEncoder,
+    cache: &mut WordCache,
+    lim: &Limits,
+) -> Result<Outcome> {
     let mut out = Outcome {
         kept: None,
         issues: Vec::new(),
@@ -65,7 +64,7 @@ fn one(it: &Interaction, r: &Renderer, tok: &Tokenizer, lim: &Limits) -> Result<
             return Ok(out);
         }
     };
-    let mut prompt_ids = encode(tok, &prompt.text)?;
+    let mut prompt_ids = enc.encode(&prompt.text, cache)?;
     if let Some(m) = lim.max_prompt_length {
         if prompt_ids.len() > m {
             // Keep the end: it holds the turn the completion answers.
@@ -90,7 +89,7 @@ fn one(it: &Interaction, r: &Renderer, tok: &Tokenizer, lim: &Limits) -> Result<
                 continue;
             }
         };
-        let mut ids = encode(tok, &text)?;
+        let mut ids = enc.encode(&text, cache)?;
         ids.push(lim.eos);
         if let Some(m) = lim.max_completion_length {
             ids.truncate(m);
@@ -110,12 +109,23 @@ fn one(it: &Interaction, r: &Renderer, tok: &Tokenizer, lim: &Limits) -> Result<
     Ok(out)
 }
 
-/// Tokenizes interactions in parallel, results in input order.
+/// Tokenizes interactions in parallel, results in input order. Each parallel chunk keeps its own
+/// word cache (no locking); chunks are large enough for the cache to pay off.
 pub fn tokenize_all(
     its: &[Interaction],
     r: &Renderer,
-    tok: &Tokenizer,
+    enc: &FastEncoder,
     lim: &Limits,
 ) -> Result<Vec<Outcome>> {
-    its.par_iter().map(|it| one(it, r, tok, lim)).collect()
+    let chunk = (its.len() / (rayon::current_num_threads() * 4)).max(64);
+    let parts: Vec<Vec<Outcome>> = its
+        .par_chunks(chunk)
+        .map(|part| {
+            let mut cache = WordCache::default();
+            part.iter()
+                .map(|it| one(it, r, enc, &mut cache, lim))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<_>>()?;
+    Ok(parts.into_iter().flatten().collect())
 }
