@@ -22,7 +22,7 @@ pub use report::Issue;
 pub use summary::{SourceSummary, Summary};
 pub use tools::{
     load_tokenizer, resolve_tokenizer, run_data_command, write_examples_jsonl,
-    write_prepared_jsonl, write_summary, TokenizerInfo,
+    write_prepared_jsonl, write_summary, prepare_for_run, TokenizerInfo,
 };
 
 use crate::config::{DataConfig, PromptFormat, SourceKind};

@@ -44,15 +44,18 @@ fn eos_from_config(dir: &Path) -> Result<Option<u32>> {
 /// The tokenizer: `model.tokenizer` if set, else `<model folder>/tokenizer.json`; the EOS id from
 /// the model folder's (else the tokenizer folder's) config.json, else the `<|endoftext|>` token.
 pub fn resolve_tokenizer(cfg: &Config) -> Result<TokenizerInfo> {
-    let model_dir = Some(PathBuf::from(&cfg.model.name_or_path)).filter(|p| p.is_dir());
+    let model_dir = match &cfg.model.tokenizer {
+        // An explicit tokenizer needs no model folder; use one when there is a local one.
+        Some(_) => Some(PathBuf::from(&cfg.model.name_or_path)).filter(|p| p.is_dir()),
+        None => Some(crate::model::loading::resolve_model_dir(
+            &cfg.model.name_or_path,
+            &cfg.model.revision,
+        )?),
+    };
     let tokenizer_path = match (&cfg.model.tokenizer, &model_dir) {
         (Some(t), _) => PathBuf::from(t),
         (None, Some(d)) => d.join("tokenizer.json"),
-        (None, None) => bail!(
-            "model.name_or_path `{}` is not a local model folder, so its tokenizer cannot be found \
-             here; set model.tokenizer to a tokenizer.json",
-            cfg.model.name_or_path
-        ),
+        (None, None) => unreachable!("a model folder is resolved when no tokenizer is given"),
     };
     let tokenizer = load_tokenizer(&tokenizer_path)?;
     let mut eos = None;
@@ -97,6 +100,24 @@ fn find_chat_template(dirs: &[&Path]) -> Option<PathBuf> {
 /// would (train.max_length, train.seed), prints the summary table and optionally writes every
 /// prepared example as JSONL (with its split and decoded text).
 pub fn run_data_command(cfg: &Config, out: Option<&Path>, strict: bool) -> Result<()> {
+    let (prepared, info) = prepare_for_run(cfg, strict)?;
+    print!("{}", prepared.summary_text);
+    if let Some(path) = out {
+        write_prepared_jsonl(path, &prepared, &info.tokenizer)?;
+        println!(
+            "wrote {} examples ({} train, {} validation) to {}",
+            prepared.train.len() + prepared.validation.len(),
+            prepared.train.len(),
+            prepared.validation.len(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The data exactly as a training run with `cfg` sees it (train.max_length, train.seed, the
+/// model's tokenizer, EOS and chat template), with the tokenizer it used.
+pub fn prepare_for_run(cfg: &Config, strict: bool) -> Result<(PreparedData, TokenizerInfo)> {
     let info = resolve_tokenizer(cfg)?;
     let mut data = cfg.data.clone();
     if data.prompt_format == PromptFormat::Template && data.chat_template.is_none() {
@@ -122,18 +143,7 @@ pub fn run_data_command(cfg: &Config, out: Option<&Path>, strict: bool) -> Resul
         strict,
     };
     let prepared = prepare(&data, &opts)?;
-    print!("{}", prepared.summary_text);
-    if let Some(path) = out {
-        write_prepared_jsonl(path, &prepared, &info.tokenizer)?;
-        println!(
-            "wrote {} examples ({} train, {} validation) to {}",
-            prepared.train.len() + prepared.validation.len(),
-            prepared.train.len(),
-            prepared.validation.len(),
-            path.display()
-        );
-    }
-    Ok(())
+    Ok((prepared, info))
 }
 
 fn example_json(e: &KtoExample, tok: &Tokenizer, split: Option<&str>) -> Result<String> {
@@ -201,12 +211,7 @@ pub fn write_prepared_jsonl(path: &Path, data: &PreparedData, tokenizer: &Tokeni
 
 /// Saves the summary into a run folder as data_summary.txt and data_summary.json.
 pub fn write_summary(dir: &Path, data: &PreparedData) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let txt = dir.join("data_summary.txt");
-    std::fs::write(&txt, &data.summary_text)
-        .with_context(|| format!("cannot write {}", txt.display()))?;
-    let json = dir.join("data_summary.json");
-    let text = serde_json::to_string_pretty(&data.summary_json).expect("JSON value serializes");
-    std::fs::write(&json, text).with_context(|| format!("cannot write {}", json.display()))?;
-    Ok(())
+    use crate::util::atomic::{write_atomic, write_json_atomic};
+    write_atomic(&dir.join("data_summary.txt"), data.summary_text.as_bytes())?;
+    write_json_atomic(&dir.join("data_summary.json"), &data.summary_json)
 }

@@ -195,6 +195,49 @@ pub fn resolve_model_in(
     })
 }
 
+/// The folder holding a model's config.json and tokenizer files, without needing its weights:
+/// a local folder, or the hub snapshot in the cache (config and tokenizer files downloaded
+/// there when missing and HF_HUB_OFFLINE is not set). Used by `kto-train data`.
+pub fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<PathBuf> {
+    let p = Path::new(name_or_path);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    if !looks_like_hub_id(name_or_path) {
+        bail!("model folder {name_or_path} does not exist");
+    }
+    let cache_dir = hf_cache_dir();
+    let repo = hf_hub::Repo::with_revision(
+        name_or_path.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    );
+    let cache = hf_hub::Cache::new(cache_dir.clone()).repo(repo.clone());
+    let wanted = ["config.json", "tokenizer.json"];
+    if let Some(c) = cache.get("config.json").filter(|_| cache.get("tokenizer.json").is_some()) {
+        return Ok(c.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+    let where_ = cache_dir.join(format!("models--{}", name_or_path.replace('/', "--")));
+    if offline() {
+        bail!(
+            "{name_or_path}: config.json and tokenizer.json are not in the Hugging Face cache              (looked in {}; HF_HUB_OFFLINE is set); download them or set model.tokenizer",
+            where_.display()
+        );
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
+        .build()?
+        .repo(repo);
+    let mut dir = PathBuf::new();
+    for f in wanted {
+        let path = api
+            .get(f)
+            .with_context(|| format!("cannot download {f} of {name_or_path}"))?;
+        dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+    api.get("tokenizer_config.json").ok();
+    Ok(dir)
+}
+
 fn download(name: &str, repo: &hf_hub::Repo, cache_dir: &Path) -> Result<ModelFiles> {
     let api =
         hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))

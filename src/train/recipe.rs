@@ -10,11 +10,11 @@ use super::schedule::Schedule;
 use super::signals;
 use super::step::run_micro_batch;
 use crate::config::{Config, DType as CfgDType};
-use crate::data::{self, KtoExample, PrepareOptions};
+use crate::data::{self, KtoExample};
 use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
 use crate::model::adapter::{load_adapter_weights, read_adapter_spec, save_adapter};
-use crate::model::{load_llama, resolve_model, DropoutKey, Forward, Llama, LlamaConfig, LoraSpec};
-use crate::util::atomic::{write_atomic, write_json_atomic};
+use crate::model::{load_llama, resolve_model, DropoutKey, Forward, Llama, LoraSpec};
+use crate::util::atomic::write_atomic;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
@@ -70,28 +70,6 @@ pub fn dtype(d: CfgDType) -> DType {
         CfgDType::F64 => DType::F64,
         CfgDType::Bf16 => DType::BF16,
     }
-}
-
-/// The model's tokenizer and EOS id (config.json's `eos_token_id`).
-pub fn tokenizer_and_eos(
-    cfg: &Config,
-    files: &crate::model::ModelFiles,
-) -> Result<(tokenizers::Tokenizer, u32)> {
-    let path = match (&cfg.model.tokenizer, &files.tokenizer) {
-        (Some(t), _) => PathBuf::from(t),
-        (None, Some(t)) => t.clone(),
-        (None, None) => bail!(
-            "no tokenizer.json in {} and no model.tokenizer in the config",
-            files.dir.display()
-        ),
-    };
-    let tok = tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-    let llama = LlamaConfig::from_file(&files.config)?;
-    let eos = llama
-        .eos_token_id
-        .with_context(|| format!("{}: no `eos_token_id`", files.config.display()))?;
-    Ok((tok, eos))
 }
 
 /// Builds the policy: fresh PEFT init, or the weights of `lora.init_from`.
@@ -287,25 +265,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     // 2. Model files, tokenizer, data.
     let dev = device(&cfg.train.device)?;
     let files = resolve_model(&cfg.model.name_or_path, &cfg.model.revision)?;
-    let (tokenizer, eos) = tokenizer_and_eos(cfg, &files)?;
     let tc = &cfg.train;
-    let prepared = data::prepare(
-        &cfg.data,
-        &PrepareOptions {
-            tokenizer: &tokenizer,
-            eos_token_id: eos,
-            max_length: tc.max_length,
-            seed: tc.seed,
-            strict: opts.strict,
-        },
-    )?;
+    let (prepared, _tokenizer) = data::prepare_for_run(cfg, opts.strict)?;
     if prepared.train.is_empty() {
         bail!("the training split is empty: no examples survived data preparation");
     }
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create output folder {}", out_dir.display()))?;
-    write_atomic(&out_dir.join("data_summary.txt"), prepared.summary_text.as_bytes())?;
-    write_json_atomic(&out_dir.join("data_summary.json"), &prepared.summary_json)?;
+    data::write_summary(&out_dir, &prepared)?;
     write_atomic(&out_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     let progress_quiet = opts.quiet;
     if !progress_quiet {
