@@ -687,6 +687,36 @@ fn plot_command_redraws_plots_and_card() {
 }
 
 #[test]
+fn cli_plot_subcommand() {
+    let bin = env!("CARGO_BIN_EXE_kto-train");
+    let run = write_run(KTO_CONFIG, &metrics_lines(false));
+    let out = std::process::Command::new(bin)
+        .arg("plot")
+        .arg(&run.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(run.dir.join("plots/loss.png").is_file());
+    assert!(run.dir.join("adapter/README.md").is_file());
+
+    let mut lines = metrics_lines(false);
+    lines[6] = "not json".to_string();
+    std::fs::write(run.dir.join("metrics.jsonl"), lines.join("\n")).unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("plot")
+        .arg(&run.dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("metrics.jsonl line 7"), "{err}");
+}
+
+#[test]
 fn format_value_keeps_small_values_readable() {
     assert_eq!(format_value(0.71234567), "0.7123");
     assert_eq!(format_value(0.0002), "2.000e-4");
