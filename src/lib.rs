@@ -14,5 +14,6 @@ pub mod data;
 pub mod eval;
 pub mod loss;
 pub mod model;
+pub mod report;
 pub mod train;
 pub mod util;

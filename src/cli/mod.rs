@@ -101,6 +101,11 @@ pub enum Command {
         #[arg(long, default_value = "main")]
         revision: String,
     },
+    /// Redraw a run folder's plots (plots/*.png) and its adapter's model card (adapter/README.md).
+    Plot {
+        /// Run folder (the training config's output.dir).
+        run_dir: PathBuf,
+    },
 }
 
 /// Exit codes a script can rely on (README, "Exit codes").
@@ -220,6 +225,7 @@ pub fn main() -> Result<()> {
             }
             Ok(())
         }
+        Some(Command::Plot { run_dir }) => crate::report::run_plot_command(&run_dir),
     }
 }
 
