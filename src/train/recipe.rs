@@ -486,6 +486,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 progress.println(&serde_json::to_string(&m)?);
             }
             last_metrics = m;
+            // A plot failure must not stop a long run.
+            if let Err(e) = crate::report::draw_plots(&out_dir) {
+                progress.println(&format!("warning: cannot draw plots: {e:#}"));
+            }
             st.interval.clear();
             st.interval_tokens = 0;
             interval_start = Instant::now();
@@ -533,8 +537,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 
     // 6. The adapter, in PEFT's layout.
     save_adapter(&model, &spec, &files.name, &adapter_dir)?;
+    crate::report::draw_plots(&out_dir)?;
+    crate::report::write_model_card(&out_dir, &adapter_dir)?;
     if !opts.quiet {
-        eprintln!("adapter written to {}", adapter_dir.display());
+        eprintln!("adapter and model card written to {}", adapter_dir.display());
     }
     Ok(RunSummary {
         output_dir: out_dir,
