@@ -98,6 +98,10 @@ pub enum Command {
         #[arg(long, default_value = "main")]
         revision: String,
     },
+    /// Benchmark scoring (HellaSwag, TruthfulQA MC2, MMLU) with the evaluation harness's method.
+    Eval(crate::eval::tasks::runner::EvalArgs),
+    /// Fold a LoRA adapter into the base weights: a plain Hugging Face model folder.
+    Merge(crate::eval::merge::MergeArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -208,6 +212,8 @@ pub fn main() -> Result<()> {
             }
             Ok(())
         }
+        Some(Command::Eval(a)) => crate::eval::tasks::runner::run_eval_command(&a).map(|_| ()),
+        Some(Command::Merge(a)) => crate::eval::merge::run_merge_command(&a).map(|_| ()),
     }
 }
 
