@@ -292,6 +292,7 @@ pub struct MergeArgs {
     /// New folder for the merged model.
     #[arg(long)]
     pub out: PathBuf,
+    /// Hub revision when --model is a hub id.
     #[arg(long, default_value = "main")]
     pub revision: String,
 }

@@ -427,6 +427,7 @@ pub struct EvalArgs {
     /// PEFT adapter folder to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Benchmark to score.
     #[arg(long, value_enum)]
     pub task: TaskKind,
     /// The task's published file: HellaSwag JSONL, TruthfulQA mc_task.json, MMLU CSV or folder.
@@ -451,8 +452,10 @@ pub struct EvalArgs {
     /// Seed of the few-shot draw (the harness's default is 1234).
     #[arg(long, default_value_t = super::DEFAULT_FEWSHOT_SEED)]
     pub seed: u64,
+    /// cpu or cuda[:N] (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Hub revision when --model is a hub id.
     #[arg(long, default_value = "main")]
     pub revision: String,
     /// No progress bar or notes on stderr.
