@@ -106,6 +106,10 @@ pub enum Command {
         /// Run folder (the training config's output.dir).
         run_dir: PathBuf,
     },
+    /// Benchmark scoring (HellaSwag, TruthfulQA MC2, MMLU) with the evaluation harness's method.
+    Eval(crate::eval::tasks::runner::EvalArgs),
+    /// Fold a LoRA adapter into the base weights: a plain Hugging Face model folder.
+    Merge(crate::eval::merge::MergeArgs),
 }
 
 /// Exit codes a script can rely on (README, "Exit codes").
@@ -226,6 +230,8 @@ pub fn main() -> Result<()> {
             Ok(())
         }
         Some(Command::Plot { run_dir }) => crate::report::run_plot_command(&run_dir),
+        Some(Command::Eval(a)) => crate::eval::tasks::runner::run_eval_command(&a).map(|_| ()),
+        Some(Command::Merge(a)) => crate::eval::merge::run_merge_command(&a).map(|_| ()),
     }
 }
 

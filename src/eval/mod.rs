@@ -1,2 +1,4 @@
 //! Using a model or adapter: scoring records.
+pub mod merge;
 pub mod score;
+pub mod tasks;
