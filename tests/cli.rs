@@ -27,10 +27,9 @@ fn losses(run: &Path) -> Vec<f64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["metrics"]["loss"].as_f64().unwrap()
-        })
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_none())
+        .map(|v| v["metrics"]["loss"].as_f64().unwrap())
         .collect()
 }
 

@@ -21,8 +21,8 @@ pub use reader::Loc;
 pub use report::Issue;
 pub use summary::{SourceSummary, Summary};
 pub use tools::{
-    load_tokenizer, resolve_tokenizer, run_data_command, write_examples_jsonl,
-    write_prepared_jsonl, write_summary, prepare_for_run, TokenizerInfo,
+    load_tokenizer, prepare_for_run, resolve_tokenizer, run_data_command, write_examples_jsonl,
+    write_prepared_jsonl, write_summary, TokenizerInfo,
 };
 
 use crate::config::{DataConfig, PromptFormat, SourceKind};

@@ -214,7 +214,10 @@ pub fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<PathBuf> 
     );
     let cache = hf_hub::Cache::new(cache_dir.clone()).repo(repo.clone());
     let wanted = ["config.json", "tokenizer.json"];
-    if let Some(c) = cache.get("config.json").filter(|_| cache.get("tokenizer.json").is_some()) {
+    if let Some(c) = cache
+        .get("config.json")
+        .filter(|_| cache.get("tokenizer.json").is_some())
+    {
         return Ok(c.parent().map(Path::to_path_buf).unwrap_or_default());
     }
     let where_ = cache_dir.join(format!("models--{}", name_or_path.replace('/', "--")));

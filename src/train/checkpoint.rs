@@ -53,7 +53,10 @@ pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
     for e in rd {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|n| n.parse::<usize>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             if e.path().join(STATE).is_file() {
                 out.push((n, e.path()));
             }
@@ -66,15 +69,26 @@ pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
 pub fn save(root: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let final_dir = step_dir(root, ck.state.step);
-    let tmp = root.join(format!(".tmp-step-{:08}-{}", ck.state.step, std::process::id()));
+    let tmp = root.join(format!(
+        ".tmp-step-{:08}-{}",
+        ck.state.step,
+        std::process::id()
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
     let mut tensors = Vec::new();
-    for (prefix, list) in [("lora", &ck.lora), ("adam_m", &ck.adam_m), ("adam_v", &ck.adam_v)] {
+    for (prefix, list) in [
+        ("lora", &ck.lora),
+        ("adam_m", &ck.adam_m),
+        ("adam_v", &ck.adam_v),
+    ] {
         for (i, t) in list.iter().enumerate() {
-            tensors.push((format!("{prefix}.{i:05}"), RawTensor::from_tensor(t, t.dtype())?));
+            tensors.push((
+                format!("{prefix}.{i:05}"),
+                RawTensor::from_tensor(t, t.dtype())?,
+            ));
         }
     }
     write_atomic(&tmp.join(TENSORS), &serialize_pt(&tensors)?)?;
@@ -114,7 +128,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         .with_context(|| format!("{}: not a safetensors file", tp.display()))?;
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
-    let mut ck = Checkpoint { state, lora: vec![], adam_m: vec![], adam_v: vec![] };
+    let mut ck = Checkpoint {
+        state,
+        lora: vec![],
+        adam_m: vec![],
+        adam_v: vec![],
+    };
     for n in names {
         let t = tensor_from_view(&st.tensor(&n)?, device)?;
         match n.split('.').next() {

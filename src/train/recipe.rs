@@ -45,16 +45,29 @@ pub struct RunSummary {
 #[derive(Debug, thiserror::Error)]
 pub enum Stopped {
     #[error("interrupted by {signal} after step {step}; checkpoint written to {checkpoint}; continue with --resume")]
-    Interrupted { signal: &'static str, code: i32, step: usize, checkpoint: String },
+    Interrupted {
+        signal: &'static str,
+        code: i32,
+        step: usize,
+        checkpoint: String,
+    },
     #[error("{count} consecutive steps had a non-finite loss or gradient (last: step {step}); stopped with a checkpoint in {checkpoint}")]
-    NonFinite { count: usize, step: usize, checkpoint: String },
+    NonFinite {
+        count: usize,
+        step: usize,
+        checkpoint: String,
+    },
 }
 
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         d if d.starts_with("cuda") => {
-            let idx = d.strip_prefix("cuda:").map(|n| n.parse::<usize>()).transpose()?.unwrap_or(0);
+            let idx = d
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>())
+                .transpose()?
+                .unwrap_or(0);
             if !cfg!(feature = "cuda") {
                 bail!("device `{d}` needs a build with the `cuda` cargo feature (cargo build --release --features cuda)");
             }
@@ -211,7 +224,10 @@ impl Progress {
 /// Test hook: `KTO_TRAIN_FAULT_NONFINITE_STEPS=2,3` poisons the gradient at those steps.
 fn forced_nonfinite(step: usize) -> bool {
     std::env::var("KTO_TRAIN_FAULT_NONFINITE_STEPS")
-        .map(|v| v.split(',').any(|s| s.trim().parse::<usize>().ok() == Some(step)))
+        .map(|v| {
+            v.split(',')
+                .any(|s| s.trim().parse::<usize>().ok() == Some(step))
+        })
         .unwrap_or(false)
 }
 
@@ -238,7 +254,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let out_dir = cfg.output.dir.clone();
     let adapter_dir = out_dir.join("adapter");
     let ckpt_dir = out_dir.join("checkpoints");
-    let finished = adapter_dir.join(crate::model::adapter::CONFIG_FILE).exists();
+    let finished = adapter_dir
+        .join(crate::model::adapter::CONFIG_FILE)
+        .exists();
     if finished && !opts.overwrite {
         bail!(
             "{} already holds a finished run; pass --overwrite to replace it or choose another output.dir",
@@ -360,7 +378,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     } else {
         write_atomic(&metrics_path, b"")?;
     }
-    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)?;
     let mut log_line = |v: serde_json::Value| -> Result<()> {
         writeln!(metrics_file, "{v}")?;
         metrics_file.flush()?;
@@ -399,7 +419,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             let batch = build_micro_batch(examples, tc.max_length, head.needs_kl());
             // Dropout masks are a function of (seed, pass): resumable without generator state.
             let pass = ((step * tc.grad_accum + mi) as u64) * 2;
-            let key = |p| Forward::train(DropoutKey { seed: tc.seed, pass: p });
+            let key = |p| {
+                Forward::train(DropoutKey {
+                    seed: tc.seed,
+                    pass: p,
+                })
+            };
             let out = run_micro_batch(
                 &model,
                 &mut head,
@@ -415,7 +440,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             let scale = 1.0 / group.len() as f64;
             let g = collect_grads(&vars, out.grads.as_ref().expect("training step"))?;
             acc = Some(match acc {
-                None => g.into_iter().map(|t| t * scale).collect::<candle_core::Result<_>>()?,
+                None => g
+                    .into_iter()
+                    .map(|t| t * scale)
+                    .collect::<candle_core::Result<_>>()?,
                 Some(a) => a
                     .iter()
                     .zip(g)
@@ -496,9 +524,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         }
         let last = st.step == total_steps;
         if (tc.eval_every > 0 && st.step.is_multiple_of(tc.eval_every)) || last {
-            if let Some(m) =
-                evaluate(&model, &mut head, &prepared.validation, eval_bs, tc.max_length, st.step)?
-            {
+            if let Some(m) = evaluate(
+                &model,
+                &mut head,
+                &prepared.validation,
+                eval_bs,
+                tc.max_length,
+                st.step,
+            )? {
                 log_line(serde_json::json!({
                     "step": st.step, "epoch": st.epoch as f64 + 1.0, "eval": true, "metrics": m,
                 }))?;
@@ -540,7 +573,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     crate::report::draw_plots(&out_dir)?;
     crate::report::write_model_card(&out_dir, &adapter_dir)?;
     if !opts.quiet {
-        eprintln!("adapter and model card written to {}", adapter_dir.display());
+        eprintln!(
+            "adapter and model card written to {}",
+            adapter_dir.display()
+        );
     }
     Ok(RunSummary {
         output_dir: out_dir,
