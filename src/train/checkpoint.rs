@@ -92,6 +92,13 @@ pub fn save(root: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
         }
     }
     write_atomic(&tmp.join(TENSORS), &serialize_pt(&tensors)?)?;
+    // Test hook: widen the window in which a kill lands mid-write.
+    if let Some(ms) = std::env::var("KTO_TRAIN_FAULT_CHECKPOINT_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     write_json_atomic(&tmp.join(STATE), &serde_json::to_value(&ck.state)?)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;

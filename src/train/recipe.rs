@@ -214,6 +214,14 @@ impl Progress {
         }
     }
 
+    /// Printed even with --quiet.
+    fn warn(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
     fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish();
@@ -267,7 +275,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let all = checkpoint::list(&ckpt_dir)?;
         match all.last() {
             Some((_, p)) => Some(p.clone()),
-            None => bail!("--resume: no checkpoint in {}", ckpt_dir.display()),
+            None => {
+                // Killed before its first checkpoint: there is nothing to lose by starting over.
+                if !opts.quiet {
+                    eprintln!(
+                        "--resume: no checkpoint in {} yet; starting from the beginning",
+                        ckpt_dir.display()
+                    );
+                }
+                None
+            }
         }
     } else {
         None
@@ -463,8 +480,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         if !norm.is_finite() || !loss_mean.is_finite() {
             st.skipped_nonfinite += 1;
             st.consecutive_nonfinite += 1;
-            progress.println(&format!(
-                "step {}: non-finite loss or gradient (loss {loss_mean}, grad norm {norm}); update skipped ({} so far)",
+            progress.warn(&format!(
+                "warning: step {}: non-finite loss or gradient (loss {loss_mean}, grad norm {norm}); update skipped ({} so far)",
                 st.step, st.skipped_nonfinite
             ));
             if st.consecutive_nonfinite >= tc.max_consecutive_nonfinite {
@@ -516,7 +533,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             last_metrics = m;
             // A plot failure must not stop a long run.
             if let Err(e) = crate::report::draw_plots(&out_dir) {
-                progress.println(&format!("warning: cannot draw plots: {e:#}"));
+                progress.warn(&format!("warning: cannot draw plots: {e:#}"));
             }
             st.interval.clear();
             st.interval_tokens = 0;
