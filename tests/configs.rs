@@ -3,7 +3,9 @@ use kto_train::config::{Config, LossType};
 use std::path::PathBuf;
 
 fn load(name: &str) -> Config {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(name);
     Config::load(&p, &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"))
 }
 
@@ -17,7 +19,18 @@ fn seed_run_configs() {
         assert_eq!(c.lora.dropout, 0.05, "{name}");
         assert_eq!(c.loss.beta, 0.1, "{name}");
         let t = &c.train;
-        assert_eq!((t.lr, t.batch_size, t.grad_accum, t.max_length, t.epochs, t.seed), (2e-4, 2, 8, 512, 1, 42), "{name}");
+        assert_eq!(
+            (
+                t.lr,
+                t.batch_size,
+                t.grad_accum,
+                t.max_length,
+                t.epochs,
+                t.seed
+            ),
+            (2e-4, 2, 8, 512, 1, 42),
+            "{name}"
+        );
         assert_eq!(c.data.sources.len(), 3, "{name}");
         assert_eq!(c.data.max_interactions_per_source, Some(1130), "{name}");
         assert_eq!(c.data.validation_fraction, 0.05, "{name}");

@@ -339,7 +339,7 @@ impl DataConfig {
     pub(super) fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = super::normalize_path(&base.join(&*p));
             }
         };
         for s in &mut self.sources {

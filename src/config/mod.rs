@@ -1,11 +1,13 @@
 //! The run description: one TOML file, every knob in it, refused before any work starts when a key
 //! is unknown or a value is out of range.
 mod data;
+mod eval;
 mod loss;
 mod model;
 mod train;
 
 pub use data::*;
+pub use eval::*;
 pub use loss::*;
 pub use model::*;
 pub use train::*;
@@ -28,6 +30,8 @@ pub struct Config {
     pub train: TrainConfig,
     #[serde(default)]
     pub output: OutputConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -80,12 +84,13 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize_path(&base.join(&*p));
             }
         };
         fix(&mut self.output.dir);
         self.model.resolve_paths(base);
         self.data.resolve_paths(base);
+        self.eval.resolve_paths(base);
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -94,6 +99,7 @@ impl Config {
         self.loss.validate().context("[loss]")?;
         self.data.validate().context("[data]")?;
         self.train.validate().context("[train]")?;
+        self.eval.validate().context("[eval]")?;
         if self.loss.needs_kl() && self.train.batch_size < 2 {
             bail!(
                 "[train] batch_size = {}: the KL reference point needs batch_size >= 2 \
@@ -107,6 +113,31 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes")
     }
+}
+
+/// `base/../x` -> `x` without touching the file system (paths shown to users and written into
+/// adapter_config.json stay readable).
+pub fn normalize_path(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let last = out.components().next_back();
+                if matches!(last, Some(Component::Normal(_))) {
+                    out.pop();
+                } else if !matches!(last, Some(Component::RootDir)) {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 /// `a.b.c=value`: value parsed as a TOML value (number, bool, string, array), else taken as a string.

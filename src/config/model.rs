@@ -34,11 +34,13 @@ impl ModelConfig {
     pub(super) fn resolve_paths(&mut self, base: &Path) {
         let local = |s: &str| s.starts_with('.') || s.starts_with('/') || base.join(s).exists();
         if local(&self.name_or_path) && Path::new(&self.name_or_path).is_relative() {
-            self.name_or_path = base.join(&self.name_or_path).display().to_string();
+            self.name_or_path = super::normalize_path(&base.join(&self.name_or_path))
+                .display()
+                .to_string();
         }
         if let Some(t) = &self.tokenizer {
             if Path::new(t).is_relative() {
-                self.tokenizer = Some(base.join(t).display().to_string());
+                self.tokenizer = Some(super::normalize_path(&base.join(t)).display().to_string());
             }
         }
     }

@@ -14,7 +14,7 @@ use crate::data::{self, KtoExample};
 use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
 use crate::model::adapter::{load_adapter_weights, read_adapter_spec, save_adapter};
 use crate::model::{load_llama, resolve_model, DropoutKey, Forward, Llama, LoraSpec};
-use crate::util::atomic::write_atomic;
+use crate::util::atomic::{write_atomic, write_json_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
@@ -257,6 +257,56 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     write_atomic(path, kept.as_bytes())
 }
 
+/// The `[eval]` benchmarks with the trained adapter, as rows of the model card's table.
+fn run_benchmarks(
+    cfg: &Config,
+    model: &Llama,
+    tok: &tokenizers::Tokenizer,
+    quiet: bool,
+) -> Result<serde_json::Value> {
+    use crate::eval::tasks::{load_task, runner, LoadOptions, TaskKind, DEFAULT_FEWSHOT_SEED};
+    let mut rows = Vec::new();
+    let mut reports = Vec::new();
+    for b in &cfg.eval.benchmarks {
+        let kind = match b.task.as_str() {
+            "hellaswag" => TaskKind::Hellaswag,
+            "truthfulqa_mc2" => TaskKind::TruthfulqaMc2,
+            _ => TaskKind::Mmlu,
+        };
+        let task = load_task(
+            kind,
+            &b.data,
+            &LoadOptions {
+                shots: b.shots,
+                fewshot_data: b.fewshot_data.clone(),
+                limit: b.limit,
+                seed: DEFAULT_FEWSHOT_SEED,
+            },
+        )?;
+        let report = runner::evaluate(
+            model,
+            tok,
+            &task,
+            &runner::EvalOptions {
+                batch_size: cfg.eval.batch_size,
+                forward: Forward::POLICY_EVAL,
+                progress: !quiet,
+            },
+        )?;
+        for m in &report.metrics {
+            rows.push(serde_json::json!({
+                "task": kind.display_name(), "shots": report.shots, "metric": m.name,
+                "value": m.value, "stderr": m.stderr, "n": report.n(),
+            }));
+        }
+        reports.push(report);
+    }
+    if !quiet {
+        eprintln!("{}", runner::format_table(&reports));
+    }
+    Ok(serde_json::json!({ "results": rows }))
+}
+
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     // 1. The run folder: refuse to clobber a finished run; find the checkpoint to resume.
     let out_dir = cfg.output.dir.clone();
@@ -301,7 +351,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let dev = device(&cfg.train.device)?;
     let files = resolve_model(&cfg.model.name_or_path, &cfg.model.revision)?;
     let tc = &cfg.train;
-    let (prepared, _tokenizer) = data::prepare_for_run(cfg, opts.strict)?;
+    let (prepared, tok_info) = data::prepare_for_run(cfg, opts.strict)?;
     if prepared.train.is_empty() {
         bail!("the training split is empty: no examples survived data preparation");
     }
@@ -587,6 +637,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 
     // 6. The adapter, in PEFT's layout.
     save_adapter(&model, &spec, &files.name, &adapter_dir)?;
+    if !cfg.eval.benchmarks.is_empty() {
+        let results = run_benchmarks(cfg, &model, &tok_info.tokenizer, opts.quiet)?;
+        write_json_atomic(&out_dir.join("eval_results.json"), &results)?;
+    }
     crate::report::draw_plots(&out_dir)?;
     crate::report::write_model_card(&out_dir, &adapter_dir)?;
     if !opts.quiet {

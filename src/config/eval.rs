@@ -1,0 +1,73 @@
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// `[eval]`: benchmarks scored with the trained adapter at the end of a run (their table goes
+/// into eval_results.json and the model card).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    #[serde(default)]
+    pub benchmarks: Vec<BenchmarkConfig>,
+    /// Continuations per forward batch.
+    #[serde(default = "d_bs")]
+    pub batch_size: usize,
+}
+
+fn d_bs() -> usize {
+    8
+}
+
+/// One `[[eval.benchmarks]]` table, as `kto-train eval` takes it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BenchmarkConfig {
+    /// `hellaswag`, `truthfulqa_mc2` or `mmlu`.
+    pub task: String,
+    /// The task's published file or folder (relative to the config file).
+    pub data: PathBuf,
+    /// Few-shot examples (default: the task's leaderboard setting: 10, 0, 5).
+    #[serde(default)]
+    pub shots: Option<usize>,
+    /// Where few-shot examples come from (HellaSwag train split, MMLU dev folder).
+    #[serde(default)]
+    pub fewshot_data: Option<PathBuf>,
+    /// Only the first N questions.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+pub const BENCHMARK_TASKS: [&str; 3] = ["hellaswag", "truthfulqa_mc2", "mmlu"];
+
+impl EvalConfig {
+    pub(super) fn resolve_paths(&mut self, base: &Path) {
+        for b in &mut self.benchmarks {
+            if b.data.is_relative() {
+                b.data = super::normalize_path(&base.join(&b.data));
+            }
+            if let Some(f) = &mut b.fewshot_data {
+                if f.is_relative() {
+                    *f = super::normalize_path(&base.join(&*f));
+                }
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            bail!("batch_size = 0: must be at least 1");
+        }
+        for b in &self.benchmarks {
+            if !BENCHMARK_TASKS.contains(&b.task.as_str()) {
+                bail!(
+                    "benchmarks: unknown task `{}`; allowed are {BENCHMARK_TASKS:?}",
+                    b.task
+                );
+            }
+            if b.limit == Some(0) {
+                bail!("benchmarks: limit = 0 for `{}`: must be at least 1", b.task);
+            }
+        }
+        Ok(())
+    }
+}
