@@ -436,7 +436,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         opt.m = ck.adam_m;
         opt.v = ck.adam_v;
         opt.t = ck.state.adam_t;
-        head.restore(ck.state.loss_state.clone());
+        head.restore(ck.state.loss_state);
         st = ck.state;
         truncate_metrics(&metrics_path, st.step)?;
         if !opts.quiet {
