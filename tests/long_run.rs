@@ -152,8 +152,7 @@ fn killed_runs_resume_to_identical_adapters() {
     let card = std::fs::read_to_string(reference.join("adapter/README.md")).unwrap();
     let last = train_lines(&reference)
         .into_iter()
-        .filter(|l| l.get("eval").is_none())
-        .next_back()
+        .rfind(|l| l.get("eval").is_none())
         .unwrap();
     let loss = last["metrics"]["loss"].as_f64().unwrap();
     assert!(
@@ -207,8 +206,7 @@ fn nonfinite_steps_are_skipped_and_reported() {
     );
     let last = train_lines(&out)
         .into_iter()
-        .filter(|l| l.get("eval").is_none())
-        .next_back()
+        .rfind(|l| l.get("eval").is_none())
         .unwrap();
     assert_eq!(last["skipped_nonfinite"].as_u64(), Some(1));
     assert_eq!(last["step"].as_u64(), Some(STEPS as u64));
