@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
             seed: 42,
             pass: i as u64,
         });
-        let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, i as u64, true)?;
+        let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, i as u64, true, None)?;
         let grads = collect_grads(&vars, out.grads.as_ref().unwrap())?;
         opt.step(&grads, 2e-4)?;
         let dt = t0.elapsed().as_secs_f64();

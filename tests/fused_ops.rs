@@ -43,7 +43,7 @@ fn batch() -> MicroBatch {
 
 fn run(model: &Llama, fwd: Forward) -> StepResult {
     let mut head = LossHead::new(&LossConfig::default());
-    run_micro_batch(model, &mut head, &batch(), fwd, fwd, 0, true).unwrap()
+    run_micro_batch(model, &mut head, &batch(), fwd, fwd, 0, true, None).unwrap()
 }
 
 fn compare(fwd: Forward) {

@@ -70,10 +70,11 @@ pub fn check_gradients(loss_toml: &str) {
         Forward::POLICY_EVAL,
         0,
         true,
+        None,
     )
     .unwrap();
     let grads = out.grads.unwrap();
-    let (reference, reference_kl) = reference_logps(&model, &batch).unwrap();
+    let (reference, reference_kl) = reference_logps(&model, &batch, None).unwrap();
     assert_eq!(reference, out.logps.reference);
     assert_eq!(reference_kl, out.logps.reference_kl);
     // The finite differences see the loss with the BCO baseline the training call used.

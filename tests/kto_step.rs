@@ -84,6 +84,7 @@ fn trl_kto_step_is_reproduced() {
         Forward::POLICY_EVAL,
         0,
         true,
+        None,
     )
     .unwrap();
     let l = &out.logps;

@@ -85,6 +85,10 @@ pub struct TrainConfig {
     /// gradient; each such step is skipped without an update.
     #[serde(default = "d_nonfinite")]
     pub max_consecutive_nonfinite: usize,
+    /// Where reference log-probs are cached: `auto` (`$KTO_TRAIN_CACHE_DIR`, else a
+    /// `.kto-train-cache` folder beside output.dir, shared by sibling runs), `off`, or a folder.
+    #[serde(default = "d_refcache")]
+    pub reference_cache: String,
 }
 
 fn d_epochs() -> usize {
@@ -137,6 +141,9 @@ fn d_keep() -> usize {
 }
 fn d_nonfinite() -> usize {
     5
+}
+fn d_refcache() -> String {
+    "auto".into()
 }
 
 impl Default for TrainConfig {

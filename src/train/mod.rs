@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
 pub mod recipe;
+pub mod refcache;
 pub mod schedule;
 pub mod signals;
 pub mod step;

@@ -6,6 +6,7 @@ use super::batch::build_micro_batch;
 use super::checkpoint::{self, Checkpoint, TrainState};
 use super::metrics::MetricSums;
 use super::optim::{clip_grads, collect_grads, global_norm, AdamW, AdamWParams};
+use super::refcache::{self, RefCache};
 use super::schedule::Schedule;
 use super::signals;
 use super::step::run_micro_batch;
@@ -145,6 +146,7 @@ pub fn evaluate(
     batch_size: usize,
     max_length: usize,
     step: usize,
+    mut cache: Option<&mut RefCache>,
 ) -> Result<Option<BTreeMap<String, f64>>> {
     let min_batch = if head.needs_kl() { 2 } else { 1 };
     let mut m = MetricSums::new();
@@ -159,6 +161,7 @@ pub fn evaluate(
             Forward::POLICY_EVAL,
             step as u64,
             false,
+            cache.as_deref_mut(),
         )?;
         m.merge(&out.loss.metrics);
     }
@@ -255,6 +258,37 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(path, kept.as_bytes())
+}
+
+/// The reference log-prob cache of this model and compute setting (None with `off`).
+fn open_reference_cache(
+    cfg: &Config,
+    files: &crate::model::ModelFiles,
+    model: &Llama,
+) -> Result<Option<RefCache>> {
+    let dir = match cfg.train.reference_cache.as_str() {
+        "off" => return Ok(None),
+        "auto" => match std::env::var_os("KTO_TRAIN_CACHE_DIR").filter(|v| !v.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let out = crate::config::normalize_path(&cfg.output.dir);
+                let parent = out.parent().map(Path::to_path_buf).unwrap_or_default();
+                parent.join(".kto-train-cache")
+            }
+        },
+        path => PathBuf::from(path),
+    };
+    let mut inputs: Vec<&Path> = files.weights.iter().map(PathBuf::as_path).collect();
+    inputs.push(&files.config);
+    let compute = format!(
+        "kto-train {} dtype={:?} fused={} device={:?}",
+        env!("CARGO_PKG_VERSION"),
+        model.dtype,
+        model.use_fused_ops,
+        model.device.location()
+    );
+    let key = refcache::network_key(&inputs, &compute)?;
+    Ok(Some(RefCache::open(&dir, key)?))
 }
 
 /// The `[eval]` benchmarks with the trained adapter, as rows of the model card's table.
@@ -463,6 +497,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         checkpoint::save(&ckpt_dir, &ck, tc.keep_checkpoints)
     };
     let eval_bs = tc.eval_batch_size.unwrap_or(tc.batch_size);
+    let mut refcache = open_reference_cache(cfg, &files, &model)?;
     signals::install();
 
     // 5. The loop: one optimizer step per group of grad_accum micro-batches.
@@ -500,6 +535,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 key(pass + 1),
                 step as u64,
                 true,
+                refcache.as_mut(),
             )?;
             st.interval_tokens += batch.n_tokens();
             step_metrics.merge(&out.loss.metrics);
@@ -598,6 +634,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 eval_bs,
                 tc.max_length,
                 st.step,
+                refcache.as_mut(),
             )? {
                 log_line(serde_json::json!({
                     "step": st.step, "epoch": st.epoch as f64 + 1.0, "eval": true, "metrics": m,
@@ -620,6 +657,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             st.elapsed_seconds = run_start.elapsed().as_secs_f64();
             st.loss_state = head.state();
             st.adam_t = opt.t;
+            if let Some(c) = refcache.as_mut() {
+                c.save()?;
+            }
             let ck = save_ck(&st, &opt)?;
             if let Some(s) = sig {
                 progress.finish();
@@ -634,6 +674,18 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         }
     }
     progress.finish();
+
+    if let Some(c) = refcache.as_mut() {
+        c.save()?;
+        if opts.verbose {
+            eprintln!(
+                "reference cache {}: {} hits, {} computed",
+                c.path().display(),
+                c.hits,
+                c.misses
+            );
+        }
+    }
 
     // 6. The adapter, in PEFT's layout.
     save_adapter(&model, &spec, &files.name, &adapter_dir)?;
