@@ -5,45 +5,22 @@ use candle_core::DType;
 use common::*;
 use kto_train::config::LossConfig;
 use kto_train::loss::LossHead;
-use kto_train::model::logprobs::Sequence;
 use kto_train::model::{DropoutKey, Forward, Llama};
-use kto_train::train::batch::MicroBatch;
 use kto_train::train::step::{run_micro_batch, StepResult};
-
-fn batch() -> MicroBatch {
-    let b: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("kto-step/batch.json")).unwrap())
-            .unwrap();
-    let seqs = |k: &str| -> Vec<Sequence> {
-        b[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let ids = |k: &str| -> Vec<u32> {
-                    e[k].as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_u64().unwrap() as u32)
-                        .collect()
-                };
-                let (p, c) = (ids("prompt_ids"), ids("completion_ids"));
-                Sequence {
-                    prompt_len: p.len(),
-                    tokens: p.into_iter().chain(c).collect(),
-                }
-            })
-            .collect()
-    };
-    MicroBatch {
-        seqs: seqs("examples"),
-        kl_seqs: Some(seqs("kl_examples")),
-        labels: vec![true, false, true, false],
-    }
-}
 
 fn run(model: &Llama, fwd: Forward) -> StepResult {
     let mut head = LossHead::new(&LossConfig::default());
-    run_micro_batch(model, &mut head, &batch(), fwd, fwd, 0, true, None).unwrap()
+    run_micro_batch(
+        model,
+        &mut head,
+        &kto_step_batch(None),
+        fwd,
+        fwd,
+        0,
+        true,
+        None,
+    )
+    .unwrap()
 }
 
 fn compare(fwd: Forward) {

@@ -5,49 +5,10 @@ use candle_core::{DType, IndexOp, Tensor};
 use common::*;
 use kto_train::config::LossConfig;
 use kto_train::loss::{LossHead, SequenceLogps};
-use kto_train::model::logprobs::{completion_logps, Sequence};
+use kto_train::model::logprobs::completion_logps;
 use kto_train::model::{Forward, Llama};
 use kto_train::train::batch::MicroBatch;
 use kto_train::train::step::{reference_logps, run_micro_batch};
-
-fn batch() -> MicroBatch {
-    let b: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("kto-step/batch.json")).unwrap())
-            .unwrap();
-    let seqs = |k: &str| -> Vec<Sequence> {
-        b[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let ids = |k: &str| -> Vec<u32> {
-                    e[k].as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_u64().unwrap() as u32)
-                        .collect()
-                };
-                let (p, c) = (ids("prompt_ids"), ids("completion_ids"));
-                // Shorter sequences keep the check fast; the math is the same.
-                let p = p[p.len().saturating_sub(24)..].to_vec();
-                let c = c[..c.len().min(16)].to_vec();
-                Sequence {
-                    prompt_len: p.len(),
-                    tokens: p.into_iter().chain(c).collect(),
-                }
-            })
-            .collect()
-    };
-    MicroBatch {
-        seqs: seqs("examples"),
-        kl_seqs: Some(seqs("kl_examples")),
-        labels: b["labels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_bool().unwrap())
-            .collect(),
-    }
-}
 
 /// Loss as a function of the current LoRA weights, z held at its value from `fixed` (TRL detaches z).
 fn loss_at(model: &Llama, head: &LossHead, batch: &MicroBatch, fixed: &SequenceLogps) -> f64 {
@@ -60,7 +21,7 @@ fn loss_at(model: &Llama, head: &LossHead, batch: &MicroBatch, fixed: &SequenceL
 pub fn check_gradients(loss_toml: &str) {
     let model = tiny_with_peft(DType::F64);
     let cfg: LossConfig = toml::from_str(loss_toml).unwrap();
-    let batch = batch();
+    let batch = kto_step_batch(Some((24, 16)));
     let mut head = LossHead::new(&cfg);
     let out = run_micro_batch(
         &model,

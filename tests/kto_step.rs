@@ -4,32 +4,9 @@ use candle_core::DType;
 use common::*;
 use kto_train::config::LossConfig;
 use kto_train::loss::{finalize_metrics, LossHead};
-use kto_train::model::logprobs::Sequence;
 use kto_train::model::Forward;
-use kto_train::train::batch::MicroBatch;
 use kto_train::train::step::run_micro_batch;
 use serde_json::Value;
-
-fn seqs(v: &Value) -> Vec<Sequence> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let ids = |k: &str| -> Vec<u32> {
-                e[k].as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-                    .collect()
-            };
-            let (p, c) = (ids("prompt_ids"), ids("completion_ids"));
-            Sequence {
-                prompt_len: p.len(),
-                tokens: p.into_iter().chain(c).collect(),
-            }
-        })
-        .collect()
-}
 
 fn f64s(v: &Value) -> Vec<f64> {
     v.as_array()
@@ -51,21 +28,10 @@ fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
 
 #[test]
 fn trl_kto_step_is_reproduced() {
-    let b: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("kto-step/batch.json")).unwrap())
-            .unwrap();
+    let b: Value = kto_step_json();
     let cfg = &b["trl_config"];
     let model = tiny_with_peft(DType::F32);
-    let batch = MicroBatch {
-        seqs: seqs(&b["examples"]),
-        kl_seqs: Some(seqs(&b["kl_examples"])),
-        labels: b["labels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_bool().unwrap())
-            .collect(),
-    };
+    let batch = kto_step_batch(None);
     let loss_cfg: LossConfig = toml::from_str(&format!(
         "loss_type = \"{}\"\nbeta = {}\ndesirable_weight = {}\nundesirable_weight = {}",
         cfg["loss_type"].as_str().unwrap(),

@@ -65,3 +65,49 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap();
     (d / n).sqrt()
 }
+
+/// fixtures/kto-step/batch.json as parsed JSON.
+pub fn kto_step_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("kto-step/batch.json")).unwrap()).unwrap()
+}
+
+/// The TRL step's micro-batch (exact token ids). With `trim = Some((p, c))` each prompt keeps its
+/// last `p` tokens and each completion its first `c` (shorter sequences for f64 checks).
+pub fn kto_step_batch(trim: Option<(usize, usize)>) -> kto_train::train::batch::MicroBatch {
+    use kto_train::model::logprobs::Sequence;
+    let b = kto_step_json();
+    let seqs = |k: &str| -> Vec<Sequence> {
+        b[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let ids = |k: &str| -> Vec<u32> {
+                    e[k].as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_u64().unwrap() as u32)
+                        .collect()
+                };
+                let (mut p, mut c) = (ids("prompt_ids"), ids("completion_ids"));
+                if let Some((tp, tc)) = trim {
+                    p = p[p.len().saturating_sub(tp)..].to_vec();
+                    c.truncate(tc);
+                }
+                Sequence {
+                    prompt_len: p.len(),
+                    tokens: p.into_iter().chain(c).collect(),
+                }
+            })
+            .collect()
+    };
+    kto_train::train::batch::MicroBatch {
+        seqs: seqs("examples"),
+        kl_seqs: Some(seqs("kl_examples")),
+        labels: b["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_bool().unwrap())
+            .collect(),
+    }
+}
