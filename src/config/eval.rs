@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 /// `[eval]`: benchmarks scored with the trained adapter at the end of a run (their table goes
 /// into eval_results.json and the model card).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     #[serde(default)]
@@ -16,6 +16,15 @@ pub struct EvalConfig {
 
 fn d_bs() -> usize {
     8
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            benchmarks: Vec::new(),
+            batch_size: d_bs(),
+        }
+    }
 }
 
 /// One `[[eval.benchmarks]]` table, as `kto-train eval` takes it.
