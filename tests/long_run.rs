@@ -39,11 +39,13 @@ fn adapter(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
 }
 
+/// Every complete line of metrics.jsonl (read while the run may be writing the next one).
 fn train_lines(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
-        .map(|l| serde_json::from_str(l).expect("every metrics line parses"))
+        .map(|l| serde_json::from_str(l).expect("every complete metrics line parses"))
         .collect()
 }
 

@@ -482,8 +482,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let mut metrics_file = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)?;
+    // One write per line, so a reader never sees a line cut in the middle (only, at worst, a
+    // last line still being written).
     let mut log_line = |v: serde_json::Value| -> Result<()> {
-        writeln!(metrics_file, "{v}")?;
+        metrics_file.write_all(format!("{v}\n").as_bytes())?;
         metrics_file.flush()?;
         Ok(())
     };
