@@ -36,6 +36,7 @@ for s in a b c d; do
       --set loss.loss_type=enhanced_kto --set train.seed="$seed" --set train.max_steps="$STEPS" \
       --set train.lr="$LR" --set train.eval_every=0 --set train.save_every=0 \
       --set train.max_consecutive_nonfinite=1000000 --set output.dir="$PWD/$dir" \
+      --set "eval.benchmarks=[]" --set train.reference_cache=off \
       ${SETTINGS[$s]} >/dev/null 2>"$dir.log" || echo "exit $?" >>"$dir.log"
   done
 done
