@@ -5,11 +5,12 @@
 //!     cargo bench --bench gemm [--features fast-gemm] -- [--m 1024] [--reps 5] [--json]
 //!
 //! Forward: `x[m, k] @ w[n, k]^T`; backward: `grad[m, n] @ w[n, k]`. (n, k) are the q/o, k/v,
-//! gate/up, down projections and the tied lm_head. Backends run interleaved, shape by shape, so
+//! gate/up, down projections and the tied lm_head. Then the products of two activations
+//! (`ops::matmul`): attention (n x k = keys x head dim, or head dim x keys) and LoRA r 16. Backends run interleaved, shape by shape, so
 //! that the machine's drift hits them alike; the table reports the median of `--reps` runs.
 use candle_core::{Device, Tensor};
 use kto_train::model::gemm::{self, GemmMode};
-use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with};
+use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with, matmul_with};
 use std::time::Instant;
 
 fn arg(name: &str, default: usize) -> usize {
@@ -84,6 +85,48 @@ fn main() -> anyhow::Result<()> {
             rows.push((dir, name, n, k, gflops));
         }
         gemm::clear_bf16_cache();
+    }
+    // Products of two activations (ops::matmul): attention at T = m / 2 per sequence with batch
+    // 2 (q @ k^T with k^T a view, P @ v), and LoRA r 16 (x @ A^T, h @ B^T, views of A and B).
+    let t = m / 2;
+    let acts: [(&str, Vec<usize>, Vec<usize>, bool); 5] = [
+        ("attn q@k^T", vec![2, 5, 3 * t, 64], vec![2, 5, t, 64], true),
+        ("attn P@v", vec![2, 5, 3 * t, t], vec![2, 5, t, 64], false),
+        ("lora x@A^T", vec![m, 960], vec![16, 960], true),
+        ("lora h@B^T", vec![m, 16], vec![960, 16], true),
+        ("lora h@B^T up", vec![m, 16], vec![2560, 16], true),
+    ];
+    for (name, da, db, transpose_b) in acts {
+        let a = Tensor::randn(0f32, 1.0, da.as_slice(), &dev)?;
+        let b0 = Tensor::randn(0f32, 1.0, db.as_slice(), &dev)?;
+        let b = if transpose_b { b0.t()? } else { b0 };
+        let (r_, kk, n) = {
+            let ad = a.dims();
+            let bd = b.dims();
+            (
+                ad[..ad.len() - 1].iter().product::<usize>(),
+                ad[ad.len() - 1],
+                bd[bd.len() - 1],
+            )
+        };
+        let flop = 2.0 * r_ as f64 * kk as f64 * n as f64;
+        let run = |mode: GemmMode| -> anyhow::Result<f64> {
+            let t0 = Instant::now();
+            let y = matmul_with(&a, &b, mode)?;
+            let _ = y.dims();
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        for &mode in &modes {
+            run(mode)?;
+        }
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        for _ in 0..reps {
+            for (i, &mode) in modes.iter().enumerate() {
+                times[i].push(run(mode)?);
+            }
+        }
+        let gflops: Vec<f64> = times.into_iter().map(|t| flop / median(t) / 1e9).collect();
+        rows.push(("fwd", name, n, kk, gflops));
     }
     if json {
         for (dir, name, n, k, g) in &rows {

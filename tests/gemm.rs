@@ -19,7 +19,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use kto_train::model::gemm::{self, GemmMode};
-use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with};
+use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with, matmul_with};
 use rand::{Rng, SeedableRng};
 
 const F32_TOL: f64 = 1e-5;
@@ -210,6 +210,10 @@ fn bf16_forward_within_rounding_bound() {
         );
         let fr = frob_rel(&got, &want);
         assert!(fr < BF16_FROB, "{n}x{k}: bf16 Frobenius error {fr:e}");
+        assert!(
+            fr > 1e-4,
+            "{n}x{k}: bf16 equals f32: did candle run instead?"
+        );
         // Exactly the product of the rounded operands, summed in f32.
         let exact = round_tensor(&x)
             .to_dtype(DType::F64)
@@ -312,6 +316,10 @@ fn backward_through_candle_backprop() {
             if mode == GemmMode::Bf16 {
                 let fr = frob_rel(&dx, &direct);
                 assert!(fr < BF16_FROB, "bf16 {n}x{k}: dx Frobenius error {fr:e}");
+                assert!(
+                    fr > 1e-4,
+                    "bf16 {n}x{k}: dx equals f32: did candle run instead?"
+                );
             }
             // The public input-gradient entry point is the same computation.
             let dx2 = frozen_linear_input_grad(&g, &w, mode).unwrap();
@@ -377,4 +385,131 @@ fn tiny_model_logits_in_each_mode() {
     let fr = frob_rel(&b16, &want);
     assert!(fr < 2e-2, "bf16 logits Frobenius error {fr:e}");
     println!("tiny model: f32 max |dlogit| {d:.2e}, bf16 Frobenius error {fr:.2e}");
+}
+
+/// max over elements of |got - want| / (|a| @ |b|), batched, in f64.
+fn batched_scaled_err(got: &Tensor, want: &Tensor, a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().abs().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().abs().unwrap();
+    let scale = a
+        .contiguous()
+        .unwrap()
+        .matmul(&b.contiguous().unwrap())
+        .unwrap();
+    max_scaled_err(got, want, &scale)
+}
+
+#[test]
+fn general_matmul_forward_and_both_gradients() {
+    let fast = fast_or_note("general matmul");
+    let mut r = rng(8);
+    // Attention as the model computes it: q [b, kv heads, rep*t, hd] @ k^T (a transposed view),
+    // then P [b, kv, rep*t, t] @ v [b, kv, t, hd]; and LoRA's skinny products.
+    let q = rand_tensor(&mut r, &[2, 5, 3 * 37, 64], 1.0);
+    let k = rand_tensor(&mut r, &[2, 5, 37, 64], 1.0);
+    let p = rand_tensor(&mut r, &[2, 5, 3 * 37, 37], 1.0);
+    let v = rand_tensor(&mut r, &[2, 5, 37, 64], 1.0);
+    let x = rand_tensor(&mut r, &[77, 960], 1.0);
+    let la = rand_tensor(&mut r, &[16, 960], 0.03);
+    let h = rand_tensor(&mut r, &[77, 16], 1.0);
+    let lb = rand_tensor(&mut r, &[960, 16], 0.03);
+    let kt = k.t().unwrap();
+    let lat = la.t().unwrap();
+    let lbt = lb.t().unwrap();
+    let cases: [(&str, &Tensor, &Tensor); 4] = [
+        ("q @ k^T", &q, &kt),
+        ("P @ v", &p, &v),
+        ("x @ A^T", &x, &lat),
+        ("h @ B^T", &h, &lbt),
+    ];
+    for (name, a, b) in cases {
+        let want = a.matmul(b).unwrap();
+        let got = matmul_with(a, b, GemmMode::Candle).unwrap();
+        assert_eq!(f64v(&got), f64v(&want), "{name}: candle mode");
+        if !fast {
+            continue;
+        }
+        // Gradients of sum(y * g) through candle's backprop, against candle's matmul backward.
+        let g = rand_tensor(&mut r, want.dims(), 1.0);
+        let grads = |mode: Option<GemmMode>| {
+            let av = Var::from_tensor(&a.contiguous().unwrap()).unwrap();
+            let bv = Var::from_tensor(&b.contiguous().unwrap()).unwrap();
+            // Keep b's transposed layout when it had one: that is the path the model takes.
+            let bt = if b.is_contiguous() {
+                bv.as_tensor().clone()
+            } else {
+                bv.as_tensor()
+                    .t()
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .t()
+                    .unwrap()
+            };
+            let y = match mode {
+                Some(m) => matmul_with(av.as_tensor(), &bt, m).unwrap(),
+                None => av.as_tensor().matmul(&bt).unwrap(),
+            };
+            let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (
+                y,
+                gs.get(av.as_tensor()).unwrap().clone(),
+                gs.get(bv.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (y0, da0, db0) = grads(None);
+        for mode in [GemmMode::F32, GemmMode::Bf16] {
+            let tol = if mode == GemmMode::Bf16 {
+                BF16_WORST + F32_TOL
+            } else {
+                F32_TOL
+            };
+            let (y, da, db) = grads(Some(mode));
+            let e = batched_scaled_err(&y, &y0, a, b);
+            assert!(e < tol, "{name} {mode}: forward {e:e}");
+            let e = batched_scaled_err(&da, &da0, &g, &b.t().unwrap());
+            assert!(e < tol, "{name} {mode}: da {e:e}");
+            let e = batched_scaled_err(&db, &db0, &a.t().unwrap(), &g);
+            assert!(e < tol, "{name} {mode}: db {e:e}");
+            if mode == GemmMode::Bf16 {
+                for (what, got, want) in [("y", &y, &y0), ("da", &da, &da0), ("db", &db, &db0)] {
+                    let fr = frob_rel(got, want);
+                    assert!(fr < BF16_FROB, "{name}: bf16 {what} Frobenius {fr:e}");
+                    // Rounding leaves a trace: a zero difference would mean candle ran instead.
+                    assert!(fr > 1e-4, "{name}: bf16 {what} equals f32 ({fr:e})");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_weights_are_used_as_they_are() {
+    // Frozen weights may be held in bf16 (half the memory); activations stay f32.
+    let mut r = rng(9);
+    let x = rand_tensor(&mut r, &[M, 320], 1.0);
+    let w32 = round_tensor(&rand_tensor(&mut r, &[96, 320], 0.05));
+    let w16 = w32.to_dtype(DType::BF16).unwrap();
+    let g = rand_tensor(&mut r, &[M, 96], 1.0);
+    // Every mode accepts them; outside bf16 mode they are widened: exactly the f32 result.
+    for mode in [GemmMode::Candle, GemmMode::F32, GemmMode::Bf16] {
+        let (y16, dx16, w_grad) = backprop(&x, &w16, &g, mode);
+        assert!(!w_grad);
+        assert_eq!(y16.dtype(), DType::F32);
+        let (y32, dx32, _) = backprop(&x, &w32, &g, mode);
+        // Same operands either way (w32 holds bf16 values): the same computation.
+        assert_eq!(f64v(&y16), f64v(&y32), "{mode}: forward");
+        assert_eq!(f64v(&dx16), f64v(&dx32), "{mode}: input gradient");
+    }
+    if !fast_or_note("bf16 weights") {
+        return;
+    }
+    // A bf16 weight given as a transposed (column-major) view is read in place, same result.
+    let view = w16.t().unwrap().contiguous().unwrap().t().unwrap();
+    let (yv, dxv, _) = backprop(&x, &view, &g, GemmMode::Bf16);
+    let (y16, dx16, _) = backprop(&x, &w16, &g, GemmMode::Bf16);
+    let scale = abs_scale(&x, &w32);
+    assert!(max_scaled_err(&yv, &y16, &scale) < F32_TOL);
+    let scale = abs_scale(&g, &w32.t().unwrap());
+    assert!(max_scaled_err(&dxv, &dx16, &scale) < F32_TOL);
 }

@@ -89,33 +89,52 @@ fn bf16_operand(data: &[f32], l: &Layout) -> Option<(Vec<bf16>, bool, usize)> {
     Some((out, trans, sc))
 }
 
-/// `op(a)[m, k] @ op(b)[k, n]` with the fast library, where `b` is the frozen weight (stored
-/// [n, k] when `b_is_wt`, i.e. the product is `a @ w^T`; else the product is `a @ w`).
-/// `Ok(None)` means the layouts are not BLAS-readable: the caller uses candle.
+/// `op(a)[m, k] @ op(b)[k, n]` with the fast library, where `b` is the frozen weight `w` (stored
+/// [n, k] when `b_is_wt`, i.e. the product is `a @ w^T`; else the product is `a @ w`). `w` is
+/// f32 (read as is in `F32` mode; its cached bf16 copy `w16` in `Bf16` mode) or already bf16.
+/// `Ok(None)` means the fast path does not apply (layouts, dtypes): the caller uses candle.
 #[allow(clippy::too_many_arguments)]
 fn fast_product(
     mode: GemmMode,
     w16: Option<&Bf16Matrix>,
     a: &[f32],
     la: &Layout,
-    w: &[f32],
+    w: &CpuStorage,
     lw: &Layout,
     b_is_wt: bool,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Option<Vec<f32>>> {
     let mut out = vec![0f32; m * n];
-    match mode {
-        GemmMode::Candle => return Ok(None),
-        GemmMode::F32 => {
+    match (mode, w) {
+        (GemmMode::F32, CpuStorage::F32(w)) => {
             let (Some(pa), Some(pb)) = (f32_operand(a, la, false), f32_operand(w, lw, b_is_wt))
             else {
                 return Ok(None);
             };
             gemm::sgemm(m, n, k, pa, pb, &mut out)?;
         }
-        GemmMode::Bf16 => {
-            let Some(w16) = w16 else {
-                return Ok(None);
+        (GemmMode::Bf16, CpuStorage::F32(_) | CpuStorage::BF16(_)) => {
+            let pb = match (w, w16) {
+                // The cached copy is dense row-major [n_w, k_w] whatever `w`'s layout was.
+                (CpuStorage::F32(_), Some(w16)) => MatRef {
+                    data: &w16.data[..],
+                    trans: b_is_wt,
+                    ld: w16.cols,
+                },
+                (CpuStorage::BF16(w), _) => {
+                    let Some((off, trans, ld)) = blas_view(lw) else {
+                        return Ok(None);
+                    };
+                    let Some(data) = w.get(off..) else {
+                        return Ok(None);
+                    };
+                    MatRef {
+                        data,
+                        trans: trans ^ b_is_wt,
+                        ld,
+                    }
+                }
+                _ => return Ok(None),
             };
             let Some((a16, a_trans, a_ld)) = bf16_operand(a, la) else {
                 return Ok(None);
@@ -125,16 +144,23 @@ fn fast_product(
                 trans: a_trans,
                 ld: a_ld,
             };
-            // The cached copy is dense row-major [n_w, k_w] whatever `w`'s layout was.
-            let pb = MatRef {
-                data: &w16.data,
-                trans: b_is_wt,
-                ld: w16.cols,
-            };
             gemm::gemm_bf16(m, n, k, pa, pb, &mut out)?;
         }
+        _ => return Ok(None),
     }
     Ok(Some(out))
+}
+
+/// The weight in the activation's dtype for candle's matmul (a bf16 weight whose layout the
+/// fast path could not read is widened here, dense).
+fn widened(s1: &CpuStorage, s2: &CpuStorage, l2: &Layout) -> Result<Option<(CpuStorage, Layout)>> {
+    if s1.dtype() == s2.dtype() {
+        return Ok(None);
+    }
+    Ok(Some((
+        s2.to_dtype(l2, s1.dtype())?,
+        Layout::contiguous(l2.shape()),
+    )))
 }
 
 fn f32_slice(s: &CpuStorage) -> Option<&[f32]> {
@@ -157,13 +183,13 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, n, k) = dims(l1, l2)?;
-        if let (Some(x), Some(w)) = (f32_slice(s1), f32_slice(s2)) {
+        if let Some(x) = f32_slice(s1) {
             if let Some(out) = fast_product(
                 self.mode,
                 self.w16.as_deref(),
                 x,
                 l1,
-                w,
+                s2,
                 l2,
                 true,
                 (m, n, k),
@@ -171,6 +197,8 @@ impl CustomOp2 for FrozenMatmul {
                 return Ok((CpuStorage::F32(out), Shape::from((m, n))));
             }
         }
+        let w = widened(s1, s2, l2)?;
+        let (s2, l2) = w.as_ref().map_or((s2, l2), |(s, l)| (s, l));
         let out = s1.matmul(s2, (1, m, n, k), l1, &transposed_rhs(l2)?)?;
         Ok((out, Shape::from((m, n))))
     }
@@ -217,13 +245,13 @@ impl CustomOp2 for FrozenMatmulBwd {
         if n != n2 {
             candle_core::bail!("frozen matmul backward: {m}x{n} @ {n2}x{k}");
         }
-        if let (Some(g), Some(w)) = (f32_slice(s1), f32_slice(s2)) {
+        if let Some(g) = f32_slice(s1) {
             if let Some(out) = fast_product(
                 self.mode,
                 self.w16.as_deref(),
                 g,
                 l1,
-                w,
+                s2,
                 l2,
                 false,
                 (m, k, n),
@@ -231,6 +259,8 @@ impl CustomOp2 for FrozenMatmulBwd {
                 return Ok((CpuStorage::F32(out), Shape::from((m, k))));
             }
         }
+        let w = widened(s1, s2, l2)?;
+        let (s2, l2) = w.as_ref().map_or((s2, l2), |(s, l)| (s, l));
         let out = s1.matmul(s2, (1, m, k, n), l1, l2)?;
         Ok((out, Shape::from((m, k))))
     }
@@ -243,6 +273,9 @@ fn input_grad(
     w16: Option<Arc<Bf16Matrix>>,
 ) -> Result<Tensor> {
     if mode == GemmMode::Candle || !grad.device().is_cpu() {
+        if w.dtype() != grad.dtype() {
+            return grad.matmul(&w.to_dtype(grad.dtype())?);
+        }
         grad.matmul(w)
     } else {
         grad.apply_op2_no_bwd(w, &FrozenMatmulBwd { mode, w16 })
@@ -252,18 +285,31 @@ fn input_grad(
 /// `grad[m, n] @ w[n, k]`, the input gradient [`frozen_linear_with`]'s backward computes in
 /// `mode` (exposed for benchmarks and tests).
 pub fn frozen_linear_input_grad(grad: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
-    let usable = grad.device().is_cpu() && grad.dtype() == DType::F32 && w.dtype() == DType::F32;
+    let (mode, w16, w) = resolve(grad, w, mode)?;
+    input_grad(grad, &w, mode, w16)
+}
+
+/// The mode that runs for activation `x` and frozen weight `w`, the bf16 copy it needs, and the
+/// weight to use: `w` itself, or widened to `x`'s dtype when only candle can take it.
+fn resolve(
+    x: &Tensor,
+    w: &Tensor,
+    mode: GemmMode,
+) -> Result<(GemmMode, Option<Arc<Bf16Matrix>>, Tensor)> {
+    let w_ok = matches!(w.dtype(), DType::F32 | DType::BF16);
+    let usable = x.device().is_cpu() && x.dtype() == DType::F32 && w_ok;
     let mode = if usable {
         gemm::effective_mode(mode)
     } else {
         GemmMode::Candle
     };
-    let w16 = if mode == GemmMode::Bf16 {
-        Some(gemm::bf16_weight(w)?)
-    } else {
-        None
-    };
-    input_grad(grad, w, mode, w16)
+    match (mode, w.dtype()) {
+        (GemmMode::Bf16, DType::F32) => Ok((mode, Some(gemm::bf16_weight(w)?), w.clone())),
+        (GemmMode::Bf16, DType::BF16) => Ok((mode, None, w.clone())),
+        (_, dt) if dt == x.dtype() => Ok((mode, None, w.clone())),
+        // A bf16 weight outside bf16 mode: widened at each call (correct, not fast).
+        _ => Ok((mode, None, w.to_dtype(x.dtype())?)),
+    }
 }
 
 /// `x @ w^T` over the last dim of `x` (any leading dims), no gradient for `w`, in the
@@ -273,25 +319,232 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// [`frozen_linear`] in an explicit mode. Falls back to candle's GEMM when the mode is not
-/// available (no library loaded, non-CPU device, non-f32 dtype).
+/// available (no library loaded, non-CPU device, non-f32 activations).
+///
+/// `w` may also be a bf16 tensor with f32 `x`: in `Bf16` mode it is used as is (no f32 copy of
+/// the frozen weights needs to exist, halving their memory); in the other modes it is widened
+/// to f32 at each call.
 pub fn frozen_linear_with(x: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().expect("non-scalar input");
     let m: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((m, k))?;
-    let usable = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    let (mode, w16, w) = resolve(x, w, mode)?;
+    let y = x2.apply_op2(&w, FrozenMatmul { mode, w16 })?;
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(w.dim(0)?);
+    y.reshape(out_dims)
+}
+
+/// `a @ b` over the last two dims (equal leading batch dims, as candle's `matmul`), with both
+/// operands' gradients: for products of two activations (attention's q @ k^T and P @ v) and for
+/// LoRA's small products, where candle's GEMM is the slow part too. In `Bf16` mode both operands
+/// are rounded at each call (nothing is cached: they change every step).
+struct FastMatmul {
+    mode: GemmMode,
+}
+
+/// Offsets of each batch matrix in storage, for any strides of the leading dims.
+fn batch_offsets(l: &Layout) -> Vec<usize> {
+    let dims = l.dims();
+    let strides = l.stride();
+    let nb = dims.len() - 2;
+    let mut offs = vec![l.start_offset()];
+    // Outermost dim first, so that the innermost varies fastest (row-major batch order).
+    for d in 0..nb {
+        let mut next = Vec::with_capacity(offs.len() * dims[d]);
+        for &o in &offs {
+            for i in 0..dims[d] {
+                next.push(o + i * strides[d]);
+            }
+        }
+        offs = next;
+    }
+    offs
+}
+
+/// The last two dims of `l` as a 2-D layout at offset 0 (for [`blas_view`]).
+fn matrix_layout(l: &Layout) -> Layout {
+    let dims = l.dims();
+    let s = l.stride();
+    let r = dims.len();
+    Layout::new(
+        Shape::from((dims[r - 2], dims[r - 1])),
+        vec![s[r - 2], s[r - 1]],
+        0,
+    )
+}
+
+impl FastMatmul {
+    fn fast(
+        &self,
+        a: &[f32],
+        la: &Layout,
+        b: &[f32],
+        lb: &Layout,
+        (bn, m, n, k): (usize, usize, usize, usize),
+    ) -> Result<Option<Vec<f32>>> {
+        let (ma, mb) = (matrix_layout(la), matrix_layout(lb));
+        let (Some((_, ta, lda)), Some((_, tb, ldb))) = (blas_view(&ma), blas_view(&mb)) else {
+            return Ok(None);
+        };
+        let (oa, ob) = (batch_offsets(la), batch_offsets(lb));
+        let mut out = vec![0f32; bn * m * n];
+        let mut a16 = Vec::new();
+        let mut b16 = Vec::new();
+        for ((&oa, &ob), c) in oa.iter().zip(&ob).zip(out.chunks_mut(m * n)) {
+            let (ra, ca) = if ta { (k, m) } else { (m, k) };
+            let (rb, cb) = if tb { (n, k) } else { (k, n) };
+            let span = |rows: usize, cols: usize, ld: usize| {
+                if rows == 0 {
+                    0
+                } else {
+                    (rows - 1) * ld + cols
+                }
+            };
+            let sa = a.get(oa..oa + span(ra, ca, lda));
+            let sb = b.get(ob..ob + span(rb, cb, ldb));
+            let (Some(sa), Some(sb)) = (sa, sb) else {
+                return Ok(None);
+            };
+            match self.mode {
+                GemmMode::Candle => return Ok(None),
+                GemmMode::F32 => {
+                    let pa = MatRef {
+                        data: sa,
+                        trans: ta,
+                        ld: lda,
+                    };
+                    let pb = MatRef {
+                        data: sb,
+                        trans: tb,
+                        ld: ldb,
+                    };
+                    gemm::sgemm(m, n, k, pa, pb, c)?;
+                }
+                GemmMode::Bf16 => {
+                    // Rounded densely (leading dim = stored cols), orientation kept.
+                    round_dense(sa, ra, ca, lda, &mut a16);
+                    round_dense(sb, rb, cb, ldb, &mut b16);
+                    let pa = MatRef {
+                        data: &a16,
+                        trans: ta,
+                        ld: ca.max(1),
+                    };
+                    let pb = MatRef {
+                        data: &b16,
+                        trans: tb,
+                        ld: cb.max(1),
+                    };
+                    gemm::gemm_bf16(m, n, k, pa, pb, c)?;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Rounds a stored rows x cols block (leading dim `ld`) into `out`, densely.
+fn round_dense(src: &[f32], rows: usize, cols: usize, ld: usize, out: &mut Vec<bf16>) {
+    out.clear();
+    out.resize(rows * cols, bf16::ZERO);
+    if ld == cols {
+        gemm::f32_to_bf16(&src[..rows * cols], out);
+    } else {
+        for i in 0..rows {
+            gemm::f32_to_bf16(
+                &src[i * ld..i * ld + cols],
+                &mut out[i * cols..(i + 1) * cols],
+            );
+        }
+    }
+}
+
+fn matmul_dims(l1: &Layout, l2: &Layout) -> Result<(Shape, (usize, usize, usize, usize))> {
+    let (a, b) = (l1.dims(), l2.dims());
+    let r = a.len();
+    if r < 2 || b.len() != r || a[..r - 2] != b[..r - 2] || a[r - 1] != b[r - 2] {
+        candle_core::bail!("matmul: shapes {a:?} and {b:?} do not match");
+    }
+    let (m, k, n) = (a[r - 2], a[r - 1], b[r - 1]);
+    let bn: usize = a[..r - 2].iter().product();
+    let mut out = a[..r - 2].to_vec();
+    out.extend([m, n]);
+    Ok((Shape::from(out), (bn, m, n, k)))
+}
+
+impl CustomOp2 for FastMatmul {
+    fn name(&self) -> &'static str {
+        "fast-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (shape, bmnk) = matmul_dims(l1, l2)?;
+        if let (Some(a), Some(b)) = (f32_slice(s1), f32_slice(s2)) {
+            if let Some(out) = self.fast(a, l1, b, l2, bmnk)? {
+                return Ok((CpuStorage::F32(out), shape));
+            }
+        }
+        Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (shape, bmnk) = matmul_dims(l1, l2)?;
+        Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The transposes are views: the op reads them as column-major operands, no copy.
+        let op = FastMatmul { mode: self.mode };
+        let da = grad.apply_op2_no_bwd(&b.t()?, &op)?;
+        let db = a.t()?.apply_op2_no_bwd(grad, &op)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `a @ b` like candle's `matmul` (same leading batch dims, both gradients), with the fast
+/// library's f32 GEMM whenever the process-wide mode is not `Candle`. bf16 is not used here even
+/// in `Bf16` mode: both operands would have to be rounded at every call, and at attention and
+/// LoRA shapes that costs about what it saves (benches/gemm.rs: attention 1.2-1.3x over f32,
+/// P @ v and LoRA slower than f32). [`matmul_with`] takes an explicit mode.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mode = match gemm::gemm_mode() {
+        GemmMode::Candle => GemmMode::Candle,
+        GemmMode::F32 | GemmMode::Bf16 => GemmMode::F32,
+    };
+    matmul_with(a, b, mode)
+}
+
+/// [`matmul`] in an explicit mode; candle's matmul when the mode is unavailable (no library,
+/// non-CPU device, non-f32 dtype).
+pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
+    let usable = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
     let mode = if usable {
         gemm::effective_mode(mode)
     } else {
         GemmMode::Candle
     };
-    let w16 = if mode == GemmMode::Bf16 {
-        Some(gemm::bf16_weight(w)?)
-    } else {
-        None
-    };
-    let y = x2.apply_op2(w, FrozenMatmul { mode, w16 })?;
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(w.dim(0)?);
-    y.reshape(out_dims)
+    if mode == GemmMode::Candle {
+        return a.matmul(b);
+    }
+    a.apply_op2(b, FastMatmul { mode })
 }
