@@ -72,21 +72,50 @@ fn f32_operand<'a>(data: &'a [f32], l: &Layout, flip: bool) -> Option<MatRef<'a,
     })
 }
 
-/// The activation side of a bf16 product, rounded now into a dense copy (same orientation).
-fn bf16_operand(data: &[f32], l: &Layout) -> Option<(Vec<bf16>, bool, usize)> {
+thread_local! {
+    /// The rounded activation of the last bf16 product on this thread, kept for the next one:
+    /// a fresh buffer per product would be zeroed (or page-faulted in) every time.
+    static SCRATCH: std::cell::Cell<Vec<bf16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A buffer of at least `len` elements (contents arbitrary); give it back with [`put_scratch`].
+fn take_scratch(len: usize) -> Vec<bf16> {
+    let mut v = SCRATCH.with(|s| s.take());
+    if v.len() < len {
+        v.resize(len, bf16::ZERO);
+    }
+    v
+}
+
+fn put_scratch(v: Vec<bf16>) {
+    SCRATCH.with(|s| s.set(v));
+}
+
+/// Rounds a stored rows x cols block (leading dim `ld`) into `out[..rows * cols]`, densely.
+fn round_dense(src: &[f32], rows: usize, cols: usize, ld: usize, out: &mut [bf16]) -> Option<()> {
+    let out = &mut out[..rows * cols];
+    if ld == cols {
+        gemm::f32_to_bf16(src.get(..rows * cols)?, out);
+    } else {
+        for i in 0..rows {
+            let row = src.get(i * ld..i * ld + cols)?;
+            gemm::f32_to_bf16(row, &mut out[i * cols..(i + 1) * cols]);
+        }
+    }
+    Some(())
+}
+
+/// The activation side of a bf16 product, rounded now into `buf` densely (same orientation):
+/// (stored transposed, leading dimension, elements used).
+fn bf16_operand(data: &[f32], l: &Layout, buf: &mut Vec<bf16>) -> Option<(bool, usize, usize)> {
     let (off, trans, ld) = blas_view(l)?;
     let (r, c) = l.shape().dims2().ok()?;
     let (sr, sc) = if trans { (c, r) } else { (r, c) };
-    let mut out = vec![bf16::ZERO; sr * sc];
-    if ld == sc {
-        gemm::f32_to_bf16(data.get(off..off + sr * sc)?, &mut out);
-    } else {
-        for i in 0..sr {
-            let row = data.get(off + i * ld..off + i * ld + sc)?;
-            gemm::f32_to_bf16(row, &mut out[i * sc..(i + 1) * sc]);
-        }
+    if buf.len() < sr * sc {
+        buf.resize(sr * sc, bf16::ZERO);
     }
-    Some((out, trans, sc))
+    round_dense(data.get(off..)?, sr, sc, ld, buf)?;
+    Some((trans, sc.max(1), sr * sc))
 }
 
 /// `op(a)[m, k] @ op(b)[k, n]` with the fast library, where `b` is the frozen weight `w` (stored
@@ -104,14 +133,13 @@ fn fast_product(
     b_is_wt: bool,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Option<Vec<f32>>> {
-    let mut out = vec![0f32; m * n];
-    match (mode, w) {
+    let out = match (mode, w) {
         (GemmMode::F32, CpuStorage::F32(w)) => {
             let (Some(pa), Some(pb)) = (f32_operand(a, la, false), f32_operand(w, lw, b_is_wt))
             else {
                 return Ok(None);
             };
-            gemm::sgemm(m, n, k, pa, pb, &mut out)?;
+            gemm::sgemm_new(m, n, k, pa, pb)?
         }
         (GemmMode::Bf16, CpuStorage::F32(_) | CpuStorage::BF16(_)) => {
             let pb = match (w, w16) {
@@ -136,18 +164,22 @@ fn fast_product(
                 }
                 _ => return Ok(None),
             };
-            let Some((a16, a_trans, a_ld)) = bf16_operand(a, la) else {
+            let mut a16 = take_scratch(0);
+            let Some((a_trans, a_ld, used)) = bf16_operand(a, la, &mut a16) else {
+                put_scratch(a16);
                 return Ok(None);
             };
             let pa = MatRef {
-                data: &a16,
+                data: &a16[..used],
                 trans: a_trans,
                 ld: a_ld,
             };
-            gemm::gemm_bf16(m, n, k, pa, pb, &mut out)?;
+            let out = gemm::gemm_bf16_new(m, n, k, pa, pb);
+            put_scratch(a16);
+            out?
         }
         _ => return Ok(None),
-    }
+    };
     Ok(Some(out))
 }
 
@@ -424,15 +456,20 @@ impl FastMatmul {
                 }
                 GemmMode::Bf16 => {
                     // Rounded densely (leading dim = stored cols), orientation kept.
-                    round_dense(sa, ra, ca, lda, &mut a16);
-                    round_dense(sb, rb, cb, ldb, &mut b16);
+                    a16.resize(a16.len().max(ra * ca), bf16::ZERO);
+                    b16.resize(b16.len().max(rb * cb), bf16::ZERO);
+                    if round_dense(sa, ra, ca, lda, &mut a16).is_none()
+                        || round_dense(sb, rb, cb, ldb, &mut b16).is_none()
+                    {
+                        return Ok(None);
+                    }
                     let pa = MatRef {
-                        data: &a16,
+                        data: &a16[..ra * ca],
                         trans: ta,
                         ld: ca.max(1),
                     };
                     let pb = MatRef {
-                        data: &b16,
+                        data: &b16[..rb * cb],
                         trans: tb,
                         ld: cb.max(1),
                     };
@@ -441,22 +478,6 @@ impl FastMatmul {
             }
         }
         Ok(Some(out))
-    }
-}
-
-/// Rounds a stored rows x cols block (leading dim `ld`) into `out`, densely.
-fn round_dense(src: &[f32], rows: usize, cols: usize, ld: usize, out: &mut Vec<bf16>) {
-    out.clear();
-    out.resize(rows * cols, bf16::ZERO);
-    if ld == cols {
-        gemm::f32_to_bf16(&src[..rows * cols], out);
-    } else {
-        for i in 0..rows {
-            gemm::f32_to_bf16(
-                &src[i * ld..i * ld + cols],
-                &mut out[i * cols..(i + 1) * cols],
-            );
-        }
     }
 }
 

@@ -130,9 +130,10 @@ impl Backend {
         k: usize,
         a: MatRef<'_, f32>,
         b: MatRef<'_, f32>,
-        c: &mut [f32],
+        c: *mut f32,
     ) -> Result<()> {
-        // SAFETY: the operand sizes were checked against (m, n, k, ld) by the caller.
+        // SAFETY: the operand sizes were checked against (m, n, k, ld) by the caller, and `c`
+        // has room for m * n values.
         unsafe {
             match self.kind {
                 Kind::Dnnl { sgemm, .. } => {
@@ -148,7 +149,7 @@ impl Backend {
                         b.data.as_ptr(),
                         b.ld as i64,
                         0.0,
-                        c.as_mut_ptr(),
+                        c,
                         n as i64,
                     );
                     dnnl_status("dnnl_sgemm", st)
@@ -167,7 +168,7 @@ impl Backend {
                         b.data.as_ptr(),
                         lp64(b.ld)?,
                         0.0,
-                        c.as_mut_ptr(),
+                        c,
                         n as c_int,
                     );
                     Ok(())
@@ -183,7 +184,7 @@ impl Backend {
         k: usize,
         a: MatRef<'_, bf16>,
         b: MatRef<'_, bf16>,
-        c: &mut [f32],
+        c: *mut f32,
     ) -> Result<()> {
         // bf16 is a transparent u16 wrapper: the bit layout both libraries expect.
         let pa = a.data.as_ptr() as *const u16;
@@ -204,7 +205,7 @@ impl Backend {
                         pb,
                         b.ld as i64,
                         0.0,
-                        c.as_mut_ptr(),
+                        c,
                         n as i64,
                     );
                     dnnl_status("dnnl_gemm_bf16bf16f32", st)
@@ -223,7 +224,7 @@ impl Backend {
                         pb,
                         lp64(b.ld)?,
                         0.0,
-                        c.as_mut_ptr(),
+                        c,
                         n as c_int,
                     );
                     Ok(())

@@ -12,7 +12,7 @@
 //! Precision is chosen by [`GemmMode`]: `KTO_TRAIN_GEMM=f32|bf16|candle` in the environment, or
 //! [`set_gemm_mode`] from code (which wins over the environment). Without the feature every
 //! mode runs candle's GEMM.
-use candle_core::{bail, Result, Tensor, TensorId};
+use candle_core::{bail, CpuStorage, Result, Tensor, TensorId};
 use half::bf16;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -228,19 +228,83 @@ fn check_dims(m: usize, n: usize, k: usize) -> Result<()> {
     Ok(())
 }
 
-/// `c[m, n] = op(a)[m, k] @ op(b)[k, n]` in f32 with the loaded library (`c` row-major, dense,
-/// overwritten). Errors when no library is loaded.
-pub fn sgemm(
+/// The operand type of a product: f32 (sgemm) or bf16 (bf16 x bf16 -> f32).
+trait Operand: Copy {
+    /// # Safety
+    /// The operands were checked by [`check`]; `c` has room for m * n values.
+    unsafe fn run(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef<'_, Self>,
+        b: MatRef<'_, Self>,
+        c: *mut f32,
+    ) -> Result<()>;
+}
+
+impl Operand for f32 {
+    unsafe fn run(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+        c: *mut f32,
+    ) -> Result<()> {
+        let Some(be) = backend() else {
+            bail!("gemm: no fast GEMM library loaded");
+        };
+        #[cfg(feature = "fast-gemm")]
+        {
+            be.sgemm(m, n, k, a, b, c)
+        }
+        #[cfg(not(feature = "fast-gemm"))]
+        {
+            let _ = (m, n, k, a, b, c);
+            match *be {}
+        }
+    }
+}
+
+impl Operand for bf16 {
+    unsafe fn run(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef<'_, bf16>,
+        b: MatRef<'_, bf16>,
+        c: *mut f32,
+    ) -> Result<()> {
+        let Some(be) = backend() else {
+            bail!("gemm: no fast GEMM library loaded");
+        };
+        #[cfg(feature = "fast-gemm")]
+        {
+            be.gemm_bf16(m, n, k, a, b, c)
+        }
+        #[cfg(not(feature = "fast-gemm"))]
+        {
+            let _ = (m, n, k, a, b, c);
+            match *be {}
+        }
+    }
+}
+
+fn check<T>(m: usize, n: usize, k: usize, a: &MatRef<'_, T>, b: &MatRef<'_, T>) -> Result<()> {
+    check_dims(m, n, k)?;
+    check_operand("a", a, m, k)?;
+    check_operand("b", b, k, n)
+}
+
+fn product_into<T: Operand>(
     m: usize,
     n: usize,
     k: usize,
-    a: MatRef<'_, f32>,
-    b: MatRef<'_, f32>,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
     c: &mut [f32],
 ) -> Result<()> {
-    check_dims(m, n, k)?;
-    check_operand("a", &a, m, k)?;
-    check_operand("b", &b, k, n)?;
+    check(m, n, k, &a, &b)?;
     if c.len() < m * n {
         bail!("gemm: output too small");
     }
@@ -251,15 +315,54 @@ pub fn sgemm(
         c[..m * n].fill(0.0);
         return Ok(());
     }
-    let Some(be) = backend() else {
-        bail!("gemm: no fast GEMM library loaded");
-    };
-    #[cfg(feature = "fast-gemm")]
-    {
-        be.sgemm(m, n, k, a, b, c)
+    // SAFETY: checked above.
+    unsafe { T::run(m, n, k, a, b, c.as_mut_ptr()) }
+}
+
+fn product_new<T: Operand>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+) -> Result<Vec<f32>> {
+    check(m, n, k, &a, &b)?;
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(vec![0.0; m * n]);
     }
-    #[cfg(not(feature = "fast-gemm"))]
-    match *be {}
+    // With beta = 0 BLAS never reads C, so the output need not be zeroed first (a memset of
+    // every output, or a page fault storm for fresh pages, saved).
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: checked above; the capacity is m * n; on success every element was written.
+    unsafe {
+        T::run(m, n, k, a, b, c.spare_capacity_mut().as_mut_ptr().cast())?;
+        c.set_len(m * n);
+    }
+    Ok(c)
+}
+
+/// `c[m, n] = op(a)[m, k] @ op(b)[k, n]` in f32 with the loaded library (`c` row-major, dense,
+/// overwritten). Errors when no library is loaded.
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    c: &mut [f32],
+) -> Result<()> {
+    product_into(m, n, k, a, b, c)
+}
+
+/// [`sgemm`] into a new dense row-major [m, n] vector.
+pub fn sgemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+) -> Result<Vec<f32>> {
+    product_new(m, n, k, a, b)
 }
 
 /// `c[m, n] = op(a) @ op(b)` with bf16 operands, f32 accumulation and f32 output.
@@ -271,28 +374,18 @@ pub fn gemm_bf16(
     b: MatRef<'_, bf16>,
     c: &mut [f32],
 ) -> Result<()> {
-    check_dims(m, n, k)?;
-    check_operand("a", &a, m, k)?;
-    check_operand("b", &b, k, n)?;
-    if c.len() < m * n {
-        bail!("gemm: output too small");
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c[..m * n].fill(0.0);
-        return Ok(());
-    }
-    let Some(be) = backend() else {
-        bail!("gemm: no fast GEMM library loaded");
-    };
-    #[cfg(feature = "fast-gemm")]
-    {
-        be.gemm_bf16(m, n, k, a, b, c)
-    }
-    #[cfg(not(feature = "fast-gemm"))]
-    match *be {}
+    product_into(m, n, k, a, b, c)
+}
+
+/// [`gemm_bf16`] into a new dense row-major [m, n] vector.
+pub fn gemm_bf16_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, bf16>,
+    b: MatRef<'_, bf16>,
+) -> Result<Vec<f32>> {
+    product_new(m, n, k, a, b)
 }
 
 /// Round-to-nearest-even f32 -> bf16 of one value (NaN stays NaN), the rounding torch and the
@@ -360,9 +453,20 @@ pub struct Bf16Matrix {
 impl Bf16Matrix {
     pub fn from_tensor(w: &Tensor) -> Result<Bf16Matrix> {
         let (rows, cols) = w.dims2()?;
+        let mut data = vec![bf16::ZERO; rows * cols];
+        {
+            // Read a contiguous f32 CPU weight in place: a copy of every weight would cost as
+            // much as the rounding (1.4 GB for SmolLM2-360M).
+            let (storage, layout) = w.storage_and_layout();
+            if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                f32_to_bf16(&v[a..b], &mut data);
+                return Ok(Bf16Matrix { data, rows, cols });
+            }
+        }
         let w = w.to_dtype(candle_core::DType::F32)?.contiguous()?;
         let src = w.flatten_all()?.to_vec1::<f32>()?;
-        let mut data = vec![bf16::ZERO; rows * cols];
         f32_to_bf16(&src, &mut data);
         Ok(Bf16Matrix { data, rows, cols })
     }
