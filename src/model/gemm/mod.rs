@@ -1,17 +1,16 @@
 //! Matrix products at the hardware's speed: a runtime-loaded oneDNN or MKL behind the `fast-gemm`
 //! cargo feature, with candle's own GEMM as the fallback.
 //!
-//! candle's CPU GEMM reaches 70-82 GFLOP/s f32 on the 2-core AVX-512 machines this project runs
-//! on; the frozen-weight products of a training step are about 1.8 TFLOP, so they set the step
-//! time. oneDNN and MKL are several times faster (and faster still with bf16 operands), but
-//! linking them would make the build need something outside crates.io. So the library is opened
-//! at run time (`dlopen`), found through `KTO_TRAIN_BLAS` or the usual pip install locations
-//! (see [`loader`](self) docs in `loader.rs`), and everything falls back to candle, with a
-//! one-time notice, when none is found.
+//! The frozen-weight products are most of a training step's FLOPs. On the 2-core AVX-512 (Zen 5)
+//! machines here, at the model's shapes, oneDNN's f32 GEMM runs about 1.9x and its bf16 GEMM
+//! (f32 accumulation) about 3-4x candle's (benches/gemm.rs). Linking either library would make
+//! the build need something outside crates.io, so it is opened at run time (`dlopen`), found
+//! through `KTO_TRAIN_BLAS` or the usual pip install locations (search order in `loader.rs`), and
+//! everything falls back to candle, with a one-time notice, when none is found.
 //!
 //! Precision is chosen by [`GemmMode`]: `KTO_TRAIN_GEMM=f32|bf16|candle` in the environment, or
 //! [`set_gemm_mode`] from code (which wins over the environment). Without the feature every
-//! mode runs candle's GEMM.
+//! mode runs candle's GEMM. `KTO_TRAIN_GEMM_VERBOSE=1` prints which library was loaded.
 use candle_core::{bail, CpuStorage, Result, Tensor, TensorId};
 use half::bf16;
 use std::collections::{HashMap, VecDeque};
