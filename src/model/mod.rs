@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod config;
 pub mod fused;
+pub mod gemm;
 pub mod llama;
 pub mod loading;
 pub mod logprobs;

@@ -1,12 +1,30 @@
 //! Differentiable ops that candle lacks or computes wastefully.
+use super::gemm::{self, Bf16Matrix, GemmMode, MatRef};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+use std::sync::Arc;
 
 /// `x @ w^T` for a frozen weight `w` [n, k] and `x` [m, k].
 ///
 /// candle's matmul backward always computes the gradient of both operands; for a frozen base
 /// weight that is a wasted [n, k] product per layer per step. This op returns only dL/dx.
-struct FrozenMatmul;
+///
+/// Forward and backward run in the op's `mode` (see [`gemm`]): candle's GEMM, or the fast
+/// library in f32 or bf16. The mode is fixed when the op is recorded, so a backward always uses
+/// the forward's precision even if the process-wide mode changes in between.
+struct FrozenMatmul {
+    mode: GemmMode,
+    /// The bf16 copy of `w` (cached across steps), in `Bf16` mode.
+    w16: Option<Arc<Bf16Matrix>>,
+}
+
+/// `grad[m, n] @ w[n, k]`: FrozenMatmul's input gradient, with the fast library. Never
+/// differentiated again (applied without backward).
+struct FrozenMatmulBwd {
+    mode: GemmMode,
+    w16: Option<Arc<Bf16Matrix>>,
+}
 
 fn transposed_rhs(l2: &Layout) -> Result<Layout> {
     l2.transpose(0, 1)
@@ -19,6 +37,169 @@ fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
         candle_core::bail!("frozen matmul: inner dims differ ({m}x{k} @ ({n}x{k2})^T)");
     }
     Ok((m, n, k))
+}
+
+/// How BLAS can read a 2-D layout in place: (offset, stored transposed, leading dimension).
+/// `None` for layouts it cannot (broadcast or gathered strides).
+fn blas_view(l: &Layout) -> Option<(usize, bool, usize)> {
+    let (r, c) = l.shape().dims2().ok()?;
+    let s = l.stride();
+    let off = l.start_offset();
+    // A size-1 dimension's stride is arbitrary; read such a matrix densely.
+    if c <= 1 || s[1] == 1 {
+        let ld = if r <= 1 { c.max(1) } else { s[0] };
+        if ld >= c.max(1) {
+            return Some((off, false, ld));
+        }
+    }
+    if r <= 1 || s[0] == 1 {
+        let ld = if c <= 1 { r.max(1) } else { s[1] };
+        if ld >= r.max(1) {
+            return Some((off, true, ld));
+        }
+    }
+    None
+}
+
+/// `op(a)` [m, k] as a BLAS operand; `flip` transposes the view (for reading `w` [n, k] as
+/// `w^T`).
+fn f32_operand<'a>(data: &'a [f32], l: &Layout, flip: bool) -> Option<MatRef<'a, f32>> {
+    let (off, trans, ld) = blas_view(l)?;
+    Some(MatRef {
+        data: data.get(off..)?,
+        trans: trans ^ flip,
+        ld,
+    })
+}
+
+thread_local! {
+    /// The rounded activation of the last bf16 product on this thread, kept for the next one:
+    /// a fresh buffer per product would be zeroed (or page-faulted in) every time.
+    static SCRATCH: std::cell::Cell<Vec<bf16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A buffer of at least `len` elements (contents arbitrary); give it back with [`put_scratch`].
+fn take_scratch(len: usize) -> Vec<bf16> {
+    let mut v = SCRATCH.with(|s| s.take());
+    if v.len() < len {
+        v.resize(len, bf16::ZERO);
+    }
+    v
+}
+
+fn put_scratch(v: Vec<bf16>) {
+    SCRATCH.with(|s| s.set(v));
+}
+
+/// Rounds a stored rows x cols block (leading dim `ld`) into `out[..rows * cols]`, densely.
+fn round_dense(src: &[f32], rows: usize, cols: usize, ld: usize, out: &mut [bf16]) -> Option<()> {
+    let out = &mut out[..rows * cols];
+    if ld == cols {
+        gemm::f32_to_bf16(src.get(..rows * cols)?, out);
+    } else {
+        for i in 0..rows {
+            let row = src.get(i * ld..i * ld + cols)?;
+            gemm::f32_to_bf16(row, &mut out[i * cols..(i + 1) * cols]);
+        }
+    }
+    Some(())
+}
+
+/// The activation side of a bf16 product, rounded now into `buf` densely (same orientation):
+/// (stored transposed, leading dimension, elements used).
+fn bf16_operand(data: &[f32], l: &Layout, buf: &mut Vec<bf16>) -> Option<(bool, usize, usize)> {
+    let (off, trans, ld) = blas_view(l)?;
+    let (r, c) = l.shape().dims2().ok()?;
+    let (sr, sc) = if trans { (c, r) } else { (r, c) };
+    if buf.len() < sr * sc {
+        buf.resize(sr * sc, bf16::ZERO);
+    }
+    round_dense(data.get(off..)?, sr, sc, ld, buf)?;
+    Some((trans, sc.max(1), sr * sc))
+}
+
+/// `op(a)[m, k] @ op(b)[k, n]` with the fast library, where `b` is the frozen weight `w` (stored
+/// [n, k] when `b_is_wt`, i.e. the product is `a @ w^T`; else the product is `a @ w`). `w` is
+/// f32 (read as is in `F32` mode; its cached bf16 copy `w16` in `Bf16` mode) or already bf16.
+/// `Ok(None)` means the fast path does not apply (layouts, dtypes): the caller uses candle.
+#[allow(clippy::too_many_arguments)]
+fn fast_product(
+    mode: GemmMode,
+    w16: Option<&Bf16Matrix>,
+    a: &[f32],
+    la: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    b_is_wt: bool,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Option<Vec<f32>>> {
+    let out = match (mode, w) {
+        (GemmMode::F32, CpuStorage::F32(w)) => {
+            let (Some(pa), Some(pb)) = (f32_operand(a, la, false), f32_operand(w, lw, b_is_wt))
+            else {
+                return Ok(None);
+            };
+            gemm::sgemm_new(m, n, k, pa, pb)?
+        }
+        (GemmMode::Bf16, CpuStorage::F32(_) | CpuStorage::BF16(_)) => {
+            let pb = match (w, w16) {
+                // The cached copy is dense row-major [n_w, k_w] whatever `w`'s layout was.
+                (CpuStorage::F32(_), Some(w16)) => MatRef {
+                    data: &w16.data[..],
+                    trans: b_is_wt,
+                    ld: w16.cols,
+                },
+                (CpuStorage::BF16(w), _) => {
+                    let Some((off, trans, ld)) = blas_view(lw) else {
+                        return Ok(None);
+                    };
+                    let Some(data) = w.get(off..) else {
+                        return Ok(None);
+                    };
+                    MatRef {
+                        data,
+                        trans: trans ^ b_is_wt,
+                        ld,
+                    }
+                }
+                _ => return Ok(None),
+            };
+            let mut a16 = take_scratch(0);
+            let Some((a_trans, a_ld, used)) = bf16_operand(a, la, &mut a16) else {
+                put_scratch(a16);
+                return Ok(None);
+            };
+            let pa = MatRef {
+                data: &a16[..used],
+                trans: a_trans,
+                ld: a_ld,
+            };
+            let out = gemm::gemm_bf16_new(m, n, k, pa, pb);
+            put_scratch(a16);
+            out?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
+/// The weight in the activation's dtype for candle's matmul (a bf16 weight whose layout the
+/// fast path could not read is widened here, dense).
+fn widened(s1: &CpuStorage, s2: &CpuStorage, l2: &Layout) -> Result<Option<(CpuStorage, Layout)>> {
+    if s1.dtype() == s2.dtype() {
+        return Ok(None);
+    }
+    Ok(Some((
+        s2.to_dtype(l2, s1.dtype())?,
+        Layout::contiguous(l2.shape()),
+    )))
+}
+
+fn f32_slice(s: &CpuStorage) -> Option<&[f32]> {
+    match s {
+        CpuStorage::F32(v) => Some(v),
+        _ => None,
+    }
 }
 
 impl CustomOp2 for FrozenMatmul {
@@ -34,6 +215,22 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, n, k) = dims(l1, l2)?;
+        if let Some(x) = f32_slice(s1) {
+            if let Some(out) = fast_product(
+                self.mode,
+                self.w16.as_deref(),
+                x,
+                l1,
+                s2,
+                l2,
+                true,
+                (m, n, k),
+            )? {
+                return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+            }
+        }
+        let w = widened(s1, s2, l2)?;
+        let (s2, l2) = w.as_ref().map_or((s2, l2), |(s, l)| (s, l));
         let out = s1.matmul(s2, (1, m, n, k), l1, &transposed_rhs(l2)?)?;
         Ok((out, Shape::from((m, n))))
     }
@@ -58,18 +255,317 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
+        let dx = input_grad(grad, w, self.mode, self.w16.clone())?;
+        Ok((Some(dx), None))
     }
 }
 
-/// `x @ w^T` over the last dim of `x` (any leading dims), no gradient for `w`.
+impl CustomOp2 for FrozenMatmulBwd {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, n) = l1.shape().dims2()?;
+        let (n2, k) = l2.shape().dims2()?;
+        if n != n2 {
+            candle_core::bail!("frozen matmul backward: {m}x{n} @ {n2}x{k}");
+        }
+        if let Some(g) = f32_slice(s1) {
+            if let Some(out) = fast_product(
+                self.mode,
+                self.w16.as_deref(),
+                g,
+                l1,
+                s2,
+                l2,
+                false,
+                (m, k, n),
+            )? {
+                return Ok((CpuStorage::F32(out), Shape::from((m, k))));
+            }
+        }
+        let w = widened(s1, s2, l2)?;
+        let (s2, l2) = w.as_ref().map_or((s2, l2), |(s, l)| (s, l));
+        let out = s1.matmul(s2, (1, m, k, n), l1, l2)?;
+        Ok((out, Shape::from((m, k))))
+    }
+}
+
+fn input_grad(
+    grad: &Tensor,
+    w: &Tensor,
+    mode: GemmMode,
+    w16: Option<Arc<Bf16Matrix>>,
+) -> Result<Tensor> {
+    if mode == GemmMode::Candle || !grad.device().is_cpu() {
+        if w.dtype() != grad.dtype() {
+            return grad.matmul(&w.to_dtype(grad.dtype())?);
+        }
+        grad.matmul(w)
+    } else {
+        grad.apply_op2_no_bwd(w, &FrozenMatmulBwd { mode, w16 })
+    }
+}
+
+/// `grad[m, n] @ w[n, k]`, the input gradient [`frozen_linear_with`]'s backward computes in
+/// `mode` (exposed for benchmarks and tests).
+pub fn frozen_linear_input_grad(grad: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
+    let (mode, w16, w) = resolve(grad, w, mode)?;
+    input_grad(grad, &w, mode, w16)
+}
+
+/// The mode that runs for activation `x` and frozen weight `w`, the bf16 copy it needs, and the
+/// weight to use: `w` itself, or widened to `x`'s dtype when only candle can take it.
+fn resolve(
+    x: &Tensor,
+    w: &Tensor,
+    mode: GemmMode,
+) -> Result<(GemmMode, Option<Arc<Bf16Matrix>>, Tensor)> {
+    let w_ok = matches!(w.dtype(), DType::F32 | DType::BF16);
+    let usable = x.device().is_cpu() && x.dtype() == DType::F32 && w_ok;
+    let mode = if usable {
+        gemm::effective_mode(mode)
+    } else {
+        GemmMode::Candle
+    };
+    match (mode, w.dtype()) {
+        (GemmMode::Bf16, DType::F32) => Ok((mode, Some(gemm::bf16_weight(w)?), w.clone())),
+        (GemmMode::Bf16, DType::BF16) => Ok((mode, None, w.clone())),
+        (_, dt) if dt == x.dtype() => Ok((mode, None, w.clone())),
+        // A bf16 weight outside bf16 mode: widened at each call (correct, not fast).
+        _ => Ok((mode, None, w.to_dtype(x.dtype())?)),
+    }
+}
+
+/// `x @ w^T` over the last dim of `x` (any leading dims), no gradient for `w`, in the
+/// process-wide GEMM mode ([`gemm::gemm_mode`]).
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    frozen_linear_with(x, w, gemm::gemm_mode())
+}
+
+/// [`frozen_linear`] in an explicit mode. Falls back to candle's GEMM when the mode is not
+/// available (no library loaded, non-CPU device, non-f32 activations).
+///
+/// `w` may also be a bf16 tensor with f32 `x`: in `Bf16` mode it is used as is (no f32 copy of
+/// the frozen weights needs to exist, halving their memory); in the other modes it is widened
+/// to f32 at each call.
+pub fn frozen_linear_with(x: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().expect("non-scalar input");
     let m: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((m, k))?;
-    let y = x2.apply_op2(w, FrozenMatmul)?;
+    let (mode, w16, w) = resolve(x, w, mode)?;
+    let y = x2.apply_op2(&w, FrozenMatmul { mode, w16 })?;
     let mut out_dims = dims[..dims.len() - 1].to_vec();
     out_dims.push(w.dim(0)?);
     y.reshape(out_dims)
+}
+
+/// `a @ b` over the last two dims (equal leading batch dims, as candle's `matmul`), with both
+/// operands' gradients: for products of two activations (attention's q @ k^T and P @ v) and for
+/// LoRA's small products, where candle's GEMM is the slow part too. In `Bf16` mode both operands
+/// are rounded at each call (nothing is cached: they change every step).
+struct FastMatmul {
+    mode: GemmMode,
+}
+
+/// Offsets of each batch matrix in storage, for any strides of the leading dims.
+fn batch_offsets(l: &Layout) -> Vec<usize> {
+    let dims = l.dims();
+    let strides = l.stride();
+    let nb = dims.len() - 2;
+    let mut offs = vec![l.start_offset()];
+    // Outermost dim first, so that the innermost varies fastest (row-major batch order).
+    for d in 0..nb {
+        let mut next = Vec::with_capacity(offs.len() * dims[d]);
+        for &o in &offs {
+            for i in 0..dims[d] {
+                next.push(o + i * strides[d]);
+            }
+        }
+        offs = next;
+    }
+    offs
+}
+
+/// The last two dims of `l` as a 2-D layout at offset 0 (for [`blas_view`]).
+fn matrix_layout(l: &Layout) -> Layout {
+    let dims = l.dims();
+    let s = l.stride();
+    let r = dims.len();
+    Layout::new(
+        Shape::from((dims[r - 2], dims[r - 1])),
+        vec![s[r - 2], s[r - 1]],
+        0,
+    )
+}
+
+impl FastMatmul {
+    fn fast(
+        &self,
+        a: &[f32],
+        la: &Layout,
+        b: &[f32],
+        lb: &Layout,
+        (bn, m, n, k): (usize, usize, usize, usize),
+    ) -> Result<Option<Vec<f32>>> {
+        let (ma, mb) = (matrix_layout(la), matrix_layout(lb));
+        let (Some((_, ta, lda)), Some((_, tb, ldb))) = (blas_view(&ma), blas_view(&mb)) else {
+            return Ok(None);
+        };
+        let (oa, ob) = (batch_offsets(la), batch_offsets(lb));
+        let mut out = vec![0f32; bn * m * n];
+        let mut a16 = Vec::new();
+        let mut b16 = Vec::new();
+        for ((&oa, &ob), c) in oa.iter().zip(&ob).zip(out.chunks_mut(m * n)) {
+            let (ra, ca) = if ta { (k, m) } else { (m, k) };
+            let (rb, cb) = if tb { (n, k) } else { (k, n) };
+            let span = |rows: usize, cols: usize, ld: usize| {
+                if rows == 0 {
+                    0
+                } else {
+                    (rows - 1) * ld + cols
+                }
+            };
+            let sa = a.get(oa..oa + span(ra, ca, lda));
+            let sb = b.get(ob..ob + span(rb, cb, ldb));
+            let (Some(sa), Some(sb)) = (sa, sb) else {
+                return Ok(None);
+            };
+            match self.mode {
+                GemmMode::Candle => return Ok(None),
+                GemmMode::F32 => {
+                    let pa = MatRef {
+                        data: sa,
+                        trans: ta,
+                        ld: lda,
+                    };
+                    let pb = MatRef {
+                        data: sb,
+                        trans: tb,
+                        ld: ldb,
+                    };
+                    gemm::sgemm(m, n, k, pa, pb, c)?;
+                }
+                GemmMode::Bf16 => {
+                    // Rounded densely (leading dim = stored cols), orientation kept.
+                    a16.resize(a16.len().max(ra * ca), bf16::ZERO);
+                    b16.resize(b16.len().max(rb * cb), bf16::ZERO);
+                    if round_dense(sa, ra, ca, lda, &mut a16).is_none()
+                        || round_dense(sb, rb, cb, ldb, &mut b16).is_none()
+                    {
+                        return Ok(None);
+                    }
+                    let pa = MatRef {
+                        data: &a16[..ra * ca],
+                        trans: ta,
+                        ld: ca.max(1),
+                    };
+                    let pb = MatRef {
+                        data: &b16[..rb * cb],
+                        trans: tb,
+                        ld: cb.max(1),
+                    };
+                    gemm::gemm_bf16(m, n, k, pa, pb, c)?;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+fn matmul_dims(l1: &Layout, l2: &Layout) -> Result<(Shape, (usize, usize, usize, usize))> {
+    let (a, b) = (l1.dims(), l2.dims());
+    let r = a.len();
+    if r < 2 || b.len() != r || a[..r - 2] != b[..r - 2] || a[r - 1] != b[r - 2] {
+        candle_core::bail!("matmul: shapes {a:?} and {b:?} do not match");
+    }
+    let (m, k, n) = (a[r - 2], a[r - 1], b[r - 1]);
+    let bn: usize = a[..r - 2].iter().product();
+    let mut out = a[..r - 2].to_vec();
+    out.extend([m, n]);
+    Ok((Shape::from(out), (bn, m, n, k)))
+}
+
+impl CustomOp2 for FastMatmul {
+    fn name(&self) -> &'static str {
+        "fast-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (shape, bmnk) = matmul_dims(l1, l2)?;
+        if let (Some(a), Some(b)) = (f32_slice(s1), f32_slice(s2)) {
+            if let Some(out) = self.fast(a, l1, b, l2, bmnk)? {
+                return Ok((CpuStorage::F32(out), shape));
+            }
+        }
+        Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (shape, bmnk) = matmul_dims(l1, l2)?;
+        Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The transposes are views: the op reads them as column-major operands, no copy.
+        let op = FastMatmul { mode: self.mode };
+        let da = grad.apply_op2_no_bwd(&b.t()?, &op)?;
+        let db = a.t()?.apply_op2_no_bwd(grad, &op)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `a @ b` like candle's `matmul` (same leading batch dims, both gradients), with the fast
+/// library's f32 GEMM whenever the process-wide mode is not `Candle`. bf16 is not used here even
+/// in `Bf16` mode: both operands would have to be rounded at every call, and at attention and
+/// LoRA shapes that costs about what it saves (benches/gemm.rs: attention 1.2-1.3x over f32,
+/// P @ v and LoRA slower than f32). [`matmul_with`] takes an explicit mode.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mode = match gemm::gemm_mode() {
+        GemmMode::Candle => GemmMode::Candle,
+        GemmMode::F32 | GemmMode::Bf16 => GemmMode::F32,
+    };
+    matmul_with(a, b, mode)
+}
+
+/// [`matmul`] in an explicit mode; candle's matmul when the mode is unavailable (no library,
+/// non-CPU device, non-f32 dtype).
+pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
+    let usable = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    let mode = if usable {
+        gemm::effective_mode(mode)
+    } else {
+        GemmMode::Candle
+    };
+    if mode == GemmMode::Candle {
+        return a.matmul(b);
+    }
+    a.apply_op2(b, FastMatmul { mode })
 }

@@ -1,0 +1,174 @@
+//! GFLOP/s of the frozen-weight products at SmolLM2-360M's shapes, per backend: candle's f32
+//! GEMM, the fast library's f32 GEMM and its bf16 GEMM (f32 accumulate; the time includes
+//! rounding the activation to bf16, the weight's bf16 copy is cached as in training).
+//!
+//!     cargo bench --bench gemm [--features fast-gemm] -- [--m 1024] [--reps 5] [--json]
+//!
+//! Forward: `x[m, k] @ w[n, k]^T`; backward: `grad[m, n] @ w[n, k]`. (n, k) are the q/o, k/v,
+//! gate/up, down projections and the tied lm_head. Then the products of two activations
+//! (`ops::matmul`): attention (n x k = keys x head dim, or head dim x keys) and LoRA r 16. Backends run interleaved, shape by shape, so
+//! that the machine's drift hits them alike; the table reports the median of `--reps` runs.
+use candle_core::{Device, Tensor};
+use kto_train::model::gemm::{self, GemmMode};
+use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with, matmul_with};
+use std::time::Instant;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let m = arg("--m", 1024);
+    let reps = arg("--reps", 5).max(1);
+    let json = std::env::args().any(|a| a == "--json");
+    let dev = Device::Cpu;
+    let fast = gemm::available();
+    let lib = gemm::backend_name()
+        .unwrap_or_else(|| format!("none ({})", gemm::load_error().unwrap_or("no fast library")));
+    eprintln!("fast GEMM library: {lib}");
+    let modes: Vec<GemmMode> = if fast {
+        vec![GemmMode::Candle, GemmMode::F32, GemmMode::Bf16]
+    } else {
+        vec![GemmMode::Candle]
+    };
+    let shapes = [
+        ("q/o proj", 960, 960),
+        ("k/v proj", 320, 960),
+        ("gate/up proj", 2560, 960),
+        ("down proj", 960, 2560),
+        ("lm_head", 49152, 960),
+    ];
+    let mut rows = Vec::new();
+    for dir in ["fwd", "bwd"] {
+        for &(name, n, k) in &shapes {
+            let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let g = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
+            let flop = 2.0 * m as f64 * n as f64 * k as f64;
+            let run = |mode: GemmMode| -> anyhow::Result<f64> {
+                let t0 = Instant::now();
+                let y = if dir == "fwd" {
+                    frozen_linear_with(&x, &w, mode)?
+                } else {
+                    frozen_linear_input_grad(&g, &w, mode)?
+                };
+                // Make sure the product is done (candle ops are eager on CPU; this is cheap).
+                let _ = y.dims();
+                Ok(t0.elapsed().as_secs_f64())
+            };
+            // Warm-up: page in the buffers, make the bf16 weight copy, start library threads.
+            for &mode in &modes {
+                run(mode)?;
+            }
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+            let r = if n > 10_000 {
+                reps.div_ceil(2).max(1)
+            } else {
+                reps
+            };
+            for _ in 0..r {
+                for (i, &mode) in modes.iter().enumerate() {
+                    times[i].push(run(mode)?);
+                }
+            }
+            let gflops: Vec<f64> = times.into_iter().map(|t| flop / median(t) / 1e9).collect();
+            rows.push((dir, name, n, k, gflops));
+        }
+        gemm::clear_bf16_cache();
+    }
+    // Products of two activations (ops::matmul): attention at T = m / 2 per sequence with batch
+    // 2 (q @ k^T with k^T a view, P @ v), and LoRA r 16 (x @ A^T, h @ B^T, views of A and B).
+    let t = m / 2;
+    let acts: [(&str, Vec<usize>, Vec<usize>, bool); 5] = [
+        ("attn q@k^T", vec![2, 5, 3 * t, 64], vec![2, 5, t, 64], true),
+        ("attn P@v", vec![2, 5, 3 * t, t], vec![2, 5, t, 64], false),
+        ("lora x@A^T", vec![m, 960], vec![16, 960], true),
+        ("lora h@B^T", vec![m, 16], vec![960, 16], true),
+        ("lora h@B^T up", vec![m, 16], vec![2560, 16], true),
+    ];
+    for (name, da, db, transpose_b) in acts {
+        let a = Tensor::randn(0f32, 1.0, da.as_slice(), &dev)?;
+        let b0 = Tensor::randn(0f32, 1.0, db.as_slice(), &dev)?;
+        let b = if transpose_b { b0.t()? } else { b0 };
+        let (r_, kk, n) = {
+            let ad = a.dims();
+            let bd = b.dims();
+            (
+                ad[..ad.len() - 1].iter().product::<usize>(),
+                ad[ad.len() - 1],
+                bd[bd.len() - 1],
+            )
+        };
+        let flop = 2.0 * r_ as f64 * kk as f64 * n as f64;
+        let run = |mode: GemmMode| -> anyhow::Result<f64> {
+            let t0 = Instant::now();
+            let y = matmul_with(&a, &b, mode)?;
+            let _ = y.dims();
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        for &mode in &modes {
+            run(mode)?;
+        }
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        for _ in 0..reps {
+            for (i, &mode) in modes.iter().enumerate() {
+                times[i].push(run(mode)?);
+            }
+        }
+        let gflops: Vec<f64> = times.into_iter().map(|t| flop / median(t) / 1e9).collect();
+        rows.push(("fwd", name, n, kk, gflops));
+    }
+    if json {
+        for (dir, name, n, k, g) in &rows {
+            let mut o = serde_json::json!({"pass": dir, "shape": name, "m": m, "n": n, "k": k});
+            for (mode, v) in modes.iter().zip(g) {
+                o[format!("gflops_{mode}")] = serde_json::json!(v);
+            }
+            println!("{o}");
+        }
+        return Ok(());
+    }
+    println!(
+        "GFLOP/s, m = {m}, median of {reps} (lm_head: {}); fast library: {lib}",
+        reps.div_ceil(2)
+    );
+    let mut head = "| pass | shape | n x k |".to_string();
+    let mut rule = "|---|---|---|".to_string();
+    for mode in &modes {
+        head += &format!(
+            " {} |",
+            match mode {
+                GemmMode::Candle => "candle f32",
+                GemmMode::F32 => "fast f32",
+                GemmMode::Bf16 => "fast bf16",
+            }
+        );
+        rule += "---|";
+    }
+    if fast {
+        head += " f32 speed-up | bf16 speed-up |";
+        rule += "---|---|";
+    }
+    println!("{head}\n{rule}");
+    for (dir, name, n, k, g) in &rows {
+        let mut line = format!("| {dir} | {name} | {n} x {k} |");
+        for v in g {
+            line += &format!(" {v:.0} |");
+        }
+        if fast {
+            line += &format!(" {:.1}x | {:.1}x |", g[1] / g[0], g[2] / g[0]);
+        }
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# One optimizer step at SmolLM2-360M's shapes (benches/step.rs: random weights, exact config,
+# batch 2, LoRA alpha = 2r on all seven projections, KTO with KL pairs), for several sequence
+# lengths and ranks, with candle's GEMM (default build) and with the fast-gemm feature in f32
+# and bf16. Prints one JSON line per run and a table: median s/step, policy tokens/s, peak RSS,
+# executed FLOPs per step and achieved GFLOP/s.
+#
+#   scripts/bench.sh                    # the full grid (takes a long while on 2 cores)
+#   scripts/bench.sh --quick            # only the work unit: 256+256 tokens, rank 16
+#   scripts/bench.sh --configs "256:256:16 512:512:16" --backends "candle bf16" --steps 3 --warmup 1
+#
+# Backends: candle = default build (no feature); f32, bf16 = built with --features fast-gemm,
+# KTO_TRAIN_GEMM=f32|bf16 (needs oneDNN or MKL: python3 -m pip install onednn==2026.1.0, or
+# KTO_TRAIN_BLAS=/path/to/libdnnl.so.3). A fast backend whose library is missing is reported
+# as such and skipped. The machine drifts: compare only rows of one run.
+#
+# FLOPs per step, counted from the shapes (what the step executes; multiply-add = 2 FLOPs):
+#   B = 2 sequences, T = prompt + completion, S = B * completion (rows whose logits are taken),
+#   d = 960, L = 32, V = 49152,
+#   P_lin  = L * (d*d [q] + 2*d*320 [k,v] + d*d [o] + 3*d*2560 [gate, up, down]) = 314.6M
+#   P_lora = L * r * sum over the 7 projections of (in + out)                  = 8.7M at r 16
+#   F(lora) = 2*B*T*(P_lin + lora*P_lora)      linear layers
+#           + 4*B*T^2*d*L                       attention q@k^T and P@v (full T x T, as computed)
+#           + 2*S*d*V                           tied lm_head at the scored rows only
+#   backward (policy only, activation gradients; no frozen-weight gradients):
+#   Bwd     = 2*B*T*P_lin + 4*B*T*P_lora + 8*B*T^2*d*L + 2*S*d*V
+#   step    = 2*F(0) [reference: main + KL] + F(1) [policy KL, no grad] + F(1) [policy] + Bwd
+# (The issue's "irreducible" work leaves out the two reference passes: F(1) + F(1) + Bwd.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+steps=3
+warmup=1
+configs="256:256:16 512:512:16 1024:1024:16 256:256:8 256:256:64"
+backends="candle f32 bf16"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) configs="256:256:16"; shift ;;
+        --configs) configs="$2"; shift 2 ;;
+        --backends) backends="$2"; shift 2 ;;
+        --steps) steps="$2"; shift 2 ;;
+        --warmup) warmup="$2"; shift 2 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+work="${TMPDIR:-/tmp}/kto-train-bench.$$"
+mkdir -p "$work"
+trap 'rm -rf "$work"' EXIT
+
+# Build each variant once and keep its executable, so that switching features does not
+# rebuild between runs.
+build() { # $1 = name, rest = cargo flags
+    local name="$1"; shift
+    local exe
+    exe=$(cargo bench --bench step --no-run --message-format=json "$@" 2>"$work/build-$name.log" \
+        | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4) || true
+    if [ -z "$exe" ] || [ ! -x "$exe" ]; then
+        cat "$work/build-$name.log" >&2
+        echo "build of the $name variant failed" >&2
+        exit 1
+    fi
+    cp "$exe" "$work/step-$name"
+}
+case " $backends " in *" candle "*) build candle ;; esac
+case " $backends " in *" f32 "*|*" bf16 "*) build fast --features fast-gemm ;; esac
+
+results="$work/results.jsonl"
+: >"$results"
+echo "uptime: $(uptime)" >&2
+for cfg in $configs; do
+    IFS=: read -r prompt completion rank <<<"$cfg"
+    for be in $backends; do
+        if [ "$be" = candle ]; then
+            exe="$work/step-candle"; mode=candle
+        else
+            exe="$work/step-fast"; mode="$be"
+        fi
+        log="$work/run.log"
+        echo "== $prompt+$completion r$rank $be" >&2
+        if ! KTO_TRAIN_GEMM="$mode" KTO_TRAIN_GEMM_VERBOSE=1 "$exe" --json --steps "$steps" \
+            --warmup "$warmup" --prompt "$prompt" --completion "$completion" --rank "$rank" \
+            >"$work/out.json" 2>"$log"; then
+            cat "$log" >&2
+            echo "run failed" >&2
+            exit 1
+        fi
+        cat "$log" >&2
+        if [ "$be" != candle ] && grep -q "using candle's GEMM" "$log"; then
+            echo "skipping $be: no fast GEMM library" >&2
+            continue
+        fi
+        lib=$(sed -n 's/^kto-train: fast GEMM: //p' "$log" | head -1)
+        line=$(tail -1 "$work/out.json")
+        echo "$line" | awk -v be="$be" -v lib="${lib:-candle}" -v up="$(cut -d, -f3- /proc/loadavg 2>/dev/null || true)" '
+        {
+            s = $0
+            match(s, /"s_per_step":[0-9.eE+-]+/); sps = substr(s, RSTART + 13, RLENGTH - 13)
+            match(s, /"peak_rss_mb":[0-9.eE+-]+/); rss = substr(s, RSTART + 14, RLENGTH - 14)
+            match(s, /"prompt":[0-9]+/); p = substr(s, RSTART + 9, RLENGTH - 9)
+            match(s, /"completion":[0-9]+/); c = substr(s, RSTART + 13, RLENGTH - 13)
+            match(s, /"rank":[0-9]+/); r = substr(s, RSTART + 7, RLENGTH - 7)
+            B = 2; T = p + c; S = B * c; d = 960; L = 32; V = 49152; ff = 2560; kv = 320
+            plin = L * (d*d + 2*d*kv + d*d + 3*d*ff)
+            plora = L * r * ((d+d) + 2*(d+kv) + (d+d) + 3*(d+ff))
+            att = 4*B*T*T*d*L; head = 2*S*d*V
+            f0 = 2*B*T*plin + att + head
+            f1 = 2*B*T*(plin + plora) + att + head
+            bwd = 2*B*T*plin + 4*B*T*plora + 2*att + head
+            flops = 2*f0 + 2*f1 + bwd
+            sub(/}$/, "", s)
+            printf "%s,\"backend\":\"%s\",\"library\":\"%s\",\"tflop_per_step\":%.4f,\"irreducible_tflop\":%.4f,\"gflops\":%.1f}\n",
+                s, be, lib, flops / 1e12, (2*f1 + bwd) / 1e12, flops / sps / 1e9
+        }' | tee -a "$results"
+    done
+done
+
+echo
+echo "| tokens/step | rank | backend | s/step (median) | policy tokens/s | peak RSS | TFLOP/step | achieved GFLOP/s |"
+echo "|---|---|---|---|---|---|---|---|"
+awk '
+function num(k,   m) { if (match($0, "\"" k "\":[0-9.eE+-]+")) return substr($0, RSTART + length(k) + 3, RLENGTH - length(k) - 3); return "" }
+function str(k) { if (match($0, "\"" k "\":\"[^\"]*\"")) return substr($0, RSTART + length(k) + 4, RLENGTH - length(k) - 5); return "" }
+{
+    printf "| %d (%d+%d) x 2 | %d | %s | %.2f | %.0f | %.2f GB | %.2f | %.0f |\n",
+        2 * (num("prompt") + num("completion")), num("prompt"), num("completion"), num("rank"),
+        str("backend"), num("s_per_step"), num("tokens_per_s"), num("peak_rss_mb") / 1024,
+        num("tflop_per_step"), num("gflops")
+}' "$results"
