@@ -4,7 +4,7 @@
 use super::config::LlamaConfig;
 use super::fused;
 use super::lora::{Forward, Linear};
-use super::ops::frozen_linear;
+use super::ops::{self, frozen_linear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 /// The seven projections LoRA can target, in PEFT's module names.
@@ -142,8 +142,8 @@ impl Llama {
                 let qh = rope(heads(q, nh)?)?.reshape((b, nkv, rep * t, hd))?;
                 let kh = rope(heads(k, nkv)?)?;
                 let vh = heads(v, nkv)?;
-                let att = fused::causal_softmax(&qh.matmul(&kh.t()?)?, scale, t)?;
-                att.matmul(&vh)?.reshape((b, nh, t, hd))?
+                let att = fused::causal_softmax(&ops::matmul(&qh, &kh.t()?)?, scale, t)?;
+                ops::matmul(&att, &vh)?.reshape((b, nh, t, hd))?
             } else {
                 let rope = |x: Tensor| -> Result<Tensor> {
                     x.broadcast_mul(&cos)? + rotate_half(&x)?.broadcast_mul(&sin)?

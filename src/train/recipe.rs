@@ -281,11 +281,12 @@ fn open_reference_cache(
     let mut inputs: Vec<&Path> = files.weights.iter().map(PathBuf::as_path).collect();
     inputs.push(&files.config);
     let compute = format!(
-        "kto-train {} dtype={:?} fused={} device={:?}",
+        "kto-train {} dtype={:?} fused={} device={:?} gemm={}",
         env!("CARGO_PKG_VERSION"),
         model.dtype,
         model.use_fused_ops,
-        model.device.location()
+        model.device.location(),
+        crate::model::gemm::effective_mode(crate::model::gemm::gemm_mode()).as_str()
     );
     let key = refcache::network_key(&inputs, &compute)?;
     Ok(Some(RefCache::open(&dir, key)?))
