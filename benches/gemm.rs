@@ -6,8 +6,15 @@
 //!
 //! Forward: `x[m, k] @ w[n, k]^T`; backward: `grad[m, n] @ w[n, k]`. (n, k) are the q/o, k/v,
 //! gate/up, down projections and the tied lm_head. Then the products of two activations
-//! (`ops::matmul`): attention (n x k = keys x head dim, or head dim x keys) and LoRA r 16. Backends run interleaved, shape by shape, so
-//! that the machine's drift hits them alike; the table reports the median of `--reps` runs.
+//! (`ops::matmul`): attention (n x k = keys x head dim, or head dim x keys) and LoRA r 16.
+//! Backends run interleaved, shape by shape, so that the machine's drift hits them alike; the
+//! table reports the median of `--reps` runs.
+//!
+//!     cargo bench --bench gemm --features fast-gemm -- --step [--rounds 3] [--prompt 256]
+//!         [--completion 256] [--rank 16]
+//!
+//! Whole optimizer steps as in benches/step.rs, but all GEMM modes in one process, one step of
+//! each in turn per round: on a machine whose speed drifts, adjacent steps give fair ratios.
 use candle_core::{Device, Tensor};
 use kto_train::model::gemm::{self, GemmMode};
 use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with, matmul_with};
@@ -28,6 +35,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--step") {
+        return steps();
+    }
     let m = arg("--m", 1024);
     let reps = arg("--reps", 5).max(1);
     let json = std::env::args().any(|a| a == "--json");
@@ -169,6 +179,128 @@ fn main() -> anyhow::Result<()> {
             line += &format!(" {:.1}x | {:.1}x |", g[1] / g[0], g[2] / g[0]);
         }
         println!("{line}");
+    }
+    Ok(())
+}
+
+/// One optimizer step per mode per round, in one process (see the file's doc).
+fn steps() -> anyhow::Result<()> {
+    use kto_train::config::LossConfig;
+    use kto_train::loss::LossHead;
+    use kto_train::model::logprobs::Sequence;
+    use kto_train::model::{load_llama, DropoutKey, Forward, LlamaConfig, LoraSpec};
+    use kto_train::train::batch::MicroBatch;
+    use kto_train::train::optim::{collect_grads, AdamW, AdamWParams};
+    use kto_train::train::recipe::lora_vars;
+    use kto_train::train::step::run_micro_batch;
+    use rand::{Rng, SeedableRng};
+
+    let rounds = arg("--rounds", 3).max(1);
+    let (pl, cl) = (arg("--prompt", 256), arg("--completion", 256));
+    let rank = arg("--rank", 16);
+    // The same random model benches/step.rs writes and reuses.
+    let dir = std::env::temp_dir().join("kto-train-bench-smollm2-360m");
+    if !dir.join("model.safetensors").exists() {
+        eprintln!(
+            "writing a random SmolLM2-360M-shaped model to {}",
+            dir.display()
+        );
+        kto_train::model::tiny::write_random_model(
+            &dir,
+            &LlamaConfig::smollm2_360m(),
+            0,
+            candle_core::DType::BF16,
+        )?;
+    }
+    let files = kto_train::model::loading::local_model_files(&dir, "random-smollm2-360m")?;
+    let spec = LoraSpec {
+        r: rank,
+        alpha: 2.0 * rank as f64,
+        dropout: 0.0,
+        target_modules: kto_train::config::ALL_TARGET_MODULES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        use_rslora: false,
+        seed: 42,
+    };
+    let model = load_llama(&files, candle_core::DType::F32, &Device::Cpu, Some(&spec))?;
+    let vars = lora_vars(&model);
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
+    let mut head = LossHead::new(&LossConfig::default());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut seq = || -> Vec<u32> {
+        (0..pl + cl)
+            .map(|_| rng.random_range(3..49152u32))
+            .collect()
+    };
+    let (a, b) = (seq(), seq());
+    let mk = |x: &Vec<u32>| Sequence {
+        tokens: x.clone(),
+        prompt_len: pl,
+    };
+    let kl = |p: &Vec<u32>, c: &Vec<u32>| Sequence {
+        tokens: p[..pl].iter().chain(&c[pl..]).copied().collect(),
+        prompt_len: pl,
+    };
+    let batch = MicroBatch {
+        seqs: vec![mk(&a), mk(&b)],
+        kl_seqs: Some(vec![kl(&a, &b), kl(&b, &a)]),
+        labels: vec![true, false],
+    };
+    let modes: Vec<GemmMode> = if gemm::available() {
+        vec![GemmMode::Candle, GemmMode::F32, GemmMode::Bf16]
+    } else {
+        eprintln!("no fast GEMM library: candle only");
+        vec![GemmMode::Candle]
+    };
+    let mut i = 0u64;
+    let mut step = |mode: GemmMode| -> anyhow::Result<f64> {
+        gemm::set_gemm_mode(mode);
+        let t0 = Instant::now();
+        let fwd = Forward::train(DropoutKey { seed: 42, pass: i });
+        let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, i, true)?;
+        let grads = collect_grads(&vars, out.grads.as_ref().expect("train step"))?;
+        opt.step(&grads, 2e-4)?;
+        i += 1;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    // Warm-up: first touches of every buffer, the bf16 weight copies, library start-up.
+    for &mode in &modes {
+        let t = step(mode)?;
+        eprintln!("warm-up {mode}: {t:.2} s");
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for r in 0..rounds {
+        let mut line = format!("round {r}:");
+        for (j, &mode) in modes.iter().enumerate() {
+            let t = step(mode)?;
+            line += &format!(" {mode} {t:.2} s");
+            times[j].push(t);
+        }
+        eprintln!("{line}");
+    }
+    println!(
+        "one step, batch 2 x ({pl} + {cl}) tokens, LoRA r {rank}; median of {rounds} rounds, \
+         modes interleaved in one process"
+    );
+    println!("| GEMM mode | s/step (median) | speed-up vs candle (median of per-round ratios) |");
+    println!("|---|---|---|");
+    for (j, mode) in modes.iter().enumerate() {
+        let ratios: Vec<f64> = times[0].iter().zip(&times[j]).map(|(c, t)| c / t).collect();
+        println!(
+            "| {mode} | {:.2} | {:.2}x |",
+            median(times[j].clone()),
+            median(ratios)
+        );
     }
     Ok(())
 }
