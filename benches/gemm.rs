@@ -267,7 +267,7 @@ fn steps() -> anyhow::Result<()> {
         gemm::set_gemm_mode(mode);
         let t0 = Instant::now();
         let fwd = Forward::train(DropoutKey { seed: 42, pass: i });
-        let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, i, true)?;
+        let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, i, true, None)?;
         let grads = collect_grads(&vars, out.grads.as_ref().expect("train step"))?;
         opt.step(&grads, 2e-4)?;
         i += 1;
