@@ -20,14 +20,8 @@ use kto_train::model::gemm::{self, GemmMode};
 use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with, matmul_with};
 use std::time::Instant;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::{arg, WorkUnit};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -185,93 +179,19 @@ fn main() -> anyhow::Result<()> {
 
 /// One optimizer step per mode per round, in one process (see the file's doc).
 fn steps() -> anyhow::Result<()> {
-    use kto_train::config::LossConfig;
-    use kto_train::loss::LossHead;
-    use kto_train::model::logprobs::Sequence;
-    use kto_train::model::{load_llama, DropoutKey, Forward, LlamaConfig, LoraSpec};
-    use kto_train::train::batch::MicroBatch;
-    use kto_train::train::optim::{collect_grads, AdamW, AdamWParams};
-    use kto_train::train::recipe::lora_vars;
-    use kto_train::train::step::run_micro_batch;
-    use rand::{Rng, SeedableRng};
-
     let rounds = arg("--rounds", 3).max(1);
     let (pl, cl) = (arg("--prompt", 256), arg("--completion", 256));
     let rank = arg("--rank", 16);
-    // The same random model benches/step.rs writes and reuses.
-    let dir = std::env::temp_dir().join("kto-train-bench-smollm2-360m");
-    if !dir.join("model.safetensors").exists() {
-        eprintln!(
-            "writing a random SmolLM2-360M-shaped model to {}",
-            dir.display()
-        );
-        kto_train::model::tiny::write_random_model(
-            &dir,
-            &LlamaConfig::smollm2_360m(),
-            0,
-            candle_core::DType::BF16,
-        )?;
-    }
-    let files = kto_train::model::loading::local_model_files(&dir, "random-smollm2-360m")?;
-    let spec = LoraSpec {
-        r: rank,
-        alpha: 2.0 * rank as f64,
-        dropout: 0.0,
-        target_modules: kto_train::config::ALL_TARGET_MODULES
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        use_rslora: false,
-        seed: 42,
-    };
-    let model = load_llama(&files, candle_core::DType::F32, &Device::Cpu, Some(&spec))?;
-    let vars = lora_vars(&model);
-    let mut opt = AdamW::new(
-        vars.clone(),
-        AdamWParams {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )?;
-    let mut head = LossHead::new(&LossConfig::default());
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let mut seq = || -> Vec<u32> {
-        (0..pl + cl)
-            .map(|_| rng.random_range(3..49152u32))
-            .collect()
-    };
-    let (a, b) = (seq(), seq());
-    let mk = |x: &Vec<u32>| Sequence {
-        tokens: x.clone(),
-        prompt_len: pl,
-    };
-    let kl = |p: &Vec<u32>, c: &Vec<u32>| Sequence {
-        tokens: p[..pl].iter().chain(&c[pl..]).copied().collect(),
-        prompt_len: pl,
-    };
-    let batch = MicroBatch {
-        seqs: vec![mk(&a), mk(&b)],
-        kl_seqs: Some(vec![kl(&a, &b), kl(&b, &a)]),
-        labels: vec![true, false],
-    };
+    let mut unit = WorkUnit::new(pl, cl, rank)?;
     let modes: Vec<GemmMode> = if gemm::available() {
         vec![GemmMode::Candle, GemmMode::F32, GemmMode::Bf16]
     } else {
         eprintln!("no fast GEMM library: candle only");
         vec![GemmMode::Candle]
     };
-    let mut i = 0u64;
     let mut step = |mode: GemmMode| -> anyhow::Result<f64> {
         gemm::set_gemm_mode(mode);
-        let t0 = Instant::now();
-        let fwd = Forward::train(DropoutKey { seed: 42, pass: i });
-        let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, i, true, None)?;
-        let grads = collect_grads(&vars, out.grads.as_ref().expect("train step"))?;
-        opt.step(&grads, 2e-4)?;
-        i += 1;
-        Ok(t0.elapsed().as_secs_f64())
+        Ok(unit.step()?.0)
     };
     // Warm-up: first touches of every buffer, the bf16 weight copies, library start-up.
     for &mode in &modes {
