@@ -125,16 +125,34 @@ fn score_bad_line_names_file_and_line() {
 }
 
 #[test]
-fn score_with_adapter_differs_from_base() {
-    let input = format!(
-        "{}\n",
-        json!({"prompt_ids": [1, 2, 3], "completion_ids": [4, 5, 6]})
-    );
-    let (_, base, _) = run_score(&input, &[]);
-    let (ok, with, stderr) = run_score(
+fn score_with_adapter_matches_peft() {
+    // Token log-probs through `--adapter` equal the ones PEFT computed (peft-adapter fixture).
+    let e = load_st("peft-adapter/expected.safetensors");
+    let ids: Vec<u32> = e["input_ids.0"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<f64> = e["token_logprobs.0"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let input = format!("{}\n", json!({"prompt_ids": [], "completion_ids": ids}));
+    let (ok, out, stderr) = run_score(
         &input,
         &["--adapter", fixture("peft-adapter").to_str().unwrap()],
     );
     assert!(ok, "{stderr}");
-    assert_ne!(base, with);
+    let line: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let got: Vec<f64> = line["token_logps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-4, "token log-prob {g} vs PEFT {w}");
+    }
 }

@@ -184,13 +184,11 @@ pub fn main() -> Result<()> {
             if let Some(dir) = &adapter {
                 load_adapter_weights(&m, dir)?;
             }
-            let tok =
-                match &files.tokenizer {
-                    Some(p) => Some(tokenizers::Tokenizer::from_file(p).map_err(|e| {
-                        anyhow::anyhow!("cannot load tokenizer {}: {e}", p.display())
-                    })?),
-                    None => None,
-                };
+            let tok = files
+                .tokenizer
+                .as_deref()
+                .map(crate::data::load_tokenizer)
+                .transpose()?;
             let eos = if append_eos {
                 Some(m.cfg.eos_token_id.with_context(|| {
                     format!(

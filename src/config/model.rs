@@ -103,14 +103,6 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
-    }
-
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             bail!("r = 0: the LoRA rank must be at least 1");
