@@ -34,6 +34,8 @@ pub struct WorkUnit {
 impl WorkUnit {
     /// Writes the random model to $TMPDIR once, then builds the policy and a fixed batch.
     pub fn new(prompt: usize, completion: usize, rank: usize) -> anyhow::Result<Self> {
+        // As the kto-train binary does at start (src/util/alloc.rs).
+        kto_train::util::alloc::tune_for_training();
         let dir = std::env::temp_dir().join("kto-train-bench-smollm2-360m");
         if !dir.join("model.safetensors").exists() {
             eprintln!(

@@ -1,3 +1,4 @@
-//! Small shared helpers: atomic file writes and safetensors serialization.
+//! Small shared helpers: atomic file writes, safetensors serialization, allocator settings.
+pub mod alloc;
 pub mod atomic;
 pub mod st;
