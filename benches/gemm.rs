@@ -182,7 +182,9 @@ fn steps() -> anyhow::Result<()> {
     let rounds = arg("--rounds", 3).max(1);
     let (pl, cl) = (arg("--prompt", 256), arg("--completion", 256));
     let rank = arg("--rank", 16);
-    let mut unit = WorkUnit::new(pl, cl, rank)?;
+    // Frozen weights stay f32 here (modes switch between steps); training in bf16 mode keeps
+    // them in bf16 only, which benches/step.rs measures.
+    let mut unit = WorkUnit::new(pl, cl, rank, arg("--checkpointing", 0) == 1)?;
     let modes: Vec<GemmMode> = if gemm::available() {
         vec![GemmMode::Candle, GemmMode::F32, GemmMode::Bf16]
     } else {

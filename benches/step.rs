@@ -1,7 +1,8 @@
 //! One optimizer step on SmolLM2-360M's exact shapes (random weights): batch 2 of prompt 256 +
 //! completion 256 tokens, LoRA r 16 alpha 32 on all seven projections, KTO with KL pairs.
 //!
-//!     cargo bench --bench step -- [--steps 3] [--warmup 1] [--prompt 256] [--completion 256] [--rank 16] [--json]
+//!     cargo bench --bench step -- [--steps 3] [--warmup 1] [--prompt 256] [--completion 256] [--rank 16]
+//!         [--checkpointing 0|1] [--json]
 mod common;
 use common::{arg, WorkUnit};
 
@@ -25,7 +26,8 @@ fn main() -> anyhow::Result<()> {
     let (pl, cl) = (arg("--prompt", 256), arg("--completion", 256));
     let rank = arg("--rank", 16);
     let json = std::env::args().any(|a| a == "--json");
-    let mut unit = WorkUnit::new(pl, cl, rank)?;
+    let ckpt = arg("--checkpointing", 0) == 1;
+    let mut unit = WorkUnit::new(pl, cl, rank, ckpt)?;
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         let (dt, loss) = unit.step()?;
@@ -42,7 +44,8 @@ fn main() -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({"s_per_step": med, "tokens_per_s": tokens as f64 / med, "peak_rss_mb": rss,
-                "prompt": pl, "completion": cl, "rank": rank, "steps": steps})
+                "prompt": pl, "completion": cl, "rank": rank, "steps": steps,
+                "checkpointing": ckpt})
         );
     } else {
         println!("| tokens/step | rank | s/step (median) | policy tokens/s | peak RSS |");

@@ -28,9 +28,20 @@ fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
 
 #[test]
 fn trl_kto_step_is_reproduced() {
+    check_trl_step(false);
+}
+
+/// The same step with activation checkpointing (blocks recomputed in the backward).
+#[test]
+fn trl_kto_step_is_reproduced_with_activation_checkpointing() {
+    check_trl_step(true);
+}
+
+fn check_trl_step(activation_checkpointing: bool) {
     let b: Value = kto_step_json();
     let cfg = &b["trl_config"];
-    let model = tiny_with_peft(DType::F32);
+    let mut model = tiny_with_peft(DType::F32);
+    model.activation_checkpointing = activation_checkpointing;
     let batch = kto_step_batch(None);
     let loss_cfg: LossConfig = toml::from_str(&format!(
         "loss_type = \"{}\"\nbeta = {}\ndesirable_weight = {}\nundesirable_weight = {}",

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device};
 use kto_train::config::LossConfig;
 use kto_train::loss::LossHead;
+use kto_train::model::gemm::{self, GemmMode};
 use kto_train::model::loading::local_model_files;
 use kto_train::model::logprobs::Sequence;
 use kto_train::model::{load_llama, DropoutKey, Forward, Llama, LlamaConfig, LoraSpec};
@@ -33,7 +34,14 @@ pub struct WorkUnit {
 
 impl WorkUnit {
     /// Writes the random model to $TMPDIR once, then builds the policy and a fixed batch.
-    pub fn new(prompt: usize, completion: usize, rank: usize) -> anyhow::Result<Self> {
+    /// `checkpointing`: activation checkpointing of the policy pass. As in a training run, the
+    /// frozen weights are kept in bf16 when the GEMM mode is bf16 (src/train/recipe.rs).
+    pub fn new(
+        prompt: usize,
+        completion: usize,
+        rank: usize,
+        checkpointing: bool,
+    ) -> anyhow::Result<Self> {
         // As the kto-train binary does at start (src/util/alloc.rs).
         kto_train::util::alloc::tune_for_training();
         let dir = std::env::temp_dir().join("kto-train-bench-smollm2-360m");
@@ -61,7 +69,11 @@ impl WorkUnit {
             use_rslora: false,
             seed: 42,
         };
-        let model = load_llama(&files, DType::F32, &Device::Cpu, Some(&spec))?;
+        let mut model = load_llama(&files, DType::F32, &Device::Cpu, Some(&spec))?;
+        model.activation_checkpointing = checkpointing;
+        if gemm::effective_mode(gemm::gemm_mode()) == GemmMode::Bf16 {
+            model.keep_frozen_weights_in(DType::BF16)?;
+        }
         let opt = AdamW::new(
             lora_vars(&model),
             AdamWParams {

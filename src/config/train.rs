@@ -89,6 +89,16 @@ pub struct TrainConfig {
     /// `.kto-train-cache` folder beside output.dir, shared by sibling runs), `off`, or a folder.
     #[serde(default = "d_refcache")]
     pub reference_cache: String,
+    /// Keep only each decoder block's input in the policy pass and recompute the block during
+    /// the backward: activation memory of one block instead of all of them, for one more
+    /// forward of the policy (TRL's gradient_checkpointing).
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// Matrix products: `auto` (`$KTO_TRAIN_GEMM`, else `f32` in a `fast-gemm` build and
+    /// `candle` otherwise), `candle`, `f32` or `bf16` (bf16 operands, f32 accumulation; the
+    /// frozen weights are then kept in bf16). `f32` and `bf16` need the `fast-gemm` feature.
+    #[serde(default = "d_gemm")]
+    pub gemm: String,
 }
 
 fn d_epochs() -> usize {
@@ -141,6 +151,9 @@ fn d_keep() -> usize {
 }
 fn d_nonfinite() -> usize {
     5
+}
+fn d_gemm() -> String {
+    "auto".into()
 }
 fn d_refcache() -> String {
     "auto".into()
@@ -206,6 +219,16 @@ impl TrainConfig {
         }
         if self.log_every == 0 {
             bail!("log_every = 0: must be at least 1");
+        }
+        match self.gemm.as_str() {
+            "auto" | "candle" => {}
+            "f32" | "bf16" if cfg!(feature = "fast-gemm") => {}
+            "f32" | "bf16" => bail!(
+                "gemm = \"{}\" needs a build with the fast-gemm feature \
+                 (cargo build --release --features fast-gemm); this build has only candle's GEMM",
+                self.gemm
+            ),
+            other => bail!("gemm = \"{other}\": allowed are auto, candle, f32, bf16"),
         }
         let d = self.device.as_str();
         let ok = d == "cpu"

@@ -6,6 +6,7 @@ use super::fused;
 use super::lora::{Forward, Linear};
 use super::ops::{self, frozen_linear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
+use std::sync::Arc;
 
 /// The seven projections LoRA can target, in PEFT's module names.
 pub const PROJECTIONS: [&str; 7] = [
@@ -65,6 +66,88 @@ pub struct Llama {
     /// Use the fused CPU ops (src/model/fused.rs); the composite candle forms otherwise (other
     /// devices and dtypes, and as the reference the fused ops are tested against).
     pub use_fused_ops: bool,
+    /// Keep only each decoder block's input during a gradient pass and recompute the block in
+    /// the backward (src/model/checkpoint.rs): activation memory of one block instead of all.
+    pub activation_checkpointing: bool,
+}
+
+/// What every decoder block of one forward pass shares.
+#[derive(Debug)]
+pub struct BlockContext {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// RoPE tables [T, head_dim].
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive causal mask [T, T] for the composite path (the fused softmax masks itself).
+    pub mask: Option<Tensor>,
+    pub use_fused: bool,
+}
+
+impl Block {
+    /// One decoder block: x + attention(norm(x)), then + mlp(norm(.)).
+    pub fn forward(&self, x: &Tensor, fwd: Forward, ctx: &BlockContext) -> Result<Tensor> {
+        let (b, t, hd) = (ctx.b, ctx.t, ctx.head_dim);
+        let (nh, nkv) = (ctx.heads, ctx.kv_heads);
+        let (cos, sin) = (&ctx.cos, &ctx.sin);
+        let use_fused = ctx.use_fused;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let h = self.input_layernorm.forward(x, use_fused)?;
+        let [q, k, v, o, gate, up, down] = &self.proj;
+        let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
+            lin.forward(&h, fwd)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let y = if use_fused {
+            // Query heads of one key/value head are stacked as rows: no repeated k/v.
+            let rope = |x: Tensor| fused::rope(&x, cos, sin);
+            let rep = nh / nkv;
+            let qh = rope(heads(q, nh)?)?.reshape((b, nkv, rep * t, hd))?;
+            let kh = rope(heads(k, nkv)?)?;
+            let vh = heads(v, nkv)?;
+            let att = fused::causal_softmax(&ops::matmul(&qh, &kh.t()?)?, scale, t)?;
+            ops::matmul(&att, &vh)?.reshape((b, nh, t, hd))?
+        } else {
+            let rope = |x: Tensor| -> Result<Tensor> {
+                x.broadcast_mul(cos)? + rotate_half(&x)?.broadcast_mul(sin)?
+            };
+            let qh = rope(heads(q, nh)?)?;
+            let kh = rope(heads(k, nkv)?)?;
+            let vh = heads(v, nkv)?;
+            let rep = nh / nkv;
+            let (kh, vh) = if rep > 1 {
+                let expand = |x: Tensor| -> Result<Tensor> {
+                    x.unsqueeze(2)?
+                        .broadcast_as((b, nkv, rep, t, hd))?
+                        .contiguous()?
+                        .reshape((b, nh, t, hd))
+                };
+                (expand(kh)?, expand(vh)?)
+            } else {
+                (kh, vh)
+            };
+            let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?
+                .broadcast_add(ctx.mask.as_ref().expect("composite path has a mask"))?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            att.matmul(&vh)?
+        };
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
+        let x = (x + o.forward(&y, fwd)?)?;
+        let h = self.post_attention_layernorm.forward(&x, use_fused)?;
+        let g = gate.forward(&h, fwd)?;
+        let u = up.forward(&h, fwd)?;
+        let gu = if use_fused {
+            fused::silu_mul(&g, &u)?
+        } else {
+            (g.silu()? * u)?
+        };
+        x + down.forward(&gu, fwd)?
+    }
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
@@ -114,73 +197,57 @@ impl Llama {
     /// Final-norm hidden states [B, T, hidden] for right-padded token ids [B, T].
     pub fn hidden_states(&self, ids: &Tensor, fwd: Forward) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
+        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
             .forward(ids)?;
+        let mut x = x.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope_tables(t)?;
-        let use_fused = self.use_fused_ops && fused::available(&self.embed_tokens);
+        let use_fused = self.use_fused_ops && fused::available(&x);
         let mask = if use_fused {
             None
         } else {
             Some(self.causal_mask(t)?)
         };
         let c = &self.cfg;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let ctx = Arc::new(BlockContext {
+            b,
+            t,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            cos,
+            sin,
+            mask,
+            use_fused,
+        });
+        let checkpoint = self.activation_checkpointing && fwd.grad;
         for layer in &self.layers {
-            let h = layer.input_layernorm.forward(&x, use_fused)?;
-            let [q, k, v, o, gate, up, down] = &layer.proj;
-            let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
-                lin.forward(&h, fwd)?
-                    .reshape((b, t, n, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let y = if use_fused {
-                // Query heads of one key/value head are stacked as rows: no repeated k/v.
-                let rope = |x: Tensor| fused::rope(&x, &cos, &sin);
-                let rep = nh / nkv;
-                let qh = rope(heads(q, nh)?)?.reshape((b, nkv, rep * t, hd))?;
-                let kh = rope(heads(k, nkv)?)?;
-                let vh = heads(v, nkv)?;
-                let att = fused::causal_softmax(&ops::matmul(&qh, &kh.t()?)?, scale, t)?;
-                ops::matmul(&att, &vh)?.reshape((b, nh, t, hd))?
+            x = if checkpoint {
+                super::checkpoint::checkpointed_block(layer, &x, fwd, &ctx)?
             } else {
-                let rope = |x: Tensor| -> Result<Tensor> {
-                    x.broadcast_mul(&cos)? + rotate_half(&x)?.broadcast_mul(&sin)?
-                };
-                let qh = rope(heads(q, nh)?)?;
-                let kh = rope(heads(k, nkv)?)?;
-                let vh = heads(v, nkv)?;
-                let rep = nh / nkv;
-                let (kh, vh) = if rep > 1 {
-                    let expand = |x: Tensor| -> Result<Tensor> {
-                        x.unsqueeze(2)?
-                            .broadcast_as((b, nkv, rep, t, hd))?
-                            .contiguous()?
-                            .reshape((b, nh, t, hd))
-                    };
-                    (expand(kh)?, expand(vh)?)
-                } else {
-                    (kh, vh)
-                };
-                let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?
-                    .broadcast_add(mask.as_ref().expect("composite path"))?;
-                let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-                att.matmul(&vh)?
+                layer.forward(&x, fwd, &ctx)?
             };
-            let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
-            x = (x + o.forward(&y, fwd)?)?;
-            let h = layer.post_attention_layernorm.forward(&x, use_fused)?;
-            let g = gate.forward(&h, fwd)?;
-            let u = up.forward(&h, fwd)?;
-            let gu = if use_fused {
-                fused::silu_mul(&g, &u)?
-            } else {
-                (g.silu()? * u)?
-            };
-            x = (x + down.forward(&gu, fwd)?)?;
         }
         self.norm.forward(&x, use_fused)
+    }
+
+    /// Stores the frozen matrices (projections, embeddings, an untied lm_head) in `dtype`,
+    /// leaving LoRA weights, norms and the compute dtype as they are. For the bf16 GEMM mode,
+    /// which rounds these weights to bf16 anyway: it then needs no f32 copy of them (SmolLM2's
+    /// published weights are bf16, so nothing is lost).
+    pub fn keep_frozen_weights_in(&mut self, dtype: DType) -> Result<()> {
+        let tied = self.cfg.tie_word_embeddings;
+        self.embed_tokens = self.embed_tokens.to_dtype(dtype)?;
+        self.lm_head = if tied {
+            self.embed_tokens.clone()
+        } else {
+            self.lm_head.to_dtype(dtype)?
+        };
+        for layer in &mut self.layers {
+            for lin in &mut layer.proj {
+                lin.weight = lin.weight.to_dtype(dtype)?;
+            }
+        }
+        Ok(())
     }
 
     /// Logits [N, vocab] for hidden rows [N, hidden].

@@ -415,5 +415,6 @@ pub fn load_llama(
         dtype,
         device: device.clone(),
         use_fused_ops: true,
+        activation_checkpointing: false,
     })
 }

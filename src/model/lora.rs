@@ -90,10 +90,15 @@ impl Linear {
         let dims = x.dims().to_vec();
         let k = dims[dims.len() - 1];
         let m = x.elem_count() / k;
-        let h = x.reshape((m, k))?.matmul(&lora.a.as_tensor().t()?)?;
-        let h = h
-            .matmul(&lora.b.as_tensor().t()?)?
-            .affine(lora.scale, 0.0)?;
+        // Without a gradient the pass must not record a graph: it would keep every
+        // intermediate of the whole pass alive until its result is dropped.
+        let (a, b) = if fwd.grad {
+            (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+        } else {
+            (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+        };
+        let h = x.reshape((m, k))?.matmul(&a.t()?)?;
+        let h = h.matmul(&b.t()?)?.affine(lora.scale, 0.0)?;
         let mut out_dims = dims[..dims.len() - 1].to_vec();
         out_dims.push(self.out_features());
         base + h.reshape(out_dims)?

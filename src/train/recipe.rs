@@ -14,6 +14,7 @@ use crate::config::{Config, DType as CfgDType};
 use crate::data::{self, KtoExample};
 use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
 use crate::model::adapter::{load_adapter_weights, read_adapter_spec, save_adapter};
+use crate::model::gemm::{self, GemmMode};
 use crate::model::{load_llama, resolve_model, DropoutKey, Forward, Llama, LoraSpec};
 use crate::util::atomic::{write_atomic, write_json_atomic};
 use anyhow::{bail, Context, Result};
@@ -93,7 +94,7 @@ pub fn build_policy(
     dev: &Device,
 ) -> Result<(Llama, LoraSpec)> {
     let dt = dtype(cfg.train.dtype);
-    match &cfg.lora.init_from {
+    let (mut model, spec) = match &cfg.lora.init_from {
         Some(dir) => {
             let dir = Path::new(dir);
             let (mut spec, _) = read_adapter_spec(dir)?;
@@ -101,13 +102,31 @@ pub fn build_policy(
             spec.seed = cfg.train.seed;
             let model = load_llama(files, dt, dev, Some(&spec))?;
             load_adapter_weights(&model, dir)?;
-            Ok((model, spec))
+            (model, spec)
         }
         None => {
             let spec = LoraSpec::from_config(&cfg.lora, cfg.train.seed);
-            Ok((load_llama(files, dt, dev, Some(&spec))?, spec))
+            (load_llama(files, dt, dev, Some(&spec))?, spec)
         }
+    };
+    model.activation_checkpointing = cfg.train.activation_checkpointing;
+    if model.device.is_cpu()
+        && model.dtype == DType::F32
+        && gemm::effective_mode(gemm::gemm_mode()) == GemmMode::Bf16
+    {
+        // bf16 products round the frozen weights anyway: keep only their bf16 copy.
+        model.keep_frozen_weights_in(DType::BF16)?;
     }
+    Ok((model, spec))
+}
+
+/// Applies `train.gemm` to the process-wide GEMM mode (`auto` leaves the environment's choice).
+pub fn apply_gemm_setting(cfg: &Config) -> Result<()> {
+    if cfg.train.gemm != "auto" {
+        let mode: GemmMode = cfg.train.gemm.parse().map_err(anyhow::Error::msg)?;
+        gemm::set_gemm_mode(mode);
+    }
+    Ok(())
 }
 
 pub fn lora_vars(model: &Llama) -> Vec<Var> {
@@ -286,7 +305,7 @@ fn open_reference_cache(
         model.dtype,
         model.use_fused_ops,
         model.device.location(),
-        crate::model::gemm::effective_mode(crate::model::gemm::gemm_mode()).as_str()
+        gemm::effective_mode(gemm::gemm_mode()).as_str()
     );
     let key = refcache::network_key(&inputs, &compute)?;
     Ok(Some(RefCache::open(&dir, key)?))
@@ -343,6 +362,7 @@ fn run_benchmarks(
 }
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
+    apply_gemm_setting(cfg)?;
     // 1. The run folder: refuse to clobber a finished run; find the checkpoint to resume.
     let out_dir = cfg.output.dir.clone();
     let adapter_dir = out_dir.join("adapter");

@@ -3,6 +3,7 @@
 use super::batch::MicroBatch;
 use super::refcache::{sequence_key, RefCache};
 use crate::loss::{LossHead, LossOutput, SequenceLogps};
+use crate::model::checkpoint;
 use crate::model::logprobs::{completion_logps, Sequence};
 use crate::model::{Forward, Llama};
 use anyhow::Result;
@@ -115,7 +116,10 @@ pub fn run_micro_batch(
         let g = Tensor::from_vec(loss.grad.clone(), loss.grad.len(), &model.device)?
             .to_dtype(model.dtype)?;
         let surrogate = (&policy.sums * &g)?.sum_all()?;
-        Some(surrogate.backward()?)
+        checkpoint::clear_block_grads();
+        let mut grads = surrogate.backward()?;
+        checkpoint::take_block_grads(&mut grads)?;
+        Some(grads)
     } else {
         None
     };
