@@ -31,16 +31,17 @@ pub fn checkpointed_block(
     x: &Tensor,
     fwd: Forward,
     ctx: &Arc<BlockContext>,
+    capture: Option<&mut Vec<(Tensor, Tensor)>>,
 ) -> Result<Tensor> {
-    let y = block.forward(&x.detach(), fwd.with_grad(false), ctx)?;
     let anchor = block
         .proj
         .iter()
         .find_map(|l| l.lora.as_ref().map(|lora| lora.a.as_tensor().clone()));
     let Some(anchor) = anchor else {
-        // Nothing trainable inside: the block only needs to pass dL/dy down.
-        return block.forward(x, fwd, ctx);
+        // Nothing trainable inside: an ordinary block passes dL/dy down.
+        return block.forward_ext(x, fwd, ctx, None, capture);
     };
+    let y = block.forward_ext(&x.detach(), fwd.with_grad(false), ctx, None, capture)?;
     let op = BlockCheckpoint {
         block: block.clone(),
         fwd,

@@ -236,11 +236,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------- Causal softmax
 
 /// softmax(scale * s + causal mask) over the last dim of scores [.., R, T], where row r is the
-/// query at position r % t_q (grouped-query attention stacks the query heads of one key/value
-/// head as rows, so keys and values are never repeated).
+/// query at position offset + r % t_q (grouped-query attention stacks the query heads of one
+/// key/value head as rows, so keys and values are never repeated; `offset` > 0 when the keys
+/// start with `offset` cached prompt positions).
 struct CausalSoftmax {
     scale: f64,
     t_q: usize,
+    offset: usize,
 }
 struct CausalSoftmaxBwd {
     scale: f64,
@@ -249,6 +251,7 @@ struct CausalSoftmaxBwd {
 fn csm_fwd<T: Fl>(
     scale: f64,
     t_q: usize,
+    offset: usize,
     ss: &CpuStorage,
     sl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
@@ -260,7 +263,7 @@ fn csm_fwd<T: Fl>(
         .zip(s.par_chunks(t))
         .enumerate()
         .for_each(|(row, (p, s))| {
-            let n = (row % t_q + 1).min(t);
+            let n = (offset + row % t_q + 1).min(t);
             let m = s[..n]
                 .iter()
                 .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale));
@@ -283,7 +286,7 @@ impl CustomOp1 for CausalSoftmax {
         "fused-causal-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(s, csm_fwd, self.scale, self.t_q, s, l)
+        by_dtype!(s, csm_fwd, self.scale, self.t_q, self.offset, s, l)
     }
     fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(p.apply_op2_no_bwd(
@@ -332,7 +335,20 @@ impl CustomOp2 for CausalSoftmaxBwd {
 }
 
 pub fn causal_softmax(scores: &Tensor, scale: f64, t_q: usize) -> Result<Tensor> {
-    scores.contiguous()?.apply_op1(CausalSoftmax { scale, t_q })
+    causal_softmax_after(scores, scale, t_q, 0)
+}
+
+/// [`causal_softmax`] for queries at positions offset.. over keys at positions 0.. (the first
+/// `offset` keys are a cached prompt).
+pub fn causal_softmax_after(
+    scores: &Tensor,
+    scale: f64,
+    t_q: usize,
+    offset: usize,
+) -> Result<Tensor> {
+    scores
+        .contiguous()?
+        .apply_op1(CausalSoftmax { scale, t_q, offset })
 }
 
 // ---------------------------------------------------------------- SwiGLU

@@ -79,10 +79,14 @@ pub struct BlockContext {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// RoPE tables [T, head_dim].
+    /// Positions already in the key/value prefix each block is given (0 without one); this
+    /// pass's tokens sit at positions offset..offset + T.
+    pub offset: usize,
+    /// RoPE tables [T, head_dim] for positions offset..offset + T.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Additive causal mask [T, T] for the composite path (the fused softmax masks itself).
+    /// Additive causal mask [T, offset + T] for the composite path (the fused softmax masks
+    /// itself).
     pub mask: Option<Tensor>,
     pub use_fused: bool,
 }
@@ -90,6 +94,20 @@ pub struct BlockContext {
 impl Block {
     /// One decoder block: x + attention(norm(x)), then + mlp(norm(.)).
     pub fn forward(&self, x: &Tensor, fwd: Forward, ctx: &BlockContext) -> Result<Tensor> {
+        self.forward_ext(x, fwd, ctx, None, None)
+    }
+
+    /// [`Block::forward`] with two extras for passes that share a prompt: `prefix` holds the
+    /// keys and values [B, kv_heads, ctx.offset, head_dim] of positions before this pass's
+    /// tokens; `capture` receives this block's keys and values (after RoPE, detached).
+    pub fn forward_ext(
+        &self,
+        x: &Tensor,
+        fwd: Forward,
+        ctx: &BlockContext,
+        prefix: Option<&(Tensor, Tensor)>,
+        capture: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (b, t, hd) = (ctx.b, ctx.t, ctx.head_dim);
         let (nh, nkv) = (ctx.heads, ctx.kv_heads);
         let (cos, sin) = (&ctx.cos, &ctx.sin);
@@ -103,29 +121,38 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()
         };
+        let rope = |x: Tensor| -> Result<Tensor> {
+            if use_fused {
+                fused::rope(&x, cos, sin)
+            } else {
+                x.broadcast_mul(cos)? + rotate_half(&x)?.broadcast_mul(sin)?
+            }
+        };
+        let qh = rope(heads(q, nh)?)?;
+        let kh = rope(heads(k, nkv)?)?;
+        let vh = heads(v, nkv)?;
+        if let Some(c) = capture {
+            c.push((kh.detach(), vh.detach()));
+        }
+        let (kh, vh) = match prefix {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &kh], 2)?, Tensor::cat(&[pv, &vh], 2)?),
+            None => (kh, vh),
+        };
+        let tk = ctx.offset + t;
+        let rep = nh / nkv;
         let y = if use_fused {
             // Query heads of one key/value head are stacked as rows: no repeated k/v.
-            let rope = |x: Tensor| fused::rope(&x, cos, sin);
-            let rep = nh / nkv;
-            let qh = rope(heads(q, nh)?)?.reshape((b, nkv, rep * t, hd))?;
-            let kh = rope(heads(k, nkv)?)?;
-            let vh = heads(v, nkv)?;
-            let att = fused::causal_softmax(&ops::matmul(&qh, &kh.t()?)?, scale, t)?;
+            let qh = qh.reshape((b, nkv, rep * t, hd))?;
+            let scores = ops::matmul(&qh, &kh.t()?)?;
+            let att = fused::causal_softmax_after(&scores, scale, t, ctx.offset)?;
             ops::matmul(&att, &vh)?.reshape((b, nh, t, hd))?
         } else {
-            let rope = |x: Tensor| -> Result<Tensor> {
-                x.broadcast_mul(cos)? + rotate_half(&x)?.broadcast_mul(sin)?
-            };
-            let qh = rope(heads(q, nh)?)?;
-            let kh = rope(heads(k, nkv)?)?;
-            let vh = heads(v, nkv)?;
-            let rep = nh / nkv;
             let (kh, vh) = if rep > 1 {
                 let expand = |x: Tensor| -> Result<Tensor> {
                     x.unsqueeze(2)?
-                        .broadcast_as((b, nkv, rep, t, hd))?
+                        .broadcast_as((b, nkv, rep, tk, hd))?
                         .contiguous()?
-                        .reshape((b, nh, t, hd))
+                        .reshape((b, nh, tk, hd))
                 };
                 (expand(kh)?, expand(vh)?)
             } else {
@@ -158,15 +185,16 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Llama {
-    /// cos/sin tables [T, head_dim] as transformers builds them (non-interleaved halves).
-    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos/sin tables [T, head_dim] for positions start..start + T, as transformers builds
+    /// them (non-interleaved halves).
+    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let d = self.cfg.head_dim;
         let inv: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / self.cfg.rope_theta.powf((2 * i) as f64 / d as f64))
             .collect();
         let mut cos = Vec::with_capacity(t * d);
         let mut sin = Vec::with_capacity(t * d);
-        for pos in 0..t {
+        for pos in start..start + t {
             for _ in 0..2 {
                 for f in &inv {
                     // transformers computes the angles in f32
@@ -181,31 +209,79 @@ impl Llama {
         Ok((cos, sin))
     }
 
-    fn causal_mask(&self, t: usize) -> Result<Tensor> {
-        let m: Vec<f32> = (0..t * t)
+    /// [T, offset + T]: query i (at position offset + i) sees keys 0..=offset + i.
+    fn causal_mask(&self, offset: usize, t: usize) -> Result<Tensor> {
+        let tk = offset + t;
+        let m: Vec<f32> = (0..t * tk)
             .map(|i| {
-                if i % t > i / t {
+                if i % tk > offset + i / tk {
                     f32::NEG_INFINITY
                 } else {
                     0.0
                 }
             })
             .collect();
-        Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)
+        Tensor::from_vec(m, (t, tk), &self.device)?.to_dtype(self.dtype)
     }
 
     /// Final-norm hidden states [B, T, hidden] for right-padded token ids [B, T].
     pub fn hidden_states(&self, ids: &Tensor, fwd: Forward) -> Result<Tensor> {
+        self.run_layers(ids, fwd, None, None)
+    }
+
+    /// [`Llama::hidden_states`], also returning every layer's keys and values
+    /// [B, kv_heads, T, head_dim] (detached), for [`Llama::hidden_states_after`].
+    pub fn hidden_states_capturing(
+        &self,
+        ids: &Tensor,
+        fwd: Forward,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let mut kv = Vec::with_capacity(self.layers.len());
+        let h = self.run_layers(ids, fwd, None, Some(&mut kv))?;
+        Ok((h, kv))
+    }
+
+    /// Hidden states of tokens `ids` [B, S] that continue a sequence whose first P positions
+    /// are given as each layer's keys and values `prefix` [B, kv_heads, P, head_dim] (from
+    /// [`Llama::hidden_states_capturing`]): the same values as a full pass over P + S tokens
+    /// gives at its last S positions, without recomputing the prefix. No checkpointing.
+    pub fn hidden_states_after(
+        &self,
+        ids: &Tensor,
+        fwd: Forward,
+        prefix: &[(Tensor, Tensor)],
+    ) -> Result<Tensor> {
+        if prefix.len() != self.layers.len() {
+            candle_core::bail!(
+                "hidden_states_after: {} prefix layers for {} layers",
+                prefix.len(),
+                self.layers.len()
+            );
+        }
+        self.run_layers(ids, fwd, Some(prefix), None)
+    }
+
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        fwd: Forward,
+        prefix: Option<&[(Tensor, Tensor)]>,
+        mut capture: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let offset = match prefix {
+            Some(p) if !p.is_empty() => p[0].0.dim(2)?,
+            _ => 0,
+        };
         let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
             .forward(ids)?;
         let mut x = x.to_dtype(self.dtype)?;
-        let (cos, sin) = self.rope_tables(t)?;
+        let (cos, sin) = self.rope_tables(offset, t)?;
         let use_fused = self.use_fused_ops && fused::available(&x);
         let mask = if use_fused {
             None
         } else {
-            Some(self.causal_mask(t)?)
+            Some(self.causal_mask(offset, t)?)
         };
         let c = &self.cfg;
         let ctx = Arc::new(BlockContext {
@@ -214,17 +290,20 @@ impl Llama {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
+            offset,
             cos,
             sin,
             mask,
             use_fused,
         });
-        let checkpoint = self.activation_checkpointing && fwd.grad;
-        for layer in &self.layers {
+        let checkpoint = self.activation_checkpointing && fwd.grad && prefix.is_none();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = prefix.map(|p| &p[i]);
+            let cap = capture.as_deref_mut();
             x = if checkpoint {
-                super::checkpoint::checkpointed_block(layer, &x, fwd, &ctx)?
+                super::checkpoint::checkpointed_block(layer, &x, fwd, &ctx, cap)?
             } else {
-                layer.forward(&x, fwd, &ctx)?
+                layer.forward_ext(&x, fwd, &ctx, kv, cap)?
             };
         }
         self.norm.forward(&x, use_fused)

@@ -42,6 +42,138 @@ pub fn completion_logps(
     fwd: Forward,
     want_logit_sums: bool,
 ) -> Result<CompletionLogps> {
+    Ok(run(model, seqs, fwd, want_logit_sums, false)?.0)
+}
+
+/// What a pass computed for its rows' positions (each layer's keys and values, with the rows'
+/// tokens): a later pass over sequences that start with the same tokens reuses it instead of
+/// recomputing those positions (the KL pass shares its prompts with the batch's examples).
+pub struct PrefixStates {
+    /// Per layer: keys, values [rows, kv_heads, T, head_dim].
+    kv: Vec<(Tensor, Tensor)>,
+    tokens: Vec<Vec<u32>>,
+}
+
+impl PrefixStates {
+    /// Leading positions of `seq` whose states row `row` holds and that `seq` may take from it:
+    /// the shared token prefix, short of the position before the first scored token (whose
+    /// hidden state the logits need).
+    pub fn reusable(&self, row: usize, seq: &Sequence) -> usize {
+        let shared = self.tokens[row]
+            .iter()
+            .zip(&seq.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        shared.min(seq.scored_positions().start.saturating_sub(1))
+    }
+}
+
+/// [`completion_logps`], also returning the pass's [`PrefixStates`].
+pub fn completion_logps_capturing(
+    model: &Llama,
+    seqs: &[Sequence],
+    fwd: Forward,
+    want_logit_sums: bool,
+) -> Result<(CompletionLogps, PrefixStates)> {
+    let (out, kv) = run(model, seqs, fwd, want_logit_sums, true)?;
+    let tokens = seqs.iter().map(|s| s.tokens.clone()).collect();
+    Ok((
+        out,
+        PrefixStates {
+            kv: kv.expect("captured"),
+            tokens,
+        },
+    ))
+}
+
+/// Completion log-prob sums (detached) of `seqs` under `fwd`, where sequence i takes the
+/// positions it shares with row `rows[i]` of `prefix` from there and computes only the rest.
+/// Sequences with no row, or nothing to share, get a full pass. The values equal
+/// [`completion_logps`]' up to rounding (and, with dropout, up to which mask the shared
+/// positions saw).
+pub fn completion_logp_sums_after(
+    model: &Llama,
+    seqs: &[Sequence],
+    fwd: Forward,
+    prefix: &PrefixStates,
+    rows: &[Option<usize>],
+) -> Result<Vec<f64>> {
+    let mut sums = vec![0.0; seqs.len()];
+    let mut full = Vec::new();
+    let dev = &model.device;
+    for (i, seq) in seqs.iter().enumerate() {
+        let (row, reuse) = match rows[i] {
+            Some(r) => (r, prefix.reusable(r, seq)),
+            None => (0, 0),
+        };
+        if reuse == 0 || seq.n_scored() == 0 {
+            full.push(i);
+            continue;
+        }
+        let kv = prefix
+            .kv
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.narrow(0, row, 1)?.narrow(2, 0, reuse)?,
+                    v.narrow(0, row, 1)?.narrow(2, 0, reuse)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rest = &seq.tokens[reuse..];
+        let ids = Tensor::from_vec(rest.to_vec(), (1, rest.len()), dev)?;
+        let hidden = model.hidden_states_after(&ids, fwd, &kv)?;
+        let pos = seq.scored_positions();
+        let rows_t: Vec<u32> = pos.clone().map(|p| (p - 1 - reuse) as u32).collect();
+        let targets: Vec<u32> = pos.map(|p| seq.tokens[p]).collect();
+        let h = hidden.dim(D::Minus1)?;
+        let logps = token_logps(model, &hidden.reshape((rest.len(), h))?, rows_t, targets)?.1;
+        sums[i] = logps.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    }
+    if !full.is_empty() {
+        let sub: Vec<Sequence> = full.iter().map(|&i| seqs[i].clone()).collect();
+        let got: Vec<f64> = completion_logps(model, &sub, fwd, false)?
+            .sums
+            .detach()
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
+        for (&i, v) in full.iter().zip(got) {
+            sums[i] = v;
+        }
+    }
+    Ok(sums)
+}
+
+/// Logits [n, vocab] and log-probs [n] of `targets` at hidden rows `rows` of `hidden` [N, h].
+fn token_logps(
+    model: &Llama,
+    hidden: &Tensor,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+) -> Result<(Tensor, Tensor)> {
+    let dev = &model.device;
+    let n = rows.len();
+    let sel = hidden.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+    let logits = model.logits(&sel)?;
+    let lp = if model.use_fused_ops && super::fused::available(&logits) {
+        super::fused::log_softmax_gather(&logits, &Tensor::from_vec(targets, n, dev)?)?
+    } else {
+        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
+        lsm.gather(&targets, 1)?.squeeze(1)?
+    };
+    Ok((logits, lp))
+}
+
+type Captured = Option<Vec<(Tensor, Tensor)>>;
+
+fn run(
+    model: &Llama,
+    seqs: &[Sequence],
+    fwd: Forward,
+    want_logit_sums: bool,
+    capture: bool,
+) -> Result<(CompletionLogps, Captured)> {
     let b = seqs.len();
     let t = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
     if b == 0 || t == 0 {
@@ -63,20 +195,24 @@ pub fn completion_logps(
     let dev = &model.device;
     let n = rows.len();
     let ids = Tensor::from_vec(ids, (b, t), dev)?;
-    let hidden = model.hidden_states(&ids, fwd)?;
+    let (hidden, kv) = if capture {
+        let (h, kv) = model.hidden_states_capturing(&ids, fwd)?;
+        (h, Some(kv))
+    } else {
+        (model.hidden_states(&ids, fwd)?, None)
+    };
     if n == 0 {
         let zeros = Tensor::zeros(b, model.dtype, dev)?;
-        return Ok(CompletionLogps {
+        let out = CompletionLogps {
             sums: zeros,
             token_logps: Tensor::zeros(0, model.dtype, dev)?,
             counts,
             logit_sums: want_logit_sums.then(|| vec![0.0; b]),
-        });
+        };
+        return Ok((out, kv));
     }
     let h = hidden.dim(D::Minus1)?;
-    let rows_t = Tensor::from_vec(rows, n, dev)?;
-    let sel = hidden.reshape((b * t, h))?.index_select(&rows_t, 0)?;
-    let logits = model.logits(&sel)?;
+    let (logits, token_logps) = token_logps(model, &hidden.reshape((b * t, h))?, rows, targets)?;
     let logit_sums = if want_logit_sums {
         let per_row: Vec<f64> = logits
             .detach()
@@ -93,13 +229,7 @@ pub fn completion_logps(
     } else {
         None
     };
-    let token_logps = if model.use_fused_ops && super::fused::available(&logits) {
-        super::fused::log_softmax_gather(&logits, &Tensor::from_vec(targets, n, dev)?)?
-    } else {
-        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-        lsm.gather(&targets, 1)?.squeeze(1)?
-    };
+    drop(logits);
     // Per-sequence sums as one small matmul with a 0/1 segment matrix (differentiable).
     let mut seg = vec![0f32; b * n];
     let mut k = 0;
@@ -111,10 +241,11 @@ pub fn completion_logps(
     }
     let seg = Tensor::from_vec(seg, (b, n), dev)?.to_dtype(model.dtype)?;
     let sums = seg.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?;
-    Ok(CompletionLogps {
+    let out = CompletionLogps {
         sums,
         token_logps,
         counts,
         logit_sums,
-    })
+    };
+    Ok((out, kv))
 }

@@ -1,10 +1,12 @@
-//! One micro-batch: policy, reference and KL passes, the loss head, and one backward pass of
+//! One micro-batch: reference, policy and KL passes, the loss head, and one backward pass of
 //! `sum_i (dL/dP_i) * P_i` (the loss head gives dL/dP in f64).
 use super::batch::MicroBatch;
 use super::refcache::{sequence_key, RefCache};
 use crate::loss::{LossHead, LossOutput, SequenceLogps};
 use crate::model::checkpoint;
-use crate::model::logprobs::{completion_logps, Sequence};
+use crate::model::logprobs::{
+    completion_logp_sums_after, completion_logps, completion_logps_capturing, Sequence,
+};
 use crate::model::{Forward, Llama};
 use anyhow::Result;
 use candle_core::backprop::GradStore;
@@ -23,42 +25,65 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// Reference log-probs (LoRA off, no gradient) for the batch's main and KL sequences, from the
-/// cache where it has them; the others are computed in one pass (and added to the cache).
+/// cache where it has them. The others are computed: the main sequences in one pass, then the
+/// KL sequences reusing that pass's states for the prompt they share with their example.
 pub fn reference_logps(
     model: &Llama,
     batch: &MicroBatch,
     mut cache: Option<&mut RefCache>,
 ) -> Result<(Vec<f64>, Option<Vec<f64>>)> {
-    let all: Vec<&Sequence> = batch
-        .seqs
-        .iter()
-        .chain(batch.kl_seqs.iter().flatten())
-        .collect();
-    let keys: Vec<u128> = all
-        .iter()
-        .map(|s| sequence_key(&s.tokens, s.prompt_len))
-        .collect();
-    let mut values: Vec<Option<f64>> = match cache.as_deref_mut() {
-        Some(c) => keys.iter().map(|k| c.get(*k)).collect(),
-        None => vec![None; all.len()],
+    let key = |s: &Sequence| sequence_key(&s.tokens, s.prompt_len);
+    let lookup = |seqs: &[Sequence], cache: &mut Option<&mut RefCache>| -> Vec<Option<f64>> {
+        match cache.as_deref_mut() {
+            Some(c) => seqs.iter().map(|s| c.get(key(s))).collect(),
+            None => vec![None; seqs.len()],
+        }
     };
-    let missing: Vec<usize> = (0..all.len()).filter(|&i| values[i].is_none()).collect();
+    let mut main = lookup(&batch.seqs, &mut cache);
+    let missing: Vec<usize> = (0..main.len()).filter(|&i| main[i].is_none()).collect();
+    let mut prefix = None;
     if !missing.is_empty() {
-        let seqs: Vec<Sequence> = missing.iter().map(|&i| all[i].clone()).collect();
-        let got = to_f64(&completion_logps(model, &seqs, Forward::REFERENCE, false)?.sums)?;
-        for (&i, v) in missing.iter().zip(got) {
-            values[i] = Some(v);
+        let seqs: Vec<Sequence> = missing.iter().map(|&i| batch.seqs[i].clone()).collect();
+        let (out, states) = completion_logps_capturing(model, &seqs, Forward::REFERENCE, false)?;
+        for (&i, v) in missing.iter().zip(to_f64(&out.sums)?) {
+            main[i] = Some(v);
             if let Some(c) = cache.as_deref_mut() {
-                c.insert(keys[i], v);
+                c.insert(key(&batch.seqs[i]), v);
             }
         }
+        prefix = Some((states, missing));
     }
-    let mut values: Vec<f64> = values.into_iter().map(|v| v.expect("filled")).collect();
-    let kl = batch
-        .kl_seqs
-        .as_ref()
-        .map(|_| values.split_off(batch.seqs.len()));
-    Ok((values, kl))
+    let kl = match &batch.kl_seqs {
+        None => None,
+        Some(kl_seqs) => {
+            let mut kl = lookup(kl_seqs, &mut cache);
+            let todo: Vec<usize> = (0..kl.len()).filter(|&i| kl[i].is_none()).collect();
+            if !todo.is_empty() {
+                let seqs: Vec<Sequence> = todo.iter().map(|&i| kl_seqs[i].clone()).collect();
+                // KL sequence i shares its prompt with example i, if that one was just computed.
+                let got = match &prefix {
+                    Some((states, computed)) => {
+                        let rows: Vec<Option<usize>> = todo
+                            .iter()
+                            .map(|&i| computed.iter().position(|&j| j == i))
+                            .collect();
+                        completion_logp_sums_after(model, &seqs, Forward::REFERENCE, states, &rows)?
+                    }
+                    None => {
+                        to_f64(&completion_logps(model, &seqs, Forward::REFERENCE, false)?.sums)?
+                    }
+                };
+                for (&i, v) in todo.iter().zip(got) {
+                    kl[i] = Some(v);
+                    if let Some(c) = cache.as_deref_mut() {
+                        c.insert(key(&kl_seqs[i]), v);
+                    }
+                }
+            }
+            Some(kl.into_iter().map(|v| v.expect("filled")).collect())
+        }
+    };
+    Ok((main.into_iter().map(|v| v.expect("filled")).collect(), kl))
 }
 
 /// Runs one micro-batch. `train`: policy in training mode (dropout per `fwd`), loss head state
@@ -74,16 +99,30 @@ pub fn run_micro_batch(
     train: bool,
     cache: Option<&mut RefCache>,
 ) -> Result<StepResult> {
-    // The no-gradient passes run first so that their memory is free before the policy pass
-    // builds its graph.
+    // The reference passes run first so that their memory is free before the policy pass
+    // builds its graph. The policy's KL pass runs after the policy pass: it reuses that pass's
+    // states for the prompts (TRL runs it as a separate full forward; with dropout, the shared
+    // prompt positions here see the policy pass's mask, which the detached KL estimate does not
+    // depend on in expectation).
     let (reference, reference_kl) = reference_logps(model, batch, cache)?;
+    let (policy, prompts) =
+        completion_logps_capturing(model, &batch.seqs, fwd.with_grad(train), true)?;
     let policy_kl = match (&batch.kl_seqs, head.needs_kl()) {
-        (Some(kl), true) => Some(to_f64(
-            &completion_logps(model, kl, kl_fwd.with_grad(false), false)?.sums,
-        )?),
+        (Some(kl), true) => {
+            let rows: Vec<Option<usize>> = (0..kl.len())
+                .map(|i| (i < batch.seqs.len()).then_some(i))
+                .collect();
+            Some(completion_logp_sums_after(
+                model,
+                kl,
+                kl_fwd.with_grad(false),
+                &prompts,
+                &rows,
+            )?)
+        }
         _ => None,
     };
-    let policy = completion_logps(model, &batch.seqs, fwd.with_grad(train), true)?;
+    drop(prompts);
     let logps = SequenceLogps {
         labels: batch.labels.clone(),
         policy: to_f64(&policy.sums)?,
