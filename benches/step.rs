@@ -2,7 +2,7 @@
 //! completion 256 tokens, LoRA r 16 alpha 32 on all seven projections, KTO with KL pairs.
 //!
 //!     cargo bench --bench step -- [--steps 3] [--warmup 1] [--prompt 256] [--completion 256] [--rank 16]
-//!         [--checkpointing 0|1] [--json]
+//!         [--checkpointing 0|1 (default 1, as the configs)] [--json]
 mod common;
 use common::{arg, WorkUnit};
 
@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     let (pl, cl) = (arg("--prompt", 256), arg("--completion", 256));
     let rank = arg("--rank", 16);
     let json = std::env::args().any(|a| a == "--json");
-    let ckpt = arg("--checkpointing", 0) == 1;
+    let ckpt = arg("--checkpointing", 1) == 1;
     let mut unit = WorkUnit::new(pl, cl, rank, ckpt)?;
     let mut times = Vec::new();
     for i in 0..warmup + steps {

@@ -16,16 +16,21 @@
 #
 # FLOPs per step, counted from the shapes (what the step executes; multiply-add = 2 FLOPs):
 #   B = 2 sequences, T = prompt + completion, S = B * completion (rows whose logits are taken),
+#   K = completion + 1 (tokens a KL pass computes: it reuses the example's prompt states),
 #   d = 960, L = 32, V = 49152,
 #   P_lin  = L * (d*d [q] + 2*d*320 [k,v] + d*d [o] + 3*d*2560 [gate, up, down]) = 314.6M
 #   P_lora = L * r * sum over the 7 projections of (in + out)                  = 8.7M at r 16
 #   F(lora) = 2*B*T*(P_lin + lora*P_lora)      linear layers
 #           + 4*B*T^2*d*L                       attention q@k^T and P@v (full T x T, as computed)
 #           + 2*S*d*V                           tied lm_head at the scored rows only
+#   KL(lora) = 2*B*K*(P_lin + lora*P_lora) + 4*B*K*T*d*L + 2*S*d*V
 #   backward (policy only, activation gradients; no frozen-weight gradients):
 #   Bwd     = 2*B*T*P_lin + 4*B*T*P_lora + 8*B*T^2*d*L + 2*S*d*V
-#   step    = 2*F(0) [reference: main + KL] + F(1) [policy KL, no grad] + F(1) [policy] + Bwd
-# (The issue's "irreducible" work leaves out the two reference passes: F(1) + F(1) + Bwd.)
+#   step    = F(0) + KL(0) [reference] + F(1) + KL(1) [policy] + Bwd
+#             + F(1) - 2*S*d*V with activation checkpointing (blocks recomputed in the backward)
+# (The issue's "irreducible" work leaves out the reference passes and the recomputation.)
+#
+# --checkpointing 0|1 (default 1, as configs/*.toml) sets activation checkpointing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +38,7 @@ steps=3
 warmup=1
 configs="256:256:16 512:512:16 1024:1024:16 256:256:8 256:256:64"
 backends="candle f32 bf16"
+ckpt=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) configs="256:256:16"; shift ;;
@@ -40,6 +46,7 @@ while [ $# -gt 0 ]; do
         --backends) backends="$2"; shift 2 ;;
         --steps) steps="$2"; shift 2 ;;
         --warmup) warmup="$2"; shift 2 ;;
+        --checkpointing) ckpt="$2"; shift 2 ;;
         -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -83,7 +90,7 @@ for cfg in $configs; do
         echo "== $prompt+$completion r$rank $be" >&2
         if ! KTO_TRAIN_GEMM="$mode" KTO_TRAIN_GEMM_VERBOSE=1 "$exe" --json --steps "$steps" \
             --warmup "$warmup" --prompt "$prompt" --completion "$completion" --rank "$rank" \
-            >"$work/out.json" 2>"$log"; then
+            --checkpointing "$ckpt" >"$work/out.json" 2>"$log"; then
             # Keep going: a configuration can run out of memory (at 1024+1024 tokens the step
             # needed more than this machine's 24 GB when this script was written).
             tail -5 "$log" >&2
@@ -105,31 +112,35 @@ for cfg in $configs; do
             match(s, /"prompt":[0-9]+/); p = substr(s, RSTART + 9, RLENGTH - 9)
             match(s, /"completion":[0-9]+/); c = substr(s, RSTART + 13, RLENGTH - 13)
             match(s, /"rank":[0-9]+/); r = substr(s, RSTART + 7, RLENGTH - 7)
-            B = 2; T = p + c; S = B * c; d = 960; L = 32; V = 49152; ff = 2560; kv = 320
+            ck = (s ~ /"checkpointing":true/) ? 1 : 0
+            B = 2; T = p + c; S = B * c; K = c + 1; d = 960; L = 32; V = 49152; ff = 2560; kv = 320
             plin = L * (d*d + 2*d*kv + d*d + 3*d*ff)
             plora = L * r * ((d+d) + 2*(d+kv) + (d+d) + 3*(d+ff))
             att = 4*B*T*T*d*L; head = 2*S*d*V
             f0 = 2*B*T*plin + att + head
             f1 = 2*B*T*(plin + plora) + att + head
+            kl0 = 2*B*K*plin + 4*B*K*T*d*L + head
+            kl1 = 2*B*K*(plin + plora) + 4*B*K*T*d*L + head
             bwd = 2*B*T*plin + 4*B*T*plora + 2*att + head
-            flops = 2*f0 + 2*f1 + bwd
+            flops = f0 + kl0 + f1 + kl1 + bwd + ck * (f1 - head)
             sub(/}$/, "", s)
             printf "%s,\"backend\":\"%s\",\"library\":\"%s\",\"tflop_per_step\":%.4f,\"irreducible_tflop\":%.4f,\"gflops\":%.1f}\n",
-                s, be, lib, flops / 1e12, (2*f1 + bwd) / 1e12, flops / sps / 1e9
+                s, be, lib, flops / 1e12, (f1 + kl1 + bwd) / 1e12, flops / sps / 1e9
         }' | tee -a "$results"
     done
 done
 
 echo
-echo "| tokens/step | rank | backend | s/step (median) | policy tokens/s | peak RSS | TFLOP/step | achieved GFLOP/s |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| tokens/step | rank | backend | checkpointing | s/step (median) | policy tokens/s | peak RSS | TFLOP/step | achieved GFLOP/s |"
+echo "|---|---|---|---|---|---|---|---|---|"
 awk '
 function num(k,   m) { if (match($0, "\"" k "\":[0-9.eE+-]+")) return substr($0, RSTART + length(k) + 3, RLENGTH - length(k) - 3); return "" }
 function str(k) { if (match($0, "\"" k "\":\"[^\"]*\"")) return substr($0, RSTART + length(k) + 4, RLENGTH - length(k) - 5); return "" }
 {
-    printf "| %d (%d+%d) x 2 | %d | %s | %.2f | %.0f | %.2f GB | %.2f | %.0f |\n",
+    ck = ($0 ~ /"checkpointing":true/) ? "on" : "off"
+    printf "| %d (%d+%d) x 2 | %d | %s | %s | %.2f | %.0f | %.2f GB | %.2f | %.0f |\n",
         2 * (num("prompt") + num("completion")), num("prompt"), num("completion"), num("rank"),
-        str("backend"), num("s_per_step"), num("tokens_per_s"), num("peak_rss_mb") / 1024,
+        str("backend"), ck, num("s_per_step"), num("tokens_per_s"), num("peak_rss_mb") / 1024,
         num("tflop_per_step"), num("gflops")
 }' "$results"
 if [ -s "$work/failed" ]; then

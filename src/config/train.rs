@@ -91,8 +91,8 @@ pub struct TrainConfig {
     pub reference_cache: String,
     /// Keep only each decoder block's input in the policy pass and recompute the block during
     /// the backward: activation memory of one block instead of all of them, for one more
-    /// forward of the policy (TRL's gradient_checkpointing).
-    #[serde(default)]
+    /// forward of the policy (TRL's gradient_checkpointing, on by default there too).
+    #[serde(default = "d_true")]
     pub activation_checkpointing: bool,
     /// Matrix products: `auto` (`$KTO_TRAIN_GEMM`, else `f32` in a `fast-gemm` build and
     /// `candle` otherwise), `candle`, `f32` or `bf16` (bf16 operands, f32 accumulation; the
@@ -151,6 +151,9 @@ fn d_keep() -> usize {
 }
 fn d_nonfinite() -> usize {
     5
+}
+fn d_true() -> bool {
+    true
 }
 fn d_gemm() -> String {
     "auto".into()
