@@ -12,11 +12,8 @@
 mod common;
 use candle_core::DType;
 use common::*;
-use kto_train::config::LossConfig;
-use kto_train::loss::{finalize_metrics, LossHead};
+use kto_train::loss::finalize_metrics;
 use kto_train::model::gemm::{self, GemmMode};
-use kto_train::model::Forward;
-use kto_train::train::step::run_micro_batch;
 use serde_json::Value;
 
 fn f64s(v: &Value) -> Vec<f64> {
@@ -44,30 +41,9 @@ fn trl_kto_step_in_bf16_mode_within_stated_bounds() {
     }
     gemm::set_gemm_mode(GemmMode::Bf16);
     let b: Value = kto_step_json();
-    let cfg = &b["trl_config"];
     let mut model = tiny_with_peft(DType::F32);
     model.keep_frozen_weights_in(DType::BF16).unwrap();
-    let batch = kto_step_batch(None);
-    let loss_cfg: LossConfig = toml::from_str(&format!(
-        "loss_type = \"{}\"\nbeta = {}\ndesirable_weight = {}\nundesirable_weight = {}",
-        cfg["loss_type"].as_str().unwrap(),
-        cfg["beta"],
-        cfg["desirable_weight"],
-        cfg["undesirable_weight"]
-    ))
-    .unwrap();
-    let mut head = LossHead::new(&loss_cfg);
-    let out = run_micro_batch(
-        &model,
-        &mut head,
-        &batch,
-        Forward::POLICY_EVAL,
-        Forward::POLICY_EVAL,
-        0,
-        true,
-        None,
-    )
-    .unwrap();
+    let out = run_trl_step(&model);
     let l = &out.logps;
     let mut worst_logp: f64 = 0.0;
     for (name, got) in [

@@ -2,10 +2,7 @@
 mod common;
 use candle_core::DType;
 use common::*;
-use kto_train::config::LossConfig;
-use kto_train::loss::{finalize_metrics, LossHead};
-use kto_train::model::Forward;
-use kto_train::train::step::run_micro_batch;
+use kto_train::loss::finalize_metrics;
 use serde_json::Value;
 
 fn f64s(v: &Value) -> Vec<f64> {
@@ -39,31 +36,9 @@ fn trl_kto_step_is_reproduced_with_activation_checkpointing() {
 
 fn check_trl_step(activation_checkpointing: bool) {
     let b: Value = kto_step_json();
-    let cfg = &b["trl_config"];
     let mut model = tiny_with_peft(DType::F32);
     model.activation_checkpointing = activation_checkpointing;
-    let batch = kto_step_batch(None);
-    let loss_cfg: LossConfig = toml::from_str(&format!(
-        "loss_type = \"{}\"\nbeta = {}\ndesirable_weight = {}\nundesirable_weight = {}",
-        cfg["loss_type"].as_str().unwrap(),
-        cfg["beta"],
-        cfg["desirable_weight"],
-        cfg["undesirable_weight"]
-    ))
-    .unwrap();
-    let mut head = LossHead::new(&loss_cfg);
-    // The adapter has dropout 0: training mode and evaluation mode are the same network.
-    let out = run_micro_batch(
-        &model,
-        &mut head,
-        &batch,
-        Forward::POLICY_EVAL,
-        Forward::POLICY_EVAL,
-        0,
-        true,
-        None,
-    )
-    .unwrap();
+    let out = run_trl_step(&model);
     let l = &out.logps;
     assert_close("policy_logps", &l.policy, &f64s(&b["policy_logps"]), 1e-3);
     assert_close(

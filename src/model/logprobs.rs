@@ -49,8 +49,8 @@ pub fn completion_logps(
 /// tokens): a later pass over sequences that start with the same tokens reuses it instead of
 /// recomputing those positions (the KL pass shares its prompts with the batch's examples).
 pub struct PrefixStates {
-    /// Per layer: keys, values [rows, kv_heads, T, head_dim].
-    kv: Vec<(Tensor, Tensor)>,
+    /// Per row, per layer: keys, values [1, kv_heads, T, head_dim].
+    kv: Vec<Vec<(Tensor, Tensor)>>,
     tokens: Vec<Vec<u32>>,
 }
 
@@ -110,15 +110,9 @@ pub fn completion_logp_sums_after(
             full.push(i);
             continue;
         }
-        let kv = prefix
-            .kv
+        let kv = prefix.kv[row]
             .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.narrow(0, row, 1)?.narrow(2, 0, reuse)?,
-                    v.narrow(0, row, 1)?.narrow(2, 0, reuse)?,
-                ))
-            })
+            .map(|(k, v)| Ok((k.narrow(2, 0, reuse)?, v.narrow(2, 0, reuse)?)))
             .collect::<Result<Vec<_>>>()?;
         let rest = &seq.tokens[reuse..];
         let ids = Tensor::from_vec(rest.to_vec(), (1, rest.len()), dev)?;
@@ -165,8 +159,13 @@ fn token_logps(
     Ok((logits, lp))
 }
 
-type Captured = Option<Vec<(Tensor, Tensor)>>;
+/// Per row, per layer: keys and values [1, kv_heads, T, head_dim].
+type Captured = Option<Vec<Vec<(Tensor, Tensor)>>>;
 
+/// One padded batch when the sequences are equally long (or not on a CPU, where batching pays
+/// more than padding costs); otherwise one pass per sequence, so that no position is padding:
+/// a CPU pass costs what its tokens cost, and padding the shorter sequence to the longer one
+/// would add those positions' whole work (more with attention, quadratic in length).
 fn run(
     model: &Llama,
     seqs: &[Sequence],
@@ -174,6 +173,65 @@ fn run(
     want_logit_sums: bool,
     capture: bool,
 ) -> Result<(CompletionLogps, Captured)> {
+    let same_len = seqs
+        .windows(2)
+        .all(|w| w[0].tokens.len() == w[1].tokens.len());
+    if same_len || !model.device.is_cpu() {
+        let (out, kv) = run_padded(model, seqs, fwd, want_logit_sums, capture)?;
+        let kv = match kv {
+            None => None,
+            Some(layers) => Some(
+                (0..seqs.len())
+                    .map(|i| {
+                        layers
+                            .iter()
+                            .map(|(k, v)| Ok((k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        };
+        return Ok((out, kv));
+    }
+    let mut sums = Vec::with_capacity(seqs.len());
+    let mut token_logps = Vec::with_capacity(seqs.len());
+    let mut counts = Vec::with_capacity(seqs.len());
+    let mut logit_sums = want_logit_sums.then(Vec::new);
+    let mut kv = capture.then(Vec::new);
+    for seq in seqs {
+        let (out, k) = run_padded(
+            model,
+            std::slice::from_ref(seq),
+            fwd,
+            want_logit_sums,
+            capture,
+        )?;
+        sums.push(out.sums);
+        token_logps.push(out.token_logps);
+        counts.extend(out.counts);
+        if let (Some(all), Some(one)) = (logit_sums.as_mut(), out.logit_sums) {
+            all.extend(one);
+        }
+        if let (Some(all), Some(one)) = (kv.as_mut(), k) {
+            all.push(one);
+        }
+    }
+    let out = CompletionLogps {
+        sums: Tensor::cat(&sums, 0)?,
+        token_logps: Tensor::cat(&token_logps, 0)?,
+        counts,
+        logit_sums,
+    };
+    Ok((out, kv))
+}
+
+fn run_padded(
+    model: &Llama,
+    seqs: &[Sequence],
+    fwd: Forward,
+    want_logit_sums: bool,
+    capture: bool,
+) -> Result<(CompletionLogps, Option<Vec<(Tensor, Tensor)>>)> {
     let b = seqs.len();
     let t = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
     if b == 0 || t == 0 {

@@ -111,3 +111,31 @@ pub fn kto_step_batch(trim: Option<(usize, usize)>) -> kto_train::train::batch::
             .collect(),
     }
 }
+
+/// One training micro-batch of the TRL step fixture on `model`, with TRL's loss settings (the
+/// adapter has dropout 0: training and evaluation mode are the same network).
+pub fn run_trl_step(model: &Llama) -> kto_train::train::step::StepResult {
+    use kto_train::model::Forward;
+    let b = kto_step_json();
+    let cfg = &b["trl_config"];
+    let loss_cfg: kto_train::config::LossConfig = toml::from_str(&format!(
+        "loss_type = \"{}\"\nbeta = {}\ndesirable_weight = {}\nundesirable_weight = {}",
+        cfg["loss_type"].as_str().unwrap(),
+        cfg["beta"],
+        cfg["desirable_weight"],
+        cfg["undesirable_weight"]
+    ))
+    .unwrap();
+    let mut head = kto_train::loss::LossHead::new(&loss_cfg);
+    kto_train::train::step::run_micro_batch(
+        model,
+        &mut head,
+        &kto_step_batch(None),
+        Forward::POLICY_EVAL,
+        Forward::POLICY_EVAL,
+        0,
+        true,
+        None,
+    )
+    .unwrap()
+}
