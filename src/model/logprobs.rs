@@ -50,7 +50,7 @@ pub fn completion_logps(
 /// recomputing those positions (the KL pass shares its prompts with the batch's examples).
 pub struct PrefixStates {
     /// Per row, per layer: keys, values [1, kv_heads, T, head_dim].
-    kv: Vec<Vec<(Tensor, Tensor)>>,
+    kv: Vec<LayerStates>,
     tokens: Vec<Vec<u32>>,
 }
 
@@ -159,8 +159,10 @@ fn token_logps(
     Ok((logits, lp))
 }
 
-/// Per row, per layer: keys and values [1, kv_heads, T, head_dim].
-type Captured = Option<Vec<Vec<(Tensor, Tensor)>>>;
+/// Per layer: keys and values [rows, kv_heads, T, head_dim].
+type LayerStates = Vec<(Tensor, Tensor)>;
+/// Per row: its [`LayerStates`] with rows = 1.
+type Captured = Option<Vec<LayerStates>>;
 
 /// One padded batch when the sequences are equally long (or not on a CPU, where batching pays
 /// more than padding costs); otherwise one pass per sequence, so that no position is padding:
@@ -231,7 +233,7 @@ fn run_padded(
     fwd: Forward,
     want_logit_sums: bool,
     capture: bool,
-) -> Result<(CompletionLogps, Option<Vec<(Tensor, Tensor)>>)> {
+) -> Result<(CompletionLogps, Option<LayerStates>)> {
     let b = seqs.len();
     let t = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
     if b == 0 || t == 0 {
