@@ -16,14 +16,6 @@ use kto_train::loss::finalize_metrics;
 use kto_train::model::gemm::{self, GemmMode};
 use serde_json::Value;
 
-fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 fn max_err(got: &[f64], want: &[f64]) -> f64 {
     got.iter()
         .zip(want)

@@ -67,6 +67,15 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// fixtures/kto-step/batch.json as parsed JSON.
+/// A JSON array of numbers.
+pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
 pub fn kto_step_json() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("kto-step/batch.json")).unwrap()).unwrap()
 }
