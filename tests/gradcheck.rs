@@ -11,29 +11,40 @@ use kto_train::train::batch::MicroBatch;
 use kto_train::train::step::{reference_logps, run_micro_batch};
 
 /// Loss as a function of the current LoRA weights, z held at its value from `fixed` (TRL detaches z).
-fn loss_at(model: &Llama, head: &LossHead, batch: &MicroBatch, fixed: &SequenceLogps) -> f64 {
-    let p = completion_logps(model, &batch.seqs, Forward::POLICY_EVAL, false).unwrap();
+fn loss_at(
+    model: &Llama,
+    head: &LossHead,
+    batch: &MicroBatch,
+    fixed: &SequenceLogps,
+    fwd: Forward,
+) -> f64 {
+    // No gradient: the composite LoRA form, independent of the one-node form the gradient
+    // pass uses (src/model/lora.rs).
+    let p = completion_logps(model, &batch.seqs, fwd.with_grad(false), false).unwrap();
     let mut s = fixed.clone();
     s.policy = p.sums.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
     head.eval_batch(&s, 0).unwrap().loss
 }
 
 pub fn check_gradients(loss_toml: &str) {
-    let model = tiny_with_peft(DType::F64);
+    check_gradients_with(loss_toml, Forward::POLICY_EVAL, 0.0);
+}
+
+/// With `dropout` > 0 and a training `fwd`, the masks are a pure function of the dropout key,
+/// so the loss is still a deterministic function of the LoRA weights.
+fn check_gradients_with(loss_toml: &str, fwd: Forward, dropout: f64) {
+    let mut model = tiny_with_peft(DType::F64);
+    for layer in &mut model.layers {
+        for lin in &mut layer.proj {
+            if let Some(l) = lin.lora.as_mut() {
+                l.dropout = dropout;
+            }
+        }
+    }
     let cfg: LossConfig = toml::from_str(loss_toml).unwrap();
     let batch = kto_step_batch(Some((24, 16)));
     let mut head = LossHead::new(&cfg);
-    let out = run_micro_batch(
-        &model,
-        &mut head,
-        &batch,
-        Forward::POLICY_EVAL,
-        Forward::POLICY_EVAL,
-        0,
-        true,
-        None,
-    )
-    .unwrap();
+    let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, 0, true, None).unwrap();
     let grads = out.grads.unwrap();
     let (reference, reference_kl) = reference_logps(&model, &batch, None).unwrap();
     assert_eq!(reference, out.logps.reference);
@@ -55,7 +66,7 @@ pub fn check_gradients(loss_toml: &str) {
                     let mut v: Vec<Vec<f64>> = orig.to_vec2().unwrap();
                     v[r][c] += d;
                     var.set(&Tensor::new(v, &model.device).unwrap()).unwrap();
-                    let l = loss_at(&model, &head, &batch, &out.logps);
+                    let l = loss_at(&model, &head, &batch, &out.logps, fwd);
                     var.set(&orig).unwrap();
                     l
                 };
@@ -77,6 +88,12 @@ pub fn check_gradients(loss_toml: &str) {
 #[test]
 fn kto_gradient_matches_finite_differences() {
     check_gradients("loss_type = \"kto\"\nbeta = 0.1");
+}
+
+#[test]
+fn kto_gradient_with_lora_dropout_matches_finite_differences() {
+    let fwd = Forward::train(kto_train::model::DropoutKey { seed: 3, pass: 11 });
+    check_gradients_with("loss_type = \"kto\"\nbeta = 0.1", fwd, 0.2);
 }
 
 #[test]

@@ -14,7 +14,6 @@
 //! of the block's LoRA weights: it makes the op part of the graph even when its input is not.
 use super::llama::{Block, BlockContext};
 use super::lora::Forward;
-use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Var};
 use std::cell::RefCell;
@@ -68,22 +67,6 @@ struct BlockCheckpoint {
     ctx: Arc<BlockContext>,
 }
 
-fn copy_out(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-    fn slice<T: Clone>(v: &[T], l: &Layout) -> Result<Vec<T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(v[a..b].to_vec()),
-            None => candle_core::bail!("checkpoint: block output is not contiguous"),
-        }
-    }
-    Ok(match s {
-        CpuStorage::F32(v) => CpuStorage::F32(slice(v, l)?),
-        CpuStorage::F64(v) => CpuStorage::F64(slice(v, l)?),
-        CpuStorage::BF16(v) => CpuStorage::BF16(slice(v, l)?),
-        CpuStorage::F16(v) => CpuStorage::F16(slice(v, l)?),
-        _ => candle_core::bail!("checkpoint: unsupported dtype {:?}", s.dtype()),
-    })
-}
-
 impl CustomOp3 for BlockCheckpoint {
     fn name(&self) -> &'static str {
         "checkpointed-block"
@@ -98,7 +81,7 @@ impl CustomOp3 for BlockCheckpoint {
         _anchor: &CpuStorage,
         _la: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Ok((copy_out(y, ly)?, ly.shape().clone()))
+        Ok((super::ops::owned_copy(y, ly)?, ly.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -111,6 +94,7 @@ impl CustomOp3 for BlockCheckpoint {
         _anchor: &candle_core::CudaStorage,
         _la: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
         let mut out = y.device().zeros_impl(ly.shape(), y.dtype())?;
         y.copy_strided_src(&mut out, 0, ly)?;
         Ok((out, ly.shape().clone()))

@@ -1,8 +1,12 @@
 //! LoRA: y = W x + scale * B (A dropout(x)), with W frozen and A, B trainable (PEFT's math).
-use super::ops::frozen_linear;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use super::gemm::{self, GemmMode};
+use super::ops::{self, frozen_linear, frozen_linear_with};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::sync::Mutex;
 
 /// Which network runs: the policy (LoRA on) or the reference (LoRA off, same weights).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,17 +83,24 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, fwd: Forward) -> Result<Tensor> {
-        let base = frozen_linear(x, &self.weight)?;
         let Some(lora) = self.lora.as_ref().filter(|_| fwd.lora) else {
-            return Ok(base);
-        };
-        let x = match fwd.dropout {
-            Some(key) if lora.dropout > 0.0 => dropout(x, lora.dropout, key, self.module_index)?,
-            _ => x.clone(),
+            return frozen_linear(x, &self.weight);
         };
         let dims = x.dims().to_vec();
         let k = dims[dims.len() - 1];
         let m = x.elem_count() / k;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(self.out_features());
+        let x2 = x.reshape((m, k))?;
+        let mask = match fwd.dropout {
+            Some(key) if lora.dropout > 0.0 => {
+                Some(dropout_mask(&x2, lora.dropout, key, self.module_index)?)
+            }
+            _ => None,
+        };
+        if fwd.grad && super::fused::available(x) {
+            return self.lora_node(&x2, lora, mask)?.reshape(out_dims);
+        }
         // Without a gradient the pass must not record a graph: it would keep every
         // intermediate of the whole pass alive until its result is dropped.
         let (a, b) = if fwd.grad {
@@ -97,11 +108,115 @@ impl Linear {
         } else {
             (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
         };
-        let h = x.reshape((m, k))?.matmul(&a.t()?)?;
-        let h = h.matmul(&b.t()?)?.affine(lora.scale, 0.0)?;
-        let mut out_dims = dims[..dims.len() - 1].to_vec();
-        out_dims.push(self.out_features());
-        base + h.reshape(out_dims)?
+        let xd = match &mask {
+            Some(mask) => apply_mask(&x2, mask)?,
+            None => x2.clone(),
+        };
+        let y = (frozen_linear(&x2, &self.weight)? + lora_branch(&xd, &a, &b, lora.scale)?)?;
+        y.reshape(out_dims)
+    }
+
+    /// The whole projection as one node of the backprop graph (CPU): candle's backward zero-fills
+    /// and adds a gradient buffer for every node, and the composite form has about ten nodes per
+    /// projection (reshapes, transposes, two products, scale, add). The value is computed by
+    /// the same ops as the composite form; [`LoraNode`] only holds what its backward needs.
+    fn lora_node(&self, x2: &Tensor, lora: &Lora, mask: Option<Tensor>) -> Result<Tensor> {
+        let mode = gemm::gemm_mode();
+        let xv = x2.detach();
+        let xd = match &mask {
+            Some(mask) => apply_mask(&xv, mask)?,
+            None => xv.clone(),
+        };
+        let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
+        let y =
+            (frozen_linear_with(&xv, &self.weight, mode)? + lora_branch(&xd, &a, &b, lora.scale)?)?;
+        let node = LoraNode {
+            w: self.weight.clone(),
+            mode,
+            scale: lora.scale,
+            mask,
+            value: Mutex::new(Some(y)),
+        };
+        x2.apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), node)
+    }
+}
+
+/// scale * (xd A^T) B^T.
+fn lora_branch(xd: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    ops::matmul(&ops::matmul(xd, &a.t()?)?, &b.t()?)?.affine(scale, 0.0)
+}
+
+fn apply_mask(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if super::fused::available(x) {
+        super::fused::mul_const(x, mask)
+    } else {
+        x.mul(mask)
+    }
+}
+
+/// y = x W^T + s (m * x) A^T B^T for x [M, K], A [r, K], B [N, r], frozen W and dropout mask m.
+struct LoraNode {
+    w: Tensor,
+    mode: GemmMode,
+    scale: f64,
+    mask: Option<Tensor>,
+    /// The forward's value, handed to candle once by `cpu_fwd`.
+    value: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for LoraNode {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _lx: &Layout,
+        _a: &CpuStorage,
+        _la: &Layout,
+        _b: &CpuStorage,
+        _lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lora-linear: poisoned".into()))?
+            .take();
+        let Some(y) = y else {
+            candle_core::bail!("lora-linear: forward value already taken");
+        };
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((ops::owned_copy(s, layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("lora-linear: CPU only"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.contiguous()?);
+        let gb = ops::matmul(&g, &b)?; // [M, r]
+        let dxd = ops::matmul(&gb, &a)?.affine(self.scale, 0.0)?;
+        let xd = match &self.mask {
+            Some(mask) => apply_mask(&x, mask)?,
+            None => x,
+        };
+        let dxd = match &self.mask {
+            Some(mask) => apply_mask(&dxd, mask)?,
+            None => dxd,
+        };
+        let dx = (ops::frozen_linear_input_grad(&g, &self.w, self.mode)? + dxd)?;
+        let h = ops::matmul(&xd, &a.t()?)?; // [M, r]
+        let da = ops::matmul(&gb.t()?, &xd)?.affine(self.scale, 0.0)?;
+        let db = ops::matmul(&g.t()?, &h)?.affine(self.scale, 0.0)?;
+        Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
@@ -113,8 +228,8 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Inverted dropout with a mask drawn from (seed, pass, module).
-fn dropout(x: &Tensor, p: f64, key: DropoutKey, module: u64) -> Result<Tensor> {
+/// The inverted-dropout mask (0 or 1/(1-p)) for `x`'s shape, drawn from (seed, pass, module).
+fn dropout_mask(x: &Tensor, p: f64, key: DropoutKey, module: u64) -> Result<Tensor> {
     let seed = mix(mix(mix(key.seed) ^ key.pass) ^ module);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
@@ -133,12 +248,7 @@ fn dropout(x: &Tensor, p: f64, key: DropoutKey, module: u64) -> Result<Tensor> {
             }
         }
     }
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    if super::fused::available(x) {
-        super::fused::mul_const(x, &mask)
-    } else {
-        x.mul(&mask)
-    }
+    Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
 }
 
 /// PEFT's fresh LoRA init: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5)), B = 0.

@@ -569,3 +569,21 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
     }
     a.apply_op2(b, FastMatmul { mode })
 }
+
+/// An owned copy of the elements a contiguous layout addresses (custom ops that hand out a value
+/// computed elsewhere).
+pub fn owned_copy(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    fn slice<T: Clone>(v: &[T], l: &Layout) -> Result<Vec<T>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(v[a..b].to_vec()),
+            None => candle_core::bail!("owned_copy: layout is not contiguous"),
+        }
+    }
+    Ok(match s {
+        CpuStorage::F32(v) => CpuStorage::F32(slice(v, l)?),
+        CpuStorage::F64(v) => CpuStorage::F64(slice(v, l)?),
+        CpuStorage::BF16(v) => CpuStorage::BF16(slice(v, l)?),
+        CpuStorage::F16(v) => CpuStorage::F16(slice(v, l)?),
+        _ => candle_core::bail!("owned_copy: unsupported dtype {:?}", s.dtype()),
+    })
+}
