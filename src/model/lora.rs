@@ -2,7 +2,7 @@
 use super::gemm::{self, GemmMode};
 use super::ops::{self, frozen_linear, frozen_linear_with};
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
+    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, D,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -99,7 +99,7 @@ impl Linear {
             _ => None,
         };
         if fwd.grad && super::fused::available(x) {
-            return self.lora_node(&x2, lora, mask)?.reshape(out_dims);
+            return self.lora_node(x, &x2, lora, mask, &out_dims);
         }
         // Without a gradient the pass must not record a graph: it would keep every
         // intermediate of the whole pass alive until its result is dropped.
@@ -120,7 +120,16 @@ impl Linear {
     /// and adds a gradient buffer for every node, and the composite form has about ten nodes per
     /// projection (reshapes, transposes, two products, scale, add). The value is computed by
     /// the same ops as the composite form; [`LoraNode`] only holds what its backward needs.
-    fn lora_node(&self, x2: &Tensor, lora: &Lora, mask: Option<Tensor>) -> Result<Tensor> {
+    /// `x` is the input as given (any leading dims), `x2` its [M, K] view: the node takes `x`
+    /// itself, since every reshape node would cost its own zero-fill and add in the backward.
+    fn lora_node(
+        &self,
+        x: &Tensor,
+        x2: &Tensor,
+        lora: &Lora,
+        mask: Option<Tensor>,
+        out_dims: &[usize],
+    ) -> Result<Tensor> {
         let mode = gemm::gemm_mode();
         let xv = x2.detach();
         let xd = match &mask {
@@ -128,8 +137,9 @@ impl Linear {
             None => xv.clone(),
         };
         let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
-        let y =
-            (frozen_linear_with(&xv, &self.weight, mode)? + lora_branch(&xd, &a, &b, lora.scale)?)?;
+        let y = (frozen_linear_with(&xv, &self.weight, mode)?
+            + lora_branch(&xd, &a, &b, lora.scale)?)?
+        .reshape(out_dims)?;
         let node = LoraNode {
             w: self.weight.clone(),
             mode,
@@ -137,7 +147,7 @@ impl Linear {
             mask,
             value: Mutex::new(Some(y)),
         };
-        x2.apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), node)
+        x.apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), node)
     }
 }
 
@@ -201,7 +211,13 @@ impl CustomOp3 for LoraNode {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.contiguous()?);
+        // Computed on [M, K] / [M, N] views; dx is returned in x's own shape.
+        let k = x.dim(D::Minus1)?;
+        let n = g.dim(D::Minus1)?;
+        let m = x.elem_count() / k;
+        let x_dims = x.dims().to_vec();
+        let (x, a, b) = (x.detach().reshape((m, k))?, a.detach(), b.detach());
+        let g = g.contiguous()?.reshape((m, n))?;
         let gb = ops::matmul(&g, &b)?; // [M, r]
         let dxd = ops::matmul(&gb, &a)?.affine(self.scale, 0.0)?;
         let xd = match &self.mask {
@@ -212,7 +228,7 @@ impl CustomOp3 for LoraNode {
             Some(mask) => apply_mask(&dxd, mask)?,
             None => dxd,
         };
-        let dx = (ops::frozen_linear_input_grad(&g, &self.w, self.mode)? + dxd)?;
+        let dx = (ops::frozen_linear_input_grad(&g, &self.w, self.mode)? + dxd)?.reshape(x_dims)?;
         let h = ops::matmul(&xd, &a.t()?)?; // [M, r]
         let da = ops::matmul(&gb.t()?, &xd)?.affine(self.scale, 0.0)?;
         let db = ops::matmul(&g.t()?, &h)?.affine(self.scale, 0.0)?;
