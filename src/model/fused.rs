@@ -338,6 +338,13 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, t_q: usize) -> Result<Tensor>
     causal_softmax_after(scores, scale, t_q, 0)
 }
 
+/// The gradient of the pre-scale scores from the probabilities `p` of [`causal_softmax`] and the
+/// probabilities' gradient `dp`: scale * p (dp - sum_j dp_j p_j).
+pub fn causal_softmax_grad(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+    p.contiguous()?
+        .apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxBwd { scale })
+}
+
 /// [`causal_softmax`] for queries at positions offset.. over keys at positions 0.. (the first
 /// `offset` keys are a cached prompt).
 pub fn causal_softmax_after(

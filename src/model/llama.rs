@@ -4,7 +4,7 @@
 use super::config::LlamaConfig;
 use super::fused;
 use super::lora::{Forward, Linear};
-use super::ops::{self, frozen_linear};
+use super::ops::frozen_linear;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use std::sync::Arc;
 
@@ -143,9 +143,8 @@ impl Block {
         let y = if use_fused {
             // Query heads of one key/value head are stacked as rows: no repeated k/v.
             let qh = qh.reshape((b, nkv, rep * t, hd))?;
-            let scores = ops::matmul(&qh, &kh.t()?)?;
-            let att = fused::causal_softmax_after(&scores, scale, t, ctx.offset)?;
-            ops::matmul(&att, &vh)?.reshape((b, nh, t, hd))?
+            super::attention::causal_attention(&qh, &kh, &vh, scale, t, ctx.offset)?
+                .reshape((b, nh, t, hd))?
         } else {
             let (kh, vh) = if rep > 1 {
                 let expand = |x: Tensor| -> Result<Tensor> {

@@ -1,6 +1,7 @@
 //! The Llama network with LoRA layers, its loading (local folder, HF cache, hub), PEFT adapter
 //! files, and sequence log-probs shared by training and scoring.
 pub mod adapter;
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod fused;

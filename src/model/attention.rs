@@ -1,0 +1,93 @@
+//! Causal attention softmax(scale q k^T + mask) v as one backprop node (CPU, fused path).
+//!
+//! As separate ops (two products and the softmax) the graph keeps the scores and the
+//! probabilities of every layer, and candle's backward zero-fills and adds a gradient buffer of
+//! that size for each: [B, heads, T, T], the largest tensors of a step. The node keeps only the
+//! probabilities and computes its three input gradients by hand.
+use super::fused;
+use super::ops;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+/// q [.., R, d] (R = query rows: query heads of one key/value head stacked, position
+/// offset + r % t_q), k and v [.., T_k, d] -> [.., R, d].
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    t_q: usize,
+    offset: usize,
+) -> Result<Tensor> {
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let p = fused::causal_softmax_after(&ops::matmul(&qd, &kd.t()?)?, scale, t_q, offset)?;
+    let out = ops::matmul(&p, &vd)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(
+        k,
+        v,
+        AttentionNode {
+            p,
+            scale,
+            value: Mutex::new(Some(out)),
+        },
+    )
+}
+
+struct AttentionNode {
+    /// Probabilities [.., R, T_k] (zero where masked).
+    p: Tensor,
+    scale: f64,
+    /// The forward's value, handed to candle once by `cpu_fwd`.
+    value: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for AttentionNode {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _q: &CpuStorage,
+        _lq: &Layout,
+        _k: &CpuStorage,
+        _lk: &Layout,
+        _v: &CpuStorage,
+        _lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("causal-attention: poisoned".into()))?
+            .take();
+        let Some(out) = out else {
+            candle_core::bail!("causal-attention: forward value already taken");
+        };
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((ops::owned_copy(s, layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("causal-attention: CPU only"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.contiguous()?);
+        let dp = ops::matmul(&g, &v.t()?)?;
+        // dS = scale * P (dP - rowsum(dP * P)), zero where masked.
+        let ds = fused::causal_softmax_grad(&self.p, &dp, self.scale)?;
+        let dq = ops::matmul(&ds, &k)?;
+        let dk = ops::matmul(&ds.t()?, &q)?;
+        let dv = ops::matmul(&self.p.t()?, &g)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
