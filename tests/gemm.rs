@@ -513,3 +513,22 @@ fn bf16_weights_are_used_as_they_are() {
     let scale = abs_scale(&g, &w32.t().unwrap());
     assert!(max_scaled_err(&dxv, &dx16, &scale) < F32_TOL);
 }
+
+#[test]
+fn add_product_accumulates_the_lora_branch() {
+    // acc + h @ b^T, accumulated in place by the library (beta = 1) when it is loaded.
+    let mut r = rng(21);
+    let acc = rand_tensor(&mut r, &[M, 96], 1.0);
+    let h = rand_tensor(&mut r, &[M, 16], 1.0);
+    let b = rand_tensor(&mut r, &[96, 16], 0.1);
+    let want = (acc.to_dtype(DType::F64).unwrap()
+        + h.to_dtype(DType::F64)
+            .unwrap()
+            .matmul(&b.to_dtype(DType::F64).unwrap().t().unwrap())
+            .unwrap())
+    .unwrap();
+    let scale = (abs_scale(&h, &b) + acc.abs().unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+    let got = kto_train::model::ops::add_product(acc.copy().unwrap(), &h, &b).unwrap();
+    let err = max_scaled_err(&got, &want.to_dtype(DType::F32).unwrap(), &scale);
+    assert!(err < F32_TOL, "add_product: {err:e}");
+}

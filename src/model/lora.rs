@@ -112,8 +112,8 @@ impl Linear {
             Some(mask) => apply_mask(&x2, mask)?,
             None => x2.clone(),
         };
-        let y = (frozen_linear(&x2, &self.weight)? + lora_branch(&xd, &a, &b, lora.scale)?)?;
-        y.reshape(out_dims)
+        add_lora_branch(frozen_linear(&x2, &self.weight)?, &xd, &a, &b, lora.scale)?
+            .reshape(out_dims)
     }
 
     /// The whole projection as one node of the backprop graph (CPU): candle's backward zero-fills
@@ -137,9 +137,8 @@ impl Linear {
             None => xv.clone(),
         };
         let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
-        let y = (frozen_linear_with(&xv, &self.weight, mode)?
-            + lora_branch(&xd, &a, &b, lora.scale)?)?
-        .reshape(out_dims)?;
+        let base = frozen_linear_with(&xv, &self.weight, mode)?;
+        let y = add_lora_branch(base, &xd, &a, &b, lora.scale)?.reshape(out_dims)?;
         let node = LoraNode {
             w: self.weight.clone(),
             mode,
@@ -151,9 +150,17 @@ impl Linear {
     }
 }
 
-/// scale * (xd A^T) B^T.
-fn lora_branch(xd: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    ops::matmul(&ops::matmul(xd, &a.t()?)?, &b.t()?)?.affine(scale, 0.0)
+/// base + scale * (xd A^T) B^T: the scale goes on the rank-wide factor, and the last product
+/// accumulates into `base` where it can (ops::add_product).
+fn add_lora_branch(
+    base: Tensor,
+    xd: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let h = ops::matmul(xd, &a.t()?)?.affine(scale, 0.0)?;
+    ops::add_product(base, &h, b)
 }
 
 fn apply_mask(x: &Tensor, mask: &Tensor) -> Result<Tensor> {

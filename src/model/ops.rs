@@ -587,3 +587,63 @@ pub fn owned_copy(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
         _ => candle_core::bail!("owned_copy: unsupported dtype {:?}", s.dtype()),
     })
 }
+
+/// `acc + h @ b^T` for `acc` [M, N], `h` [M, r], `b` [N, r] (a LoRA branch added to its base
+/// product). When `acc` is a fresh f32 CPU tensor outside any graph and the fast library is
+/// loaded, the product is accumulated into `acc`'s own buffer by the GEMM (beta = 1): no [M, N]
+/// temporary and no separate add pass. Otherwise the plain sum.
+pub fn add_product(acc: Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let in_place = acc.device().is_cpu()
+        && acc.dtype() == DType::F32
+        && h.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && !acc.track_op()
+        && !h.track_op()
+        && !b.track_op()
+        && acc.is_contiguous()
+        && gemm::effective_mode(gemm::gemm_mode()) != GemmMode::Candle;
+    if in_place {
+        acc.inplace_op3(h, b, &AddProduct)?;
+        return Ok(acc);
+    }
+    acc + matmul(h, &b.t()?)?
+}
+
+struct AddProduct;
+
+impl candle_core::InplaceOp3 for AddProduct {
+    fn name(&self) -> &'static str {
+        "add-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        la: &Layout,
+        h: &CpuStorage,
+        lh: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<()> {
+        let (m, r) = lh.shape().dims2()?;
+        let (n, r2) = lb.shape().dims2()?;
+        if r != r2 || la.shape().dims2()? != (m, n) {
+            candle_core::bail!(
+                "add-product: shapes {:?} + {:?} @ {:?}^T",
+                la.shape(),
+                lh.shape(),
+                lb.shape()
+            );
+        }
+        let (Some(h), Some(b)) = (f32_slice(h), f32_slice(b)) else {
+            candle_core::bail!("add-product: f32 only");
+        };
+        let (Some(ph), Some(pb)) = (f32_operand(h, lh, false), f32_operand(b, lb, true)) else {
+            candle_core::bail!("add-product: operand layouts");
+        };
+        let (CpuStorage::F32(acc), Some((start, end))) = (acc, la.contiguous_offsets()) else {
+            candle_core::bail!("add-product: accumulator must be contiguous f32");
+        };
+        gemm::sgemm_accumulate(m, n, r, ph, pb, &mut acc[start..end])
+    }
+}

@@ -130,10 +130,11 @@ impl Backend {
         k: usize,
         a: MatRef<'_, f32>,
         b: MatRef<'_, f32>,
+        beta: f32,
         c: *mut f32,
     ) -> Result<()> {
         // SAFETY: the operand sizes were checked against (m, n, k, ld) by the caller, and `c`
-        // has room for m * n values.
+        // has room for m * n values (read too when beta != 0).
         unsafe {
             match self.kind {
                 Kind::Dnnl { sgemm, .. } => {
@@ -148,7 +149,7 @@ impl Backend {
                         a.ld as i64,
                         b.data.as_ptr(),
                         b.ld as i64,
-                        0.0,
+                        beta,
                         c,
                         n as i64,
                     );
@@ -167,7 +168,7 @@ impl Backend {
                         lp64(a.ld)?,
                         b.data.as_ptr(),
                         lp64(b.ld)?,
-                        0.0,
+                        beta,
                         c,
                         n as c_int,
                     );

@@ -255,7 +255,7 @@ impl Operand for f32 {
         };
         #[cfg(feature = "fast-gemm")]
         {
-            be.sgemm(m, n, k, a, b, c)
+            be.sgemm(m, n, k, a, b, 0.0, c)
         }
         #[cfg(not(feature = "fast-gemm"))]
         {
@@ -351,6 +351,37 @@ pub fn sgemm(
     c: &mut [f32],
 ) -> Result<()> {
     product_into(m, n, k, a, b, c)
+}
+
+/// `c[m, n] += op(a)[m, k] @ op(b)[k, n]` in f32 with the loaded library (BLAS beta = 1).
+pub fn sgemm_accumulate(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    c: &mut [f32],
+) -> Result<()> {
+    check(m, n, k, &a, &b)?;
+    if c.len() < m * n {
+        bail!("gemm: output too small");
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    let Some(be) = backend() else {
+        bail!("gemm: no fast GEMM library loaded");
+    };
+    #[cfg(feature = "fast-gemm")]
+    {
+        // The sizes were checked above.
+        be.sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr())
+    }
+    #[cfg(not(feature = "fast-gemm"))]
+    {
+        let _ = (a, b);
+        match *be {}
+    }
 }
 
 /// [`sgemm`] into a new dense row-major [m, n] vector.
