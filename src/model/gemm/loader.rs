@@ -123,6 +123,7 @@ impl Backend {
         format!("{name} {} ({})", self.version, self.path.display())
     }
 
+    #[allow(clippy::too_many_arguments)] // BLAS's own argument list
     pub fn sgemm(
         &self,
         m: usize,
