@@ -6,8 +6,7 @@
 //! probabilities and computes its three input gradients by hand.
 use super::fused;
 use super::ops;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// q [.., R, d] (R = query rows: query heads of one key/value head stacked, position
 /// offset + r % t_q), k and v [.., T_k, d] -> [.., R, d].
@@ -31,7 +30,7 @@ pub fn causal_attention(
         AttentionNode {
             p,
             scale,
-            value: Mutex::new(Some(out)),
+            value: ops::HandOff::new(out),
         },
     )
 }
@@ -41,7 +40,7 @@ struct AttentionNode {
     p: Tensor,
     scale: f64,
     /// The forward's value, handed to candle once by `cpu_fwd`.
-    value: Mutex<Option<Tensor>>,
+    value: ops::HandOff,
 }
 
 impl CustomOp3 for AttentionNode {
@@ -58,19 +57,7 @@ impl CustomOp3 for AttentionNode {
         _v: &CpuStorage,
         _lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self
-            .value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("causal-attention: poisoned".into()))?
-            .take();
-        let Some(out) = out else {
-            candle_core::bail!("causal-attention: forward value already taken");
-        };
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((ops::owned_copy(s, layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("causal-attention: CPU only"),
-        }
+        self.value.take_cpu("causal-attention")
     }
 
     fn bwd(

@@ -1,12 +1,9 @@
 //! LoRA: y = W x + scale * B (A dropout(x)), with W frozen and A, B trainable (PEFT's math).
 use super::gemm::{self, GemmMode};
 use super::ops::{self, frozen_linear, frozen_linear_with};
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, D,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::Mutex;
 
 /// Which network runs: the policy (LoRA on) or the reference (LoRA off, same weights).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +141,7 @@ impl Linear {
             mode,
             scale: lora.scale,
             mask,
-            value: Mutex::new(Some(y)),
+            value: ops::HandOff::new(y),
         };
         x.apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), node)
     }
@@ -178,7 +175,7 @@ struct LoraNode {
     scale: f64,
     mask: Option<Tensor>,
     /// The forward's value, handed to candle once by `cpu_fwd`.
-    value: Mutex<Option<Tensor>>,
+    value: ops::HandOff,
 }
 
 impl CustomOp3 for LoraNode {
@@ -195,19 +192,7 @@ impl CustomOp3 for LoraNode {
         _b: &CpuStorage,
         _lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = self
-            .value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lora-linear: poisoned".into()))?
-            .take();
-        let Some(y) = y else {
-            candle_core::bail!("lora-linear: forward value already taken");
-        };
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((ops::owned_copy(s, layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("lora-linear: CPU only"),
-        }
+        self.value.take_cpu("lora-linear")
     }
 
     fn bwd(

@@ -570,6 +570,34 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
     a.apply_op2(b, FastMatmul { mode })
 }
 
+/// A value computed with ordinary ops (outside the graph) that a custom op's `cpu_fwd` hands to
+/// candle as its output: how the one-node ops (LoRA projection, attention) record themselves
+/// without recomputing their forward from raw storage.
+pub struct HandOff(std::sync::Mutex<Option<Tensor>>);
+
+impl HandOff {
+    pub fn new(value: Tensor) -> Self {
+        Self(std::sync::Mutex::new(Some(value)))
+    }
+
+    /// The value as an owned CPU buffer, once.
+    pub fn take_cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+        let value = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned")))?
+            .take();
+        let Some(value) = value else {
+            candle_core::bail!("{op}: forward value already taken");
+        };
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => Ok((owned_copy(s, layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{op}: CPU only"),
+        }
+    }
+}
+
 /// An owned copy of the elements a contiguous layout addresses (custom ops that hand out a value
 /// computed elsewhere).
 pub fn owned_copy(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {

@@ -295,6 +295,22 @@ fn check<T>(m: usize, n: usize, k: usize, a: &MatRef<'_, T>, b: &MatRef<'_, T>) 
     check_operand("b", b, k, n)
 }
 
+/// The operands and the output buffer fit (m, n, k); false when the output is empty.
+fn check_into<T>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &MatRef<'_, T>,
+    b: &MatRef<'_, T>,
+    c: &[f32],
+) -> Result<bool> {
+    check(m, n, k, a, b)?;
+    if c.len() < m * n {
+        bail!("gemm: output too small");
+    }
+    Ok(m > 0 && n > 0)
+}
+
 fn product_into<T: Operand>(
     m: usize,
     n: usize,
@@ -303,11 +319,7 @@ fn product_into<T: Operand>(
     b: MatRef<'_, T>,
     c: &mut [f32],
 ) -> Result<()> {
-    check(m, n, k, &a, &b)?;
-    if c.len() < m * n {
-        bail!("gemm: output too small");
-    }
-    if m == 0 || n == 0 {
+    if !check_into(m, n, k, &a, &b, c)? {
         return Ok(());
     }
     if k == 0 {
@@ -362,11 +374,7 @@ pub fn sgemm_accumulate(
     b: MatRef<'_, f32>,
     c: &mut [f32],
 ) -> Result<()> {
-    check(m, n, k, &a, &b)?;
-    if c.len() < m * n {
-        bail!("gemm: output too small");
-    }
-    if m == 0 || n == 0 || k == 0 {
+    if !check_into(m, n, k, &a, &b, c)? || k == 0 {
         return Ok(());
     }
     let Some(be) = backend() else {
