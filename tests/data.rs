@@ -695,11 +695,15 @@ fn generic_preference_and_unpaired_records() {
         serde_json::json!({"prompt": "2+2=", "chosen": " four", "rejected": " fish"}),
         // bad: a number where a text belongs
         serde_json::json!({"prompt": "x", "chosen": 3, "rejected": "y"}),
+        // bad: an empty prompt
+        serde_json::json!({"prompt": "  ", "chosen": " a", "rejected": " b"}),
     ];
     let unpaired = [
         serde_json::json!({"prompt": "Capital of France?", "completion": " Paris", "label": true}),
         serde_json::json!({"prompt": "Capital of France?", "completion": " Rome", "label": false}),
         serde_json::json!({"prompt": "Capital of Spain?", "completion": " Madrid", "label": true}),
+        // bad: an empty prompt
+        serde_json::json!({"prompt": "", "completion": " Lisbon", "label": true}),
     ];
     let pref_json = Value::from(pref.to_vec()).to_string(); // a .json array file
     let unp: Vec<String> = unpaired.iter().map(|v| v.to_string()).collect();
@@ -726,6 +730,18 @@ fn generic_preference_and_unpaired_records() {
     assert_eq!(s0["issues"][0]["line"], 5);
     assert_eq!(s0["issues"][0]["unit"], "record");
     assert_eq!(s0["issues"][0]["field"], "chosen");
+    assert_eq!(
+        (
+            &s0["issues"][1]["line"],
+            &s0["issues"][1]["field"],
+            &s0["issues"][1]["reason"]
+        ),
+        (
+            &Value::from(6),
+            &Value::from("prompt"),
+            &Value::from("empty_prompt")
+        )
+    );
     assert!(
         p.summary_text
             .contains("pref.json (record 5): field `chosen`"),
@@ -740,6 +756,18 @@ fn generic_preference_and_unpaired_records() {
             s1["examples"].as_u64()
         ),
         (Some(2), Some(0), Some(3))
+    );
+    assert_eq!(
+        (
+            &s1["issues"][0]["line"],
+            &s1["issues"][0]["field"],
+            &s1["issues"][0]["reason"]
+        ),
+        (
+            &Value::from(4),
+            &Value::from("prompt"),
+            &Value::from("empty_prompt")
+        )
     );
     let texts: HashSet<(String, String, bool)> = all(&p)
         .iter()

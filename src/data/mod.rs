@@ -273,14 +273,5 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
     })
 }
 
-/// The order in which one epoch feeds examples into micro-batches of `batch_size`: seeded by
-/// (seed, epoch), each micro-batch mixes labels and never holds two examples of one interaction
-/// where that is possible, so that the rotated KL pairs see mismatched prompts.
-pub fn epoch_order(
-    examples: &[KtoExample],
-    batch_size: usize,
-    seed: u64,
-    epoch: u64,
-) -> Vec<usize> {
-    order::epoch_order(examples, batch_size, seed, epoch)
-}
+/// The order in which one epoch feeds examples into micro-batches (src/data/order.rs).
+pub use order::epoch_order;

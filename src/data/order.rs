@@ -4,28 +4,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-/// FNV-1a: a hash that is the same on every platform and Rust version (std's is not promised to
-/// be), so that seeds derived from names reproduce across builds.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
+use crate::util::hash::{fnv1a, splitmix64};
 
 /// An RNG for one purpose (`what`, e.g. "order/hh-rlhf"), derived from the run seed, so that one
 /// source's order does not change when another source is added.
 pub fn rng_for(seed: u64, what: &str, n: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(splitmix(splitmix(seed ^ fnv1a(what.as_bytes())) ^ n))
+    ChaCha8Rng::seed_from_u64(splitmix64(splitmix64(seed ^ fnv1a(what.as_bytes())) ^ n))
 }
 
 /// The order in which one epoch feeds examples into micro-batches of `batch_size`.

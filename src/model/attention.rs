@@ -19,7 +19,7 @@ pub fn causal_attention(
     offset: usize,
 ) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let p = fused::causal_softmax_after(&ops::matmul(&qd, &kd.t()?)?, scale, t_q, offset)?;
+    let p = fused::causal_softmax(&ops::matmul(&qd, &kd.t()?)?, scale, t_q, offset)?;
     let out = ops::matmul(&p, &vd)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);

@@ -334,8 +334,13 @@ impl CustomOp2 for CausalSoftmaxBwd {
     }
 }
 
-pub fn causal_softmax(scores: &Tensor, scale: f64, t_q: usize) -> Result<Tensor> {
-    causal_softmax_after(scores, scale, t_q, 0)
+/// softmax(scale * scores + causal mask) over the last dim, for queries at positions offset..
+/// over keys at positions 0.. (`offset` > 0: the first keys are a cached prompt; see
+/// [`CausalSoftmax`] for the row layout).
+pub fn causal_softmax(scores: &Tensor, scale: f64, t_q: usize, offset: usize) -> Result<Tensor> {
+    scores
+        .contiguous()?
+        .apply_op1(CausalSoftmax { scale, t_q, offset })
 }
 
 /// The gradient of the pre-scale scores from the probabilities `p` of [`causal_softmax`] and the
@@ -343,19 +348,6 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, t_q: usize) -> Result<Tensor>
 pub fn causal_softmax_grad(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
     p.contiguous()?
         .apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxBwd { scale })
-}
-
-/// [`causal_softmax`] for queries at positions offset.. over keys at positions 0.. (the first
-/// `offset` keys are a cached prompt).
-pub fn causal_softmax_after(
-    scores: &Tensor,
-    scale: f64,
-    t_q: usize,
-    offset: usize,
-) -> Result<Tensor> {
-    scores
-        .contiguous()?
-        .apply_op1(CausalSoftmax { scale, t_q, offset })
 }
 
 // ---------------------------------------------------------------- SwiGLU

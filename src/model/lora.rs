@@ -1,6 +1,7 @@
 //! LoRA: y = W x + scale * B (A dropout(x)), with W frozen and A, B trainable (PEFT's math).
 use super::gemm::{self, GemmMode};
 use super::ops::{self, frozen_linear, frozen_linear_with};
+use crate::util::hash::splitmix64;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -228,17 +229,9 @@ impl CustomOp3 for LoraNode {
     }
 }
 
-fn mix(mut z: u64) -> u64 {
-    // splitmix64 finalizer: decorrelates nearby (seed, pass, module) triples.
-    z = z.wrapping_add(0x9e3779b97f4a7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
-}
-
 /// The inverted-dropout mask (0 or 1/(1-p)) for `x`'s shape, drawn from (seed, pass, module).
 fn dropout_mask(x: &Tensor, p: f64, key: DropoutKey, module: u64) -> Result<Tensor> {
-    let seed = mix(mix(mix(key.seed) ^ key.pass) ^ module);
+    let seed = splitmix64(splitmix64(splitmix64(key.seed) ^ key.pass) ^ module);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
     let threshold = (p * (u32::MAX as f64 + 1.0)) as u64;

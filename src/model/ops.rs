@@ -202,6 +202,34 @@ fn f32_slice(s: &CpuStorage) -> Option<&[f32]> {
     }
 }
 
+/// `a @ w^T` (`b_is_wt`) or `a @ w` for the frozen weight `w`, [m, n] from inner size k: the fast
+/// library where [`fast_product`] applies, candle's GEMM otherwise.
+#[allow(clippy::too_many_arguments)]
+fn weight_product(
+    mode: GemmMode,
+    w16: Option<&Bf16Matrix>,
+    a: &CpuStorage,
+    la: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    b_is_wt: bool,
+    (m, n, k): (usize, usize, usize),
+) -> Result<CpuStorage> {
+    if let Some(x) = f32_slice(a) {
+        if let Some(out) = fast_product(mode, w16, x, la, w, lw, b_is_wt, (m, n, k))? {
+            return Ok(CpuStorage::F32(out));
+        }
+    }
+    let widened = widened(a, w, lw)?;
+    let (w, lw) = widened.as_ref().map_or((w, lw), |(s, l)| (s, l));
+    let rhs = if b_is_wt {
+        transposed_rhs(lw)?
+    } else {
+        lw.clone()
+    };
+    a.matmul(w, (1, m, n, k), la, &rhs)
+}
+
 impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -215,23 +243,16 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, n, k) = dims(l1, l2)?;
-        if let Some(x) = f32_slice(s1) {
-            if let Some(out) = fast_product(
-                self.mode,
-                self.w16.as_deref(),
-                x,
-                l1,
-                s2,
-                l2,
-                true,
-                (m, n, k),
-            )? {
-                return Ok((CpuStorage::F32(out), Shape::from((m, n))));
-            }
-        }
-        let w = widened(s1, s2, l2)?;
-        let (s2, l2) = w.as_ref().map_or((s2, l2), |(s, l)| (s, l));
-        let out = s1.matmul(s2, (1, m, n, k), l1, &transposed_rhs(l2)?)?;
+        let out = weight_product(
+            self.mode,
+            self.w16.as_deref(),
+            s1,
+            l1,
+            s2,
+            l2,
+            true,
+            (m, n, k),
+        )?;
         Ok((out, Shape::from((m, n))))
     }
 
@@ -277,23 +298,16 @@ impl CustomOp2 for FrozenMatmulBwd {
         if n != n2 {
             candle_core::bail!("frozen matmul backward: {m}x{n} @ {n2}x{k}");
         }
-        if let Some(g) = f32_slice(s1) {
-            if let Some(out) = fast_product(
-                self.mode,
-                self.w16.as_deref(),
-                g,
-                l1,
-                s2,
-                l2,
-                false,
-                (m, k, n),
-            )? {
-                return Ok((CpuStorage::F32(out), Shape::from((m, k))));
-            }
-        }
-        let w = widened(s1, s2, l2)?;
-        let (s2, l2) = w.as_ref().map_or((s2, l2), |(s, l)| (s, l));
-        let out = s1.matmul(s2, (1, m, k, n), l1, l2)?;
+        let out = weight_product(
+            self.mode,
+            self.w16.as_deref(),
+            s1,
+            l1,
+            s2,
+            l2,
+            false,
+            (m, k, n),
+        )?;
         Ok((out, Shape::from((m, k))))
     }
 }

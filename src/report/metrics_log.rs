@@ -3,6 +3,7 @@
 //! The file is read while the run may still be appending to it, so an unparsable last line is a
 //! write in progress and is left out; any other bad line is an error that names its line number,
 //! because a plot silently missing a stretch of the run would mislead.
+use crate::util::json::type_name;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -131,7 +132,7 @@ fn finite(v: &Value) -> Option<f64> {
 
 fn parse_line(value: &Value, line_no: usize) -> Result<MetricsLine> {
     let Some(obj) = value.as_object() else {
-        bail!("expected a JSON object, found {}", kind(value));
+        bail!("expected a JSON object, found {}", type_name(value));
     };
     let step = match obj.get("step") {
         Some(v) => finite(v).with_context(|| format!("\"step\" is {v}, not a number"))?,
@@ -149,7 +150,7 @@ fn parse_line(value: &Value, line_no: usize) -> Result<MetricsLine> {
                 }
             }
         }
-        Some(v) => bail!("\"metrics\" is {}, not an object", kind(v)),
+        Some(v) => bail!("\"metrics\" is {}, not an object", type_name(v)),
     }
     // Numbers beside "metrics" are metrics too, so that a flat line layout reads the same.
     for (k, v) in obj {
@@ -178,15 +179,4 @@ fn parse_line(value: &Value, line_no: usize) -> Result<MetricsLine> {
         skipped_nonfinite: obj.get("skipped_nonfinite").and_then(finite),
         metrics,
     })
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }

@@ -105,24 +105,24 @@ pub fn run_micro_batch(
     // prompt positions here see the policy pass's mask, which the detached KL estimate does not
     // depend on in expectation).
     let (reference, reference_kl) = reference_logps(model, batch, cache)?;
-    let (policy, prompts) =
-        completion_logps_capturing(model, &batch.seqs, fwd.with_grad(train), true)?;
-    let policy_kl = match (&batch.kl_seqs, head.needs_kl()) {
-        (Some(kl), true) => {
+    let kl = batch.kl_seqs.as_ref().filter(|_| head.needs_kl());
+    let policy_fwd = fwd.with_grad(train);
+    let (policy, policy_kl) = match kl {
+        Some(kl) => {
+            let (policy, prompts) =
+                completion_logps_capturing(model, &batch.seqs, policy_fwd, true)?;
             let rows: Vec<Option<usize>> = (0..kl.len())
                 .map(|i| (i < batch.seqs.len()).then_some(i))
                 .collect();
-            Some(completion_logp_sums_after(
-                model,
-                kl,
-                kl_fwd.with_grad(false),
-                &prompts,
-                &rows,
-            )?)
+            let kl_sums =
+                completion_logp_sums_after(model, kl, kl_fwd.with_grad(false), &prompts, &rows)?;
+            (policy, Some(kl_sums))
         }
-        _ => None,
+        None => (
+            completion_logps(model, &batch.seqs, policy_fwd, true)?,
+            None,
+        ),
     };
-    drop(prompts);
     let logps = SequenceLogps {
         labels: batch.labels.clone(),
         policy: to_f64(&policy.sums)?,

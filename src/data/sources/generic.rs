@@ -10,6 +10,18 @@ use serde_json::Value;
 /// TRL's `extract_prompt` for records without a prompt: the shared beginning of chosen and
 /// rejected is the prompt (whole messages for conversations; characters for strings, leaving a
 /// space that ends the shared part to the completions).
+/// The prompt, or the record's error when it is empty (both record layouts skip such records).
+fn non_blank_prompt(prompt: Turns) -> Result<Turns, Bad> {
+    if is_blank(&prompt) {
+        return Err(Bad::new(
+            "prompt",
+            reason::EMPTY_PROMPT,
+            "the prompt is empty; record skipped",
+        ));
+    }
+    Ok(prompt)
+}
+
 fn implicit_prompt(chosen: Turns, rejected: Turns) -> Result<(Turns, Turns, Turns), Bad> {
     match (chosen, rejected) {
         (Turns::Messages(c), Turns::Messages(r)) => {
@@ -67,10 +79,11 @@ pub fn load_preference(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec
             let obj = object(&rec)?;
             let chosen = turns(field(obj, "", "chosen")?, "chosen")?;
             let rejected = turns(field(obj, "", "rejected")?, "rejected")?;
-            match obj.get("prompt") {
-                None => implicit_prompt(chosen, rejected),
-                Some(p) => Ok((turns(p, "prompt")?, chosen, rejected)),
-            }
+            let (prompt, chosen, rejected) = match obj.get("prompt") {
+                None => implicit_prompt(chosen, rejected)?,
+                Some(p) => (turns(p, "prompt")?, chosen, rejected),
+            };
+            Ok((non_blank_prompt(prompt)?, chosen, rejected))
         })();
         let (prompt, chosen, rejected) = match parsed {
             Ok(t) => t,
@@ -79,15 +92,6 @@ pub fn load_preference(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec
                 continue;
             }
         };
-        if is_blank(&prompt) {
-            Bad::new(
-                "prompt",
-                reason::EMPTY_PROMPT,
-                "the prompt is empty; record skipped",
-            )
-            .report(tally, loc)?;
-            continue;
-        }
         if chosen == rejected {
             tally.filtered(filter::IDENTICAL_COMPLETIONS, 1);
             continue;
@@ -137,7 +141,7 @@ pub fn load_unpaired(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec<I
                     ))
                 }
             };
-            Ok((prompt, completion, label))
+            Ok((non_blank_prompt(prompt)?, completion, label))
         })();
         let (prompt, completion, label) = match parsed {
             Ok(t) => t,
@@ -146,15 +150,6 @@ pub fn load_unpaired(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec<I
                 continue;
             }
         };
-        if is_blank(&prompt) {
-            Bad::new(
-                "prompt",
-                reason::EMPTY_PROMPT,
-                "the prompt is empty; record skipped",
-            )
-            .report(tally, loc)?;
-            continue;
-        }
         if is_blank(&completion) {
             Bad::new(
                 "completion",

@@ -86,16 +86,7 @@ impl Bad {
     }
 }
 
-pub fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+pub use crate::util::json::type_name;
 
 /// The record as a JSON object, or the bad-record report for a line that is not one.
 pub fn object(rec: &RawRecord) -> std::result::Result<&Map<String, Value>, Bad> {

@@ -15,6 +15,7 @@ pub mod mmlu;
 pub mod runner;
 pub mod truthfulqa;
 
+use crate::util::hash::splitmix64;
 use anyhow::{bail, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -181,7 +182,7 @@ pub fn select_fewshot<'a, T>(
     }
     let picked: Vec<&T> = match sampler {
         Sampler::Random { seed, item } => {
-            let mut rng = ChaCha8Rng::seed_from_u64(mix(mix(seed) ^ item));
+            let mut rng = ChaCha8Rng::seed_from_u64(splitmix64(splitmix64(seed) ^ item));
             let n = (k + 1).min(pool.len());
             rand::seq::index::sample(&mut rng, pool.len(), n)
                 .into_iter()
@@ -195,14 +196,6 @@ pub fn select_fewshot<'a, T>(
         .filter(|x| !same(x, doc))
         .take(k)
         .collect()
-}
-
-fn mix(mut z: u64) -> u64 {
-    // splitmix64: nearby (seed, item) pairs give unrelated streams.
-    z = z.wrapping_add(0x9e3779b97f4a7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
 }
 
 /// Python's `str.isspace()` for one character: Rust's White_Space plus the ASCII information
