@@ -4,7 +4,7 @@
 //!
 //!     cargo bench --bench gemm [--features fast-gemm] -- [--m 1024] [--reps 5] [--json]
 //!
-//! Forward: `x[m, k] @ w[n, k]^T`; backward: `grad[m, n] @ w[n, k]`. (n, k) are the q/o, k/v,
+//! PassMode: `x[m, k] @ w[n, k]^T`; backward: `grad[m, n] @ w[n, k]`. (n, k) are the q/o, k/v,
 //! gate/up, down projections and the tied lm_head. Then the products of two activations
 //! (`ops::matmul`): attention (n x k = keys x head dim, or head dim x keys) and LoRA r 16.
 //! Backends run interleaved, shape by shape, so that the machine's drift hits them alike; the
@@ -16,8 +16,8 @@
 //! Whole optimizer steps as in benches/step.rs, but all GEMM modes in one process, one step of
 //! each in turn per round: on a machine whose speed drifts, adjacent steps give fair ratios.
 use candle_core::{Device, Tensor};
-use kto_train::model::gemm::{self, GemmMode};
-use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with, matmul_with};
+use kto_train::kernels::gemm::{self, GemmMode};
+use kto_train::kernels::products::{frozen_linear, frozen_linear_input_grad, matmul_with};
 use std::time::Instant;
 
 mod common;
@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
             let run = |mode: GemmMode| -> anyhow::Result<f64> {
                 let t0 = Instant::now();
                 let y = if dir == "fwd" {
-                    frozen_linear_with(&x, &w, mode)?
+                    frozen_linear(&x, &w, mode)?
                 } else {
                     frozen_linear_input_grad(&g, &w, mode)?
                 };
@@ -182,8 +182,8 @@ fn steps() -> anyhow::Result<()> {
     let rounds = arg("--rounds", 3).max(1);
     let (pl, cl) = (arg("--prompt", 256), arg("--completion", 256));
     let rank = arg("--rank", 16);
-    // Frozen weights stay f32 here (modes switch between steps); training in bf16 mode keeps
-    // them in bf16 only, which benches/step.rs measures.
+    // As in training, bf16 mode holds the frozen weights in bf16 (converted at each switch,
+    // outside the timed step).
     let mut unit = WorkUnit::new(pl, cl, rank, arg("--checkpointing", 0) == 1)?;
     let modes: Vec<GemmMode> = if gemm::available() {
         vec![GemmMode::Candle, GemmMode::F32, GemmMode::Bf16]
@@ -192,7 +192,7 @@ fn steps() -> anyhow::Result<()> {
         vec![GemmMode::Candle]
     };
     let mut step = |mode: GemmMode| -> anyhow::Result<f64> {
-        gemm::set_gemm_mode(mode);
+        unit.set_gemm_mode(mode)?;
         Ok(unit.step()?.0)
     };
     // Warm-up: first touches of every buffer, the bf16 weight copies, library start-up.

@@ -8,12 +8,12 @@
 //! at 5e-2 absolute (TRL fp32 match: 1e-3), the loss and rewards at 1e-3 (1e-4; the loss is a
 //! smooth function of beta * log-ratios), and the 28 LoRA gradients at 5e-2 relative L2 (1e-3).
 //! Measured (oneDNN, this machine): log-probs 7.6e-3, loss 3.7e-5, gradients 3.9e-3; the test
-//! prints them. Its own test binary: the GEMM mode is process-wide.
+//! prints them.
 mod common;
 use candle_core::DType;
 use common::*;
+use kto_train::kernels::gemm::{self, GemmMode};
 use kto_train::loss::finalize_metrics;
-use kto_train::model::gemm::{self, GemmMode};
 use serde_json::Value;
 
 fn max_err(got: &[f64], want: &[f64]) -> f64 {
@@ -31,10 +31,9 @@ fn trl_kto_step_in_bf16_mode_within_stated_bounds() {
         );
         return;
     }
-    gemm::set_gemm_mode(GemmMode::Bf16);
     let b: Value = kto_step_json();
-    let mut model = tiny_with_peft(DType::F32);
-    model.keep_frozen_weights_in(DType::BF16).unwrap();
+    // The frozen weights are then held in bf16 only, as in a training run.
+    let model = with_kernels(&tiny_with_peft(DType::F32), |k| k.gemm = GemmMode::Bf16);
     let out = run_trl_step(&model);
     let l = &out.logps;
     let mut worst_logp: f64 = 0.0;

@@ -6,31 +6,31 @@ use candle_core::DType;
 use common::*;
 use kto_train::config::LossConfig;
 use kto_train::loss::LossHead;
-use kto_train::model::{DropoutKey, Forward, Llama};
-use kto_train::train::step::run_micro_batch;
+use kto_train::model::llama::LoraGradients;
+use kto_train::model::{DropoutKey, Llama, PassMode};
+use kto_train::train::step::{run_micro_batch, MicroBatchMode};
 
-fn step(model: &Llama, loss_toml: &str) -> (f64, candle_core::backprop::GradStore) {
+fn step(model: &Llama, loss_toml: &str) -> (f64, LoraGradients) {
     let cfg: LossConfig = toml::from_str(loss_toml).unwrap();
     let mut head = LossHead::new(&cfg);
     let batch = kto_step_batch(None);
-    let fwd = Forward::train(DropoutKey { seed: 7, pass: 3 });
-    let out = run_micro_batch(model, &mut head, &batch, fwd, fwd, 0, true, None).unwrap();
+    let fwd = PassMode::train(DropoutKey { seed: 7, pass: 3 });
+    let mode = MicroBatchMode {
+        policy: fwd,
+        kl: fwd,
+        step: 0,
+        train: true,
+    };
+    let out = run_micro_batch(model, &mut head, &batch, mode, None).unwrap();
     (out.loss.loss, out.grads.unwrap())
 }
 
 fn compare(loss_toml: &str) {
-    let mut model = tiny_with_peft(DType::F64);
-    for layer in &mut model.layers {
-        for lin in &mut layer.proj {
-            if let Some(l) = lin.lora.as_mut() {
-                l.dropout = 0.1;
-            }
-        }
-    }
-    model.activation_checkpointing = false;
-    let (loss_plain, g_plain) = step(&model, loss_toml);
-    model.activation_checkpointing = true;
-    let (loss_ckpt, g_ckpt) = step(&model, loss_toml);
+    let model = tiny_with_peft_dropout(DType::F64, Some(0.1));
+    let plain = with_kernels(&model, |k| k.activation_checkpointing = false);
+    let (loss_plain, g_plain) = step(&plain, loss_toml);
+    let checkpointed = with_kernels(&model, |k| k.activation_checkpointing = true);
+    let (loss_ckpt, g_ckpt) = step(&checkpointed, loss_toml);
     assert!(
         (loss_plain - loss_ckpt).abs() <= 1e-12 * loss_plain.abs().max(1.0),
         "loss {loss_plain} vs {loss_ckpt}"

@@ -203,7 +203,7 @@ fn init_tiny_writes_a_loadable_model() {
     let dir = tmp.path().join("tiny");
     let o = kto(&["init-tiny", "--out", dir.to_str().unwrap(), "--seed", "3"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let files = kto_train::model::loading::local_model_files(&dir, "tiny").unwrap();
+    let files = kto_train::hub::local_model_files(&dir, "tiny").unwrap();
     let m = kto_train::model::load_llama(
         &files,
         candle_core::DType::F32,
@@ -211,6 +211,6 @@ fn init_tiny_writes_a_loadable_model() {
         None,
     )
     .unwrap();
-    assert_eq!(m.cfg.vocab_size, 49152);
-    assert_eq!(m.cfg.eos_token_id, Some(0));
+    assert_eq!(m.cfg().vocab_size, 49152);
+    assert_eq!(m.cfg().eos_token_id, Some(0));
 }

@@ -9,10 +9,10 @@ use kto_train::eval::tasks::runner::{
     EvalOptions, LlRequest,
 };
 use kto_train::eval::tasks::{
-    hellaswag, load_task, mmlu, select_fewshot, truthfulqa, LoadOptions, McItem, Sampler, Target,
-    TaskItems, TaskKind,
+    hellaswag, load_task, mmlu, select_fewshot, truthfulqa, BenchmarkTask, LoadOptions, McItem,
+    Sampler, Target, TaskItems,
 };
-use kto_train::model::{Forward, Llama};
+use kto_train::model::{Llama, PassMode};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -71,7 +71,7 @@ fn slice_requests(texts: &[(Vec<u32>, Vec<f64>)]) -> (Vec<LlRequest>, Vec<f64>) 
     (reqs, want)
 }
 
-fn check_slices(m: &Llama, expected: &str, fwd: Forward) {
+fn check_slices(m: &Llama, expected: &str, fwd: PassMode) {
     let texts = texts(&load_st(expected));
     assert!(texts.len() >= 3);
     let (reqs, want) = slice_requests(&texts);
@@ -94,7 +94,7 @@ fn loglikelihoods_are_slices_of_transformers_token_logprobs() {
     check_slices(
         &tiny(DType::F32, None),
         "tiny-llama/expected.safetensors",
-        Forward::POLICY_EVAL,
+        PassMode::POLICY_EVAL,
     );
 }
 
@@ -104,10 +104,10 @@ fn loglikelihoods_with_adapter_are_slices_of_peft_token_logprobs() {
     check_slices(
         &m,
         "peft-adapter/expected.safetensors",
-        Forward::POLICY_EVAL,
+        PassMode::POLICY_EVAL,
     );
     // The adapter switched off is the base model.
-    check_slices(&m, "tiny-llama/expected.safetensors", Forward::REFERENCE);
+    check_slices(&m, "tiny-llama/expected.safetensors", PassMode::REFERENCE);
 }
 
 /// Through text: contexts and choices decoded from the fixture's ids at word boundaries, scored
@@ -159,7 +159,7 @@ fn text_choices_score_as_fixture_slices() {
     }
     assert!(items.len() >= 4, "only {} usable boundaries", items.len());
     let task = TaskItems {
-        kind: TaskKind::Hellaswag,
+        kind: BenchmarkTask::Hellaswag,
         shots: 0,
         items,
     };
@@ -170,7 +170,7 @@ fn text_choices_score_as_fixture_slices() {
         &task,
         &EvalOptions {
             batch_size: 3,
-            forward: Forward::POLICY_EVAL,
+            pass: PassMode::POLICY_EVAL,
             progress: false,
         },
     )
@@ -284,7 +284,7 @@ fn report_aggregates_per_question_scores() {
         target,
     };
     let task = TaskItems {
-        kind: TaskKind::Mmlu,
+        kind: BenchmarkTask::Mmlu,
         shots: 5,
         items: vec![
             item("b", Target::Index(0), 4),
@@ -352,7 +352,7 @@ fn hellaswag_sample_parses_to_the_harness_prompt() {
 
     // 0-shot: the context is the query.
     let t = load_task(
-        TaskKind::Hellaswag,
+        BenchmarkTask::Hellaswag,
         &sample("hellaswag/hellaswag_val_sample.jsonl"),
         &LoadOptions {
             shots: Some(0),
@@ -374,9 +374,9 @@ fn hellaswag_fewshot_is_seeded_and_never_the_question() {
         limit: None,
         seed,
     };
-    let a = load_task(TaskKind::Hellaswag, &path, &opts(1234)).unwrap();
-    let b = load_task(TaskKind::Hellaswag, &path, &opts(1234)).unwrap();
-    let c = load_task(TaskKind::Hellaswag, &path, &opts(7)).unwrap();
+    let a = load_task(BenchmarkTask::Hellaswag, &path, &opts(1234)).unwrap();
+    let b = load_task(BenchmarkTask::Hellaswag, &path, &opts(1234)).unwrap();
+    let c = load_task(BenchmarkTask::Hellaswag, &path, &opts(7)).unwrap();
     assert_eq!(a.items, b.items);
     assert_ne!(a.items, c.items);
     for (item, doc) in a.items.iter().zip(&docs) {
@@ -395,10 +395,10 @@ fn hellaswag_fewshot_is_seeded_and_never_the_question() {
     // --limit keeps each question's examples.
     let mut o = opts(1234);
     o.limit = Some(5);
-    let l = load_task(TaskKind::Hellaswag, &path, &o).unwrap();
+    let l = load_task(BenchmarkTask::Hellaswag, &path, &o).unwrap();
     assert_eq!(l.items[..], a.items[..5]);
     // Without a few-shot file, k > 0 is refused with the way out.
-    let e = load_task(TaskKind::Hellaswag, &path, &LoadOptions::default()).unwrap_err();
+    let e = load_task(BenchmarkTask::Hellaswag, &path, &LoadOptions::default()).unwrap_err();
     assert!(format!("{e:#}").contains("--fewshot-data"), "{e:#}");
 }
 
@@ -442,7 +442,7 @@ fn truthfulqa_sample_parses_to_the_harness_prompt() {
         d.source
     );
 
-    let t = load_task(TaskKind::TruthfulqaMc2, &path, &LoadOptions::default()).unwrap();
+    let t = load_task(BenchmarkTask::TruthfulqaMc2, &path, &LoadOptions::default()).unwrap();
     assert_eq!(t.shots, 0);
     assert_eq!(t.items.len(), 20);
     assert_eq!(
@@ -476,7 +476,7 @@ fn truthfulqa_sample_parses_to_the_harness_prompt() {
     );
     // Few-shot is refused: the primer is the task's fixed context.
     assert!(load_task(
-        TaskKind::TruthfulqaMc2,
+        BenchmarkTask::TruthfulqaMc2,
         &path,
         &LoadOptions {
             shots: Some(5),
@@ -489,7 +489,7 @@ fn truthfulqa_sample_parses_to_the_harness_prompt() {
 #[test]
 fn mmlu_sample_parses_to_the_harness_prompt() {
     let root = sample("mmlu");
-    let t = load_task(TaskKind::Mmlu, &root, &LoadOptions::default()).unwrap();
+    let t = load_task(BenchmarkTask::Mmlu, &root, &LoadOptions::default()).unwrap();
     assert_eq!(t.shots, 5);
     assert_eq!(t.items.len(), 20);
     let groups: Vec<&str> = t
@@ -517,7 +517,7 @@ fn mmlu_sample_parses_to_the_harness_prompt() {
 
     // 1-shot, hand-checked (the `""` of the CSV is one quote).
     let t1 = load_task(
-        TaskKind::Mmlu,
+        BenchmarkTask::Mmlu,
         &root.join("test/astronomy_test.csv"),
         &LoadOptions {
             shots: Some(1),
@@ -548,7 +548,7 @@ fn mmlu_sample_parses_to_the_harness_prompt() {
     assert_eq!(m.target, Target::Index(0));
     // --limit is per subject.
     let l = load_task(
-        TaskKind::Mmlu,
+        BenchmarkTask::Mmlu,
         &root,
         &LoadOptions {
             limit: Some(3),
@@ -578,16 +578,16 @@ fn samples_score_end_to_end_on_the_tiny_model() {
     let tok = tokenizer();
     let cases = [
         (
-            TaskKind::Hellaswag,
+            BenchmarkTask::Hellaswag,
             sample("hellaswag/hellaswag_val_sample.jsonl"),
             2,
         ),
         (
-            TaskKind::TruthfulqaMc2,
+            BenchmarkTask::TruthfulqaMc2,
             sample("truthfulqa/data/mc_task.json"),
             0,
         ),
-        (TaskKind::Mmlu, sample("mmlu"), 5),
+        (BenchmarkTask::Mmlu, sample("mmlu"), 5),
     ];
     for (kind, path, shots) in cases {
         let task = load_task(
@@ -595,7 +595,7 @@ fn samples_score_end_to_end_on_the_tiny_model() {
             &path,
             &LoadOptions {
                 shots: Some(shots),
-                fewshot_data: (kind == TaskKind::Hellaswag).then(|| path.clone()),
+                fewshot_data: (kind == BenchmarkTask::Hellaswag).then(|| path.clone()),
                 limit: Some(2),
                 seed: 1234,
             },
@@ -608,7 +608,7 @@ fn samples_score_end_to_end_on_the_tiny_model() {
                 &task,
                 &EvalOptions {
                     batch_size: b,
-                    forward: Forward::POLICY_EVAL,
+                    pass: PassMode::POLICY_EVAL,
                     progress: false,
                 },
             )
@@ -722,7 +722,7 @@ fn malformed_mmlu_names_file_and_record() {
     );
     // A missing dev file says where it looked.
     let p = write(d.path(), "virology_test.csv", ok);
-    let e = err_of(load_task(TaskKind::Mmlu, &p, &LoadOptions::default()));
+    let e = err_of(load_task(BenchmarkTask::Mmlu, &p, &LoadOptions::default()));
     assert!(
         e.contains("virology_dev.csv") && e.contains("--fewshot-data"),
         "{e}"
@@ -773,13 +773,14 @@ fn malformed_truthfulqa_names_file_and_record() {
 /// `kto-train eval` end to end: model folder, adapter, task file, JSON output.
 #[test]
 fn eval_command_writes_json() {
-    use kto_train::eval::tasks::runner::{run_eval_command, EvalArgs};
+    use kto_train::cli::args::EvalArgs;
+    use kto_train::cli::eval as run_eval_command;
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("scores.json");
     let args = EvalArgs {
         model: fixture("tiny-llama").display().to_string(),
         adapter: Some(fixture("peft-adapter")),
-        task: TaskKind::TruthfulqaMc2,
+        task: BenchmarkTask::TruthfulqaMc2,
         data: sample("truthfulqa/data/mc_task.json"),
         shots: None,
         fewshot_data: None,
@@ -787,7 +788,7 @@ fn eval_command_writes_json() {
         batch_size: 4,
         output: Some(out.clone()),
         seed: 1234,
-        device: "cpu".into(),
+        device: kto_train::config::DeviceSpec::Cpu,
         revision: "main".into(),
         quiet: true,
     };

@@ -1,39 +1,28 @@
-//! The fused CPU ops (src/model/fused.rs) against candle's composite forms, through the whole
+//! The fused CPU ops (src/kernels/fused.rs) against candle's composite forms, through the whole
 //! network in f64: same log-probs and same gradients for every LoRA tensor.
 mod common;
 use candle_core::DType;
 use common::*;
 use kto_train::config::LossConfig;
 use kto_train::loss::LossHead;
-use kto_train::model::{DropoutKey, Forward, Llama};
-use kto_train::train::step::{run_micro_batch, StepResult};
+use kto_train::model::{DropoutKey, Llama, PassMode};
+use kto_train::train::step::{run_micro_batch, MicroBatchMode, StepResult};
 
-fn run(model: &Llama, fwd: Forward) -> StepResult {
+fn run(model: &Llama, fwd: PassMode) -> StepResult {
     let mut head = LossHead::new(&LossConfig::default());
-    run_micro_batch(
-        model,
-        &mut head,
-        &kto_step_batch(None),
-        fwd,
-        fwd,
-        0,
-        true,
-        None,
-    )
-    .unwrap()
+    let mode = MicroBatchMode {
+        policy: fwd,
+        kl: fwd,
+        step: 0,
+        train: true,
+    };
+    run_micro_batch(model, &mut head, &kto_step_batch(None), mode, None).unwrap()
 }
 
-fn compare(fwd: Forward) {
-    let mut model = tiny_with_peft(DType::F64);
-    for lin in model.layers.iter_mut().flat_map(|l| l.proj.iter_mut()) {
-        if let Some(l) = lin.lora.as_mut() {
-            l.dropout = 0.1;
-        }
-    }
-    model.use_fused_ops = true;
-    let fused = run(&model, fwd);
-    model.use_fused_ops = false;
-    let composite = run(&model, fwd);
+fn compare(fwd: PassMode) {
+    let model = tiny_with_peft_dropout(DType::F64, Some(0.1));
+    let fused = run(&with_kernels(&model, |k| k.fused_ops = true), fwd);
+    let composite = run(&with_kernels(&model, |k| k.fused_ops = false), fwd);
     for (a, b) in fused.logps.policy.iter().zip(&composite.logps.policy) {
         assert!(
             (a - b).abs() < 1e-9,
@@ -59,10 +48,10 @@ fn compare(fwd: Forward) {
 
 #[test]
 fn fused_ops_match_composite_forms() {
-    compare(Forward::POLICY_EVAL);
+    compare(PassMode::POLICY_EVAL);
 }
 
 #[test]
 fn fused_ops_match_composite_forms_with_dropout() {
-    compare(Forward::train(DropoutKey { seed: 7, pass: 3 }));
+    compare(PassMode::train(DropoutKey { seed: 7, pass: 3 }));
 }

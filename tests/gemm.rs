@@ -18,8 +18,8 @@
 //! without them they print a note and check only the fallback.
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
-use kto_train::model::gemm::{self, GemmMode};
-use kto_train::model::ops::{frozen_linear_input_grad, frozen_linear_with, matmul_with};
+use kto_train::kernels::gemm::{self, GemmMode};
+use kto_train::kernels::products::{frozen_linear, frozen_linear_input_grad, matmul_with};
 use rand::{Rng, SeedableRng};
 
 const F32_TOL: f64 = 1e-5;
@@ -163,13 +163,13 @@ fn candle_mode_and_fallback_equal_candle_matmul() {
     let x = rand_tensor(&mut r, &[2, 5, 64], 1.0);
     let w = rand_tensor(&mut r, &[48, 64], 0.1);
     let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
-    let got = frozen_linear_with(&x, &w, GemmMode::Candle).unwrap();
+    let got = frozen_linear(&x, &w, GemmMode::Candle).unwrap();
     assert_eq!(got.dims(), &[2, 5, 48]);
     assert_eq!(f64v(&got), f64v(&want), "candle mode is candle's matmul");
     if !gemm::available() {
         // Asking for a fast mode without the library must still give candle's exact result.
         for mode in [GemmMode::F32, GemmMode::Bf16] {
-            let got = frozen_linear_with(&x, &w, mode).unwrap();
+            let got = frozen_linear(&x, &w, mode).unwrap();
             assert_eq!(f64v(&got), f64v(&want), "{mode} fallback");
         }
     }
@@ -184,8 +184,8 @@ fn f32_forward_matches_candle() {
     for (n, k) in SHAPES {
         let x = rand_tensor(&mut r, &[M, k], 1.0);
         let w = rand_tensor(&mut r, &[n, k], 0.05);
-        let want = frozen_linear_with(&x, &w, GemmMode::Candle).unwrap();
-        let got = frozen_linear_with(&x, &w, GemmMode::F32).unwrap();
+        let want = frozen_linear(&x, &w, GemmMode::Candle).unwrap();
+        let got = frozen_linear(&x, &w, GemmMode::F32).unwrap();
         let err = max_scaled_err(&got, &want, &abs_scale(&x, &w));
         assert!(err < F32_TOL, "{n}x{k}: f32 error {err:e}");
     }
@@ -200,8 +200,8 @@ fn bf16_forward_within_rounding_bound() {
     for (n, k) in SHAPES {
         let x = rand_tensor(&mut r, &[M, k], 1.0);
         let w = rand_tensor(&mut r, &[n, k], 0.05);
-        let want = frozen_linear_with(&x, &w, GemmMode::Candle).unwrap();
-        let got = frozen_linear_with(&x, &w, GemmMode::Bf16).unwrap();
+        let want = frozen_linear(&x, &w, GemmMode::Candle).unwrap();
+        let got = frozen_linear(&x, &w, GemmMode::Bf16).unwrap();
         let scale = abs_scale(&x, &w);
         let err = max_scaled_err(&got, &want, &scale);
         assert!(
@@ -246,8 +246,8 @@ fn layouts_batch_dims_and_transposed_weights() {
     let w_offset = big.narrow(0, 6, 24).unwrap();
     for mode in [GemmMode::F32, GemmMode::Bf16] {
         for w in [&w_view, &w_offset] {
-            let want = frozen_linear_with(&x, w, GemmMode::Candle).unwrap();
-            let got = frozen_linear_with(&x, w, mode).unwrap();
+            let want = frozen_linear(&x, w, GemmMode::Candle).unwrap();
+            let got = frozen_linear(&x, w, mode).unwrap();
             assert_eq!(got.dims(), &[2, 3, 24]);
             let x2 = x.reshape((6, 40)).unwrap();
             let err = max_scaled_err(
@@ -264,8 +264,8 @@ fn layouts_batch_dims_and_transposed_weights() {
         }
         // A transposed (column-major) activation goes through the same path.
         let xt = rand_tensor(&mut r, &[40, 6], 1.0).t().unwrap();
-        let want = frozen_linear_with(&xt, &w_dense, GemmMode::Candle).unwrap();
-        let got = frozen_linear_with(&xt, &w_dense, mode).unwrap();
+        let want = frozen_linear(&xt, &w_dense, GemmMode::Candle).unwrap();
+        let got = frozen_linear(&xt, &w_dense, mode).unwrap();
         let tol = if mode == GemmMode::Bf16 {
             BF16_WORST + F32_TOL
         } else {
@@ -279,7 +279,7 @@ fn layouts_batch_dims_and_transposed_weights() {
 /// d/dx of sum(y * r) for y = frozen_linear(x, w): r @ w, through candle's backprop.
 fn backprop(x: &Tensor, w: &Tensor, r: &Tensor, mode: GemmMode) -> (Tensor, Tensor, bool) {
     let xv = Var::from_tensor(x).unwrap();
-    let y = frozen_linear_with(xv.as_tensor(), w, mode).unwrap();
+    let y = frozen_linear(xv.as_tensor(), w, mode).unwrap();
     let loss = (&y * r).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let dx = grads.get(xv.as_tensor()).unwrap().clone();
@@ -354,24 +354,24 @@ fn bf16_weight_copy_is_made_once() {
 fn tiny_model_logits_in_each_mode() {
     // The whole network in each mode against candle's (f32 mode within f32 noise; bf16 within
     // a loose bound: 2 layers of bf16 products on the tiny model's logits).
-    let files = kto_train::model::loading::local_model_files(
+    let files = kto_train::hub::local_model_files(
         &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama"),
         "tiny-llama",
     )
     .unwrap();
     let model = kto_train::model::load_llama(&files, DType::F32, &Device::Cpu, None).unwrap();
     let ids = Tensor::new(&[[1u32, 5, 9, 2, 7, 3]], &Device::Cpu).unwrap();
-    let fwd = kto_train::model::Forward::REFERENCE;
+    let fwd = kto_train::model::PassMode::REFERENCE;
     let logits = |mode: GemmMode| {
-        gemm::set_gemm_mode(mode);
+        let kernels = kto_train::kernels::KernelSettings {
+            gemm: mode,
+            ..model.kernels()
+        };
+        let model = model.clone().with_kernels(kernels).unwrap();
         let h = model.hidden_states(&ids, fwd).unwrap();
         let rows = h.reshape((6, h.dim(2).unwrap())).unwrap();
-        let l = model.logits(&rows).unwrap();
-        gemm::set_gemm_mode(GemmMode::Candle);
-        l
+        model.logits(&rows).unwrap()
     };
-    // Other tests in this binary pass modes explicitly, so switching the process-wide mode here
-    // affects no one else.
     let want = logits(GemmMode::Candle);
     if !fast_or_note("tiny model logits") {
         return;
@@ -528,7 +528,8 @@ fn add_product_accumulates_the_lora_branch() {
             .unwrap())
     .unwrap();
     let scale = (abs_scale(&h, &b) + acc.abs().unwrap().to_dtype(DType::F64).unwrap()).unwrap();
-    let got = kto_train::model::ops::add_product(acc.copy().unwrap(), &h, &b).unwrap();
+    let got = kto_train::kernels::products::add_product(acc.copy().unwrap(), &h, &b, GemmMode::F32)
+        .unwrap();
     let err = max_scaled_err(&got, &want.to_dtype(DType::F32).unwrap(), &scale);
     assert!(err < F32_TOL, "add_product: {err:e}");
 }

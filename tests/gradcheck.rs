@@ -6,9 +6,9 @@ use common::*;
 use kto_train::config::LossConfig;
 use kto_train::loss::{LossHead, SequenceLogps};
 use kto_train::model::logprobs::completion_logps;
-use kto_train::model::{Forward, Llama};
+use kto_train::model::{Llama, PassMode};
 use kto_train::train::batch::MicroBatch;
-use kto_train::train::step::{reference_logps, run_micro_batch};
+use kto_train::train::step::{reference_logps, run_micro_batch, MicroBatchMode};
 
 /// Loss as a function of the current LoRA weights, z held at its value from `fixed` (TRL detaches z).
 fn loss_at(
@@ -16,7 +16,7 @@ fn loss_at(
     head: &LossHead,
     batch: &MicroBatch,
     fixed: &SequenceLogps,
-    fwd: Forward,
+    fwd: PassMode,
 ) -> f64 {
     // No gradient: the composite LoRA form, independent of the one-node form the gradient
     // pass uses (src/model/lora.rs).
@@ -27,24 +27,23 @@ fn loss_at(
 }
 
 pub fn check_gradients(loss_toml: &str) {
-    check_gradients_with(loss_toml, Forward::POLICY_EVAL, 0.0);
+    check_gradients_with(loss_toml, PassMode::POLICY_EVAL, 0.0);
 }
 
 /// With `dropout` > 0 and a training `fwd`, the masks are a pure function of the dropout key,
 /// so the loss is still a deterministic function of the LoRA weights.
-fn check_gradients_with(loss_toml: &str, fwd: Forward, dropout: f64) {
-    let mut model = tiny_with_peft(DType::F64);
-    for layer in &mut model.layers {
-        for lin in &mut layer.proj {
-            if let Some(l) = lin.lora.as_mut() {
-                l.dropout = dropout;
-            }
-        }
-    }
+fn check_gradients_with(loss_toml: &str, fwd: PassMode, dropout: f64) {
+    let model = tiny_with_peft_dropout(DType::F64, Some(dropout));
     let cfg: LossConfig = toml::from_str(loss_toml).unwrap();
     let batch = kto_step_batch(Some((24, 16)));
     let mut head = LossHead::new(&cfg);
-    let out = run_micro_batch(&model, &mut head, &batch, fwd, fwd, 0, true, None).unwrap();
+    let mode = MicroBatchMode {
+        policy: fwd,
+        kl: fwd,
+        step: 0,
+        train: true,
+    };
+    let out = run_micro_batch(&model, &mut head, &batch, mode, None).unwrap();
     let grads = out.grads.unwrap();
     let (reference, reference_kl) = reference_logps(&model, &batch, None).unwrap();
     assert_eq!(reference, out.logps.reference);
@@ -65,7 +64,7 @@ fn check_gradients_with(loss_toml: &str, fwd: Forward, dropout: f64) {
                 let bump = |d: f64| {
                     let mut v: Vec<Vec<f64>> = orig.to_vec2().unwrap();
                     v[r][c] += d;
-                    var.set(&Tensor::new(v, &model.device).unwrap()).unwrap();
+                    var.set(&Tensor::new(v, model.device()).unwrap()).unwrap();
                     let l = loss_at(&model, &head, &batch, &out.logps, fwd);
                     var.set(&orig).unwrap();
                     l
@@ -92,7 +91,7 @@ fn kto_gradient_matches_finite_differences() {
 
 #[test]
 fn kto_gradient_with_lora_dropout_matches_finite_differences() {
-    let fwd = Forward::train(kto_train::model::DropoutKey { seed: 3, pass: 11 });
+    let fwd = PassMode::train(kto_train::model::DropoutKey { seed: 3, pass: 11 });
     check_gradients_with("loss_type = \"kto\"\nbeta = 0.1", fwd, 0.2);
 }
 

@@ -28,8 +28,9 @@ fn trl_kto_step_is_reproduced_with_activation_checkpointing() {
 
 fn check_trl_step(activation_checkpointing: bool) {
     let b: Value = kto_step_json();
-    let mut model = tiny_with_peft(DType::F32);
-    model.activation_checkpointing = activation_checkpointing;
+    let model = with_kernels(&tiny_with_peft(DType::F32), |k| {
+        k.activation_checkpointing = activation_checkpointing
+    });
     let out = run_trl_step(&model);
     let l = &out.logps;
     assert_close("policy_logps", &l.policy, &f64s(&b["policy_logps"]), 1e-3);

@@ -1,7 +1,7 @@
 //! Finding models: local folders, the Hugging Face cache layout, offline mode, and clear errors.
 mod common;
 use common::*;
-use kto_train::model::loading::resolve_model_in;
+use kto_train::hub::resolve_model_in;
 use std::path::Path;
 
 /// A cache folder laid out as huggingface_hub writes it, holding the tiny fixture model.
@@ -89,13 +89,13 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     o.insert("rope_theta".into(), theta);
     o.insert("torch_dtype".into(), "bfloat16".into());
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-    let files = kto_train::model::loading::local_model_files(tmp.path(), "sharded").unwrap();
+    let files = kto_train::hub::local_model_files(tmp.path(), "sharded").unwrap();
     assert_eq!(files.weights.len(), 2);
     let sharded = kto_train::model::load_llama(&files, DType::F32, &Device::Cpu, None).unwrap();
     let single = tiny(DType::F32, None);
-    assert_eq!(sharded.cfg, single.cfg);
+    assert_eq!(sharded.cfg(), single.cfg());
     let ids = candle_core::Tensor::new(&[[5u32, 900, 17, 4000]], &Device::Cpu).unwrap();
-    let f = kto_train::model::Forward::REFERENCE;
+    let f = kto_train::model::PassMode::REFERENCE;
     let d = max_abs_diff(
         &sharded.hidden_states(&ids, f).unwrap(),
         &single.hidden_states(&ids, f).unwrap(),

@@ -5,7 +5,7 @@ use kto_train::config::{LossConfig, LossType, Weighting};
 use kto_train::loss::{
     finalize_metrics, loss_terms, Components, LossHead, LossOutput, LossState, SequenceLogps,
 };
-use kto_train::train::metrics::MetricSums;
+use kto_train::util::metric_sums::MetricSums;
 
 /// Small deterministic generator so the tests need no seed plumbing.
 struct Lcg(u64);
@@ -117,7 +117,7 @@ fn first_step_has_finite_nonzero_gradient_everywhere() {
                     "{what}: zero gradient entry {:?}",
                     out.grad
                 );
-                assert!(out.grad_pt.iter().all(|&g| g != 0.0), "{what}");
+                assert!(out.grad_pt_clipped.iter().all(|&g| g != 0.0), "{what}");
                 n_checked += 1;
             }
         }
@@ -220,8 +220,8 @@ fn homogeneous_batch_has_no_odds_ratio_and_no_pair_metrics() {
         for cfg in config_grid() {
             let out = LossHead::new(&cfg).train_batch(&s, 0).unwrap();
             assert_eq!(out.terms.l_or(), 0.0);
-            assert!(out.grad_or.iter().all(|&g| g == 0.0));
-            assert_eq!(out.grad_norm_or, 0.0);
+            assert!(out.grad_or_clipped.iter().all(|&g| g == 0.0));
+            assert_eq!(out.grad_norm_or_unclipped, 0.0);
             assert_finite(&out, "homogeneous");
             let m = finalize_metrics(&out.metrics);
             for k in [
@@ -592,9 +592,12 @@ fn component_clipping_from_its_definition() {
             let b = LossHead::new(&clipped).eval_batch(&s, 0).unwrap();
             assert_eq!(a.loss, b.loss, "clipping changes the gradient only");
             // Norms are reported before clipping.
-            assert_eq!(a.grad_norm_pt, b.grad_norm_pt);
-            assert_eq!(a.grad_norm_or, b.grad_norm_or);
-            for (ua, ub) in [(&a.grad_pt, &b.grad_pt), (&a.grad_or, &b.grad_or)] {
+            assert_eq!(a.grad_norm_pt_unclipped, b.grad_norm_pt_unclipped);
+            assert_eq!(a.grad_norm_or_unclipped, b.grad_norm_or_unclipped);
+            for (ua, ub) in [
+                (&a.grad_pt_clipped, &b.grad_pt_clipped),
+                (&a.grad_or_clipped, &b.grad_or_clipped),
+            ] {
                 let na = norm(ua);
                 let nb = norm(ub);
                 assert!(nb <= clip * (1.0 + 1e-12), "clip {clip}: norm {nb}");
@@ -611,11 +614,11 @@ fn component_clipping_from_its_definition() {
                 }
             }
             for i in 0..6 {
-                assert_eq!(b.grad[i], b.grad_pt[i] + b.grad_or[i]);
+                assert_eq!(b.grad[i], b.grad_pt_clipped[i] + b.grad_or_clipped[i]);
             }
             if labels.is_none() && clip < 1e-3 {
                 assert!(
-                    norm(&a.grad_pt) > clip && norm(&a.grad_or) > clip,
+                    norm(&a.grad_pt_clipped) > clip && norm(&a.grad_or_clipped) > clip,
                     "both clipped"
                 );
             }

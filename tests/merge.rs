@@ -3,11 +3,10 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use kto_train::eval::merge::merge_adapter;
-use kto_train::model::adapter::read_adapter_spec;
-use kto_train::model::loading::local_model_files;
-use kto_train::model::{load_llama, Forward, Llama};
-use kto_train::util::st::{serialize_pt, tensor_from_view, RawTensor};
+use kto_train::hub::local_model_files;
+use kto_train::model::adapter::merge::merge_adapter;
+use kto_train::model::{Llama, PassMode};
+use kto_train::util::safetensors_io::{serialize_pt, tensor_from_view, RawTensor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -121,19 +120,14 @@ fn f32_base(dir: &Path, shards: usize) {
 
 fn load(dir: &Path, lora_from: Option<&Path>) -> Llama {
     let files = local_model_files(dir, "m").unwrap();
-    let spec = lora_from.map(|a| read_adapter_spec(a).unwrap().0);
-    let m = load_llama(&files, DType::F32, &Device::Cpu, spec.as_ref()).unwrap();
-    if let Some(a) = lora_from {
-        kto_train::model::adapter::load_adapter_weights(&m, a).unwrap();
-    }
-    m
+    kto_train::model::load_with_adapter(&files, DType::F32, &Device::Cpu, lora_from).unwrap()
 }
 
 /// Logits [T, vocab] for one text.
-fn logits(m: &Llama, ids: &Tensor, fwd: Forward) -> Tensor {
+fn logits(m: &Llama, ids: &Tensor, fwd: PassMode) -> Tensor {
     let ids: Vec<u32> = ids.to_dtype(DType::U32).unwrap().to_vec1().unwrap();
     let t = ids.len();
-    let ids = Tensor::from_vec(ids, (1, t), &m.device).unwrap();
+    let ids = Tensor::from_vec(ids, (1, t), m.device()).unwrap();
     let h = m.hidden_states(&ids, fwd).unwrap().squeeze(0).unwrap();
     m.logits(&h).unwrap()
 }
@@ -146,8 +140,8 @@ fn assert_merged_matches_adapter(base: &Path, merged: &Path, adapter: &Path, vs_
     let expected = load_st("peft-adapter/expected.safetensors");
     for i in 0..3 {
         let ids = &expected[&format!("input_ids.{i}")];
-        let a = logits(&with_adapter, ids, Forward::POLICY_EVAL);
-        let m = logits(&merged, ids, Forward::REFERENCE);
+        let a = logits(&with_adapter, ids, PassMode::POLICY_EVAL);
+        let m = logits(&merged, ids, PassMode::REFERENCE);
         let d = max_abs_diff(&a, &m);
         assert!(d < 1e-4, "text {i}: merged vs adapter logits differ by {d}");
         if vs_peft {
@@ -286,7 +280,7 @@ fn merged_bf16_model_keeps_dtype_and_values() {
     assert_eq!(merged, 14);
     // And it loads as a plain model.
     let m = load(&out, None);
-    assert_eq!(m.dtype, DType::F32);
+    assert_eq!(m.dtype(), DType::F32);
 }
 
 #[test]

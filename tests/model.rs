@@ -2,19 +2,19 @@
 mod common;
 use candle_core::{DType, IndexOp, Tensor, D};
 use common::*;
-use kto_train::model::{Forward, Llama};
+use kto_train::model::{Llama, PassMode};
 use std::collections::HashMap;
 
 /// Full logits [T, vocab] for one token sequence.
-fn all_logits(m: &Llama, ids: &Tensor, fwd: Forward) -> Tensor {
+fn all_logits(m: &Llama, ids: &Tensor, fwd: PassMode) -> Tensor {
     let ids: Vec<u32> = ids.to_dtype(DType::U32).unwrap().to_vec1().unwrap();
     let t = ids.len();
-    let ids = Tensor::from_vec(ids, (1, t), &m.device).unwrap();
+    let ids = Tensor::from_vec(ids, (1, t), m.device()).unwrap();
     let h = m.hidden_states(&ids, fwd).unwrap().squeeze(0).unwrap();
     m.logits(&h).unwrap()
 }
 
-fn check_against(m: &Llama, expected: &HashMap<String, Tensor>, fwd: Forward) {
+fn check_against(m: &Llama, expected: &HashMap<String, Tensor>, fwd: PassMode) {
     let mut n = 0;
     for i in 0.. {
         let Some(ids) = expected.get(&format!("input_ids.{i}")) else {
@@ -53,7 +53,7 @@ fn logits_match_transformers() {
     check_against(
         &m,
         &load_st("tiny-llama/expected.safetensors"),
-        Forward::REFERENCE,
+        PassMode::REFERENCE,
     );
 }
 
@@ -63,12 +63,12 @@ fn logits_with_peft_adapter_match_peft() {
     check_against(
         &m,
         &load_st("peft-adapter/expected.safetensors"),
-        Forward::POLICY_EVAL,
+        PassMode::POLICY_EVAL,
     );
     // LoRA switched off is the base model again.
     check_against(
         &m,
         &load_st("tiny-llama/expected.safetensors"),
-        Forward::REFERENCE,
+        PassMode::REFERENCE,
     );
 }

@@ -53,11 +53,11 @@ fn written_adapter_has_peft_layout() {
         &std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap(),
     )
     .unwrap();
-    let targets: Vec<String> = peft_cfg["target_modules"]
+    let targets: Vec<kto_train::config::Projection> = peft_cfg["target_modules"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v.as_str().unwrap().to_string())
+        .map(|v| v.as_str().unwrap().parse().unwrap())
         .collect();
     let spec = LoraSpec {
         r: peft_cfg["r"].as_u64().unwrap() as usize,
@@ -114,7 +114,10 @@ fn fresh_lora_init_is_peft_init() {
         r: 8,
         alpha: 16.0,
         dropout: 0.0,
-        target_modules: vec!["q_proj".into(), "down_proj".into()],
+        target_modules: vec![
+            kto_train::config::Projection::QProj,
+            kto_train::config::Projection::DownProj,
+        ],
         use_rslora: false,
         seed: 3,
     };

@@ -8,9 +8,9 @@ use common::*;
 use kto_train::model::logprobs::{
     completion_logp_sums_after, completion_logps, completion_logps_capturing, Sequence,
 };
-use kto_train::model::{Forward, Llama};
+use kto_train::model::{Llama, PassMode};
 
-fn full(model: &Llama, seqs: &[Sequence], fwd: Forward) -> Vec<f64> {
+fn full(model: &Llama, seqs: &[Sequence], fwd: PassMode) -> Vec<f64> {
     completion_logps(model, seqs, fwd, false)
         .unwrap()
         .sums
@@ -20,7 +20,7 @@ fn full(model: &Llama, seqs: &[Sequence], fwd: Forward) -> Vec<f64> {
         .unwrap()
 }
 
-fn check(model: &Llama, main: &[Sequence], other: &[Sequence], fwd: Forward) -> Vec<usize> {
+fn check(model: &Llama, main: &[Sequence], other: &[Sequence], fwd: PassMode) -> Vec<usize> {
     let (_, states) = completion_logps_capturing(model, main, fwd, false).unwrap();
     let rows: Vec<Option<usize>> = (0..other.len()).map(|i| Some(i % main.len())).collect();
     let reused: Vec<usize> = other
@@ -43,11 +43,10 @@ fn check(model: &Llama, main: &[Sequence], other: &[Sequence], fwd: Forward) -> 
 #[test]
 fn kl_sequences_reusing_prompt_states_match_a_full_pass() {
     for fused in [true, false] {
-        let mut model = tiny_with_peft(DType::F64);
-        model.use_fused_ops = fused;
+        let model = with_kernels(&tiny_with_peft(DType::F64), |k| k.fused_ops = fused);
         let batch = kto_step_batch(None);
         let kl = batch.kl_seqs.as_ref().unwrap();
-        for fwd in [Forward::REFERENCE, Forward::POLICY_EVAL] {
+        for fwd in [PassMode::REFERENCE, PassMode::POLICY_EVAL] {
             let reused = check(&model, &batch.seqs, kl, fwd);
             // TRL's KL pairs keep each example's prompt: everything up to the last prompt token.
             for (i, r) in reused.iter().enumerate() {
@@ -76,6 +75,6 @@ fn partial_and_absent_shared_prefixes() {
     let main = vec![a.clone(), batch.seqs[1].clone()];
     // Sequence i is paired with row i % 2.
     let others = vec![partial, none, same, no_prompt];
-    let reused = check(&model, &main, &others, Forward::POLICY_EVAL);
+    let reused = check(&model, &main, &others, PassMode::POLICY_EVAL);
     assert_eq!(reused, vec![5, 0, a.prompt_len - 1, 0]);
 }

@@ -1,17 +1,19 @@
+#![allow(dead_code)]
 //! The benchmark work unit shared by benches/step.rs and benches/gemm.rs: one optimizer step on
 //! SmolLM2-360M's exact shapes (random weights), batch 2 of prompt + completion tokens, LoRA on
 //! all seven projections (alpha = 2r), KTO with KL pairs.
 use candle_core::{DType, Device};
 use kto_train::config::LossConfig;
+use kto_train::config::{GemmSetting, Projection};
+use kto_train::hub::local_model_files;
+use kto_train::kernels::gemm::{self, GemmMode};
+use kto_train::kernels::KernelSettings;
 use kto_train::loss::LossHead;
-use kto_train::model::gemm::{self, GemmMode};
-use kto_train::model::loading::local_model_files;
 use kto_train::model::logprobs::Sequence;
-use kto_train::model::{load_llama, DropoutKey, Forward, Llama, LlamaConfig, LoraSpec};
+use kto_train::model::{load_llama, Llama, LlamaConfig, LoraSpec};
 use kto_train::train::batch::MicroBatch;
-use kto_train::train::optim::{collect_grads, AdamW, AdamWParams};
-use kto_train::train::recipe::lora_vars;
-use kto_train::train::step::run_micro_batch;
+use kto_train::train::optim::{AdamW, AdamWParams};
+use kto_train::train::step::{run_micro_batch, MicroBatchMode};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -25,6 +27,8 @@ pub fn arg(name: &str, default: usize) -> usize {
 }
 
 pub struct WorkUnit {
+    /// The network as loaded (f32 frozen weights); `model` is it with the current kernels.
+    base: Llama,
     pub model: Llama,
     pub opt: AdamW,
     pub head: LossHead,
@@ -34,8 +38,9 @@ pub struct WorkUnit {
 
 impl WorkUnit {
     /// Writes the random model to $TMPDIR once, then builds the policy and a fixed batch.
-    /// `checkpointing`: activation checkpointing of the policy pass. As in a training run, the
-    /// frozen weights are kept in bf16 when the GEMM mode is bf16 (src/train/recipe.rs).
+    /// `checkpointing`: activation checkpointing of the policy pass. The GEMM mode is
+    /// `KTO_TRAIN_GEMM`'s (`train.gemm = "auto"`); as in a training run, the frozen weights are
+    /// kept in bf16 when it is bf16 (Llama::with_kernels).
     pub fn new(
         prompt: usize,
         completion: usize,
@@ -62,20 +67,19 @@ impl WorkUnit {
             r: rank,
             alpha: 2.0 * rank as f64,
             dropout: 0.0,
-            target_modules: kto_train::config::ALL_TARGET_MODULES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            target_modules: Projection::ALL.to_vec(),
             use_rslora: false,
             seed: 42,
         };
-        let mut model = load_llama(&files, DType::F32, &Device::Cpu, Some(&spec))?;
-        model.activation_checkpointing = checkpointing;
-        if gemm::effective_mode(gemm::gemm_mode()) == GemmMode::Bf16 {
-            model.keep_frozen_weights_in(DType::BF16)?;
-        }
+        let base = load_llama(&files, DType::F32, &Device::Cpu, Some(&spec))?;
+        let kernels = KernelSettings {
+            fused_ops: true,
+            activation_checkpointing: checkpointing,
+            gemm: gemm::resolve(GemmSetting::Auto),
+        };
+        let model = base.clone().with_kernels(kernels)?;
         let opt = AdamW::new(
-            lora_vars(&model),
+            model.lora_vars(),
             AdamWParams {
                 beta1: 0.9,
                 beta2: 0.999,
@@ -105,6 +109,7 @@ impl WorkUnit {
             labels: vec![true, false],
         };
         Ok(Self {
+            base,
             model,
             opt,
             head: LossHead::new(&LossConfig::default()),
@@ -113,22 +118,25 @@ impl WorkUnit {
         })
     }
 
+    /// The products of later steps in `mode` (the LoRA weights and optimizer state carry over).
+    pub fn set_gemm_mode(&mut self, mode: GemmMode) -> anyhow::Result<()> {
+        let kernels = KernelSettings {
+            gemm: mode,
+            ..self.model.kernels()
+        };
+        self.model = self.base.clone().with_kernels(kernels)?;
+        Ok(())
+    }
+
     /// One optimizer step; returns (seconds, loss).
     pub fn step(&mut self) -> anyhow::Result<(f64, f64)> {
         let t0 = Instant::now();
         let i = self.steps_done;
-        let fwd = Forward::train(DropoutKey { seed: 42, pass: i });
-        let out = run_micro_batch(
-            &self.model,
-            &mut self.head,
-            &self.batch,
-            fwd,
-            fwd,
-            i,
-            true,
-            None,
-        )?;
-        let grads = collect_grads(&self.opt.vars, out.grads.as_ref().expect("training step"))?;
+        // The same dropout key for the policy and its KL pass, as the benchmark always did.
+        let mut mode = MicroBatchMode::training(42, i, i);
+        mode.kl = mode.policy;
+        let out = run_micro_batch(&self.model, &mut self.head, &self.batch, mode, None)?;
+        let grads = out.grads.expect("training step").into_vec();
         self.opt.step(&grads, 2e-4)?;
         self.steps_done += 1;
         Ok((t0.elapsed().as_secs_f64(), out.loss.loss))

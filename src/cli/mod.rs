@@ -1,116 +1,17 @@
 //! Command-line interface: `kto-train --config FILE` trains; subcommands for everything else.
-use crate::config::Config;
-use crate::model::adapter::{load_adapter_weights, read_adapter_spec};
-use crate::model::tiny::{write_tiny_model, TinySpec};
-use crate::model::{load_llama, resolve_model};
-use crate::train::recipe::{device, dtype, RunOptions};
+//! Each command reads its arguments ([`args`]) and calls one entry point of the layer that does
+//! the work.
+pub mod args;
+
+use crate::config::{Config, DType};
+use crate::eval::tasks::runner::{self, EvalReport};
+use crate::eval::tasks::{load_task, LoadOptions};
+use crate::model::tiny::{write_random_model, write_tiny_model, TinySpec};
+use crate::model::{load_with_adapter, LlamaConfig, PassMode};
+use crate::recipe::RunOptions;
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "kto-train",
-    version,
-    about = "LoRA training of Llama-family models with (Enhanced) KTO; writes PEFT adapters",
-    long_about = "LoRA training of Llama-family models with (Enhanced) KTO; writes PEFT adapters.\n\n\
-                  `kto-train --config FILE` trains (the same as `kto-train train --config FILE`).",
-    args_conflicts_with_subcommands = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub train: TrainArgs,
-}
-
-#[derive(Args, Debug, Clone, Default)]
-pub struct TrainArgs {
-    /// Run config (TOML); see configs/ and the README for every key.
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Override any config key, e.g. --set train.lr=1e-4 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Fail on the first bad data record instead of skipping and counting it.
-    #[arg(long)]
-    pub strict: bool,
-    /// Only errors on stderr.
-    #[arg(long, short)]
-    pub quiet: bool,
-    /// Every metrics line on stderr.
-    #[arg(long, short)]
-    pub verbose: bool,
-    /// Replace a finished run in the output folder.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Continue from the newest checkpoint in the output folder.
-    #[arg(long)]
-    pub resume: bool,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Train a LoRA adapter (the default action).
-    Train(TrainArgs),
-    /// Write a tiny random Llama model folder (config.json, model.safetensors, tokenizer.json).
-    InitTiny {
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-        /// Seed of the random weights.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Write SmolLM2-360M's exact shapes instead of the tiny ones (for benchmarks).
-        #[arg(long)]
-        smollm2_360m: bool,
-    },
-    /// Print the data mix of a config (tokenizer only, no model weights).
-    Data {
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Also write the prepared examples as JSONL here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long)]
-        strict: bool,
-    },
-    /// Completion log-probs of JSONL records ({prompt, completion} or {prompt_ids, completion_ids}).
-    Score {
-        /// Model folder or hub id.
-        #[arg(long)]
-        model: String,
-        /// PEFT adapter folder to apply.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// Input JSONL.
-        #[arg(long)]
-        input: PathBuf,
-        /// Output JSONL (default: stdout).
-        #[arg(long)]
-        output: Option<PathBuf>,
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// Append the model's EOS token to text completions (as training does).
-        #[arg(long)]
-        append_eos: bool,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "main")]
-        revision: String,
-    },
-    /// Redraw a run folder's plots (plots/*.png) and its adapter's model card (adapter/README.md).
-    Plot {
-        /// Run folder (the training config's output.dir).
-        run_dir: PathBuf,
-    },
-    /// Benchmark scoring (HellaSwag, TruthfulQA MC2, MMLU) with the evaluation harness's method.
-    Eval(crate::eval::tasks::runner::EvalArgs),
-    /// Fold a LoRA adapter into the base weights: a plain Hugging Face model folder.
-    Merge(crate::eval::merge::MergeArgs),
-}
+use args::{Cli, Command, EvalArgs, InitTinyArgs, MergeArgs, ScoreArgs, TrainArgs};
+use clap::Parser;
 
 /// Exit codes a script can rely on (README, "Exit codes").
 pub fn exit_code(e: &anyhow::Error) -> i32 {
@@ -124,130 +25,33 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        None => run_train(&cli.train),
-        Some(Command::Train(a)) => run_train(&a),
-        Some(Command::InitTiny {
-            out,
-            seed,
-            smollm2_360m,
-        }) => {
-            if smollm2_360m {
-                crate::model::tiny::write_random_model(
-                    &out,
-                    &crate::model::LlamaConfig::smollm2_360m(),
-                    seed,
-                    candle_core::DType::BF16,
-                )?;
-            } else {
-                write_tiny_model(
-                    &out,
-                    &TinySpec {
-                        seed,
-                        ..TinySpec::default()
-                    },
-                )?;
-            }
-            eprintln!("wrote model folder {}", out.display());
-            Ok(())
+        None => train(&cli.train),
+        Some(Command::Train(a)) => train(&a),
+        Some(Command::InitTiny(a)) => init_tiny(&a),
+        Some(Command::Data(a)) => {
+            let cfg = Config::load(&a.config, &a.set)?;
+            crate::data::run_data_command(&cfg, a.out.as_deref(), a.strict)
         }
-        Some(Command::Data {
-            config,
-            set,
-            out,
-            strict,
-        }) => {
-            let cfg = Config::load(&config, &set)?;
-            crate::data::run_data_command(&cfg, out.as_deref(), strict)
-        }
-        Some(Command::Score {
-            model,
-            adapter,
-            input,
-            output,
-            batch_size,
-            append_eos,
-            device: dev,
-            revision,
-        }) => {
-            let dev = device(&dev)?;
-            let files = resolve_model(&model, &revision)?;
-            let spec = match &adapter {
-                Some(dir) => Some(read_adapter_spec(dir)?.0),
-                None => None,
-            };
-            let m = load_llama(
-                &files,
-                dtype(crate::config::DType::F32),
-                &dev,
-                spec.as_ref(),
-            )?;
-            if let Some(dir) = &adapter {
-                load_adapter_weights(&m, dir)?;
-            }
-            let tok = files
-                .tokenizer
-                .as_deref()
-                .map(crate::data::load_tokenizer)
-                .transpose()?;
-            let eos = if append_eos {
-                Some(m.cfg.eos_token_id.with_context(|| {
-                    format!(
-                        "--append-eos: {} has no eos_token_id",
-                        files.config.display()
-                    )
-                })?)
-            } else {
-                None
-            };
-            match output {
-                Some(p) => {
-                    let mut buf = Vec::new();
-                    crate::eval::score::score_jsonl(
-                        &m,
-                        tok.as_ref(),
-                        &input,
-                        &mut buf,
-                        batch_size,
-                        eos,
-                    )?;
-                    crate::util::atomic::write_atomic(&p, &buf)?;
-                }
-                None => {
-                    let stdout = std::io::stdout();
-                    let mut lock = stdout.lock();
-                    crate::eval::score::score_jsonl(
-                        &m,
-                        tok.as_ref(),
-                        &input,
-                        &mut lock,
-                        batch_size,
-                        eos,
-                    )?;
-                }
-            }
-            Ok(())
-        }
+        Some(Command::Score(a)) => score(&a),
         Some(Command::Plot { run_dir }) => crate::report::run_plot_command(&run_dir),
-        Some(Command::Eval(a)) => crate::eval::tasks::runner::run_eval_command(&a).map(|_| ()),
-        Some(Command::Merge(a)) => crate::eval::merge::run_merge_command(&a).map(|_| ()),
+        Some(Command::Eval(a)) => eval(&a).map(|_| ()),
+        Some(Command::Merge(a)) => merge(&a),
     }
 }
 
-fn run_train(a: &TrainArgs) -> Result<()> {
+fn train(a: &TrainArgs) -> Result<()> {
     let Some(config) = &a.config else {
         bail!("no config given: run `kto-train --config configs/smoke.toml` (see --help)");
     };
     let cfg = Config::load(config, &a.set)?;
-    let summary = crate::train::train(
-        &cfg,
-        &RunOptions {
-            strict: a.strict,
-            quiet: a.quiet,
-            verbose: a.verbose,
-            overwrite: a.overwrite,
-            resume: a.resume,
-        },
-    )?;
+    let options = RunOptions {
+        strict: a.strict,
+        quiet: a.quiet,
+        verbose: a.verbose,
+        overwrite: a.overwrite,
+        resume: a.resume,
+    };
+    let summary = crate::recipe::train(&cfg, &options)?;
     if !a.quiet {
         eprintln!(
             "done: {} steps; adapter in {}",
@@ -255,5 +59,123 @@ fn run_train(a: &TrainArgs) -> Result<()> {
             summary.adapter_dir.display()
         );
     }
+    Ok(())
+}
+
+fn init_tiny(a: &InitTinyArgs) -> Result<()> {
+    if a.smollm2_360m {
+        write_random_model(
+            &a.out,
+            &LlamaConfig::smollm2_360m(),
+            a.seed,
+            candle_core::DType::BF16,
+        )?;
+    } else {
+        let spec = TinySpec {
+            seed: a.seed,
+            ..TinySpec::default()
+        };
+        write_tiny_model(&a.out, &spec)?;
+    }
+    eprintln!("wrote model folder {}", a.out.display());
+    Ok(())
+}
+
+fn score(a: &ScoreArgs) -> Result<()> {
+    let dev = a.device.open()?;
+    let files = crate::hub::resolve_model(&a.model, &a.revision)?;
+    let model = load_with_adapter(&files, DType::F32.to_candle(), &dev, a.adapter.as_deref())?;
+    let tok = files
+        .tokenizer
+        .as_deref()
+        .map(crate::data::load_tokenizer)
+        .transpose()?;
+    let eos = if a.append_eos {
+        Some(model.cfg().eos_token_id.with_context(|| {
+            format!(
+                "--append-eos: {} has no eos_token_id",
+                files.config.display()
+            )
+        })?)
+    } else {
+        None
+    };
+    let run = |out: &mut dyn std::io::Write| {
+        crate::eval::score::score_jsonl(&model, tok.as_ref(), &a.input, out, a.batch_size, eos)
+    };
+    match &a.output {
+        Some(p) => {
+            let mut buf = Vec::new();
+            run(&mut buf)?;
+            crate::util::atomic::write_atomic(p, &buf)
+        }
+        None => run(&mut std::io::stdout().lock()).map(|_| ()),
+    }
+}
+
+/// `kto-train eval`: prints the table on stdout, writes JSON when asked.
+pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
+    let options = LoadOptions {
+        shots: a.shots,
+        fewshot_data: a.fewshot_data.clone(),
+        limit: a.limit,
+        seed: a.seed,
+    };
+    let task = load_task(a.task, &a.data, &options)?;
+    let dev = a.device.open()?;
+    let files = crate::hub::resolve_model(&a.model, &a.revision)?;
+    let model = load_with_adapter(&files, DType::F32.to_candle(), &dev, a.adapter.as_deref())?;
+    let tok_path = files
+        .tokenizer
+        .as_ref()
+        .with_context(|| format!("model {} has no tokenizer.json", files.dir.display()))?;
+    let tok = crate::data::load_tokenizer(tok_path)?;
+    if !a.quiet {
+        let n: usize = task.items.iter().map(|i| i.choices.len()).sum();
+        eprintln!(
+            "{}: {} questions, {n} continuations, {}-shot",
+            a.task.name(),
+            task.items.len(),
+            task.shots
+        );
+    }
+    let eval_options = runner::EvalOptions {
+        batch_size: a.batch_size,
+        pass: PassMode::POLICY_EVAL,
+        progress: !a.quiet,
+    };
+    let report = runner::evaluate(&model, &tok, &task, &eval_options)?;
+    print!("{}", runner::format_table(std::slice::from_ref(&report)));
+    let groups = runner::format_group_table(&report);
+    if !groups.is_empty() {
+        print!("\n{groups}");
+    }
+    if let Some(out) = &a.output {
+        let run = serde_json::json!({
+            "model": a.model,
+            "adapter": a.adapter,
+            "data": a.data,
+            "fewshot_data": a.fewshot_data,
+            "limit": a.limit,
+            "seed": a.seed,
+            "batch_size": a.batch_size,
+        });
+        crate::util::atomic::write_json_atomic(out, &runner::report_json(&report, run))?;
+        if !a.quiet {
+            eprintln!("wrote {}", out.display());
+        }
+    }
+    Ok(report)
+}
+
+fn merge(a: &MergeArgs) -> Result<()> {
+    let files = crate::hub::resolve_model(&a.model, &a.revision)?;
+    let s = crate::model::adapter::merge::merge_adapter(&files, &a.adapter, &a.out)?;
+    eprintln!(
+        "merged {} projections; wrote {} files to {}",
+        s.merged,
+        s.files.len(),
+        a.out.display()
+    );
     Ok(())
 }

@@ -1,4 +1,4 @@
-use anyhow::{bail, Result};
+use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -32,7 +32,7 @@ impl Default for EvalConfig {
 #[serde(deny_unknown_fields)]
 pub struct BenchmarkConfig {
     /// `hellaswag`, `truthfulqa_mc2` or `mmlu`.
-    pub task: String,
+    pub task: BenchmarkTask,
     /// The task's published file or folder (relative to the config file).
     pub data: PathBuf,
     /// Few-shot examples (default: the task's leaderboard setting: 10, 0, 5).
@@ -46,7 +46,51 @@ pub struct BenchmarkConfig {
     pub limit: Option<usize>,
 }
 
-pub const BENCHMARK_TASKS: [&str; 3] = ["hellaswag", "truthfulqa_mc2", "mmlu"];
+/// A benchmark kto-train scores (src/eval/tasks), by the evaluation harness's task name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BenchmarkTask {
+    Hellaswag,
+    TruthfulqaMc2,
+    Mmlu,
+}
+
+impl BenchmarkTask {
+    pub const ALL: [BenchmarkTask; 3] = [
+        BenchmarkTask::Hellaswag,
+        BenchmarkTask::TruthfulqaMc2,
+        BenchmarkTask::Mmlu,
+    ];
+
+    /// The harness's task name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchmarkTask::Hellaswag => "hellaswag",
+            BenchmarkTask::TruthfulqaMc2 => "truthfulqa_mc2",
+            BenchmarkTask::Mmlu => "mmlu",
+        }
+    }
+}
+
+impl std::fmt::Display for BenchmarkTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BenchmarkTask {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown task `{s}`; allowed are {names:?}")
+            })
+    }
+}
+
+super::compute::serde_as_string!(BenchmarkTask);
 
 impl EvalConfig {
     pub(super) fn resolve_paths(&mut self, base: &Path) {
@@ -62,17 +106,11 @@ impl EvalConfig {
         }
     }
 
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         if self.batch_size == 0 {
             bail!("batch_size = 0: must be at least 1");
         }
         for b in &self.benchmarks {
-            if !BENCHMARK_TASKS.contains(&b.task.as_str()) {
-                bail!(
-                    "benchmarks: unknown task `{}`; allowed are {BENCHMARK_TASKS:?}",
-                    b.task
-                );
-            }
             if b.limit == Some(0) {
                 bail!("benchmarks: limit = 0 for `{}`: must be at least 1", b.task);
             }

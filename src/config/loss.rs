@@ -254,7 +254,106 @@ impl Default for LossConfig {
     }
 }
 
+/// The loss as the head computes it: the objective, with exactly the knobs that act in it. Built
+/// from a validated [`LossConfig`] by [`LossConfig::objective`]; a knob of a component that is
+/// off, or of a loss type that has no such component, has no place to be written here.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Objective {
+    /// TRL's `kto`: sigmoid loss around the KL reference point z.
+    Kto,
+    /// TRL's `apo_zero_unpaired`: z = 0, no KL pass.
+    ApoZeroUnpaired,
+    /// KTO with the prospect-theory components of docs/enhanced-kto.md section 2.
+    EnhancedKto(EnhancedKto),
+}
+
+/// The components of Enhanced KTO that act (docs/enhanced-kto.md 2.1-2.5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnhancedKto {
+    pub value_function: Option<ValueFunction>,
+    pub weighting: ConfidenceWeighting,
+    pub odds_ratio: Option<OddsRatio>,
+    pub bco_shift: Option<BcoShift>,
+    /// L2 bound on each component's dL/dP vector.
+    pub component_clip: Option<f64>,
+}
+
+/// The shifted TK92 value function V (2.1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValueFunction {
+    pub alpha_gain: f64,
+    pub alpha_loss: f64,
+    pub loss_aversion: f64,
+    pub eps: f64,
+}
+
+/// Probability weighting of the model's confidence (2.2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ConfidenceWeighting {
+    /// gamma_gain for desirable, gamma_loss for undesirable examples.
+    Tk92 {
+        gamma_gain: f64,
+        gamma_loss: f64,
+    },
+    Prelec {
+        alpha: f64,
+    },
+    None,
+}
+
+/// The in-batch odds-ratio term L_OR (2.3), with a weight > 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OddsRatio {
+    pub weight: f64,
+    pub max_mean_logp: f64,
+}
+
+/// The BCO running-mean shift delta (2.4).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BcoShift {
+    /// EMA momentum; None = cumulative mean.
+    pub momentum: Option<f64>,
+    pub start_step: u64,
+    pub ramp_steps: u64,
+}
+
 impl LossConfig {
+    /// The typed objective this config describes.
+    pub fn objective(&self) -> Objective {
+        match self.loss_type {
+            LossType::Kto => Objective::Kto,
+            LossType::ApoZeroUnpaired => Objective::ApoZeroUnpaired,
+            LossType::EnhancedKto => Objective::EnhancedKto(EnhancedKto {
+                value_function: self.value_function.then_some(ValueFunction {
+                    alpha_gain: self.value_alpha_gain,
+                    alpha_loss: self.value_alpha_loss,
+                    loss_aversion: self.loss_aversion,
+                    eps: self.value_eps,
+                }),
+                weighting: match self.weighting {
+                    Weighting::Tk92 => ConfidenceWeighting::Tk92 {
+                        gamma_gain: self.gamma_gain,
+                        gamma_loss: self.gamma_loss,
+                    },
+                    Weighting::Prelec => ConfidenceWeighting::Prelec {
+                        alpha: self.prelec_alpha,
+                    },
+                    Weighting::None => ConfidenceWeighting::None,
+                },
+                odds_ratio: (self.odds_ratio_weight > 0.0).then_some(OddsRatio {
+                    weight: self.odds_ratio_weight,
+                    max_mean_logp: self.odds_ratio_max_mean_logp,
+                }),
+                bco_shift: self.bco_shift.then_some(BcoShift {
+                    momentum: self.bco_momentum,
+                    start_step: self.bco_start_step,
+                    ramp_steps: self.bco_ramp_steps,
+                }),
+                component_clip: self.component_clip,
+            }),
+        }
+    }
+
     /// Default Enhanced KTO config: value function, TK92 weighting and odds ratio on, BCO off.
     pub fn enhanced_default() -> Self {
         LossConfig {

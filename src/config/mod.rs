@@ -1,11 +1,13 @@
 //! The run description: one TOML file, every knob in it, refused before any work starts when a key
 //! is unknown or a value is out of range.
+mod compute;
 mod data;
 mod eval;
 mod loss;
 mod model;
 mod train;
 
+pub use compute::*;
 pub use data::*;
 pub use eval::*;
 pub use loss::*;

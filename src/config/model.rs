@@ -1,16 +1,93 @@
-use anyhow::{bail, Result};
+use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-pub const ALL_TARGET_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// The seven projections of a Llama decoder block that LoRA can target, in PEFT's module names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Projection {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl Projection {
+    /// Every projection, in a decoder block's order (attention q, k, v, o; MLP gate, up, down).
+    pub const ALL: [Projection; 7] = [
+        Projection::QProj,
+        Projection::KProj,
+        Projection::VProj,
+        Projection::OProj,
+        Projection::GateProj,
+        Projection::UpProj,
+        Projection::DownProj,
+    ];
+
+    /// PEFT's (and transformers') module name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Projection::QProj => "q_proj",
+            Projection::KProj => "k_proj",
+            Projection::VProj => "v_proj",
+            Projection::OProj => "o_proj",
+            Projection::GateProj => "gate_proj",
+            Projection::UpProj => "up_proj",
+            Projection::DownProj => "down_proj",
+        }
+    }
+
+    /// The submodule of a decoder layer that holds it (`self_attn` or `mlp`).
+    pub fn parent(self) -> &'static str {
+        match self {
+            Projection::QProj | Projection::KProj | Projection::VProj | Projection::OProj => {
+                "self_attn"
+            }
+            _ => "mlp",
+        }
+    }
+
+    /// Every module name, for messages.
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|p| p.name()).collect()
+    }
+}
+
+impl std::fmt::Display for Projection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Projection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown module `{s}`; allowed are {:?}",
+                    Projection::names()
+                )
+            })
+    }
+}
+
+impl Serialize for Projection {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Projection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +122,7 @@ impl ModelConfig {
         }
     }
 
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         if self.name_or_path.trim().is_empty() {
             bail!("name_or_path is empty: give a local model folder or a hub id (ORG/NAME)");
         }
@@ -66,8 +143,8 @@ pub struct LoraConfig {
     #[serde(default = "default_dropout")]
     pub dropout: f64,
     /// Which projections get an adapter (any of q,k,v,o,gate,up,down _proj).
-    #[serde(default = "default_targets")]
-    pub target_modules: Vec<String>,
+    #[serde(default = "default_targets", deserialize_with = "projections")]
+    pub target_modules: Vec<Projection>,
     /// rsLoRA scaling (alpha / sqrt(r)).
     #[serde(default)]
     pub use_rslora: bool,
@@ -85,8 +162,18 @@ fn default_alpha() -> f64 {
 fn default_dropout() -> f64 {
     0.05
 }
-fn default_targets() -> Vec<String> {
-    ALL_TARGET_MODULES.iter().map(|s| s.to_string()).collect()
+fn projections<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<Projection>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, String>>()
+        .map_err(|e| serde::de::Error::custom(format!("target_modules: {e}")))
+}
+
+fn default_targets() -> Vec<Projection> {
+    Projection::ALL.to_vec()
 }
 
 impl Default for LoraConfig {
@@ -103,7 +190,7 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         if self.r == 0 {
             bail!("r = 0: the LoRA rank must be at least 1");
         }
@@ -114,12 +201,10 @@ impl LoraConfig {
             bail!("dropout = {}: must be in [0, 1)", self.dropout);
         }
         if self.target_modules.is_empty() {
-            bail!("target_modules is empty: allowed are {ALL_TARGET_MODULES:?}");
-        }
-        for m in &self.target_modules {
-            if !ALL_TARGET_MODULES.contains(&m.as_str()) {
-                bail!("target_modules: unknown module `{m}`; allowed are {ALL_TARGET_MODULES:?}");
-            }
+            bail!(
+                "target_modules is empty: allowed are {:?}",
+                Projection::names()
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for m in &self.target_modules {

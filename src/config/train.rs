@@ -1,3 +1,4 @@
+use super::compute::{DType, DeviceSpec, GemmSetting};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -9,13 +10,39 @@ pub enum LrSchedule {
     Cosine,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DType {
-    F32,
-    F64,
-    Bf16,
+/// `train.reference_cache`: where reference log-probs are cached on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ReferenceCache {
+    /// `$KTO_TRAIN_CACHE_DIR`, else a `.kto-train-cache` folder beside output.dir.
+    #[default]
+    Auto,
+    Off,
+    Dir(std::path::PathBuf),
 }
+
+impl std::fmt::Display for ReferenceCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReferenceCache::Auto => f.write_str("auto"),
+            ReferenceCache::Off => f.write_str("off"),
+            ReferenceCache::Dir(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for ReferenceCache {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => ReferenceCache::Auto,
+            "off" => ReferenceCache::Off,
+            "" => return Err("reference_cache is empty: give auto, off or a folder".into()),
+            dir => ReferenceCache::Dir(dir.into()),
+        })
+    }
+}
+
+super::compute::serde_as_string!(ReferenceCache);
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -61,8 +88,8 @@ pub struct TrainConfig {
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N` (the latter needs the `cuda` cargo feature).
-    #[serde(default = "d_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// Compute dtype of the network: f32 (default), f64 (for checks), bf16.
     #[serde(default = "d_dtype")]
     pub dtype: DType,
@@ -87,8 +114,8 @@ pub struct TrainConfig {
     pub max_consecutive_nonfinite: usize,
     /// Where reference log-probs are cached: `auto` (`$KTO_TRAIN_CACHE_DIR`, else a
     /// `.kto-train-cache` folder beside output.dir, shared by sibling runs), `off`, or a folder.
-    #[serde(default = "d_refcache")]
-    pub reference_cache: String,
+    #[serde(default)]
+    pub reference_cache: ReferenceCache,
     /// Keep only each decoder block's input in the policy pass and recompute the block during
     /// the backward: activation memory of one block instead of all of them, for one more
     /// forward of the policy (TRL's gradient_checkpointing, on by default there too).
@@ -97,8 +124,8 @@ pub struct TrainConfig {
     /// Matrix products: `auto` (`$KTO_TRAIN_GEMM`, else `f32` in a `fast-gemm` build and
     /// `candle` otherwise), `candle`, `f32` or `bf16` (bf16 operands, f32 accumulation; the
     /// frozen weights are then kept in bf16). `f32` and `bf16` need the `fast-gemm` feature.
-    #[serde(default = "d_gemm")]
-    pub gemm: String,
+    #[serde(default)]
+    pub gemm: GemmSetting,
 }
 
 fn d_epochs() -> usize {
@@ -134,9 +161,6 @@ fn d_maxlen() -> usize {
 fn d_seed() -> u64 {
     42
 }
-fn d_device() -> String {
-    "cpu".into()
-}
 fn d_dtype() -> DType {
     DType::F32
 }
@@ -154,12 +178,6 @@ fn d_nonfinite() -> usize {
 }
 fn d_true() -> bool {
     true
-}
-fn d_gemm() -> String {
-    "auto".into()
-}
-fn d_refcache() -> String {
-    "auto".into()
 }
 
 impl Default for TrainConfig {
@@ -223,24 +241,8 @@ impl TrainConfig {
         if self.log_every == 0 {
             bail!("log_every = 0: must be at least 1");
         }
-        match self.gemm.as_str() {
-            "auto" | "candle" => {}
-            "f32" | "bf16" if cfg!(feature = "fast-gemm") => {}
-            "f32" | "bf16" => bail!(
-                "gemm = \"{}\" needs a build with the fast-gemm feature \
-                 (cargo build --release --features fast-gemm); this build has only candle's GEMM",
-                self.gemm
-            ),
-            other => bail!("gemm = \"{other}\": allowed are auto, candle, f32, bf16"),
-        }
-        let d = self.device.as_str();
-        let ok = d == "cpu"
-            || d == "cuda"
-            || d.strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok());
-        if !ok {
-            bail!("device = `{d}`: allowed are `cpu`, `cuda`, `cuda:N`");
-        }
+        self.gemm.check_build()?;
+        self.device.check_build()?;
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! tokenized (in parallel) until its cap of usable interactions is reached; the sources are
 //! interleaved round-robin; a seeded, per-source split puts whole interactions into validation;
 //! each interaction's completions become KTO examples.
+pub mod export;
 pub mod fasttok;
 pub mod format;
 pub mod mix;
@@ -14,20 +15,19 @@ pub mod report;
 pub mod sources;
 pub mod summary;
 pub mod tokenize;
-mod tools;
+pub mod tokenizer;
 
+pub use export::{run_data_command, write_examples_jsonl, write_prepared_jsonl, write_summary};
 pub use format::{ChatTemplate, Msg, Turns};
 pub use reader::Loc;
 pub use report::Issue;
 pub use summary::{SourceSummary, Summary};
-pub use tools::{
-    load_tokenizer, prepare_for_run, resolve_tokenizer, run_data_command, write_examples_jsonl,
-    write_prepared_jsonl, write_summary, TokenizerInfo,
-};
+pub use tokenizer::{load_tokenizer, resolve_tokenizer, TokenizerInfo};
 
-use crate::config::{DataConfig, PromptFormat, SourceKind};
-use anyhow::{bail, Context, Result};
+use crate::config::{Config, DataConfig, PromptFormat, SourceConfig, SourceKind};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// One tokenized KTO example.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,22 +86,7 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
             .with_context(|| format!("[data] sources[{i}] ({})", s.display_name()))?;
         files.push(f);
     }
-    let renderer = format::Renderer {
-        format: cfg.prompt_format,
-        template: match cfg.prompt_format {
-            PromptFormat::Template => {
-                let path = cfg.chat_template.as_ref().context(
-                    "[data] prompt_format = \"template\" needs data.chat_template (a tokenizer_config.json or .jinja file)",
-                )?;
-                let eos = opts
-                    .tokenizer
-                    .id_to_token(opts.eos_token_id)
-                    .unwrap_or_default();
-                Some(ChatTemplate::from_file(path, &eos)?)
-            }
-            _ => None,
-        },
-    };
+    let renderer = renderer(cfg, opts)?;
     let mut tok = opts.tokenizer.clone();
     // A tokenizer.json may carry truncation or padding; TRL's separate encodes use neither.
     tok.with_truncation(None)
@@ -114,94 +99,156 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
         max_prompt_length: cfg.max_prompt_length,
         max_completion_length: cfg.max_completion_length,
     };
-
-    let mut selected: Vec<Vec<tokenize::TokInteraction>> = Vec::new();
-    let mut summaries: Vec<SourceSummary> = Vec::new();
-    for (s, src) in cfg.sources.iter().enumerate() {
-        let name = src.display_name();
-        let mut tally = report::Tally::new(opts.strict);
-        // All files of a source are read together: posts, message trees and repeated prompts
-        // can span files.
-        let mut records = Vec::new();
-        for f in &files[s] {
-            records.extend(reader::read_records(f)?);
-        }
-        let interactions = match src.kind {
-            SourceKind::HhRlhf => sources::hh_rlhf::load(records, &mut tally),
-            SourceKind::Shp => sources::shp::load(records, src, &mut tally),
-            SourceKind::Oasst => sources::oasst::load(records, src, &mut tally),
-            SourceKind::Preference => sources::generic::load_preference(records, &mut tally),
-            SourceKind::Unpaired => sources::generic::load_unpaired(records, &mut tally),
-        }
-        .with_context(|| format!("[data] source {name}"))?;
-
-        let cap = cfg.cap_for(src).unwrap_or(usize::MAX);
-        let order = mix::source_order(interactions.len(), opts.seed, name);
-        let ordered: Vec<sources::Interaction> = {
-            let mut slots: Vec<Option<sources::Interaction>> =
-                interactions.into_iter().map(Some).collect();
-            order
-                .iter()
-                .map(|&i| slots[i].take().expect("permutation"))
-                .collect()
-        };
-        let available = ordered.len();
-        let mut kept: Vec<tokenize::TokInteraction> = Vec::new();
-        let mut pos = 0;
-        // Tokenize in chunks a little larger than what is still needed, so a capped source of
-        // 160k records costs about cap tokenizations; interactions that lose every example
-        // (prompt too long, template errors) are replaced by the next ones in order.
-        while kept.len() < cap && pos < ordered.len() {
-            let need = cap - kept.len();
-            let chunk = if cap == usize::MAX {
-                ordered.len() - pos
-            } else {
-                (need + need / 8 + 32).min(ordered.len() - pos)
-            };
-            let outcomes =
-                tokenize::tokenize_all(&ordered[pos..pos + chunk], &renderer, &encoder, &limits)?;
-            pos += chunk;
-            for o in outcomes {
-                if kept.len() == cap {
-                    break;
-                }
-                for issue in o.issues {
-                    tally.bad(&issue.loc, &issue.field, issue.reason, issue.message)?;
-                }
-                for (r, n) in o.dropped {
-                    tally.dropped(r, n);
-                }
-                if let Some(k) = o.kept {
-                    kept.push(k);
-                }
-            }
-        }
-        let file_names = files[s]
-            .iter()
-            .map(|f| f.path.display().to_string())
-            .collect();
-        let mut sum = SourceSummary::from_tally(name, src.kind.as_str(), file_names, &tally);
-        sum.interactions_available = available;
-        summaries.push(sum);
+    let mut selected = Vec::with_capacity(cfg.sources.len());
+    let mut summaries = Vec::with_capacity(cfg.sources.len());
+    for (src, files) in cfg.sources.iter().zip(&files) {
+        let (kept, summary) = select_source(cfg, src, files, &renderer, &encoder, &limits, opts)?;
         selected.push(kept);
+        summaries.push(summary);
     }
+    let (train, validation) = mix_and_split(cfg, &selected, &mut summaries, opts.seed);
+    let summary = Summary {
+        seed: opts.seed,
+        prompt_format: cfg.prompt_format.as_str().to_string(),
+        max_length: opts.max_length,
+        max_prompt_length: cfg.max_prompt_length,
+        max_completion_length: cfg.max_completion_length,
+        max_interactions_per_source: cfg.max_interactions_per_source,
+        validation_fraction: cfg.validation_fraction,
+        eos_token_id: opts.eos_token_id,
+        train: summaries.iter().fold(Default::default(), |mut t, s| {
+            summary::SplitCounts::add(&mut t, &s.train);
+            t
+        }),
+        validation: summaries.iter().fold(Default::default(), |mut t, s| {
+            summary::SplitCounts::add(&mut t, &s.validation);
+            t
+        }),
+        sources: summaries,
+    };
+    if train.is_empty() {
+        bail!(
+            "[data] no training example is left after reading, filtering and tokenizing:\n{}",
+            summary.text()
+        );
+    }
+    Ok(PreparedData {
+        train,
+        validation,
+        summary_text: summary.text(),
+        summary_json: serde_json::to_value(&summary).expect("summary serializes"),
+    })
+}
 
+/// How prompts become text: the configured format, with the chat template loaded for `template`.
+fn renderer(cfg: &DataConfig, opts: &PrepareOptions) -> Result<format::Renderer> {
+    let template = match cfg.prompt_format {
+        PromptFormat::Template => {
+            let path = cfg.chat_template.as_ref().context(
+                "[data] prompt_format = \"template\" needs data.chat_template (a tokenizer_config.json or .jinja file)",
+            )?;
+            let eos = opts
+                .tokenizer
+                .id_to_token(opts.eos_token_id)
+                .unwrap_or_default();
+            Some(ChatTemplate::from_file(path, &eos)?)
+        }
+        _ => None,
+    };
+    Ok(format::Renderer {
+        format: cfg.prompt_format,
+        template,
+    })
+}
+
+/// One source's usable interactions, tokenized, in the source's seeded order, up to its cap,
+/// and its summary (records read, skipped, filtered, dropped).
+fn select_source(
+    cfg: &DataConfig,
+    src: &SourceConfig,
+    files: &[reader::DataFile],
+    renderer: &format::Renderer,
+    encoder: &fasttok::FastEncoder,
+    limits: &tokenize::Limits,
+    opts: &PrepareOptions,
+) -> Result<(Vec<tokenize::TokInteraction>, SourceSummary)> {
+    let name = src.display_name();
+    let mut tally = report::Tally::new(opts.strict);
+    // All files of a source are read together: posts, message trees and repeated prompts can
+    // span files.
+    let mut records = Vec::new();
+    for f in files {
+        records.extend(reader::read_records(f)?);
+    }
+    let interactions = match src.kind {
+        SourceKind::HhRlhf => sources::hh_rlhf::load(records, &mut tally),
+        SourceKind::Shp => sources::shp::load(records, src, &mut tally),
+        SourceKind::Oasst => sources::oasst::load(records, src, &mut tally),
+        SourceKind::Preference => sources::generic::load_preference(records, &mut tally),
+        SourceKind::Unpaired => sources::generic::load_unpaired(records, &mut tally),
+    }
+    .with_context(|| format!("[data] source {name}"))?;
+    let cap = cfg.cap_for(src).unwrap_or(usize::MAX);
+    let order = mix::source_order(interactions.len(), opts.seed, name);
+    let mut slots: Vec<Option<sources::Interaction>> = interactions.into_iter().map(Some).collect();
+    let ordered: Vec<sources::Interaction> = order
+        .iter()
+        .map(|&i| slots[i].take().expect("permutation"))
+        .collect();
+    let mut kept: Vec<tokenize::TokInteraction> = Vec::new();
+    let mut pos = 0;
+    // Tokenize in chunks a little larger than what is still needed, so a capped source of 160k
+    // records costs about cap tokenizations; interactions that lose every example (prompt too
+    // long, template errors) are replaced by the next ones in order.
+    while kept.len() < cap && pos < ordered.len() {
+        let need = cap - kept.len();
+        let chunk = if cap == usize::MAX {
+            ordered.len() - pos
+        } else {
+            (need + need / 8 + 32).min(ordered.len() - pos)
+        };
+        let outcomes =
+            tokenize::tokenize_all(&ordered[pos..pos + chunk], renderer, encoder, limits)?;
+        pos += chunk;
+        for o in outcomes {
+            if kept.len() == cap {
+                break;
+            }
+            for issue in o.issues {
+                tally.bad(&issue.loc, &issue.field, issue.reason, issue.message)?;
+            }
+            for (r, n) in o.dropped {
+                tally.dropped(r, n);
+            }
+            kept.extend(o.kept);
+        }
+    }
+    let file_names = files.iter().map(|f| f.path.display().to_string()).collect();
+    let mut sum = SourceSummary::from_tally(name, src.kind.as_str(), file_names, &tally);
+    sum.interactions_available = ordered.len();
+    Ok((kept, sum))
+}
+
+/// The sources interleaved round-robin, each interaction put whole into train or validation (a
+/// seeded, per-source split), its completions made KTO examples; the summaries get the counts.
+fn mix_and_split(
+    cfg: &DataConfig,
+    selected: &[Vec<tokenize::TokInteraction>],
+    summaries: &mut [SourceSummary],
+    seed: u64,
+) -> (Vec<KtoExample>, Vec<KtoExample>) {
     let counts: Vec<usize> = selected.iter().map(|s| s.len()).collect();
-    let order = mix::round_robin(&counts);
     let val_sets: Vec<Vec<bool>> = cfg
         .sources
         .iter()
         .zip(&counts)
-        .map(|(src, &n)| {
-            mix::validation_set(n, cfg.validation_fraction, opts.seed, src.display_name())
-        })
+        .map(|(src, &n)| mix::validation_set(n, cfg.validation_fraction, seed, src.display_name()))
         .collect();
     let mut train = Vec::new();
     let mut validation = Vec::new();
     let mut lens: Vec<(Vec<usize>, Vec<usize>)> = vec![Default::default(); selected.len()];
-    for (id, &(s, r)) in order.iter().enumerate() {
+    for (id, &(s, r)) in mix::round_robin(&counts).iter().enumerate() {
         let it = &selected[s][r];
-        let name = cfg.sources[s].display_name();
         let is_val = val_sets[s][r];
         let sum = &mut summaries[s];
         let split = if is_val {
@@ -225,7 +272,7 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
                 prompt_ids: it.prompt_ids.clone(),
                 completion_ids: item.completion_ids.clone(),
                 label: item.label,
-                source: name.to_string(),
+                source: cfg.sources[s].display_name().to_string(),
                 interaction: id as u64,
             };
             if is_val {
@@ -235,42 +282,45 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
             }
         }
     }
-    let mut total_train = summary::SplitCounts::default();
-    let mut total_val = summary::SplitCounts::default();
     for (sum, (p, c)) in summaries.iter_mut().zip(&lens) {
         sum.examples = sum.train.examples + sum.validation.examples;
         sum.desirable = sum.train.desirable + sum.validation.desirable;
         sum.undesirable = sum.train.undesirable + sum.validation.undesirable;
         sum.prompt_tokens = summary::TokenStats::of(p.iter().copied());
         sum.completion_tokens = summary::TokenStats::of(c.iter().copied());
-        total_train.add(&sum.train);
-        total_val.add(&sum.validation);
     }
-    let summary = Summary {
-        seed: opts.seed,
-        prompt_format: cfg.prompt_format.as_str().to_string(),
-        max_length: opts.max_length,
-        max_prompt_length: cfg.max_prompt_length,
-        max_completion_length: cfg.max_completion_length,
-        max_interactions_per_source: cfg.max_interactions_per_source,
-        validation_fraction: cfg.validation_fraction,
-        eos_token_id: opts.eos_token_id,
-        sources: summaries,
-        train: total_train,
-        validation: total_val,
+    (train, validation)
+}
+
+/// The data exactly as a training run with `cfg` sees it (train.max_length, train.seed, the
+/// model's tokenizer, EOS and chat template), with the tokenizer it used.
+pub fn prepare_for_run(cfg: &Config, strict: bool) -> Result<(PreparedData, TokenizerInfo)> {
+    let info = resolve_tokenizer(cfg)?;
+    let mut data = cfg.data.clone();
+    if data.prompt_format == PromptFormat::Template && data.chat_template.is_none() {
+        let mut dirs: Vec<&Path> = Vec::new();
+        if let Some(d) = &info.model_dir {
+            dirs.push(d);
+        }
+        if let Some(d) = info.tokenizer_path.parent() {
+            dirs.push(d);
+        }
+        data.chat_template = Some(tokenizer::find_chat_template(&dirs).ok_or_else(|| {
+            anyhow!(
+                "[data] prompt_format = \"template\": no chat_template.jinja or tokenizer_config.json \
+                 next to the model or tokenizer; set data.chat_template"
+            )
+        })?);
+    }
+    let opts = PrepareOptions {
+        tokenizer: &info.tokenizer,
+        eos_token_id: info.eos_token_id,
+        max_length: cfg.train.max_length,
+        seed: cfg.train.seed,
+        strict,
     };
-    if train.is_empty() {
-        bail!(
-            "[data] no training example is left after reading, filtering and tokenizing:\n{}",
-            summary.text()
-        );
-    }
-    Ok(PreparedData {
-        train,
-        validation,
-        summary_text: summary.text(),
-        summary_json: serde_json::to_value(&summary).expect("summary serializes"),
-    })
+    let prepared = prepare(&data, &opts)?;
+    Ok((prepared, info))
 }
 
 /// The order in which one epoch feeds examples into micro-batches (src/data/order.rs).

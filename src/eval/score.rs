@@ -1,6 +1,6 @@
 //! `kto-train score`: completion log-probs of JSONL records with the same code training uses.
 use crate::model::logprobs::{completion_logps, Sequence};
-use crate::model::{Forward, Llama};
+use crate::model::{Llama, PassMode};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use serde_json::Value;
@@ -88,17 +88,17 @@ pub fn score_jsonl(
         let v: Value =
             serde_json::from_str(&line).with_context(|| format!("{where_}: not valid JSON"))?;
         let s = parse_record(&v, tok, append_eos, &where_)?;
-        if s.tokens.len() > model.cfg.max_position_embeddings {
+        if s.tokens.len() > model.cfg().max_position_embeddings {
             bail!(
                 "{where_}: {} tokens exceed the model's max_position_embeddings {}",
                 s.tokens.len(),
-                model.cfg.max_position_embeddings
+                model.cfg().max_position_embeddings
             );
         }
         seqs.push(s);
     }
     for chunk in seqs.chunks(batch_size.max(1)) {
-        let lp = completion_logps(model, chunk, Forward::POLICY_EVAL, false)?;
+        let lp = completion_logps(model, chunk, PassMode::POLICY_EVAL, false)?;
         let tokens: Vec<f64> = lp.token_logps.to_dtype(DType::F64)?.to_vec1()?;
         let mut k = 0;
         for c in &lp.counts {

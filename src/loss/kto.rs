@@ -4,7 +4,7 @@ use super::odds_ratio::{odds_ratio_term, OddsRatioTerm};
 use super::value::{value, ValueParams};
 use super::weighting::{weight_of_logit, WeightFn};
 use super::SequenceLogps;
-use crate::config::{LossConfig, LossType, Weighting};
+use crate::config::{ConfidenceWeighting, LossConfig, Objective};
 use anyhow::{bail, Result};
 
 /// Which components act, resolved from the config. TRL's `kto` and `apo_zero_unpaired` are this
@@ -36,27 +36,27 @@ impl Components {
             odds_ratio_weight: 0.0,
             odds_ratio_max_mean_logp: cfg.odds_ratio_max_mean_logp,
         };
-        if cfg.loss_type == LossType::EnhancedKto {
-            if cfg.value_function {
-                c.value = Some(ValueParams {
-                    alpha_gain: cfg.value_alpha_gain,
-                    alpha_loss: cfg.value_alpha_loss,
-                    loss_aversion: cfg.loss_aversion,
-                    eps: cfg.value_eps,
-                });
-            }
-            (c.weight_desirable, c.weight_undesirable) = match cfg.weighting {
-                Weighting::Tk92 => (
-                    WeightFn::Tk92(cfg.gamma_gain),
-                    WeightFn::Tk92(cfg.gamma_loss),
-                ),
-                Weighting::Prelec => (
-                    WeightFn::Prelec(cfg.prelec_alpha),
-                    WeightFn::Prelec(cfg.prelec_alpha),
-                ),
-                Weighting::None => (WeightFn::Identity, WeightFn::Identity),
+        if let Objective::EnhancedKto(e) = cfg.objective() {
+            c.value = e.value_function.map(|v| ValueParams {
+                alpha_gain: v.alpha_gain,
+                alpha_loss: v.alpha_loss,
+                loss_aversion: v.loss_aversion,
+                eps: v.eps,
+            });
+            (c.weight_desirable, c.weight_undesirable) = match e.weighting {
+                ConfidenceWeighting::Tk92 {
+                    gamma_gain,
+                    gamma_loss,
+                } => (WeightFn::Tk92(gamma_gain), WeightFn::Tk92(gamma_loss)),
+                ConfidenceWeighting::Prelec { alpha } => {
+                    (WeightFn::Prelec(alpha), WeightFn::Prelec(alpha))
+                }
+                ConfidenceWeighting::None => (WeightFn::Identity, WeightFn::Identity),
             };
-            c.odds_ratio_weight = cfg.odds_ratio_weight;
+            if let Some(or) = e.odds_ratio {
+                c.odds_ratio_weight = or.weight;
+                c.odds_ratio_max_mean_logp = or.max_mean_logp;
+            }
         }
         c
     }
@@ -162,6 +162,16 @@ pub fn kl_reference_point(s: &SequenceLogps) -> Result<f64> {
 /// The loss terms of one micro-batch for a given z and delta (no running state).
 pub fn loss_terms(c: &Components, s: &SequenceLogps, z: f64, delta: f64) -> Result<LossTerms> {
     check_batch(s, false, c.odds_ratio_on())?;
+    Ok(checked_loss_terms(c, s, z, delta))
+}
+
+/// [`loss_terms`] of a batch whose shapes [`check_batch`] already accepted.
+pub(crate) fn checked_loss_terms(
+    c: &Components,
+    s: &SequenceLogps,
+    z: f64,
+    delta: f64,
+) -> LossTerms {
     let n = s.labels.len();
     let nf = n as f64;
     let mut t = LossTerms {
@@ -218,5 +228,5 @@ pub fn loss_terms(c: &Components, s: &SequenceLogps, z: f64, delta: f64) -> Resu
         t.loss += c.odds_ratio_weight * term.loss;
         t.odds = Some(term);
     }
-    Ok(t)
+    t
 }

@@ -18,8 +18,8 @@ pub use odds_ratio::{log_odds, odds_ratio_term, orpo_loss, OddsRatioTerm, OrpoOu
 pub use value::{value, ValueParams};
 pub use weighting::{weight_of_logit, weight_of_prob, WeightFn, Weighted};
 
-use crate::config::LossConfig;
-use crate::train::metrics::MetricSums;
+use crate::config::{LossConfig, Objective};
+use crate::util::metric_sums::MetricSums;
 use anyhow::Result;
 
 /// Per-sequence inputs of one micro-batch.
@@ -39,17 +39,18 @@ pub struct SequenceLogps {
 pub struct LossOutput {
     /// Loss of the micro-batch (before any division by the accumulation steps).
     pub loss: f64,
-    /// dL/dP_i for every example's policy log-prob sum: `grad_pt + grad_or`, after component
-    /// clipping. This is what goes into the backward pass.
+    /// dL/dP_i for every example's policy log-prob sum: `grad_pt_clipped + grad_or_clipped`.
+    /// This is what goes into the backward pass.
     pub grad: Vec<f64>,
     pub metrics: MetricSums,
-    /// The prospect-theory component's dL/dP (after clipping).
-    pub grad_pt: Vec<f64>,
-    /// The weighted odds-ratio component's dL/dP (after clipping; zeros when off).
-    pub grad_or: Vec<f64>,
+    /// The prospect-theory component's dL/dP after component clipping (`terms.grad_pt` before).
+    pub grad_pt_clipped: Vec<f64>,
+    /// The weighted odds-ratio component's dL/dP after component clipping (zeros when off;
+    /// `terms.grad_or` before).
+    pub grad_or_clipped: Vec<f64>,
     /// L2 norms of the two component vectors before clipping.
-    pub grad_norm_pt: f64,
-    pub grad_norm_or: f64,
+    pub grad_norm_pt_unclipped: f64,
+    pub grad_norm_or_unclipped: f64,
     /// The KL reference point z used (0 for apo_zero_unpaired).
     pub z: f64,
     /// The BCO shift used (after staging; 0 when BCO is off).
@@ -59,7 +60,8 @@ pub struct LossOutput {
 }
 
 pub struct LossHead {
-    cfg: LossConfig,
+    beta: f64,
+    objective: Objective,
     components: Components,
     /// Present when the BCO shift is on.
     bco: Option<BcoBaseline>,
@@ -67,16 +69,25 @@ pub struct LossHead {
 
 impl LossHead {
     pub fn new(cfg: &LossConfig) -> Self {
-        let bco = (cfg.is_enhanced() && cfg.bco_shift).then(|| BcoBaseline::new(cfg.bco_momentum));
+        let objective = cfg.objective();
+        let bco = match &objective {
+            Objective::EnhancedKto(e) => e.bco_shift.map(|b| BcoBaseline::new(b.momentum)),
+            _ => None,
+        };
         Self {
-            cfg: cfg.clone(),
+            beta: cfg.beta,
             components: Components::from_config(cfg),
+            objective,
             bco,
         }
     }
 
     pub fn needs_kl(&self) -> bool {
-        self.cfg.needs_kl()
+        !matches!(self.objective, Objective::ApoZeroUnpaired)
+    }
+
+    fn is_enhanced(&self) -> bool {
+        matches!(self.objective, Objective::EnhancedKto(_))
     }
 
     /// The running state to save in a checkpoint (mu = 0, n = 0 when BCO is off).
@@ -94,10 +105,9 @@ impl LossHead {
     /// Loss of one training micro-batch at optimizer step `step` (starting at 0). With the BCO
     /// shift on, the baseline first takes in this micro-batch's detached beta (r_i - z).
     pub fn train_batch(&mut self, s: &SequenceLogps, step: u64) -> Result<LossOutput> {
-        kto::check_batch(s, self.needs_kl(), self.components.odds_ratio_on())?;
-        let z = self.z(s)?;
+        let z = self.check_and_z(s)?;
         if let Some(b) = &mut self.bco {
-            let beta = self.cfg.beta;
+            let beta = self.beta;
             let vals: Vec<f64> = s
                 .policy
                 .iter()
@@ -106,33 +116,35 @@ impl LossHead {
                 .collect();
             b.update(&vals);
         }
-        self.compute(s, z, self.delta_at(step))
+        Ok(self.compute(s, z, self.delta_at(step)))
     }
 
     /// Loss of one evaluation micro-batch with the current baseline (never updates any state).
     pub fn eval_batch(&self, s: &SequenceLogps, step: u64) -> Result<LossOutput> {
-        kto::check_batch(s, self.needs_kl(), self.components.odds_ratio_on())?;
-        let z = self.z(s)?;
-        self.compute(s, z, self.delta_at(step))
+        let z = self.check_and_z(s)?;
+        Ok(self.compute(s, z, self.delta_at(step)))
     }
 
     /// delta used at optimizer step `step`: mu times the staged-start factor.
     pub fn delta_at(&self, step: u64) -> f64 {
-        match &self.bco {
-            Some(b) => {
-                let f = bco_stage_factor(step, self.cfg.bco_start_step, self.cfg.bco_ramp_steps);
-                // While the factor is 0 delta is exactly 0, whatever mu is.
-                if f == 0.0 {
-                    0.0
-                } else {
-                    b.state.mu * f
-                }
-            }
-            None => 0.0,
+        let (Some(b), Objective::EnhancedKto(e)) = (&self.bco, &self.objective) else {
+            return 0.0;
+        };
+        let Some(shift) = e.bco_shift else {
+            return 0.0;
+        };
+        let f = bco_stage_factor(step, shift.start_step, shift.ramp_steps);
+        // While the factor is 0 delta is exactly 0, whatever mu is.
+        if f == 0.0 {
+            0.0
+        } else {
+            b.state.mu * f
         }
     }
 
-    fn z(&self, s: &SequenceLogps) -> Result<f64> {
+    /// The batch's shapes checked once for this objective, and z (0 without the KL pass).
+    fn check_and_z(&self, s: &SequenceLogps) -> Result<f64> {
+        kto::check_batch(s, self.needs_kl(), self.components.odds_ratio_on())?;
         if self.needs_kl() {
             kl_reference_point(s)
         } else {
@@ -140,35 +152,39 @@ impl LossHead {
         }
     }
 
-    fn compute(&self, s: &SequenceLogps, z: f64, delta: f64) -> Result<LossOutput> {
-        let terms = loss_terms(&self.components, s, z, delta)?;
+    fn compute(&self, s: &SequenceLogps, z: f64, delta: f64) -> LossOutput {
+        let terms = kto::checked_loss_terms(&self.components, s, z, delta);
         let mut grad_pt = terms.grad_pt.clone();
         let mut grad_or = terms.grad_or.clone();
-        let (grad_norm_pt, grad_norm_or) = match self.cfg.component_clip {
-            Some(c) if self.cfg.is_enhanced() => (
+        let clip = match &self.objective {
+            Objective::EnhancedKto(e) => e.component_clip,
+            _ => None,
+        };
+        let (norm_pt, norm_or) = match clip {
+            Some(c) => (
                 numerics::clip_l2(&mut grad_pt, c),
                 numerics::clip_l2(&mut grad_or, c),
             ),
-            _ => (numerics::l2_norm(&grad_pt), numerics::l2_norm(&grad_or)),
+            None => (numerics::l2_norm(&grad_pt), numerics::l2_norm(&grad_or)),
         };
         let grad: Vec<f64> = grad_pt.iter().zip(&grad_or).map(|(a, b)| a + b).collect();
-        let metrics = self.metrics(s, &terms, grad_norm_pt, grad_norm_or);
-        Ok(LossOutput {
+        let metrics = self.metrics(s, &terms, norm_pt, norm_or);
+        LossOutput {
             loss: terms.loss,
             grad,
             metrics,
-            grad_pt,
-            grad_or,
-            grad_norm_pt,
-            grad_norm_or,
+            grad_pt_clipped: grad_pt,
+            grad_or_clipped: grad_or,
+            grad_norm_pt_unclipped: norm_pt,
+            grad_norm_or_unclipped: norm_or,
             z,
             delta,
             terms,
-        })
+        }
     }
 
     fn metrics(&self, s: &SequenceLogps, t: &LossTerms, norm_pt: f64, norm_or: f64) -> MetricSums {
-        let beta = self.cfg.beta;
+        let beta = self.beta;
         let mut m = MetricSums::new();
         for i in 0..s.labels.len() {
             let side = if s.labels[i] { "chosen" } else { "rejected" };
@@ -182,7 +198,7 @@ impl LossHead {
         m.add_value("loss", t.loss);
         // TRL logs kl for every loss type (0 without the KL pass).
         m.add_value("kl", t.z);
-        if !self.cfg.is_enhanced() {
+        if !self.is_enhanced() {
             return m;
         }
         let n = s.labels.len() as f64;

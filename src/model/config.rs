@@ -1,5 +1,7 @@
 //! config.json of a Hugging Face Llama model, in both the transformers-4 layout (top-level
 //! `rope_theta`, `torch_dtype`) and the transformers-5 layout (`rope_parameters`, `dtype`).
+use crate::config::Projection;
+use crate::hub::token_id;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -51,25 +53,23 @@ fn f64_key(v: &Value, file: &Path, key: &str) -> Result<Option<f64>> {
     }
 }
 
-fn token_id(v: &Value, file: &Path, key: &str) -> Result<Option<u32>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Array(a)) => match a.first() {
-            None => Ok(None),
-            Some(x) => x.as_u64().map(|n| Some(n as u32)).with_context(|| {
-                format!("{}: `{key}` must hold integers, got {x}", file.display())
-            }),
-        },
-        Some(x) => x.as_u64().map(|n| Some(n as u32)).with_context(|| {
-            format!(
-                "{}: `{key}` must be an integer or a list, got {x}",
-                file.display()
-            )
-        }),
-    }
-}
-
 impl LlamaConfig {
+    /// [out_features, in_features] of a projection's weight.
+    pub fn projection_shape(&self, p: Projection) -> [usize; 2] {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
+        match p {
+            Projection::QProj => [q, h],
+            Projection::KProj | Projection::VProj => [kv, h],
+            Projection::OProj => [h, q],
+            Projection::GateProj | Projection::UpProj => [i, h],
+            Projection::DownProj => [h, i],
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;

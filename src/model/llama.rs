@@ -1,31 +1,15 @@
 //! The Llama network (SmolLM2's architecture): RMSNorm, rotary embeddings, grouped-query
 //! attention, SwiGLU MLP, optional tied embeddings. Built only from differentiable ops (candle's
-//! fused rope/softmax/rms_norm kernels have no backward).
+//! fused rope/softmax/rms_norm kernels have no backward); which kernels run is the model's
+//! [`KernelSettings`].
 use super::config::LlamaConfig;
-use super::fused;
-use super::lora::{Forward, Linear};
-use super::ops::frozen_linear;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use super::lora::Linear;
+use super::pass::PassMode;
+use crate::config::Projection;
+use crate::kernels::gemm::GemmMode;
+use crate::kernels::{attention, checkpoint, fused, products, KernelSettings};
+use candle_core::{DType, Device, Module, Result, Tensor, TensorId, Var, D};
 use std::sync::Arc;
-
-/// The seven projections LoRA can target, in PEFT's module names.
-pub const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-/// Where a projection lives in the module tree (`self_attn` or `mlp`).
-pub fn projection_parent(name: &str) -> &'static str {
-    match name {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
-        _ => "mlp",
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -45,31 +29,33 @@ impl RmsNorm {
     }
 }
 
+/// Grouped-query self-attention with rotary embeddings.
 #[derive(Debug, Clone)]
-pub struct Block {
-    pub input_layernorm: RmsNorm,
-    pub post_attention_layernorm: RmsNorm,
-    /// q, k, v, o, gate, up, down (PROJECTIONS order).
-    pub proj: [Linear; 7],
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+/// The SwiGLU MLP: down(silu(gate(x)) * up(x)).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
 }
 
 #[derive(Debug, Clone)]
-pub struct Llama {
-    pub cfg: LlamaConfig,
-    pub embed_tokens: Tensor,
-    pub layers: Vec<Block>,
-    pub norm: RmsNorm,
-    /// [vocab, hidden]; the embedding matrix itself when embeddings are tied.
-    pub lm_head: Tensor,
-    pub dtype: DType,
-    pub device: Device,
-    /// Use the fused CPU ops (src/model/fused.rs); the composite candle forms otherwise (other
-    /// devices and dtypes, and as the reference the fused ops are tested against).
-    pub use_fused_ops: bool,
-    /// Keep only each decoder block's input during a gradient pass and recompute the block in
-    /// the backward (src/model/checkpoint.rs): activation memory of one block instead of all.
-    pub activation_checkpointing: bool,
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
 }
+
+/// Keys and values [B, kv_heads, T, head_dim] of one layer.
+pub type LayerKv = (Tensor, Tensor);
 
 /// What every decoder block of one forward pass shares.
 #[derive(Debug)]
@@ -89,48 +75,39 @@ pub struct BlockContext {
     /// itself).
     pub mask: Option<Tensor>,
     pub use_fused: bool,
+    pub gemm: GemmMode,
 }
 
-impl Block {
-    /// One decoder block: x + attention(norm(x)), then + mlp(norm(.)).
-    pub fn forward(&self, x: &Tensor, fwd: Forward, ctx: &BlockContext) -> Result<Tensor> {
-        self.forward_ext(x, fwd, ctx, None, None)
-    }
-
-    /// [`Block::forward`] with two extras for passes that share a prompt: `prefix` holds the
-    /// keys and values [B, kv_heads, ctx.offset, head_dim] of positions before this pass's
-    /// tokens; `capture` receives this block's keys and values (after RoPE, detached).
-    pub fn forward_ext(
+impl Attention {
+    /// o_proj(attention(h)) for the normed input `h` [B, T, hidden]. `prefix` holds the keys and
+    /// values of positions before this pass's tokens; `capture` receives this layer's keys and
+    /// values (after RoPE, detached).
+    fn forward(
         &self,
-        x: &Tensor,
-        fwd: Forward,
+        h: &Tensor,
+        pass: PassMode,
         ctx: &BlockContext,
-        prefix: Option<&(Tensor, Tensor)>,
-        capture: Option<&mut Vec<(Tensor, Tensor)>>,
+        prefix: Option<&LayerKv>,
+        capture: Option<&mut Vec<LayerKv>>,
     ) -> Result<Tensor> {
         let (b, t, hd) = (ctx.b, ctx.t, ctx.head_dim);
         let (nh, nkv) = (ctx.heads, ctx.kv_heads);
-        let (cos, sin) = (&ctx.cos, &ctx.sin);
-        let use_fused = ctx.use_fused;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let h = self.input_layernorm.forward(x, use_fused)?;
-        let [q, k, v, o, gate, up, down] = &self.proj;
         let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
-            lin.forward(&h, fwd)?
+            lin.forward(h, pass, ctx.gemm)?
                 .reshape((b, t, n, hd))?
                 .transpose(1, 2)?
                 .contiguous()
         };
         let rope = |x: Tensor| -> Result<Tensor> {
-            if use_fused {
-                fused::rope(&x, cos, sin)
+            if ctx.use_fused {
+                fused::rope(&x, &ctx.cos, &ctx.sin)
             } else {
-                x.broadcast_mul(cos)? + rotate_half(&x)?.broadcast_mul(sin)?
+                x.broadcast_mul(&ctx.cos)? + rotate_half(&x)?.broadcast_mul(&ctx.sin)?
             }
         };
-        let qh = rope(heads(q, nh)?)?;
-        let kh = rope(heads(k, nkv)?)?;
-        let vh = heads(v, nkv)?;
+        let qh = rope(heads(&self.q_proj, nh)?)?;
+        let kh = rope(heads(&self.k_proj, nkv)?)?;
+        let vh = heads(&self.v_proj, nkv)?;
         if let Some(c) = capture {
             c.push((kh.detach(), vh.detach()));
         }
@@ -138,41 +115,136 @@ impl Block {
             Some((pk, pv)) => (Tensor::cat(&[pk, &kh], 2)?, Tensor::cat(&[pv, &vh], 2)?),
             None => (kh, vh),
         };
-        let tk = ctx.offset + t;
-        let rep = nh / nkv;
-        let y = if use_fused {
+        let y = if ctx.use_fused {
             // Query heads of one key/value head are stacked as rows: no repeated k/v.
-            let qh = qh.reshape((b, nkv, rep * t, hd))?;
-            super::attention::causal_attention(&qh, &kh, &vh, scale, t, ctx.offset)?
+            let qh = qh.reshape((b, nkv, (nh / nkv) * t, hd))?;
+            let scale = 1.0 / (hd as f64).sqrt();
+            attention::causal_attention(&qh, &kh, &vh, scale, t, ctx.offset, ctx.gemm)?
                 .reshape((b, nh, t, hd))?
         } else {
-            let (kh, vh) = if rep > 1 {
-                let expand = |x: Tensor| -> Result<Tensor> {
-                    x.unsqueeze(2)?
-                        .broadcast_as((b, nkv, rep, tk, hd))?
-                        .contiguous()?
-                        .reshape((b, nh, tk, hd))
-                };
-                (expand(kh)?, expand(vh)?)
-            } else {
-                (kh, vh)
-            };
-            let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?
-                .broadcast_add(ctx.mask.as_ref().expect("composite path has a mask"))?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            att.matmul(&vh)?
+            composite_attention(&qh, &kh, &vh, ctx)?
         };
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
-        let x = (x + o.forward(&y, fwd)?)?;
-        let h = self.post_attention_layernorm.forward(&x, use_fused)?;
-        let g = gate.forward(&h, fwd)?;
-        let u = up.forward(&h, fwd)?;
-        let gu = if use_fused {
+        self.o_proj.forward(&y, pass, ctx.gemm)
+    }
+}
+
+/// softmax(q k^T / sqrt(d) + mask) v with candle's ops, k/v repeated per query head.
+fn composite_attention(
+    qh: &Tensor,
+    kh: &Tensor,
+    vh: &Tensor,
+    ctx: &BlockContext,
+) -> Result<Tensor> {
+    let (b, hd) = (ctx.b, ctx.head_dim);
+    let (nh, nkv) = (ctx.heads, ctx.kv_heads);
+    let (rep, tk) = (nh / nkv, ctx.offset + ctx.t);
+    let expand = |x: &Tensor| -> Result<Tensor> {
+        if rep == 1 {
+            return Ok(x.clone());
+        }
+        x.unsqueeze(2)?
+            .broadcast_as((b, nkv, rep, tk, hd))?
+            .contiguous()?
+            .reshape((b, nh, tk, hd))
+    };
+    let (kh, vh) = (expand(kh)?, expand(vh)?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let att = (qh.matmul(&kh.t()?.contiguous()?)? * scale)?
+        .broadcast_add(ctx.mask.as_ref().expect("composite path has a mask"))?;
+    candle_nn::ops::softmax(&att, D::Minus1)?.matmul(&vh)
+}
+
+impl Mlp {
+    fn forward(&self, h: &Tensor, pass: PassMode, ctx: &BlockContext) -> Result<Tensor> {
+        let g = self.gate_proj.forward(h, pass, ctx.gemm)?;
+        let u = self.up_proj.forward(h, pass, ctx.gemm)?;
+        let gu = if ctx.use_fused {
             fused::silu_mul(&g, &u)?
         } else {
             (g.silu()? * u)?
         };
-        x + down.forward(&gu, fwd)?
+        self.down_proj.forward(&gu, pass, ctx.gemm)
+    }
+}
+
+impl Block {
+    /// Every projection with its name, in [`Projection::ALL`] order.
+    pub fn projections(&self) -> [(Projection, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            (Projection::QProj, &a.q_proj),
+            (Projection::KProj, &a.k_proj),
+            (Projection::VProj, &a.v_proj),
+            (Projection::OProj, &a.o_proj),
+            (Projection::GateProj, &m.gate_proj),
+            (Projection::UpProj, &m.up_proj),
+            (Projection::DownProj, &m.down_proj),
+        ]
+    }
+
+    fn projections_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
+    /// The LoRA weights inside this block (A, B of each adapted projection).
+    pub fn lora_vars(&self) -> Vec<Var> {
+        self.projections()
+            .into_iter()
+            .filter_map(|(_, l)| l.lora.as_ref())
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
+
+    /// One decoder block: x + attention(norm(x)), then + mlp(norm(.)).
+    pub fn forward(&self, x: &Tensor, pass: PassMode, ctx: &BlockContext) -> Result<Tensor> {
+        self.forward_with_prefix(x, pass, ctx, None, None)
+    }
+
+    /// [`Block::forward`] for passes that share a prompt: `prefix` holds the keys and values
+    /// [B, kv_heads, ctx.offset, head_dim] of positions before this pass's tokens; `capture`
+    /// receives this block's keys and values (after RoPE, detached).
+    pub fn forward_with_prefix(
+        &self,
+        x: &Tensor,
+        pass: PassMode,
+        ctx: &BlockContext,
+        prefix: Option<&LayerKv>,
+        capture: Option<&mut Vec<LayerKv>>,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x, ctx.use_fused)?;
+        let x = (x + self.self_attn.forward(&h, pass, ctx, prefix, capture)?)?;
+        let h = self.post_attention_layernorm.forward(&x, ctx.use_fused)?;
+        x + self.mlp.forward(&h, pass, ctx)?
+    }
+
+    /// The block with its intermediates recomputed in the backward instead of kept (see
+    /// [`checkpoint`]); an ordinary forward when the block has nothing trainable.
+    fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        pass: PassMode,
+        ctx: &Arc<BlockContext>,
+        capture: Option<&mut Vec<LayerKv>>,
+    ) -> Result<Tensor> {
+        let params = self.lora_vars();
+        if params.is_empty() {
+            return self.forward_with_prefix(x, pass, ctx, None, capture);
+        }
+        let y = self.forward_with_prefix(&x.detach(), pass.with_grad(false), ctx, None, capture)?;
+        let (block, ctx) = (self.clone(), ctx.clone());
+        let recompute: checkpoint::Recompute = Arc::new(move |x| block.forward(x, pass, &ctx));
+        checkpoint::checkpointed(x, &y, params, recompute)?
+            .ok_or_else(|| candle_core::Error::Msg("checkpoint: block without parameters".into()))
     }
 }
 
@@ -183,7 +255,95 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
+/// The network. Built by [`crate::model::load_llama`]; how it computes is fixed by
+/// [`Llama::with_kernels`] before use, never changed during a run.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    /// [vocab, hidden]; the embedding matrix itself when embeddings are tied.
+    lm_head: Tensor,
+    dtype: DType,
+    device: Device,
+    kernels: KernelSettings,
+}
+
 impl Llama {
+    /// A network from its parts, with [`KernelSettings::default`].
+    pub(crate) fn from_parts(
+        cfg: LlamaConfig,
+        embed_tokens: Tensor,
+        layers: Vec<Block>,
+        norm: RmsNorm,
+        lm_head: Tensor,
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
+        Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+            kernels: KernelSettings::default(),
+        }
+    }
+
+    pub fn cfg(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn kernels(&self) -> KernelSettings {
+        self.kernels
+    }
+
+    pub fn layers(&self) -> &[Block] {
+        &self.layers
+    }
+
+    /// The network computing with `kernels`. In `Bf16` GEMM mode on a CPU in f32 the frozen
+    /// matrices are then stored in bf16 only: the products round them to bf16 anyway, so no f32
+    /// copy needs to exist (SmolLM2's published weights are bf16: nothing is lost, and their
+    /// memory halves).
+    pub fn with_kernels(mut self, kernels: KernelSettings) -> Result<Self> {
+        self.kernels = kernels;
+        if kernels.gemm == GemmMode::Bf16 && self.device.is_cpu() && self.dtype == DType::F32 {
+            self.keep_frozen_weights_in(DType::BF16)?;
+        }
+        Ok(self)
+    }
+
+    /// Stores the frozen matrices (projections, embeddings, an untied lm_head) in `dtype`,
+    /// leaving LoRA weights, norms and the compute dtype as they are.
+    fn keep_frozen_weights_in(&mut self, dtype: DType) -> Result<()> {
+        let tied = self.cfg.tie_word_embeddings;
+        self.embed_tokens = self.embed_tokens.to_dtype(dtype)?;
+        self.lm_head = if tied {
+            self.embed_tokens.clone()
+        } else {
+            self.lm_head.to_dtype(dtype)?
+        };
+        for layer in &mut self.layers {
+            for lin in layer.projections_mut() {
+                lin.weight = lin.weight.to_dtype(dtype)?;
+            }
+        }
+        Ok(())
+    }
+
     /// cos/sin tables [T, head_dim] for positions start..start + T, as transformers builds
     /// them (non-interleaved halves).
     fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
@@ -224,8 +384,8 @@ impl Llama {
     }
 
     /// Final-norm hidden states [B, T, hidden] for right-padded token ids [B, T].
-    pub fn hidden_states(&self, ids: &Tensor, fwd: Forward) -> Result<Tensor> {
-        self.run_layers(ids, fwd, None, None)
+    pub fn hidden_states(&self, ids: &Tensor, pass: PassMode) -> Result<Tensor> {
+        self.run_layers(ids, pass, None, None)
     }
 
     /// [`Llama::hidden_states`], also returning every layer's keys and values
@@ -233,10 +393,10 @@ impl Llama {
     pub fn hidden_states_capturing(
         &self,
         ids: &Tensor,
-        fwd: Forward,
-    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        pass: PassMode,
+    ) -> Result<(Tensor, Vec<LayerKv>)> {
         let mut kv = Vec::with_capacity(self.layers.len());
-        let h = self.run_layers(ids, fwd, None, Some(&mut kv))?;
+        let h = self.run_layers(ids, pass, None, Some(&mut kv))?;
         Ok((h, kv))
     }
 
@@ -247,8 +407,8 @@ impl Llama {
     pub fn hidden_states_after(
         &self,
         ids: &Tensor,
-        fwd: Forward,
-        prefix: &[(Tensor, Tensor)],
+        pass: PassMode,
+        prefix: &[LayerKv],
     ) -> Result<Tensor> {
         if prefix.len() != self.layers.len() {
             candle_core::bail!(
@@ -257,33 +417,19 @@ impl Llama {
                 self.layers.len()
             );
         }
-        self.run_layers(ids, fwd, Some(prefix), None)
+        self.run_layers(ids, pass, Some(prefix), None)
     }
 
-    fn run_layers(
-        &self,
-        ids: &Tensor,
-        fwd: Forward,
-        prefix: Option<&[(Tensor, Tensor)]>,
-        mut capture: Option<&mut Vec<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let offset = match prefix {
-            Some(p) if !p.is_empty() => p[0].0.dim(2)?,
-            _ => 0,
-        };
-        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
-            .forward(ids)?;
-        let mut x = x.to_dtype(self.dtype)?;
+    fn block_context(&self, b: usize, t: usize, offset: usize, x: &Tensor) -> Result<BlockContext> {
         let (cos, sin) = self.rope_tables(offset, t)?;
-        let use_fused = self.use_fused_ops && fused::available(&x);
+        let use_fused = self.kernels.fused_ops && fused::available(x);
         let mask = if use_fused {
             None
         } else {
             Some(self.causal_mask(offset, t)?)
         };
         let c = &self.cfg;
-        let ctx = Arc::new(BlockContext {
+        Ok(BlockContext {
             b,
             t,
             heads: c.num_attention_heads,
@@ -294,58 +440,95 @@ impl Llama {
             sin,
             mask,
             use_fused,
-        });
-        let checkpoint = self.activation_checkpointing && fwd.grad && prefix.is_none();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let kv = prefix.map(|p| &p[i]);
-            let cap = capture.as_deref_mut();
-            x = if checkpoint {
-                super::checkpoint::checkpointed_block(layer, &x, fwd, &ctx, cap)?
-            } else {
-                layer.forward_ext(&x, fwd, &ctx, kv, cap)?
-            };
-        }
-        self.norm.forward(&x, use_fused)
+            gemm: self.kernels.gemm,
+        })
     }
 
-    /// Stores the frozen matrices (projections, embeddings, an untied lm_head) in `dtype`,
-    /// leaving LoRA weights, norms and the compute dtype as they are. For the bf16 GEMM mode,
-    /// which rounds these weights to bf16 anyway: it then needs no f32 copy of them (SmolLM2's
-    /// published weights are bf16, so nothing is lost).
-    pub fn keep_frozen_weights_in(&mut self, dtype: DType) -> Result<()> {
-        let tied = self.cfg.tie_word_embeddings;
-        self.embed_tokens = self.embed_tokens.to_dtype(dtype)?;
-        self.lm_head = if tied {
-            self.embed_tokens.clone()
-        } else {
-            self.lm_head.to_dtype(dtype)?
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        pass: PassMode,
+        prefix: Option<&[LayerKv]>,
+        mut capture: Option<&mut Vec<LayerKv>>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = match prefix {
+            Some(p) if !p.is_empty() => p[0].0.dim(2)?,
+            _ => 0,
         };
-        for layer in &mut self.layers {
-            for lin in &mut layer.proj {
-                lin.weight = lin.weight.to_dtype(dtype)?;
-            }
+        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
+            .forward(ids)?;
+        let mut x = x.to_dtype(self.dtype)?;
+        let ctx = Arc::new(self.block_context(b, t, offset, &x)?);
+        let checkpoint = self.kernels.activation_checkpointing && pass.grad && prefix.is_none();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cap = capture.as_deref_mut();
+            x = if checkpoint {
+                layer.forward_checkpointed(&x, pass, &ctx, cap)?
+            } else {
+                layer.forward_with_prefix(&x, pass, &ctx, prefix.map(|p| &p[i]), cap)?
+            };
         }
-        Ok(())
+        self.norm.forward(&x, ctx.use_fused)
     }
 
     /// Logits [N, vocab] for hidden rows [N, hidden].
     pub fn logits(&self, rows: &Tensor) -> Result<Tensor> {
-        frozen_linear(rows, &self.lm_head)
+        products::frozen_linear(rows, &self.lm_head, self.kernels.gemm)
     }
 
     /// Every LoRA layer, with its PEFT module path (`model.layers.{i}.self_attn.q_proj`).
     pub fn lora_layers(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            for (name, lin) in PROJECTIONS.iter().zip(layer.proj.iter()) {
+            for (p, lin) in layer.projections() {
                 if lin.lora.is_some() {
-                    out.push((
-                        format!("model.layers.{i}.{}.{name}", projection_parent(name)),
-                        lin,
-                    ));
+                    out.push((format!("model.layers.{i}.{}.{}", p.parent(), p.name()), lin));
                 }
             }
         }
         out
+    }
+
+    /// The trainable weights: A and B of every LoRA layer, in [`Llama::lora_layers`] order.
+    pub fn lora_vars(&self) -> Vec<Var> {
+        self.layers.iter().flat_map(Block::lora_vars).collect()
+    }
+
+    /// Runs the backward of `loss` and returns d loss / d each of [`Llama::lora_vars`] (zeros for
+    /// a weight the loss does not reach), including those of checkpointed blocks.
+    pub fn lora_gradients(&self, loss: &Tensor) -> Result<LoraGradients> {
+        let store = checkpoint::backward(loss)?;
+        let vars = self.lora_vars();
+        let grads = vars
+            .iter()
+            .map(|v| match store.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => v.zeros_like(),
+            })
+            .collect::<Result<_>>()?;
+        Ok(LoraGradients {
+            ids: vars.iter().map(|v| v.as_tensor().id()).collect(),
+            grads,
+        })
+    }
+}
+
+/// d loss / d each LoRA weight of a model, in [`Llama::lora_vars`] order.
+#[derive(Debug, Clone)]
+pub struct LoraGradients {
+    ids: Vec<TensorId>,
+    grads: Vec<Tensor>,
+}
+
+impl LoraGradients {
+    /// The gradient of the LoRA weight `w` (a [`Llama::lora_vars`] tensor).
+    pub fn get(&self, w: &Tensor) -> Option<&Tensor> {
+        let i = self.ids.iter().position(|&id| id == w.id())?;
+        self.grads.get(i)
+    }
+
+    pub fn into_vec(self) -> Vec<Tensor> {
+        self.grads
     }
 }

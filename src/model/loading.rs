@@ -1,266 +1,17 @@
-//! Finding a model (local folder or the Hugging Face cache, with hf-hub download as a last
-//! resort) and building the network from its safetensors.
+//! Building the network from a model's safetensors (found by [`crate::hub`]), with fresh LoRA
+//! layers or a PEFT adapter's.
+use super::adapter::{load_adapter_weights, read_adapter_spec};
 use super::config::LlamaConfig;
-use super::llama::{Block, Llama, RmsNorm, PROJECTIONS};
+use super::llama::{Attention, Block, Llama, Mlp, RmsNorm};
 use super::lora::{init_lora, Linear, Lora};
+use crate::config::Projection;
+use crate::hub::ModelFiles;
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::path::{Path, PathBuf};
-
-/// The files of one model.
-#[derive(Debug, Clone)]
-pub struct ModelFiles {
-    pub dir: PathBuf,
-    pub config: PathBuf,
-    /// One file, or the shards listed by model.safetensors.index.json.
-    pub weights: Vec<PathBuf>,
-    pub tokenizer: Option<PathBuf>,
-    /// The name the user gave (hub id or path), for adapter_config.json.
-    pub name: String,
-}
-
-/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub` (as Python does).
-pub fn hf_cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p).join("hub");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache").join("huggingface").join("hub")
-}
-
-fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
-        .unwrap_or(false)
-}
-
-fn looks_like_hub_id(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('/').collect();
-    parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && !p.starts_with('.')
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        })
-}
-
-/// Model files from a local folder.
-pub fn local_model_files(dir: &Path, name: &str) -> Result<ModelFiles> {
-    let config = dir.join("config.json");
-    if !config.is_file() {
-        bail!(
-            "model folder {} has no config.json (expected a Hugging Face model folder)",
-            dir.display()
-        );
-    }
-    let index = dir.join("model.safetensors.index.json");
-    let weights = if index.is_file() {
-        shards_from_index(&index, |f| Ok(dir.join(f)))?
-    } else if dir.join("model.safetensors").is_file() {
-        vec![dir.join("model.safetensors")]
-    } else {
-        bail!(
-            "model folder {} has neither model.safetensors nor model.safetensors.index.json",
-            dir.display()
-        );
-    };
-    for w in &weights {
-        if !w.is_file() {
-            bail!("weights file {} is missing", w.display());
-        }
-    }
-    let tok = dir.join("tokenizer.json");
-    Ok(ModelFiles {
-        dir: dir.to_path_buf(),
-        config,
-        weights,
-        tokenizer: tok.is_file().then_some(tok),
-        name: name.to_string(),
-    })
-}
-
-fn shards_from_index(
-    index: &Path,
-    mut fetch: impl FnMut(&str) -> Result<PathBuf>,
-) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index)
-        .with_context(|| format!("cannot read {}", index.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", index.display()))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .with_context(|| format!("{}: missing object `weight_map`", index.display()))?;
-    let mut files: Vec<String> = map
-        .values()
-        .map(|f| {
-            f.as_str().map(str::to_string).with_context(|| {
-                format!("{}: weight_map values must be file names", index.display())
-            })
-        })
-        .collect::<Result<_>>()?;
-    files.sort();
-    files.dedup();
-    files.iter().map(|f| fetch(f)).collect()
-}
-
-/// Resolves a local folder or a hub id (through the HF cache; downloaded with hf-hub when it is
-/// not cached and HF_HUB_OFFLINE is not set).
-pub fn resolve_model(name_or_path: &str, revision: &str) -> Result<ModelFiles> {
-    resolve_model_in(name_or_path, revision, &hf_cache_dir(), offline())
-}
-
-/// [`resolve_model`] with the cache folder and offline mode given explicitly.
-pub fn resolve_model_in(
-    name_or_path: &str,
-    revision: &str,
-    cache_dir: &Path,
-    offline: bool,
-) -> Result<ModelFiles> {
-    let p = Path::new(name_or_path);
-    if p.is_dir() {
-        return local_model_files(p, name_or_path);
-    }
-    if !looks_like_hub_id(name_or_path) {
-        bail!(
-            "model folder {name_or_path} does not exist (give a Hugging Face model folder with \
-             config.json and model.safetensors, or a hub id such as HuggingFaceTB/SmolLM2-360M)"
-        );
-    }
-    let cache_dir = cache_dir.to_path_buf();
-    let repo = hf_hub::Repo::with_revision(
-        name_or_path.to_string(),
-        hf_hub::RepoType::Model,
-        revision.to_string(),
-    );
-    let cache = hf_hub::Cache::new(cache_dir.clone()).repo(repo.clone());
-    if let Some(config) = cache.get("config.json") {
-        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-        let weights = if let Some(index) = cache.get("model.safetensors.index.json") {
-            shards_from_index(&index, |f| {
-                cache.get(f).with_context(|| {
-                    format!(
-                        "shard {f} of {name_or_path} is not in the cache at {}",
-                        dir.display()
-                    )
-                })
-            })?
-        } else if let Some(w) = cache.get("model.safetensors") {
-            vec![w]
-        } else {
-            bail!(
-                "{name_or_path} is in the cache at {} but without model.safetensors; \
-                 download it again (huggingface-cli download {name_or_path})",
-                dir.display()
-            );
-        };
-        return Ok(ModelFiles {
-            dir,
-            config,
-            weights,
-            tokenizer: cache.get("tokenizer.json"),
-            name: name_or_path.to_string(),
-        });
-    }
-    let where_ = cache_dir.join(format!("models--{}", name_or_path.replace('/', "--")));
-    if offline {
-        bail!(
-            "model {name_or_path} (revision {revision}) is not in the Hugging Face cache: looked in {} \
-             (HF_HUB_OFFLINE is set, so nothing is downloaded). Obtain it with \
-             `huggingface-cli download {name_or_path}` on a machine with network access and copy the \
-             cache, set HF_HOME/HF_HUB_CACHE to where it is, or point model.name_or_path at a local folder",
-            where_.display()
-        );
-    }
-    download(name_or_path, &repo, &cache_dir).with_context(|| {
-        format!(
-            "model {name_or_path} is not in the Hugging Face cache ({}) and could not be downloaded; \
-             download it with `huggingface-cli download {name_or_path}` or give a local folder",
-            where_.display()
-        )
-    })
-}
-
-/// The folder holding a model's config.json and tokenizer files, without needing its weights:
-/// a local folder, or the hub snapshot in the cache (config and tokenizer files downloaded
-/// there when missing and HF_HUB_OFFLINE is not set). Used by `kto-train data`.
-pub fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<PathBuf> {
-    let p = Path::new(name_or_path);
-    if p.is_dir() {
-        return Ok(p.to_path_buf());
-    }
-    if !looks_like_hub_id(name_or_path) {
-        bail!("model folder {name_or_path} does not exist");
-    }
-    let cache_dir = hf_cache_dir();
-    let repo = hf_hub::Repo::with_revision(
-        name_or_path.to_string(),
-        hf_hub::RepoType::Model,
-        revision.to_string(),
-    );
-    let cache = hf_hub::Cache::new(cache_dir.clone()).repo(repo.clone());
-    let wanted = ["config.json", "tokenizer.json"];
-    if let Some(c) = cache
-        .get("config.json")
-        .filter(|_| cache.get("tokenizer.json").is_some())
-    {
-        return Ok(c.parent().map(Path::to_path_buf).unwrap_or_default());
-    }
-    let where_ = cache_dir.join(format!("models--{}", name_or_path.replace('/', "--")));
-    if offline() {
-        bail!(
-            "{name_or_path}: config.json and tokenizer.json are not in the Hugging Face cache              (looked in {}; HF_HUB_OFFLINE is set); download them or set model.tokenizer",
-            where_.display()
-        );
-    }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
-        .build()?
-        .repo(repo);
-    let mut dir = PathBuf::new();
-    for f in wanted {
-        let path = api
-            .get(f)
-            .with_context(|| format!("cannot download {f} of {name_or_path}"))?;
-        dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    }
-    api.get("tokenizer_config.json").ok();
-    Ok(dir)
-}
-
-fn download(name: &str, repo: &hf_hub::Repo, cache_dir: &Path) -> Result<ModelFiles> {
-    let api =
-        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))
-            .with_progress(true)
-            .build()?
-            .repo(repo.clone());
-    let config = api.get("config.json")?;
-    let weights = match api.get("model.safetensors.index.json") {
-        Ok(index) => shards_from_index(&index, |f| Ok(api.get(f)?))?,
-        Err(_) => vec![api.get("model.safetensors")?],
-    };
-    let tokenizer = api.get("tokenizer.json").ok();
-    Ok(ModelFiles {
-        dir: config.parent().map(Path::to_path_buf).unwrap_or_default(),
-        config,
-        weights,
-        tokenizer,
-        name: name.to_string(),
-    })
-}
+use std::path::Path;
 
 /// How the LoRA layers are set up.
 #[derive(Debug, Clone, PartialEq)]
@@ -268,7 +19,7 @@ pub struct LoraSpec {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
-    pub target_modules: Vec<String>,
+    pub target_modules: Vec<Projection>,
     pub use_rslora: bool,
     /// Seed of PEFT's init (A kaiming-uniform, B zero).
     pub seed: u64,
@@ -322,7 +73,8 @@ impl Weights<'_> {
     }
 }
 
-/// Builds the network from its files, with LoRA layers per `lora` (frozen base weights).
+/// Builds the network from its files, with LoRA layers per `lora` (frozen base weights) and
+/// [`crate::kernels::KernelSettings::default`].
 pub fn load_llama(
     files: &ModelFiles,
     dtype: DType,
@@ -334,38 +86,27 @@ pub fn load_llama(
     // is not supported (as with every mmap-based loader).
     let st = unsafe { MmapedSafetensors::multi(&files.weights) }
         .with_context(|| format!("cannot read safetensors weights {:?}", files.weights))?;
+    check_layer_count(&st, &cfg, files)?;
     let w = Weights {
         st,
         files,
         dtype,
         device: device.clone(),
     };
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
     let mut rng = lora.map(|l| ChaCha8Rng::seed_from_u64(l.seed));
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for li in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{li}");
-        let shapes = [
-            [nh * hd, h],
-            [nkv * hd, h],
-            [nkv * hd, h],
-            [h, nh * hd],
-            [i, h],
-            [i, h],
-            [h, i],
-        ];
-        let mut proj = Vec::with_capacity(7);
-        for (pi, (name, shape)) in PROJECTIONS.iter().zip(shapes).enumerate() {
-            let parent = super::llama::projection_parent(name);
-            let weight = w.get(&format!("{p}.{parent}.{name}.weight"), &shape)?;
+        let mut linear = |pi: usize| -> Result<Linear> {
+            let p = Projection::ALL[pi];
+            let shape = cfg.projection_shape(p);
+            let weight = w.get(
+                &format!("model.layers.{li}.{}.{p}.weight", p.parent()),
+                &shape,
+            )?;
             let lora = match (lora, rng.as_mut()) {
-                (Some(spec), Some(rng)) if spec.target_modules.iter().any(|t| t == name) => {
+                (Some(spec), Some(rng)) if spec.target_modules.contains(&p) => {
                     let (a, b) = init_lora(rng, shape[1], shape[0], spec.r, dtype, device)?;
                     Some(Lora {
                         a,
@@ -376,24 +117,35 @@ pub fn load_llama(
                 }
                 _ => None,
             };
-            proj.push(Linear {
+            Ok(Linear {
                 weight,
                 lora,
                 module_index: (li * 7 + pi) as u64,
-            });
-        }
+            })
+        };
+        // In Projection::ALL order: the fresh LoRA init draws from one generator in this order.
+        let self_attn = Attention {
+            q_proj: linear(0)?,
+            k_proj: linear(1)?,
+            v_proj: linear(2)?,
+            o_proj: linear(3)?,
+        };
+        let mlp = Mlp {
+            gate_proj: linear(4)?,
+            up_proj: linear(5)?,
+            down_proj: linear(6)?,
+        };
         let norm = |n: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: w.get(&format!("{p}.{n}.weight"), &[h])?,
+                weight: w.get(&format!("model.layers.{li}.{n}.weight"), &[h])?,
                 eps: cfg.rms_norm_eps,
             })
         };
         layers.push(Block {
             input_layernorm: norm("input_layernorm")?,
+            self_attn,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            proj: proj
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("seven projections"))?,
+            mlp,
         });
     }
     let norm = RmsNorm {
@@ -406,15 +158,70 @@ pub fn load_llama(
     } else {
         w.get("lm_head.weight", &[v, h])?
     };
-    Ok(Llama {
+    Ok(Llama::from_parts(
         cfg,
         embed_tokens,
         layers,
         norm,
         lm_head,
+        device,
         dtype,
-        device: device.clone(),
-        use_fused_ops: true,
-        activation_checkpointing: false,
-    })
+    ))
+}
+
+/// Refuses weights with more decoder layers than config.json declares: they would be dropped
+/// silently and the network would not be the one the files hold.
+fn check_layer_count(st: &MmapedSafetensors, cfg: &LlamaConfig, files: &ModelFiles) -> Result<()> {
+    let deepest = st
+        .tensors()
+        .iter()
+        .filter_map(|(name, _)| {
+            name.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max();
+    if let Some(d) = deepest.filter(|&d| d >= cfg.num_hidden_layers) {
+        bail!(
+            "{}: the weights have {} decoder layers but config.json ({}) says num_hidden_layers = {}",
+            files.dir.display(),
+            d + 1,
+            files.config.display(),
+            cfg.num_hidden_layers
+        );
+    }
+    Ok(())
+}
+
+/// The network with the PEFT adapter in `dir` applied, its LoRA layers set up per `spec` (the
+/// adapter's own, from [`read_adapter_spec`], possibly with a training dropout and seed).
+pub fn load_adapted(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    dir: &Path,
+    spec: &LoraSpec,
+) -> Result<Llama> {
+    let model = load_llama(files, dtype, device, Some(spec))?;
+    load_adapter_weights(&model, dir, spec)?;
+    Ok(model)
+}
+
+/// The base network, or base + the PEFT adapter in `adapter` as it was saved: what `score`,
+/// `eval` and `generate` run.
+pub fn load_with_adapter(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    adapter: Option<&Path>,
+) -> Result<Llama> {
+    match adapter {
+        None => load_llama(files, dtype, device, None),
+        Some(dir) => {
+            let (spec, _) = read_adapter_spec(dir)?;
+            load_adapted(files, dtype, device, dir, &spec)
+        }
+    }
 }

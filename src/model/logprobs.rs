@@ -1,7 +1,8 @@
 //! Sequence log-probs over completion tokens: the one computation that training, evaluation and
 //! `kto-train score` share.
-use super::lora::Forward;
+use super::pass::PassMode;
 use super::Llama;
+use crate::kernels::fused;
 use candle_core::{DType, Result, Tensor, D};
 
 /// One prompt + completion token sequence (already cut to max_length).
@@ -34,15 +35,15 @@ pub struct CompletionLogps {
     pub logit_sums: Option<Vec<f64>>,
 }
 
-/// Log-probs of every sequence's completion tokens under `fwd` (policy or reference).
+/// Log-probs of every sequence's completion tokens under `pass` (policy or reference).
 /// Logits are computed only at the scored positions.
 pub fn completion_logps(
     model: &Llama,
     seqs: &[Sequence],
-    fwd: Forward,
+    pass: PassMode,
     want_logit_sums: bool,
 ) -> Result<CompletionLogps> {
-    Ok(run(model, seqs, fwd, want_logit_sums, false)?.0)
+    Ok(run(model, seqs, pass, want_logit_sums, false)?.0)
 }
 
 /// What a pass computed for its rows' positions (each layer's keys and values, with the rows'
@@ -72,10 +73,10 @@ impl PrefixStates {
 pub fn completion_logps_capturing(
     model: &Llama,
     seqs: &[Sequence],
-    fwd: Forward,
+    pass: PassMode,
     want_logit_sums: bool,
 ) -> Result<(CompletionLogps, PrefixStates)> {
-    let (out, kv) = run(model, seqs, fwd, want_logit_sums, true)?;
+    let (out, kv) = run(model, seqs, pass, want_logit_sums, true)?;
     let tokens = seqs.iter().map(|s| s.tokens.clone()).collect();
     Ok((
         out,
@@ -86,7 +87,7 @@ pub fn completion_logps_capturing(
     ))
 }
 
-/// Completion log-prob sums (detached) of `seqs` under `fwd`, where sequence i takes the
+/// Completion log-prob sums (detached) of `seqs` under `pass`, where sequence i takes the
 /// positions it shares with row `rows[i]` of `prefix` from there and computes only the rest.
 /// Sequences with no row, or nothing to share, get a full pass. The values equal
 /// [`completion_logps`]' up to rounding (and, with dropout, up to which mask the shared
@@ -94,13 +95,13 @@ pub fn completion_logps_capturing(
 pub fn completion_logp_sums_after(
     model: &Llama,
     seqs: &[Sequence],
-    fwd: Forward,
+    pass: PassMode,
     prefix: &PrefixStates,
     rows: &[Option<usize>],
 ) -> Result<Vec<f64>> {
     let mut sums = vec![0.0; seqs.len()];
     let mut full = Vec::new();
-    let dev = &model.device;
+    let dev = model.device();
     for (i, seq) in seqs.iter().enumerate() {
         let (row, reuse) = match rows[i] {
             Some(r) => (r, prefix.reusable(r, seq)),
@@ -116,7 +117,7 @@ pub fn completion_logp_sums_after(
             .collect::<Result<Vec<_>>>()?;
         let rest = &seq.tokens[reuse..];
         let ids = Tensor::from_vec(rest.to_vec(), (1, rest.len()), dev)?;
-        let hidden = model.hidden_states_after(&ids, fwd, &kv)?;
+        let hidden = model.hidden_states_after(&ids, pass, &kv)?;
         let pos = seq.scored_positions();
         let rows_t: Vec<u32> = pos.clone().map(|p| (p - 1 - reuse) as u32).collect();
         let targets: Vec<u32> = pos.map(|p| seq.tokens[p]).collect();
@@ -126,7 +127,7 @@ pub fn completion_logp_sums_after(
     }
     if !full.is_empty() {
         let sub: Vec<Sequence> = full.iter().map(|&i| seqs[i].clone()).collect();
-        let got: Vec<f64> = completion_logps(model, &sub, fwd, false)?
+        let got: Vec<f64> = completion_logps(model, &sub, pass, false)?
             .sums
             .detach()
             .to_dtype(DType::F64)?
@@ -145,12 +146,12 @@ fn token_logps(
     rows: Vec<u32>,
     targets: Vec<u32>,
 ) -> Result<(Tensor, Tensor)> {
-    let dev = &model.device;
+    let dev = model.device();
     let n = rows.len();
     let sel = hidden.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
     let logits = model.logits(&sel)?;
-    let lp = if model.use_fused_ops && super::fused::available(&logits) {
-        super::fused::log_softmax_gather(&logits, &Tensor::from_vec(targets, n, dev)?)?
+    let lp = if model.kernels().fused_ops && fused::available(&logits) {
+        fused::log_softmax_gather(&logits, &Tensor::from_vec(targets, n, dev)?)?
     } else {
         let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = Tensor::from_vec(targets, (n, 1), dev)?;
@@ -171,15 +172,15 @@ type Captured = Option<Vec<LayerStates>>;
 fn run(
     model: &Llama,
     seqs: &[Sequence],
-    fwd: Forward,
+    pass: PassMode,
     want_logit_sums: bool,
     capture: bool,
 ) -> Result<(CompletionLogps, Captured)> {
     let same_len = seqs
         .windows(2)
         .all(|w| w[0].tokens.len() == w[1].tokens.len());
-    if same_len || !model.device.is_cpu() {
-        let (out, kv) = run_padded(model, seqs, fwd, want_logit_sums, capture)?;
+    if same_len || !model.device().is_cpu() {
+        let (out, kv) = run_padded(model, seqs, pass, want_logit_sums, capture)?;
         let kv = match kv {
             None => None,
             Some(layers) => Some(
@@ -204,7 +205,7 @@ fn run(
         let (out, k) = run_padded(
             model,
             std::slice::from_ref(seq),
-            fwd,
+            pass,
             want_logit_sums,
             capture,
         )?;
@@ -230,7 +231,7 @@ fn run(
 fn run_padded(
     model: &Llama,
     seqs: &[Sequence],
-    fwd: Forward,
+    pass: PassMode,
     want_logit_sums: bool,
     capture: bool,
 ) -> Result<(CompletionLogps, Option<LayerStates>)> {
@@ -252,20 +253,20 @@ fn run_padded(
             targets.push(s.tokens[p]);
         }
     }
-    let dev = &model.device;
+    let dev = model.device();
     let n = rows.len();
     let ids = Tensor::from_vec(ids, (b, t), dev)?;
     let (hidden, kv) = if capture {
-        let (h, kv) = model.hidden_states_capturing(&ids, fwd)?;
+        let (h, kv) = model.hidden_states_capturing(&ids, pass)?;
         (h, Some(kv))
     } else {
-        (model.hidden_states(&ids, fwd)?, None)
+        (model.hidden_states(&ids, pass)?, None)
     };
     if n == 0 {
-        let zeros = Tensor::zeros(b, model.dtype, dev)?;
+        let zeros = Tensor::zeros(b, model.dtype(), dev)?;
         let out = CompletionLogps {
             sums: zeros,
-            token_logps: Tensor::zeros(0, model.dtype, dev)?,
+            token_logps: Tensor::zeros(0, model.dtype(), dev)?,
             counts,
             logit_sums: want_logit_sums.then(|| vec![0.0; b]),
         };
@@ -299,7 +300,7 @@ fn run_padded(
         }
         k += c;
     }
-    let seg = Tensor::from_vec(seg, (b, n), dev)?.to_dtype(model.dtype)?;
+    let seg = Tensor::from_vec(seg, (b, n), dev)?.to_dtype(model.dtype())?;
     let sums = seg.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?;
     let out = CompletionLogps {
         sums,

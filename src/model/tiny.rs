@@ -1,9 +1,9 @@
 //! A tiny random Llama model folder (config.json, model.safetensors, tokenizer.json) for smoke
 //! runs and CI: SmolLM2's architecture and real tokenizer, random weights.
 use super::config::LlamaConfig;
-use super::llama::{projection_parent, PROJECTIONS};
+use crate::config::Projection;
 use crate::util::atomic::{write_atomic, write_json_atomic};
-use crate::util::st::{serialize_pt, RawTensor};
+use crate::util::safetensors_io::{serialize_pt, RawTensor};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -63,12 +63,7 @@ pub fn write_random_model(dir: &Path, cfg: &LlamaConfig, seed: u64, dtype: DType
         tensors.push((name, RawTensor::from_tensor(&t, dtype)?));
         Ok(())
     };
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     rand_t("model.embed_tokens.weight".into(), &[v, h], &mut rng)?;
     let ones = |name: String, n: usize| -> Result<(String, RawTensor)> {
         Ok((
@@ -78,20 +73,10 @@ pub fn write_random_model(dir: &Path, cfg: &LlamaConfig, seed: u64, dtype: DType
     };
     let mut norms = Vec::new();
     for l in 0..cfg.num_hidden_layers {
-        let shapes = [
-            [nh * hd, h],
-            [nkv * hd, h],
-            [nkv * hd, h],
-            [h, nh * hd],
-            [i, h],
-            [i, h],
-            [h, i],
-        ];
-        for (name, shape) in PROJECTIONS.iter().zip(shapes) {
-            let parent = projection_parent(name);
+        for p in Projection::ALL {
             rand_t(
-                format!("model.layers.{l}.{parent}.{name}.weight"),
-                &shape,
+                format!("model.layers.{l}.{}.{p}.weight", p.parent()),
+                &cfg.projection_shape(p),
                 &mut rng,
             )?;
         }

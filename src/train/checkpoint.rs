@@ -2,10 +2,10 @@
 //! one safetensors file, the rest (position, loss-head state, pooled metrics) in state.json.
 //! A checkpoint is written into a temporary folder, fsynced, then renamed into place, so a crash
 //! at any instant leaves the previous checkpoints intact and never a half-written one.
-use super::metrics::MetricSums;
 use crate::loss::LossState;
 use crate::util::atomic::{sync_dir, write_atomic, write_json_atomic};
-use crate::util::st::{serialize_pt, tensor_from_view, RawTensor};
+use crate::util::metric_sums::MetricSums;
+use crate::util::safetensors_io::{serialize_pt, tensor_from_view, RawTensor};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,25 @@ pub struct TrainState {
     pub elapsed_seconds: f64,
     /// Optimizer steps taken by AdamW (differs from `step` when steps were skipped).
     pub adam_t: u64,
+}
+
+impl TrainState {
+    /// The state before the first step, with the loss head's initial state.
+    pub fn fresh(loss_state: LossState) -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            next_group: 0,
+            loss_state,
+            interval: MetricSums::new(),
+            interval_tokens: 0,
+            skipped_nonfinite: 0,
+            consecutive_nonfinite: 0,
+            best_eval_loss: None,
+            elapsed_seconds: 0.0,
+            adam_t: 0,
+        }
+    }
 }
 
 pub struct Checkpoint {

@@ -1,7 +1,6 @@
 //! AdamW as torch.optim.AdamW computes it (decoupled weight decay, bias-corrected moments),
 //! with its state exposed so checkpoints can restore it exactly (candle-nn's keeps it private).
 use anyhow::{bail, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -13,12 +12,19 @@ pub struct AdamWParams {
 }
 
 pub struct AdamW {
-    pub params: AdamWParams,
-    pub vars: Vec<Var>,
+    params: AdamWParams,
+    vars: Vec<Var>,
     /// First and second moments, one pair per var.
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Optimizer steps taken.
+    t: u64,
+}
+
+/// Everything of an [`AdamW`] that a checkpoint carries.
+pub struct AdamWState {
     pub m: Vec<Tensor>,
     pub v: Vec<Tensor>,
-    /// Optimizer steps taken.
     pub t: u64,
 }
 
@@ -36,6 +42,45 @@ impl AdamW {
             v,
             t: 0,
         })
+    }
+
+    /// The moments and the step count, for a checkpoint.
+    pub fn state(&self) -> AdamWState {
+        AdamWState {
+            m: self.m.clone(),
+            v: self.v.clone(),
+            t: self.t,
+        }
+    }
+
+    /// Continues from a checkpoint's state; its moments must match the parameters' shapes.
+    pub fn restore(&mut self, state: AdamWState) -> Result<()> {
+        if state.m.len() != self.vars.len() || state.v.len() != self.vars.len() {
+            bail!(
+                "optimizer state has {} / {} moments for {} parameters",
+                state.m.len(),
+                state.v.len(),
+                self.vars.len()
+            );
+        }
+        for (i, var) in self.vars.iter().enumerate() {
+            if state.m[i].dims() != var.dims() || state.v[i].dims() != var.dims() {
+                bail!(
+                    "optimizer state: moment {i} has shape {:?}, parameter {:?}",
+                    state.m[i].dims(),
+                    var.dims()
+                );
+            }
+        }
+        self.m = state.m;
+        self.v = state.v;
+        self.t = state.t;
+        Ok(())
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps_taken(&self) -> u64 {
+        self.t
     }
 
     /// One update with learning rate `lr` from gradients `grads[i]` (aligned with `vars`).
@@ -66,16 +111,6 @@ impl AdamW {
         }
         Ok(())
     }
-}
-
-/// Gradients of `vars` from a GradStore, zeros where a var got none.
-pub fn collect_grads(vars: &[Var], store: &GradStore) -> Result<Vec<Tensor>> {
-    vars.iter()
-        .map(|v| match store.get(v.as_tensor()) {
-            Some(g) => Ok(g.clone()),
-            None => Ok(v.zeros_like()?),
-        })
-        .collect()
 }
 
 /// Global L2 norm of a set of gradients (f64 accumulation).

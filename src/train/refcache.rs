@@ -7,14 +7,19 @@
 //! by a 128-bit hash of the token sequence and prompt length (which carry the tokenizer, the
 //! prepared data and the length settings). A changed input gives another key, so a stale value
 //! can never be read; a damaged file is ignored with a warning.
+use crate::config::ReferenceCache;
+use crate::hub::ModelFiles;
+use crate::model::Llama;
 use crate::util::atomic::write_atomic;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::Xxh3;
 
-const MAGIC: &[u8; 8] = b"KTOREF01";
+/// Format 02: keys and checksum are XXH3-128 (format 01 used std's DefaultHasher, which is not
+/// stable across Rust releases).
+const MAGIC: &[u8; 8] = b"KTOREF02";
 
 pub struct RefCache {
     path: PathBuf,
@@ -24,40 +29,78 @@ pub struct RefCache {
     pub misses: usize,
 }
 
+/// A 128-bit hash that is the same on every platform, Rust release and run (XXH3-128 of the
+/// length-prefixed parts), so that a cache written by one build is found by the next.
 fn hash128(parts: &[&[u8]]) -> u128 {
-    let half = |salt: u8| {
-        let mut h = std::hash::DefaultHasher::new();
-        salt.hash(&mut h);
-        for p in parts {
-            p.hash(&mut h);
-        }
-        h.finish() as u128
-    };
-    (half(1) << 64) | half(2)
+    let mut h = Xxh3::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.digest128()
 }
 
 /// The key of a reference network: bytes of its files plus a description of how it computes.
 pub fn network_key(files: &[&Path], compute: &str) -> Result<u128> {
-    let mut h1 = std::hash::DefaultHasher::new();
-    let mut h2 = std::hash::DefaultHasher::new();
-    1u8.hash(&mut h1);
-    2u8.hash(&mut h2);
-    compute.hash(&mut h1);
-    compute.hash(&mut h2);
+    let mut h = Xxh3::new();
+    h.update(&(compute.len() as u64).to_le_bytes());
+    h.update(compute.as_bytes());
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
         let mut file =
             std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", f.display()))?
+            .len();
+        h.update(&len.to_le_bytes());
         loop {
             let n = file.read(&mut buf)?;
             if n == 0 {
                 break;
             }
-            h1.write(&buf[..n]);
-            h2.write(&buf[..n]);
+            h.update(&buf[..n]);
         }
     }
-    Ok(((h1.finish() as u128) << 64) | h2.finish() as u128)
+    Ok(h.digest128())
+}
+
+/// The cache of a run's reference network (None with `reference_cache = "off"`): in
+/// `$KTO_TRAIN_CACHE_DIR` or a `.kto-train-cache` folder beside the output folder with `auto`, so
+/// that sibling runs share it.
+pub fn open_for_run(
+    setting: &ReferenceCache,
+    output_dir: &Path,
+    files: &ModelFiles,
+    model: &Llama,
+) -> Result<Option<RefCache>> {
+    let dir = match setting {
+        ReferenceCache::Off => return Ok(None),
+        ReferenceCache::Auto => {
+            match std::env::var_os("KTO_TRAIN_CACHE_DIR").filter(|v| !v.is_empty()) {
+                Some(d) => PathBuf::from(d),
+                None => {
+                    let out = crate::config::normalize_path(output_dir);
+                    let parent = out.parent().map(Path::to_path_buf).unwrap_or_default();
+                    parent.join(".kto-train-cache")
+                }
+            }
+        }
+        ReferenceCache::Dir(path) => path.clone(),
+    };
+    let mut inputs: Vec<&Path> = files.weights.iter().map(PathBuf::as_path).collect();
+    inputs.push(&files.config);
+    let k = model.kernels();
+    let compute = format!(
+        "kto-train {} dtype={:?} fused={} device={:?} gemm={}",
+        env!("CARGO_PKG_VERSION"),
+        model.dtype(),
+        k.fused_ops,
+        model.device().location(),
+        k.gemm.as_str()
+    );
+    let key = network_key(&inputs, &compute)?;
+    Ok(Some(RefCache::open(&dir, key)?))
 }
 
 pub fn sequence_key(tokens: &[u32], prompt_len: usize) -> u128 {

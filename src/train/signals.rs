@@ -1,36 +1,58 @@
 //! SIGINT / SIGTERM: the run finishes its current optimizer step, writes a checkpoint and exits.
 //! A second signal exits at once (the last checkpoint stays valid: checkpoints are atomic).
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
-static RECEIVED: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    if RECEIVED.swap(sig, Ordering::SeqCst) != 0 {
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(128 + sig) };
-    }
+struct Flags {
+    /// Set by the first signal.
+    received: Arc<AtomicBool>,
+    /// Which signal that was.
+    which: Arc<AtomicUsize>,
 }
 
-pub fn install() {
-    // SAFETY: the handler only touches an atomic and calls _exit.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+static FLAGS: OnceLock<Flags> = OnceLock::new();
+
+/// Installs the handlers (once per process).
+pub fn install() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    let mut result = Ok(());
+    FLAGS.get_or_init(|| {
+        let flags = Flags {
+            received: Arc::new(AtomicBool::new(false)),
+            which: Arc::new(AtomicUsize::new(0)),
+        };
+        for sig in [SIGINT, SIGTERM] {
+            // In registration order: the exit sees the flag of an earlier signal, before this
+            // one sets it; so only a second signal exits.
+            let r = flag::register_conditional_shutdown(sig, 128 + sig, flags.received.clone())
+                .and_then(|_| flag::register_usize(sig, flags.which.clone(), sig as usize))
+                .and_then(|_| flag::register(sig, flags.received.clone()));
+            if let Err(e) = r {
+                result = Err(anyhow::anyhow!(
+                    "cannot install a handler for signal {sig}: {e}"
+                ));
+            }
+        }
+        flags
+    });
+    result
 }
 
 /// The signal received so far, if any.
 pub fn received() -> Option<i32> {
-    match RECEIVED.load(Ordering::SeqCst) {
-        0 => None,
-        s => Some(s),
+    let f = FLAGS.get()?;
+    if f.received.load(Ordering::SeqCst) {
+        Some(f.which.load(Ordering::SeqCst) as i32)
+    } else {
+        None
     }
 }
 
 pub fn name(sig: i32) -> &'static str {
     match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
+        signal_hook::consts::SIGINT => "SIGINT",
+        signal_hook::consts::SIGTERM => "SIGTERM",
         _ => "signal",
     }
 }

@@ -3,19 +3,53 @@
 use super::batch::MicroBatch;
 use super::refcache::{sequence_key, RefCache};
 use crate::loss::{LossHead, LossOutput, SequenceLogps};
-use crate::model::checkpoint;
+use crate::model::llama::LoraGradients;
 use crate::model::logprobs::{
     completion_logp_sums_after, completion_logps, completion_logps_capturing, Sequence,
 };
-use crate::model::{Forward, Llama};
+use crate::model::{DropoutKey, Llama, PassMode};
 use anyhow::Result;
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
+
+/// How one micro-batch runs: the policy's pass, the policy's KL pass, the optimizer step it
+/// belongs to (the BCO staging depends on it), and whether it trains (loss-head state updated,
+/// gradient computed) or evaluates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MicroBatchMode {
+    pub policy: PassMode,
+    pub kl: PassMode,
+    pub step: u64,
+    pub train: bool,
+}
+
+impl MicroBatchMode {
+    /// Training at optimizer step `step`: dropout masks keyed by (seed, pass) and (seed, pass + 1)
+    /// for the policy and its KL pass, so that a resumed run draws the same masks.
+    pub fn training(seed: u64, pass: u64, step: u64) -> Self {
+        let key = |pass| PassMode::train(DropoutKey { seed, pass });
+        Self {
+            policy: key(pass),
+            kl: key(pass + 1),
+            step,
+            train: true,
+        }
+    }
+
+    /// Evaluation: no dropout, no gradient, no state change.
+    pub fn evaluation(step: u64) -> Self {
+        Self {
+            policy: PassMode::POLICY_EVAL,
+            kl: PassMode::POLICY_EVAL,
+            step,
+            train: false,
+        }
+    }
+}
 
 pub struct StepResult {
     pub loss: LossOutput,
     /// Gradients of the LoRA weights (None in evaluation).
-    pub grads: Option<GradStore>,
+    pub grads: Option<LoraGradients>,
     /// Per-example policy log-prob sums, for inspection and tests.
     pub logps: SequenceLogps,
 }
@@ -44,7 +78,7 @@ pub fn reference_logps(
     let mut prefix = None;
     if !missing.is_empty() {
         let seqs: Vec<Sequence> = missing.iter().map(|&i| batch.seqs[i].clone()).collect();
-        let (out, states) = completion_logps_capturing(model, &seqs, Forward::REFERENCE, false)?;
+        let (out, states) = completion_logps_capturing(model, &seqs, PassMode::REFERENCE, false)?;
         for (&i, v) in missing.iter().zip(to_f64(&out.sums)?) {
             main[i] = Some(v);
             if let Some(c) = cache.as_deref_mut() {
@@ -67,10 +101,16 @@ pub fn reference_logps(
                             .iter()
                             .map(|&i| computed.iter().position(|&j| j == i))
                             .collect();
-                        completion_logp_sums_after(model, &seqs, Forward::REFERENCE, states, &rows)?
+                        completion_logp_sums_after(
+                            model,
+                            &seqs,
+                            PassMode::REFERENCE,
+                            states,
+                            &rows,
+                        )?
                     }
                     None => {
-                        to_f64(&completion_logps(model, &seqs, Forward::REFERENCE, false)?.sums)?
+                        to_f64(&completion_logps(model, &seqs, PassMode::REFERENCE, false)?.sums)?
                     }
                 };
                 for (&i, v) in todo.iter().zip(got) {
@@ -86,19 +126,20 @@ pub fn reference_logps(
     Ok((main.into_iter().map(|v| v.expect("filled")).collect(), kl))
 }
 
-/// Runs one micro-batch. `train`: policy in training mode (dropout per `fwd`), loss head state
-/// updated, gradient computed; otherwise evaluation.
-#[allow(clippy::too_many_arguments)] // each argument is one independent knob of a step
+/// Runs one micro-batch in `mode`.
 pub fn run_micro_batch(
     model: &Llama,
     head: &mut LossHead,
     batch: &MicroBatch,
-    fwd: Forward,
-    kl_fwd: Forward,
-    step: u64,
-    train: bool,
+    mode: MicroBatchMode,
     cache: Option<&mut RefCache>,
 ) -> Result<StepResult> {
+    let MicroBatchMode {
+        policy: fwd,
+        kl: kl_fwd,
+        step,
+        train,
+    } = mode;
     // The reference passes run first so that their memory is free before the policy pass
     // builds its graph. The policy's KL pass runs after the policy pass: it reuses that pass's
     // states for the prompts (TRL runs it as a separate full forward; with dropout, the shared
@@ -137,7 +178,7 @@ pub fn run_micro_batch(
         head.eval_batch(&logps, step)?
     };
     if let Some(sums) = &policy.logit_sums {
-        let vocab = model.cfg.vocab_size as f64;
+        let vocab = model.cfg().vocab_size as f64;
         for (i, s) in sums.iter().enumerate() {
             let side = if batch.labels[i] {
                 "chosen"
@@ -152,13 +193,10 @@ pub fn run_micro_batch(
         }
     }
     let grads = if train {
-        let g = Tensor::from_vec(loss.grad.clone(), loss.grad.len(), &model.device)?
-            .to_dtype(model.dtype)?;
+        let g = Tensor::from_vec(loss.grad.clone(), loss.grad.len(), model.device())?
+            .to_dtype(model.dtype())?;
         let surrogate = (&policy.sums * &g)?.sum_all()?;
-        checkpoint::clear_block_grads();
-        let mut grads = surrogate.backward()?;
-        checkpoint::take_block_grads(&mut grads)?;
-        Some(grads)
+        Some(model.lora_gradients(&surrogate)?)
     } else {
         None
     };

@@ -1,7 +1,9 @@
-//! Small shared helpers: atomic file writes, safetensors serialization, allocator settings,
-//! seed hashing, JSON type names.
+//! Small shared helpers that know nothing of models or training: atomic file writes,
+//! safetensors serialization, pooled metric sums, allocator settings, stable hashing, JSON type
+//! names.
 pub mod alloc;
 pub mod atomic;
 pub mod hash;
 pub mod json;
-pub mod st;
+pub mod metric_sums;
+pub mod safetensors_io;

@@ -1,6 +1,7 @@
 #![allow(dead_code)]
 use candle_core::{DType, Device, Tensor};
-use kto_train::model::{load_llama, loading::local_model_files, Llama, LoraSpec};
+use kto_train::hub::local_model_files;
+use kto_train::model::{load_llama, Llama, LoraSpec};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -23,11 +24,28 @@ pub fn tiny(dtype: DType, lora: Option<&LoraSpec>) -> Llama {
 
 /// The fixture adapter's spec, and the model with its weights in the LoRA layers.
 pub fn tiny_with_peft(dtype: DType) -> Llama {
+    tiny_with_peft_dropout(dtype, None)
+}
+
+/// [`tiny_with_peft`] with the LoRA dropout set to `dropout` instead of the adapter's 0.
+pub fn tiny_with_peft_dropout(dtype: DType, dropout: Option<f64>) -> Llama {
     let dir = fixture("peft-adapter");
-    let (spec, _) = kto_train::model::adapter::read_adapter_spec(&dir).unwrap();
-    let m = tiny(dtype, Some(&spec));
-    kto_train::model::adapter::load_adapter_weights(&m, &dir).unwrap();
-    m
+    let (mut spec, _) = kto_train::model::adapter::read_adapter_spec(&dir).unwrap();
+    if let Some(p) = dropout {
+        spec.dropout = p;
+    }
+    let files = local_model_files(&fixture("tiny-llama"), "tiny-llama").unwrap();
+    kto_train::model::load_adapted(&files, dtype, &Device::Cpu, &dir, &spec).unwrap()
+}
+
+/// `model` computing with `f` applied to its kernel settings (the LoRA weights stay shared).
+pub fn with_kernels(
+    model: &Llama,
+    f: impl FnOnce(&mut kto_train::kernels::KernelSettings),
+) -> Llama {
+    let mut k = model.kernels();
+    f(&mut k);
+    model.clone().with_kernels(k).unwrap()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -124,7 +142,7 @@ pub fn kto_step_batch(trim: Option<(usize, usize)>) -> kto_train::train::batch::
 /// One training micro-batch of the TRL step fixture on `model`, with TRL's loss settings (the
 /// adapter has dropout 0: training and evaluation mode are the same network).
 pub fn run_trl_step(model: &Llama) -> kto_train::train::step::StepResult {
-    use kto_train::model::Forward;
+    use kto_train::model::PassMode;
     let b = kto_step_json();
     let cfg = &b["trl_config"];
     let loss_cfg: kto_train::config::LossConfig = toml::from_str(&format!(
@@ -136,15 +154,12 @@ pub fn run_trl_step(model: &Llama) -> kto_train::train::step::StepResult {
     ))
     .unwrap();
     let mut head = kto_train::loss::LossHead::new(&loss_cfg);
-    kto_train::train::step::run_micro_batch(
-        model,
-        &mut head,
-        &kto_step_batch(None),
-        Forward::POLICY_EVAL,
-        Forward::POLICY_EVAL,
-        0,
-        true,
-        None,
-    )
-    .unwrap()
+    let mode = kto_train::train::step::MicroBatchMode {
+        policy: PassMode::POLICY_EVAL,
+        kl: PassMode::POLICY_EVAL,
+        step: 0,
+        train: true,
+    };
+    kto_train::train::step::run_micro_batch(model, &mut head, &kto_step_batch(None), mode, None)
+        .unwrap()
 }

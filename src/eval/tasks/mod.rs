@@ -28,50 +28,34 @@ pub const FEWSHOT_DELIMITER: &str = "\n\n";
 /// The harness's default `--seed` for few-shot sampling.
 pub const DEFAULT_FEWSHOT_SEED: u64 = 1234;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TaskKind {
-    #[value(name = "hellaswag")]
-    Hellaswag,
-    #[value(name = "truthfulqa_mc2")]
-    TruthfulqaMc2,
-    #[value(name = "mmlu")]
-    Mmlu,
-}
+pub use crate::config::BenchmarkTask;
 
-impl TaskKind {
-    /// The harness's task name.
-    pub fn name(self) -> &'static str {
-        match self {
-            TaskKind::Hellaswag => "hellaswag",
-            TaskKind::TruthfulqaMc2 => "truthfulqa_mc2",
-            TaskKind::Mmlu => "mmlu",
-        }
-    }
-
+/// What the evaluation harness and model cards know of each task.
+impl BenchmarkTask {
     /// How model cards write it.
     pub fn display_name(self) -> &'static str {
         match self {
-            TaskKind::Hellaswag => "HellaSwag",
-            TaskKind::TruthfulqaMc2 => "TruthfulQA MC2",
-            TaskKind::Mmlu => "MMLU",
+            BenchmarkTask::Hellaswag => "HellaSwag",
+            BenchmarkTask::TruthfulqaMc2 => "TruthfulQA MC2",
+            BenchmarkTask::Mmlu => "MMLU",
         }
     }
 
     /// The Open LLM Leaderboard's settings, which the usual model-card numbers use.
     pub fn default_shots(self) -> usize {
         match self {
-            TaskKind::Hellaswag => 10,
-            TaskKind::TruthfulqaMc2 => 0,
-            TaskKind::Mmlu => 5,
+            BenchmarkTask::Hellaswag => 10,
+            BenchmarkTask::TruthfulqaMc2 => 0,
+            BenchmarkTask::Mmlu => 5,
         }
     }
 
     /// Metrics reported, in table order.
     pub fn metrics(self) -> &'static [&'static str] {
         match self {
-            TaskKind::Hellaswag => &["acc", "acc_norm"],
-            TaskKind::TruthfulqaMc2 => &["mc2"],
-            TaskKind::Mmlu => &["acc"],
+            BenchmarkTask::Hellaswag => &["acc", "acc_norm"],
+            BenchmarkTask::TruthfulqaMc2 => &["mc2"],
+            BenchmarkTask::Mmlu => &["acc"],
         }
     }
 }
@@ -116,17 +100,17 @@ pub struct LoadOptions {
 /// The items of one task run, with the settings that produced them.
 #[derive(Debug, Clone)]
 pub struct TaskItems {
-    pub kind: TaskKind,
+    pub kind: BenchmarkTask,
     pub shots: usize,
     pub items: Vec<McItem>,
 }
 
 /// Reads a task's published files and builds its scored items.
-pub fn load_task(kind: TaskKind, data: &Path, opts: &LoadOptions) -> Result<TaskItems> {
+pub fn load_task(kind: BenchmarkTask, data: &Path, opts: &LoadOptions) -> Result<TaskItems> {
     let shots = opts.shots.unwrap_or(kind.default_shots());
     let items = match kind {
-        TaskKind::Hellaswag => hellaswag::load_items(data, shots, opts)?,
-        TaskKind::TruthfulqaMc2 => {
+        BenchmarkTask::Hellaswag => hellaswag::load_items(data, shots, opts)?,
+        BenchmarkTask::TruthfulqaMc2 => {
             if shots != 0 {
                 bail!(
                     "truthfulqa_mc2 has no few-shot split: the harness scores it 0-shot behind its \
@@ -135,7 +119,7 @@ pub fn load_task(kind: TaskKind, data: &Path, opts: &LoadOptions) -> Result<Task
             }
             truthfulqa::load_items(data, opts.limit)?
         }
-        TaskKind::Mmlu => mmlu::load_items(data, shots, opts)?,
+        BenchmarkTask::Mmlu => mmlu::load_items(data, shots, opts)?,
     };
     if items.is_empty() {
         bail!("{}: no questions to score", data.display());

@@ -2,14 +2,12 @@
 //! log-likelihoods through the training code's [`completion_logps`], metrics, the model-card
 //! table, and `kto-train eval`.
 use super::metrics::{self, mean_stderr};
-use super::{load_task, LoadOptions, McItem, Target, TaskItems, TaskKind, TARGET_DELIMITER};
-use crate::model::adapter::{load_adapter_weights, read_adapter_spec};
+use super::{BenchmarkTask, McItem, Target, TaskItems, TARGET_DELIMITER};
 use crate::model::logprobs::{completion_logps, Sequence};
-use crate::model::{load_llama, resolve_model, Forward, Llama};
+use crate::model::{Llama, PassMode};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use tokenizers::Tokenizer;
 
 /// One log-likelihood request in tokens: log p(continuation | context).
@@ -91,11 +89,11 @@ pub fn fit_window(req: &LlRequest, max_len: usize) -> Result<Sequence> {
 pub fn loglikelihoods(
     model: &Llama,
     requests: &[LlRequest],
-    fwd: Forward,
+    pass: PassMode,
     batch_size: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<f64>> {
-    let max_len = model.cfg.max_position_embeddings;
+    let max_len = model.cfg().max_position_embeddings;
     let seqs: Vec<Sequence> = requests
         .iter()
         .map(|r| fit_window(r, max_len))
@@ -106,7 +104,7 @@ pub fn loglikelihoods(
     let mut done = 0;
     for chunk in order.chunks(batch_size.max(1)) {
         let batch: Vec<Sequence> = chunk.iter().map(|&i| seqs[i].clone()).collect();
-        let lp = completion_logps(model, &batch, fwd, false)?;
+        let lp = completion_logps(model, &batch, pass, false)?;
         let tokens: Vec<f64> = lp.token_logps.to_dtype(DType::F64)?.to_vec1()?;
         let mut k = 0;
         for (&i, &c) in chunk.iter().zip(&lp.counts) {
@@ -161,7 +159,7 @@ pub struct ItemResult {
     /// Most likely choice, and the most likely after length normalisation.
     pub pred: usize,
     pub pred_norm: usize,
-    /// The task's metrics on this question, in `TaskKind::metrics` order.
+    /// The task's metrics on this question, in `BenchmarkTask::metrics` order.
     pub scores: Vec<f64>,
 }
 
@@ -175,7 +173,7 @@ pub struct GroupSummary {
 /// A task's scores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalReport {
-    pub task: TaskKind,
+    pub task: BenchmarkTask,
     pub shots: usize,
     /// Over all questions (for MMLU: every subject's questions, i.e. the harness's size-weighted
     /// group mean).
@@ -191,7 +189,7 @@ impl EvalReport {
     }
 }
 
-fn summarize(kind: TaskKind, items: &[&ItemResult]) -> Vec<MetricSummary> {
+fn summarize(kind: BenchmarkTask, items: &[&ItemResult]) -> Vec<MetricSummary> {
     kind.metrics()
         .iter()
         .enumerate()
@@ -267,8 +265,8 @@ pub fn score_items(task: &TaskItems, lls: Vec<Vec<f64>>) -> EvalReport {
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     pub batch_size: usize,
-    /// Which network scores: `Forward::POLICY_EVAL` (adapter on, no dropout) for an adapter.
-    pub forward: Forward,
+    /// Which network scores: `PassMode::POLICY_EVAL` (adapter on, no dropout) for an adapter.
+    pub pass: PassMode,
     /// An indicatif bar on stderr (when it is a terminal).
     pub progress: bool,
 }
@@ -280,7 +278,7 @@ pub fn evaluate(
     task: &TaskItems,
     opts: &EvalOptions,
 ) -> Result<EvalReport> {
-    let prefix = model.cfg.bos_token_id.or(model.cfg.eos_token_id);
+    let prefix = model.cfg().bos_token_id.or(model.cfg().eos_token_id);
     let reqs = item_requests(tok, &task.items, prefix)?;
     let bar = {
         use std::io::IsTerminal;
@@ -296,7 +294,7 @@ pub fn evaluate(
             b
         })
     };
-    let flat = loglikelihoods(model, &reqs, opts.forward, opts.batch_size, &mut |done| {
+    let flat = loglikelihoods(model, &reqs, opts.pass, opts.batch_size, &mut |done| {
         if let Some(b) = &bar {
             b.set_position(done as u64);
         }
@@ -416,119 +414,4 @@ pub fn report_json(report: &EvalReport, run: Value) -> Value {
         "run": run,
         "items": items,
     })
-}
-
-/// `kto-train eval`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct EvalArgs {
-    /// Model folder or hub id.
-    #[arg(long)]
-    pub model: String,
-    /// PEFT adapter folder to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Benchmark to score.
-    #[arg(long, value_enum)]
-    pub task: TaskKind,
-    /// The task's published file: HellaSwag JSONL, TruthfulQA mc_task.json, MMLU CSV or folder.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Few-shot examples per question (default: HellaSwag 10, TruthfulQA MC2 0, MMLU 5).
-    #[arg(long)]
-    pub shots: Option<usize>,
-    /// Where few-shot examples come from: HellaSwag's train JSONL; MMLU's dev folder or file
-    /// (default: the dev/ folder next to the test files).
-    #[arg(long)]
-    pub fewshot_data: Option<PathBuf>,
-    /// Only the first N questions (per subject for MMLU).
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Continuations per forward pass.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Write the scores, per question too, as JSON here.
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    /// Seed of the few-shot draw (the harness's default is 1234).
-    #[arg(long, default_value_t = super::DEFAULT_FEWSHOT_SEED)]
-    pub seed: u64,
-    /// cpu or cuda[:N] (a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Hub revision when --model is a hub id.
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-    /// No progress bar or notes on stderr.
-    #[arg(long, short)]
-    pub quiet: bool,
-}
-
-/// Runs `kto-train eval`: prints the table on stdout, writes JSON when asked.
-pub fn run_eval_command(a: &EvalArgs) -> Result<EvalReport> {
-    let task = load_task(
-        a.task,
-        &a.data,
-        &LoadOptions {
-            shots: a.shots,
-            fewshot_data: a.fewshot_data.clone(),
-            limit: a.limit,
-            seed: a.seed,
-        },
-    )?;
-    let dev = crate::train::recipe::device(&a.device)?;
-    let files = resolve_model(&a.model, &a.revision)?;
-    let spec = match &a.adapter {
-        Some(dir) => Some(read_adapter_spec(dir)?.0),
-        None => None,
-    };
-    let model = load_llama(&files, DType::F32, &dev, spec.as_ref())?;
-    if let Some(dir) = &a.adapter {
-        load_adapter_weights(&model, dir)?;
-    }
-    let tok_path = files
-        .tokenizer
-        .as_ref()
-        .with_context(|| format!("model {} has no tokenizer.json", files.dir.display()))?;
-    let tok = Tokenizer::from_file(tok_path)
-        .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", tok_path.display()))?;
-    if !a.quiet {
-        let n: usize = task.items.iter().map(|i| i.choices.len()).sum();
-        eprintln!(
-            "{}: {} questions, {n} continuations, {}-shot",
-            a.task.name(),
-            task.items.len(),
-            task.shots
-        );
-    }
-    let report = evaluate(
-        &model,
-        &tok,
-        &task,
-        &EvalOptions {
-            batch_size: a.batch_size,
-            forward: Forward::POLICY_EVAL,
-            progress: !a.quiet,
-        },
-    )?;
-    print!("{}", format_table(std::slice::from_ref(&report)));
-    let groups = format_group_table(&report);
-    if !groups.is_empty() {
-        print!("\n{groups}");
-    }
-    if let Some(out) = &a.output {
-        let run = json!({
-            "model": a.model,
-            "adapter": a.adapter,
-            "data": a.data,
-            "fewshot_data": a.fewshot_data,
-            "limit": a.limit,
-            "seed": a.seed,
-            "batch_size": a.batch_size,
-        });
-        crate::util::atomic::write_json_atomic(out, &report_json(&report, run))?;
-        if !a.quiet {
-            eprintln!("wrote {}", out.display());
-        }
-    }
-    Ok(report)
 }

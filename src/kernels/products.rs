@@ -1,4 +1,6 @@
-//! Differentiable ops that candle lacks or computes wastefully.
+//! Matrix products as differentiable ops: frozen-weight products (no weight gradient), products
+//! of two activations, and a product accumulated into an existing buffer, each on the fast GEMM
+//! library when one is loaded (see [`gemm`]).
 use super::gemm::{self, Bf16Matrix, GemmMode, MatRef};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -328,7 +330,7 @@ fn input_grad(
     }
 }
 
-/// `grad[m, n] @ w[n, k]`, the input gradient [`frozen_linear_with`]'s backward computes in
+/// `grad[m, n] @ w[n, k]`, the input gradient [`frozen_linear`]'s backward computes in
 /// `mode` (exposed for benchmarks and tests).
 pub fn frozen_linear_input_grad(grad: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
     let (mode, w16, w) = resolve(grad, w, mode)?;
@@ -358,19 +360,14 @@ fn resolve(
     }
 }
 
-/// `x @ w^T` over the last dim of `x` (any leading dims), no gradient for `w`, in the
-/// process-wide GEMM mode ([`gemm::gemm_mode`]).
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    frozen_linear_with(x, w, gemm::gemm_mode())
-}
-
-/// [`frozen_linear`] in an explicit mode. Falls back to candle's GEMM when the mode is not
-/// available (no library loaded, non-CPU device, non-f32 activations).
+/// `x @ w^T` over the last dim of `x` (any leading dims) for a frozen weight `w`: no gradient for
+/// `w`, products in `mode`. Falls back to candle's GEMM when the mode is not available (no
+/// library loaded, non-CPU device, non-f32 activations).
 ///
 /// `w` may also be a bf16 tensor with f32 `x`: in `Bf16` mode it is used as is (no f32 copy of
 /// the frozen weights needs to exist, halving their memory); in the other modes it is widened
 /// to f32 at each call.
-pub fn frozen_linear_with(x: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
+pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().expect("non-scalar input");
     let m: usize = dims[..dims.len() - 1].iter().product();
@@ -557,20 +554,21 @@ impl CustomOp2 for FastMatmul {
 }
 
 /// `a @ b` like candle's `matmul` (same leading batch dims, both gradients), with the fast
-/// library's f32 GEMM whenever the process-wide mode is not `Candle`. bf16 is not used here even
-/// in `Bf16` mode: both operands would have to be rounded at every call, and at attention and
-/// LoRA shapes that costs about what it saves (benches/gemm.rs: attention 1.2-1.3x over f32,
-/// P @ v and LoRA slower than f32). [`matmul_with`] takes an explicit mode.
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let mode = match gemm::gemm_mode() {
+/// library's f32 GEMM whenever `gemm_mode` is not `Candle`. bf16 is not used here even in `Bf16` mode:
+/// both operands would have to be rounded at every call, and at attention and LoRA shapes that
+/// costs about what it saves (benches/gemm.rs: attention 1.2-1.3x over f32, P @ v and LoRA
+/// slower than f32). Falls back to candle's matmul when the library is unavailable, the device is
+/// not a CPU or the dtype not f32.
+pub fn matmul(a: &Tensor, b: &Tensor, gemm_mode: GemmMode) -> Result<Tensor> {
+    let mode = match gemm_mode {
         GemmMode::Candle => GemmMode::Candle,
         GemmMode::F32 | GemmMode::Bf16 => GemmMode::F32,
     };
     matmul_with(a, b, mode)
 }
 
-/// [`matmul`] in an explicit mode; candle's matmul when the mode is unavailable (no library,
-/// non-CPU device, non-f32 dtype).
+/// [`matmul`] with the products in exactly `mode` (bf16 operands too, for benchmarks and
+/// tests); candle's matmul when the mode is unavailable.
 pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
     let usable = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
     let mode = if usable {
@@ -584,57 +582,11 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
     a.apply_op2(b, FastMatmul { mode })
 }
 
-/// A value computed with ordinary ops (outside the graph) that a custom op's `cpu_fwd` hands to
-/// candle as its output: how the one-node ops (LoRA projection, attention) record themselves
-/// without recomputing their forward from raw storage.
-pub struct HandOff(std::sync::Mutex<Option<Tensor>>);
-
-impl HandOff {
-    pub fn new(value: Tensor) -> Self {
-        Self(std::sync::Mutex::new(Some(value)))
-    }
-
-    /// The value as an owned CPU buffer, once.
-    pub fn take_cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
-        let value = self
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned")))?
-            .take();
-        let Some(value) = value else {
-            candle_core::bail!("{op}: forward value already taken");
-        };
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok((owned_copy(s, layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{op}: CPU only"),
-        }
-    }
-}
-
-/// An owned copy of the elements a contiguous layout addresses (custom ops that hand out a value
-/// computed elsewhere).
-pub fn owned_copy(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-    fn slice<T: Clone>(v: &[T], l: &Layout) -> Result<Vec<T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(v[a..b].to_vec()),
-            None => candle_core::bail!("owned_copy: layout is not contiguous"),
-        }
-    }
-    Ok(match s {
-        CpuStorage::F32(v) => CpuStorage::F32(slice(v, l)?),
-        CpuStorage::F64(v) => CpuStorage::F64(slice(v, l)?),
-        CpuStorage::BF16(v) => CpuStorage::BF16(slice(v, l)?),
-        CpuStorage::F16(v) => CpuStorage::F16(slice(v, l)?),
-        _ => candle_core::bail!("owned_copy: unsupported dtype {:?}", s.dtype()),
-    })
-}
-
 /// `acc + h @ b^T` for `acc` [M, N], `h` [M, r], `b` [N, r] (a LoRA branch added to its base
 /// product). When `acc` is a fresh f32 CPU tensor outside any graph and the fast library is
 /// loaded, the product is accumulated into `acc`'s own buffer by the GEMM (beta = 1): no [M, N]
 /// temporary and no separate add pass. Otherwise the plain sum.
-pub fn add_product(acc: Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn add_product(acc: Tensor, h: &Tensor, b: &Tensor, gemm_mode: GemmMode) -> Result<Tensor> {
     let in_place = acc.device().is_cpu()
         && acc.dtype() == DType::F32
         && h.dtype() == DType::F32
@@ -643,12 +595,12 @@ pub fn add_product(acc: Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
         && !h.track_op()
         && !b.track_op()
         && acc.is_contiguous()
-        && gemm::effective_mode(gemm::gemm_mode()) != GemmMode::Candle;
+        && gemm::effective_mode(gemm_mode) != GemmMode::Candle;
     if in_place {
         acc.inplace_op3(h, b, &AddProduct)?;
         return Ok(acc);
     }
-    acc + matmul(h, &b.t()?)?
+    acc + matmul(h, &b.t()?, gemm_mode)?
 }
 
 struct AddProduct;

@@ -5,7 +5,9 @@
 //! that size for each: [B, heads, T, T], the largest tensors of a step. The node keeps only the
 //! probabilities and computes its three input gradients by hand.
 use super::fused;
-use super::ops;
+use super::gemm::GemmMode;
+use super::precomputed::PrecomputedValue;
+use super::products::matmul;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// q [.., R, d] (R = query rows: query heads of one key/value head stacked, position
@@ -17,10 +19,11 @@ pub fn causal_attention(
     scale: f64,
     t_q: usize,
     offset: usize,
+    gemm: GemmMode,
 ) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let p = fused::causal_softmax(&ops::matmul(&qd, &kd.t()?)?, scale, t_q, offset)?;
-    let out = ops::matmul(&p, &vd)?;
+    let p = fused::causal_softmax(&matmul(&qd, &kd.t()?, gemm)?, scale, t_q, offset)?;
+    let out = matmul(&p, &vd, gemm)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -30,7 +33,8 @@ pub fn causal_attention(
         AttentionNode {
             p,
             scale,
-            value: ops::HandOff::new(out),
+            gemm,
+            value: PrecomputedValue::new(out),
         },
     )
 }
@@ -39,8 +43,8 @@ struct AttentionNode {
     /// Probabilities [.., R, T_k] (zero where masked).
     p: Tensor,
     scale: f64,
-    /// The forward's value, handed to candle once by `cpu_fwd`.
-    value: ops::HandOff,
+    gemm: GemmMode,
+    value: PrecomputedValue,
 }
 
 impl CustomOp3 for AttentionNode {
@@ -69,12 +73,13 @@ impl CustomOp3 for AttentionNode {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.contiguous()?);
-        let dp = ops::matmul(&g, &v.t()?)?;
+        let gemm = self.gemm;
+        let dp = matmul(&g, &v.t()?, gemm)?;
         // dS = scale * P (dP - rowsum(dP * P)), zero where masked.
         let ds = fused::causal_softmax_grad(&self.p, &dp, self.scale)?;
-        let dq = ops::matmul(&ds, &k)?;
-        let dk = ops::matmul(&ds.t()?, &q)?;
-        let dv = ops::matmul(&self.p.t()?, &g)?;
+        let dq = matmul(&ds, &k, gemm)?;
+        let dk = matmul(&ds.t()?, &q, gemm)?;
+        let dv = matmul(&self.p.t()?, &g, gemm)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

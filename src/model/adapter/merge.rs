@@ -7,10 +7,11 @@
 //! taken in f32 and rounded once to the base dtype. Tensors are read straight from the files, so
 //! no network is built and any tensor the loader does not know (a saved `lm_head.weight` of a
 //! tied model, say) is carried over unchanged.
-use crate::model::adapter::{read_adapter_spec, WEIGHTS_FILE};
-use crate::model::{resolve_model, ModelFiles};
+use super::read_adapter_spec;
+use crate::hub::ModelFiles;
+use crate::model::LoraSpec;
 use crate::util::atomic::write_atomic;
-use crate::util::st::{serialize_pt, tensor_from_view, RawTensor};
+use crate::util::safetensors_io::{serialize_pt, tensor_from_view, RawTensor};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::Dtype;
@@ -41,56 +42,15 @@ pub struct MergeSummary {
     pub files: Vec<PathBuf>,
 }
 
-/// One adapted projection's LoRA pair, f32.
-struct Pair {
-    a: Option<Tensor>,
-    b: Option<Tensor>,
-}
-
 /// LoRA pairs keyed by the base weight they apply to (`model.layers.0.self_attn.q_proj.weight`).
-fn adapter_pairs(adapter_dir: &Path) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
-    let path = adapter_dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&path)
-        .with_context(|| format!("cannot read adapter weights {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let mut pairs: BTreeMap<String, Pair> = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        // Some writers keep PEFT's adapter name in the key.
-        let key = name.replace(".default.weight", ".weight");
-        let parsed = key
-            .strip_prefix("base_model.model.")
-            .and_then(|k| k.strip_suffix(".weight"))
-            .and_then(|k| {
-                k.strip_suffix(".lora_A")
-                    .map(|m| (m, true))
-                    .or_else(|| k.strip_suffix(".lora_B").map(|m| (m, false)))
-            });
-        let Some((module, is_a)) = parsed else {
-            bail!(
-                "{}: tensor `{name}` is not a LoRA A/B matrix; only LoRA adapters can be merged",
-                path.display()
-            );
-        };
-        let t = tensor_from_view(&view, &Device::Cpu)
-            .and_then(|t| Ok(t.to_dtype(DType::F32)?))
-            .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
-        let e = pairs
-            .entry(format!("{module}.weight"))
-            .or_insert(Pair { a: None, b: None });
-        if is_a {
-            e.a = Some(t);
-        } else {
-            e.b = Some(t);
-        }
-    }
-    pairs
+fn adapter_pairs(
+    adapter_dir: &Path,
+    spec: &LoraSpec,
+) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
+    Ok(super::read_adapter_weights(adapter_dir, spec)?
         .into_iter()
-        .map(|(k, p)| match (p.a, p.b) {
-            (Some(a), Some(b)) => Ok((k, (a, b))),
-            _ => bail!("{}: `{k}` has only one of lora_A / lora_B", path.display()),
-        })
-        .collect()
+        .map(|(module, p)| (format!("{module}.weight"), (p.a, p.b)))
+        .collect())
 }
 
 /// A [r, in] and B [out, r] against W [out, in].
@@ -201,7 +161,7 @@ fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
 pub fn merge_adapter(files: &ModelFiles, adapter_dir: &Path, out: &Path) -> Result<MergeSummary> {
     let (spec, _) = read_adapter_spec(adapter_dir)?;
     let scale = spec.scale();
-    let pairs = adapter_pairs(adapter_dir)?;
+    let pairs = adapter_pairs(adapter_dir, &spec)?;
     check_out_dir(out, files, adapter_dir)?;
     let mut present = std::collections::HashMap::new();
     for shard in &files.weights {
@@ -278,33 +238,4 @@ pub fn merge_adapter(files: &ModelFiles, adapter_dir: &Path, out: &Path) -> Resu
         merged: used.len(),
         files: written,
     })
-}
-
-/// `kto-train merge`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct MergeArgs {
-    /// Base model folder or hub id.
-    #[arg(long)]
-    pub model: String,
-    /// PEFT LoRA adapter folder.
-    #[arg(long)]
-    pub adapter: PathBuf,
-    /// New folder for the merged model.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Hub revision when --model is a hub id.
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-}
-
-pub fn run_merge_command(a: &MergeArgs) -> Result<MergeSummary> {
-    let files = resolve_model(&a.model, &a.revision)?;
-    let s = merge_adapter(&files, &a.adapter, &a.out)?;
-    eprintln!(
-        "merged {} projections; wrote {} files to {}",
-        s.merged,
-        s.files.len(),
-        a.out.display()
-    );
-    Ok(s)
 }

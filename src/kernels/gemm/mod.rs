@@ -8,13 +8,14 @@
 //! through `KTO_TRAIN_BLAS` or the usual pip install locations (search order in `loader.rs`), and
 //! everything falls back to candle, with a one-time notice, when none is found.
 //!
-//! Precision is chosen by [`GemmMode`]: `KTO_TRAIN_GEMM=f32|bf16|candle` in the environment, or
-//! [`set_gemm_mode`] from code (which wins over the environment). Without the feature every
-//! mode runs candle's GEMM. `KTO_TRAIN_GEMM_VERBOSE=1` prints which library was loaded.
+//! Precision is chosen by [`GemmMode`], which the model carries (from `train.gemm`, or
+//! `KTO_TRAIN_GEMM=f32|bf16|candle` when that is `auto`: [`resolve`]); every op takes it
+//! explicitly, so a forward and its backward always agree. Without the feature every mode runs
+//! candle's GEMM. `KTO_TRAIN_GEMM_VERBOSE=1` prints which library was loaded.
+use crate::config::GemmSetting;
 use candle_core::{bail, CpuStorage, Result, Tensor, TensorId};
 use half::bf16;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 #[cfg(feature = "fast-gemm")]
@@ -39,23 +40,6 @@ impl GemmMode {
             GemmMode::Candle => "candle",
             GemmMode::F32 => "f32",
             GemmMode::Bf16 => "bf16",
-        }
-    }
-
-    fn code(self) -> u8 {
-        match self {
-            GemmMode::Candle => 1,
-            GemmMode::F32 => 2,
-            GemmMode::Bf16 => 3,
-        }
-    }
-
-    fn from_code(c: u8) -> Option<GemmMode> {
-        match c {
-            1 => Some(GemmMode::Candle),
-            2 => Some(GemmMode::F32),
-            3 => Some(GemmMode::Bf16),
-            _ => None,
         }
     }
 }
@@ -85,37 +69,32 @@ pub const MODE_ENV: &str = "KTO_TRAIN_GEMM";
 /// Environment variable naming the library to load (a path to `libdnnl.so.*` or `libmkl_rt.so.*`).
 pub const LIBRARY_ENV: &str = "KTO_TRAIN_BLAS";
 
-/// 0 = not chosen yet (read the environment on first use).
-static MODE: AtomicU8 = AtomicU8::new(0);
-
-/// Sets the mode for every later frozen-weight product in this process. Ops already recorded in
-/// a backprop graph keep the mode they were created with, so a forward and its backward always
-/// agree.
-pub fn set_gemm_mode(mode: GemmMode) {
-    MODE.store(mode.code(), Ordering::Relaxed);
-}
-
-/// The requested mode: [`set_gemm_mode`]'s, else `KTO_TRAIN_GEMM`'s, else `f32` with the
+/// The mode a `train.gemm` setting asks for: `auto` = `$KTO_TRAIN_GEMM`, else `f32` with the
 /// feature (a pure speed-up with candle's precision) and `candle` without it.
-pub fn gemm_mode() -> GemmMode {
-    if let Some(m) = GemmMode::from_code(MODE.load(Ordering::Relaxed)) {
-        return m;
-    }
+pub fn requested_mode(setting: GemmSetting) -> GemmMode {
     let default = if cfg!(feature = "fast-gemm") {
         GemmMode::F32
     } else {
         GemmMode::Candle
     };
-    let mode = match std::env::var(MODE_ENV) {
-        Ok(v) => v.parse().unwrap_or_else(|e| {
-            eprintln!("kto-train: {MODE_ENV}: {e}; using {default}");
-            default
-        }),
-        Err(_) => default,
-    };
-    // A racing set_gemm_mode wins: only replace the "not chosen" state.
-    let _ = MODE.compare_exchange(0, mode.code(), Ordering::Relaxed, Ordering::Relaxed);
-    GemmMode::from_code(MODE.load(Ordering::Relaxed)).unwrap_or(mode)
+    match setting {
+        GemmSetting::Candle => GemmMode::Candle,
+        GemmSetting::F32 => GemmMode::F32,
+        GemmSetting::Bf16 => GemmMode::Bf16,
+        GemmSetting::Auto => match std::env::var(MODE_ENV) {
+            Ok(v) => v.parse().unwrap_or_else(|e| {
+                eprintln!("kto-train: {MODE_ENV}: {e}; using {default}");
+                default
+            }),
+            Err(_) => default,
+        },
+    }
+}
+
+/// The mode that runs for `setting` on this machine: [`requested_mode`], or `candle` when no
+/// fast library can be loaded.
+pub fn resolve(setting: GemmSetting) -> GemmMode {
+    effective_mode(requested_mode(setting))
 }
 
 /// The mode that will actually run for `requested`: `Candle` when no fast library is loaded.

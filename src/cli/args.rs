@@ -1,0 +1,184 @@
+//! Every command's arguments (clap types live here and nowhere else). Values that the config also
+//! holds (device, benchmark task) are parsed by the config's own types.
+use crate::config::{BenchmarkTask, DeviceSpec};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kto-train",
+    version,
+    about = "LoRA training of Llama-family models with (Enhanced) KTO; writes PEFT adapters",
+    long_about = "LoRA training of Llama-family models with (Enhanced) KTO; writes PEFT adapters.\n\n\
+                  `kto-train --config FILE` trains (the same as `kto-train train --config FILE`).",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct TrainArgs {
+    /// Run config (TOML); see configs/ and the README for every key.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override any config key, e.g. --set train.lr=1e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Fail on the first bad data record instead of skipping and counting it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Only errors on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Every metrics line on stderr.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Replace a finished run in the output folder.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Continue from the newest checkpoint in the output folder.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a LoRA adapter (the default action).
+    Train(TrainArgs),
+    /// Write a tiny random Llama model folder (config.json, model.safetensors, tokenizer.json).
+    InitTiny(InitTinyArgs),
+    /// Print the data mix of a config (tokenizer only, no model weights).
+    Data(DataArgs),
+    /// Completion log-probs of JSONL records ({prompt, completion} or {prompt_ids, completion_ids}).
+    Score(ScoreArgs),
+    /// Redraw a run folder's plots (plots/*.png) and its adapter's model card (adapter/README.md).
+    Plot {
+        /// Run folder (the training config's output.dir).
+        run_dir: PathBuf,
+    },
+    /// Benchmark scoring (HellaSwag, TruthfulQA MC2, MMLU) with the evaluation harness's method.
+    Eval(EvalArgs),
+    /// Fold a LoRA adapter into the base weights: a plain Hugging Face model folder.
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InitTinyArgs {
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write SmolLM2-360M's exact shapes instead of the tiny ones (for benchmarks).
+    #[arg(long)]
+    pub smollm2_360m: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Run config (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Override any config key, e.g. --set data.max_interactions_per_source=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Also write the prepared examples as JSONL here (with split and decoded text).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Fail on the first bad data record instead of skipping and counting it.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScoreArgs {
+    /// Model folder or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// PEFT adapter folder to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Input JSONL.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output JSONL (default: stdout).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Append the model's EOS token to text completions (as training does).
+    #[arg(long)]
+    pub append_eos: bool,
+    /// cpu or cuda[:N] (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Hub revision when --model is a hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Model folder or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// PEFT adapter folder to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Benchmark to score: hellaswag, truthfulqa_mc2 or mmlu.
+    #[arg(long)]
+    pub task: BenchmarkTask,
+    /// The task's published file: HellaSwag JSONL, TruthfulQA mc_task.json, MMLU CSV or folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Few-shot examples per question (default: HellaSwag 10, TruthfulQA MC2 0, MMLU 5).
+    #[arg(long)]
+    pub shots: Option<usize>,
+    /// Where few-shot examples come from: HellaSwag's train JSONL; MMLU's dev folder or file
+    /// (default: the dev/ folder next to the test files).
+    #[arg(long)]
+    pub fewshot_data: Option<PathBuf>,
+    /// Only the first N questions (per subject for MMLU).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Continuations per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Write the scores, per question too, as JSON here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Seed of the few-shot draw (the harness's default is 1234).
+    #[arg(long, default_value_t = crate::eval::tasks::DEFAULT_FEWSHOT_SEED)]
+    pub seed: u64,
+    /// cpu or cuda[:N] (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Hub revision when --model is a hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// No progress bar or notes on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    /// Base model folder or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// PEFT LoRA adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// New folder for the merged model.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Hub revision when --model is a hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+}

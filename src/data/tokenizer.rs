@@ -1,0 +1,76 @@
+//! The tokenizer a run uses and its EOS id: `model.tokenizer`, else the model folder's
+//! tokenizer.json; EOS from config.json, else the `<|endoftext|>` token.
+use crate::config::Config;
+use anyhow::{anyhow, bail, Result};
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+pub struct TokenizerInfo {
+    pub tokenizer: Tokenizer,
+    pub eos_token_id: u32,
+    pub tokenizer_path: PathBuf,
+    /// The local model folder, when model.name_or_path is one.
+    pub model_dir: Option<PathBuf>,
+}
+
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if !path.is_file() {
+        bail!("tokenizer file {} does not exist", path.display());
+    }
+    Tokenizer::from_file(path).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))
+}
+
+/// The tokenizer: `model.tokenizer` if set, else `<model folder>/tokenizer.json`; the EOS id from
+/// the model folder's (else the tokenizer folder's) config.json, else the `<|endoftext|>` token.
+pub fn resolve_tokenizer(cfg: &Config) -> Result<TokenizerInfo> {
+    let model_dir = match &cfg.model.tokenizer {
+        // An explicit tokenizer needs no model folder; use one when there is a local one.
+        Some(_) => Some(PathBuf::from(&cfg.model.name_or_path)).filter(|p| p.is_dir()),
+        None => Some(crate::hub::resolve_model_dir(
+            &cfg.model.name_or_path,
+            &cfg.model.revision,
+        )?),
+    };
+    let tokenizer_path = match (&cfg.model.tokenizer, &model_dir) {
+        (Some(t), _) => PathBuf::from(t),
+        (None, Some(d)) => d.join("tokenizer.json"),
+        (None, None) => unreachable!("a model folder is resolved when no tokenizer is given"),
+    };
+    let tokenizer = load_tokenizer(&tokenizer_path)?;
+    let mut eos = None;
+    if let Some(d) = &model_dir {
+        eos = crate::hub::read_eos_token_id(&d.join("config.json"))?;
+    }
+    if eos.is_none() {
+        if let Some(d) = tokenizer_path.parent() {
+            eos = crate::hub::read_eos_token_id(&d.join("config.json"))?;
+        }
+    }
+    let eos_token_id = match eos.or_else(|| tokenizer.token_to_id("<|endoftext|>")) {
+        Some(id) => id,
+        None => bail!(
+            "no EOS token id: neither config.json (eos_token_id) next to the model or the tokenizer \
+             nor a `<|endoftext|>` token in {}",
+            tokenizer_path.display()
+        ),
+    };
+    Ok(TokenizerInfo {
+        tokenizer,
+        eos_token_id,
+        tokenizer_path,
+        model_dir,
+    })
+}
+
+/// A model folder's chat template: chat_template.jinja, else tokenizer_config.json.
+pub(super) fn find_chat_template(dirs: &[&Path]) -> Option<PathBuf> {
+    for d in dirs {
+        for name in ["chat_template.jinja", "tokenizer_config.json"] {
+            let p = d.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,168 @@
+//! A LoRA projection y = x W^T + s (m * x) A^T B^T (frozen W, trainable A and B, dropout mask m),
+//! as PEFT computes it, and as one node of the backprop graph on CPUs.
+//!
+//! As composite ops a projection is about ten graph nodes (reshapes, transposes, two products,
+//! scale, add), and candle's backward zero-fills and adds a gradient buffer for every node. The
+//! node computes its value with the same ops as the composite form, keeps only what its backward
+//! needs, and computes dx, dA and dB by hand.
+use super::fused;
+use super::gemm::GemmMode;
+use super::precomputed::PrecomputedValue;
+use super::products::{add_product, frozen_linear, frozen_linear_input_grad, matmul};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+
+/// The trainable branch of one projection.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraBranch<'a> {
+    /// [r, in_features]
+    pub a: &'a Tensor,
+    /// [out_features, r]
+    pub b: &'a Tensor,
+    pub scale: f64,
+}
+
+/// `x @ w^T + scale * (mask * x) @ a^T @ b^T` over the last dim of `x` (any leading dims).
+/// `mask` is the inverted-dropout mask for `x` viewed as [M, K] (None: no dropout). With `grad`,
+/// the result is attached to the graph through `a` and `b` (and `x`); without, no graph is
+/// recorded, so a pass whose result is detached anyway frees its intermediates at once.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    lora: LoraBranch<'_>,
+    mask: Option<Tensor>,
+    gemm: GemmMode,
+    grad: bool,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let m = x.elem_count() / k;
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(w.dim(0)?);
+    let x2 = x.reshape((m, k))?;
+    if grad && fused::available(x) {
+        return lora_node(x, &x2, w, lora, mask, gemm, &out_dims);
+    }
+    let (a, b) = if grad {
+        (lora.a.clone(), lora.b.clone())
+    } else {
+        (lora.a.detach(), lora.b.detach())
+    };
+    let xd = match &mask {
+        Some(mask) => apply_mask(&x2, mask)?,
+        None => x2.clone(),
+    };
+    let base = frozen_linear(&x2, w, gemm)?;
+    add_branch(base, &xd, &a, &b, lora.scale, gemm)?.reshape(out_dims)
+}
+
+/// The node form. `x` is the input as given (any leading dims), `x2` its [M, K] view: the node
+/// takes `x` itself, since every reshape node would cost its own zero-fill and add in the
+/// backward.
+fn lora_node(
+    x: &Tensor,
+    x2: &Tensor,
+    w: &Tensor,
+    lora: LoraBranch<'_>,
+    mask: Option<Tensor>,
+    gemm: GemmMode,
+    out_dims: &[usize],
+) -> Result<Tensor> {
+    let xv = x2.detach();
+    let xd = match &mask {
+        Some(mask) => apply_mask(&xv, mask)?,
+        None => xv.clone(),
+    };
+    let (a, b) = (lora.a.detach(), lora.b.detach());
+    let base = frozen_linear(&xv, w, gemm)?;
+    let y = add_branch(base, &xd, &a, &b, lora.scale, gemm)?.reshape(out_dims)?;
+    let node = LoraNode {
+        w: w.clone(),
+        gemm,
+        scale: lora.scale,
+        mask,
+        value: PrecomputedValue::new(y),
+    };
+    x.apply_op3(lora.a, lora.b, node)
+}
+
+/// base + scale * (xd A^T) B^T: the scale goes on the rank-wide factor, and the last product
+/// accumulates into `base` where it can ([`add_product`]).
+fn add_branch(
+    base: Tensor,
+    xd: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    gemm: GemmMode,
+) -> Result<Tensor> {
+    let h = matmul(xd, &a.t()?, gemm)?.affine(scale, 0.0)?;
+    add_product(base, &h, b, gemm)
+}
+
+fn apply_mask(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if fused::available(x) {
+        fused::mul_const(x, mask)
+    } else {
+        x.mul(mask)
+    }
+}
+
+/// y = x W^T + s (m * x) A^T B^T for x [M, K], A [r, K], B [N, r], frozen W and dropout mask m.
+struct LoraNode {
+    w: Tensor,
+    gemm: GemmMode,
+    scale: f64,
+    mask: Option<Tensor>,
+    value: PrecomputedValue,
+}
+
+impl CustomOp3 for LoraNode {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _lx: &Layout,
+        _a: &CpuStorage,
+        _la: &Layout,
+        _b: &CpuStorage,
+        _lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.take_cpu("lora-linear")
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Computed on [M, K] / [M, N] views; dx is returned in x's own shape.
+        let gemm = self.gemm;
+        let k = x.dim(D::Minus1)?;
+        let n = g.dim(D::Minus1)?;
+        let m = x.elem_count() / k;
+        let x_dims = x.dims().to_vec();
+        let (x, a, b) = (x.detach().reshape((m, k))?, a.detach(), b.detach());
+        let g = g.contiguous()?.reshape((m, n))?;
+        let gb = matmul(&g, &b, gemm)?; // [M, r]
+        let dxd = matmul(&gb, &a, gemm)?.affine(self.scale, 0.0)?;
+        let xd = match &self.mask {
+            Some(mask) => apply_mask(&x, mask)?,
+            None => x,
+        };
+        let dxd = match &self.mask {
+            Some(mask) => apply_mask(&dxd, mask)?,
+            None => dxd,
+        };
+        let dx = (frozen_linear_input_grad(&g, &self.w, gemm)? + dxd)?.reshape(x_dims)?;
+        let h = matmul(&xd, &a.t()?, gemm)?; // [M, r]
+        let da = matmul(&gb.t()?, &xd, gemm)?.affine(self.scale, 0.0)?;
+        let db = matmul(&g.t()?, &h, gemm)?.affine(self.scale, 0.0)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}

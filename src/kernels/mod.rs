@@ -1,0 +1,46 @@
+//! Compute kernels: the differentiable ops the network is built from where candle's own are
+//! slow or keep too much memory, each with a hand-written backward, and the GEMM backends.
+//!
+//! - [`fused`]: RMSNorm, RoPE, causal softmax, SwiGLU, masks, log-softmax + gather (CPU, f32/f64);
+//! - [`products`]: frozen-weight products (no weight gradient) and activation products, on the
+//!   fast GEMM library when one is loaded ([`gemm`]);
+//! - [`attention`] and [`lora_linear`]: causal attention and a LoRA projection as one backprop
+//!   node each;
+//! - [`checkpoint`]: activation checkpointing (recompute in the backward) and the one backward
+//!   call that collects the gradients of checkpointed pieces.
+//!
+//! The model chooses which of them run through [`KernelSettings`], which it carries.
+pub mod attention;
+pub mod checkpoint;
+pub mod fused;
+pub mod gemm;
+pub mod lora_linear;
+pub mod precomputed;
+pub mod products;
+
+pub use gemm::GemmMode;
+
+/// How a network computes; fixed when the model is built and carried by it, so that every op
+/// of a pass (and its backward) runs in the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSettings {
+    /// The fused CPU ops ([`fused`], [`attention`], [`lora_linear`]); off = candle's composite
+    /// forms (other devices and dtypes, and the reference the fused ops are tested against).
+    pub fused_ops: bool,
+    /// Keep only each decoder block's input during a gradient pass and recompute the block in
+    /// the backward ([`checkpoint`]): activation memory of one block instead of all of them.
+    pub activation_checkpointing: bool,
+    /// How the matrix products run ([`gemm`]).
+    pub gemm: GemmMode,
+}
+
+impl Default for KernelSettings {
+    /// Fused ops, no checkpointing, candle's GEMM: what every device and build supports.
+    fn default() -> Self {
+        Self {
+            fused_ops: true,
+            activation_checkpointing: false,
+            gemm: GemmMode::Candle,
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! The whole training run, top to bottom (torchtune's recipe + config split: every knob is in the
+//! config, every step of the run is here):
+//!
+//! 1. the run folder decides how the run starts (fresh, resumed, overwriting);
+//! 2. set-up: model files, data, the policy (base + LoRA; the reference is the same network with
+//!    LoRA off), loss head, optimizer, schedule, reference cache;
+//! 3. resume: weights, optimizer moments, loss-head state, data position, pooled metrics;
+//! 4. the loop: one optimizer step per group of `grad_accum` micro-batches, then log, evaluate,
+//!    checkpoint;
+//! 5. finish: the PEFT adapter, the benchmarks, plots and the model card.
+use crate::config::Config;
+use crate::data::{self, KtoExample, PreparedData};
+use crate::hub::ModelFiles;
+use crate::kernels::{gemm, KernelSettings};
+use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
+use crate::model::adapter::{read_adapter_spec, save_adapter};
+use crate::model::{load_adapted, load_llama, Llama, LoraSpec};
+use crate::train::batch::build_micro_batch;
+use crate::train::checkpoint::{self, Checkpoint, TrainState};
+use crate::train::optim::{clip_grads, global_norm, AdamW, AdamWParams, AdamWState};
+use crate::train::progress::Progress;
+use crate::train::refcache::{self, RefCache};
+use crate::train::run_dir::{MetricsWriter, RunDir};
+use crate::train::schedule::Schedule;
+use crate::train::step::{run_micro_batch, MicroBatchMode};
+use crate::train::{signals, validation, Stopped};
+use crate::util::atomic::write_json_atomic;
+use crate::util::metric_sums::MetricSums;
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub strict: bool,
+    pub quiet: bool,
+    pub verbose: bool,
+    /// Replace a finished run in the output folder.
+    pub overwrite: bool,
+    /// Continue from the newest checkpoint in the output folder.
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub output_dir: PathBuf,
+    pub adapter_dir: PathBuf,
+    pub steps: usize,
+    pub final_metrics: BTreeMap<String, f64>,
+}
+
+pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
+    let dir = RunDir::new(&cfg.output.dir);
+    let resume_from = dir.prepare(opts.resume, opts.overwrite, opts.quiet)?;
+    let mut run = Run::set_up(cfg, opts, dir)?;
+    let mut state = run.start(resume_from)?;
+    let last_metrics = run.train_loop(&mut state)?;
+    run.finish(state, last_metrics)
+}
+
+/// How many optimizer steps the run makes, and their learning rates.
+struct Plan {
+    /// Smallest micro-batch the loss can use (the KL pairs need two examples).
+    min_batch: usize,
+    total_steps: usize,
+    schedule: Schedule,
+}
+
+/// Everything a run holds between its steps.
+struct Run<'a> {
+    cfg: &'a Config,
+    opts: &'a RunOptions,
+    dir: RunDir,
+    files: ModelFiles,
+    /// Shared with the loop's micro-batches, which borrow examples while the run updates itself.
+    data: Rc<PreparedData>,
+    tokenizer: tokenizers::Tokenizer,
+    model: Llama,
+    spec: LoraSpec,
+    vars: Vec<Var>,
+    head: LossHead,
+    opt: AdamW,
+    plan: Plan,
+    refcache: Option<RefCache>,
+    metrics: Option<MetricsWriter>,
+    progress: Progress,
+    clock: Instant,
+}
+
+impl<'a> Run<'a> {
+    fn set_up(cfg: &'a Config, opts: &'a RunOptions, dir: RunDir) -> Result<Self> {
+        let dev = cfg.train.device.open()?;
+        let files = crate::hub::resolve_model(&cfg.model.name_or_path, &cfg.model.revision)?;
+        let (data, tok_info) = data::prepare_for_run(cfg, opts.strict)?;
+        if data.train.is_empty() {
+            bail!("the training split is empty: no examples survived data preparation");
+        }
+        dir.describe(&data, &cfg.to_toml())?;
+        if !opts.quiet {
+            eprintln!("{}", data.summary_text);
+        }
+        let n_d = data.train.iter().filter(|e| e.label).count();
+        if let Some(w) = weight_ratio_warning(n_d, data.train.len() - n_d, &cfg.loss) {
+            eprintln!("warning: {w}");
+        }
+        let (model, spec) = build_policy(cfg, &files, &dev)?;
+        let vars = model.lora_vars();
+        let head = LossHead::new(&cfg.loss);
+        let plan = plan(cfg, &data.train, &head)?;
+        let t = &cfg.train;
+        let adam = AdamWParams {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+            weight_decay: t.weight_decay,
+        };
+        let opt = AdamW::new(vars.clone(), adam)?;
+        let refcache = refcache::open_for_run(&t.reference_cache, dir.root(), &files, &model)?;
+        Ok(Self {
+            cfg,
+            opts,
+            dir,
+            files,
+            data: Rc::new(data),
+            tokenizer: tok_info.tokenizer,
+            model,
+            spec,
+            vars,
+            head,
+            opt,
+            plan,
+            refcache,
+            metrics: None,
+            progress: Progress::new(0, 0, true),
+            clock: Instant::now(),
+        })
+    }
+
+    /// The state to continue from: a checkpoint's, or a fresh one.
+    fn start(&mut self, resume_from: Option<PathBuf>) -> Result<TrainState> {
+        let state = match &resume_from {
+            Some(dir) => {
+                let checkpoint = checkpoint::load(dir, self.model.device())?;
+                if checkpoint.lora.len() != self.vars.len() {
+                    bail!(
+                        "{}: checkpoint has {} LoRA tensors, this config builds {}",
+                        dir.display(),
+                        checkpoint.lora.len(),
+                        self.vars.len()
+                    );
+                }
+                for (v, t) in self.vars.iter().zip(&checkpoint.lora) {
+                    v.set(t)?;
+                }
+                self.opt.restore(AdamWState {
+                    m: checkpoint.adam_m,
+                    v: checkpoint.adam_v,
+                    t: checkpoint.state.adam_t,
+                })?;
+                self.head.restore(checkpoint.state.loss_state);
+                if !self.opts.quiet {
+                    eprintln!(
+                        "resuming from {} (step {})",
+                        dir.display(),
+                        checkpoint.state.step
+                    );
+                }
+                checkpoint.state
+            }
+            None => TrainState::fresh(self.head.state()),
+        };
+        let resumed_at = resume_from.is_some().then_some(state.step);
+        self.metrics = Some(self.dir.open_metrics(resumed_at)?);
+        signals::install()?;
+        self.progress = Progress::new(self.plan.total_steps, state.step, self.opts.quiet);
+        self.clock = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_seconds);
+        Ok(state)
+    }
+
+    /// Optimizer steps until the plan's last; returns the last logged metrics.
+    fn train_loop(&mut self, state: &mut TrainState) -> Result<BTreeMap<String, f64>> {
+        let t = &self.cfg.train;
+        let mut last_metrics = BTreeMap::new();
+        let mut interval_start = Instant::now();
+        let data = self.data.clone();
+        while state.step < self.plan.total_steps {
+            let batches = epoch_batches(
+                &data.train,
+                t.batch_size,
+                t.seed,
+                state.epoch,
+                self.plan.min_batch,
+            );
+            let groups: Vec<&[Vec<&KtoExample>]> = batches.chunks(t.grad_accum).collect();
+            if state.next_group >= groups.len() {
+                state.epoch += 1;
+                state.next_group = 0;
+                continue;
+            }
+            let lr = self.plan.schedule.lr(state.step);
+            self.optimizer_step(state, groups[state.next_group], lr)?;
+            let last = state.step == self.plan.total_steps;
+            if state.step.is_multiple_of(t.log_every) || last {
+                let epoch = state.epoch as f64 + state.next_group as f64 / groups.len() as f64;
+                last_metrics = self.log_interval(state, lr, epoch, interval_start)?;
+                interval_start = Instant::now();
+            }
+            if (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || last {
+                self.validate(state)?;
+            }
+            self.checkpoint_if_due(state, last)?;
+        }
+        self.progress.finish();
+        Ok(last_metrics)
+    }
+
+    /// One optimizer step over `group`: accumulate its micro-batches' gradients, then update, or
+    /// skip a non-finite step (stopping after `max_consecutive_nonfinite` in a row).
+    fn optimizer_step(
+        &mut self,
+        state: &mut TrainState,
+        group: &[Vec<&KtoExample>],
+        lr: f64,
+    ) -> Result<()> {
+        let t = &self.cfg.train;
+        let step = state.step;
+        let mut sum: Option<Vec<Tensor>> = None;
+        let mut step_metrics = MetricSums::new();
+        for (mi, examples) in group.iter().enumerate() {
+            let batch = build_micro_batch(examples, t.max_length, self.head.needs_kl());
+            // Dropout masks are a function of (seed, pass): resumable without generator state.
+            let pass = ((step * t.grad_accum + mi) as u64) * 2;
+            let mode = MicroBatchMode::training(t.seed, pass, step as u64);
+            let out = run_micro_batch(
+                &self.model,
+                &mut self.head,
+                &batch,
+                mode,
+                self.refcache.as_mut(),
+            )?;
+            state.interval_tokens += batch.n_tokens();
+            step_metrics.merge(&out.loss.metrics);
+            // Each micro-batch loss is divided by the number of micro-batches in its step.
+            let scale = 1.0 / group.len() as f64;
+            let grads = out
+                .grads
+                .expect("a training micro-batch has gradients")
+                .into_vec();
+            sum = Some(accumulate(sum, grads, scale)?);
+        }
+        let mut grads = sum.expect("non-empty group");
+        if forced_nonfinite(step) {
+            grads[0] = (&grads[0] * f64::NAN)?;
+        }
+        let norm = global_norm(&grads)?;
+        let loss_mean = step_metrics.mean("loss").unwrap_or(f64::NAN);
+        state.step += 1;
+        state.next_group += 1;
+        if norm.is_finite() && loss_mean.is_finite() {
+            state.consecutive_nonfinite = 0;
+            clip_grads(&mut grads, norm, t.max_grad_norm)?;
+            self.opt.step(&grads, lr)?;
+            state.interval.merge(&step_metrics);
+            state.interval.add_value("grad_norm", norm);
+            return Ok(());
+        }
+        state.skipped_nonfinite += 1;
+        state.consecutive_nonfinite += 1;
+        self.progress.warn(&format!(
+            "warning: step {}: non-finite loss or gradient (loss {loss_mean}, grad norm {norm}); update skipped ({} so far)",
+            state.step, state.skipped_nonfinite
+        ));
+        if state.consecutive_nonfinite >= t.max_consecutive_nonfinite {
+            let checkpoint = self.save_checkpoint(state)?;
+            return Err(Stopped::NonFinite {
+                count: state.consecutive_nonfinite,
+                step: state.step,
+                checkpoint: checkpoint.display().to_string(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// One metrics line for the steps since the last, the progress line, and the plots.
+    fn log_interval(
+        &mut self,
+        state: &mut TrainState,
+        lr: f64,
+        epoch: f64,
+        interval_start: Instant,
+    ) -> Result<BTreeMap<String, f64>> {
+        let elapsed = interval_start.elapsed().as_secs_f64();
+        let mut m = finalize_metrics(&state.interval);
+        m.insert("learning_rate".into(), lr);
+        let tps = state.interval_tokens as f64 / elapsed.max(1e-9);
+        self.write_metrics(&serde_json::json!({
+            "step": state.step,
+            "epoch": epoch,
+            "lr": lr,
+            "loss": m.get("loss"),
+            "grad_norm": m.get("grad_norm"),
+            "tokens_per_second": tps,
+            "elapsed_seconds": self.clock.elapsed().as_secs_f64(),
+            "skipped_nonfinite": state.skipped_nonfinite,
+            "metrics": m,
+        }))?;
+        let msg = format!(
+            "loss {:.4} | {:.0} tok/s | epoch {}",
+            m.get("loss").copied().unwrap_or(f64::NAN),
+            tps,
+            state.epoch + 1
+        );
+        self.progress
+            .update(state.step, self.plan.total_steps, &msg);
+        if self.opts.verbose {
+            self.progress.println(&serde_json::to_string(&m)?);
+        }
+        // A plot failure must not stop a long run.
+        if let Err(e) = crate::report::draw_plots(self.dir.root()) {
+            self.progress
+                .warn(&format!("warning: cannot draw plots: {e:#}"));
+        }
+        state.interval.clear();
+        state.interval_tokens = 0;
+        Ok(m)
+    }
+
+    /// The validation loss; a new lowest one writes `best/`.
+    fn validate(&mut self, state: &mut TrainState) -> Result<()> {
+        let t = &self.cfg.train;
+        let eval_batch_size = t.eval_batch_size.unwrap_or(t.batch_size);
+        let Some(m) = validation::evaluate(
+            &self.model,
+            &mut self.head,
+            &self.data.validation,
+            eval_batch_size,
+            t.max_length,
+            state.step,
+            self.refcache.as_mut(),
+        )?
+        else {
+            return Ok(());
+        };
+        self.write_metrics(&serde_json::json!({
+            "step": state.step, "epoch": state.epoch as f64 + 1.0, "eval": true, "metrics": m,
+        }))?;
+        if let Some(&l) = m.get("eval_loss") {
+            if state.best_eval_loss.is_none_or(|b| l < b) {
+                state.best_eval_loss = Some(l);
+                save_adapter(
+                    &self.model,
+                    &self.spec,
+                    &self.files.name,
+                    &self.dir.best_dir(),
+                )?;
+            }
+        }
+        self.progress.println(&format!(
+            "step {}: eval_loss {:.4}",
+            state.step,
+            m.get("eval_loss").copied().unwrap_or(f64::NAN)
+        ));
+        Ok(())
+    }
+
+    /// A checkpoint every `save_every` steps, at the last step and after a signal; a signal then
+    /// stops the run.
+    fn checkpoint_if_due(&mut self, state: &mut TrainState, last: bool) -> Result<()> {
+        let save_every = self.cfg.train.save_every;
+        let signal = signals::received();
+        if !((save_every > 0 && state.step.is_multiple_of(save_every)) || last || signal.is_some())
+        {
+            return Ok(());
+        }
+        if let Some(c) = self.refcache.as_mut() {
+            c.save()?;
+        }
+        let checkpoint = self.save_checkpoint(state)?;
+        if let Some(s) = signal {
+            self.progress.finish();
+            return Err(Stopped::Interrupted {
+                signal: signals::name(s),
+                code: 128 + s,
+                step: state.step,
+                checkpoint: checkpoint.display().to_string(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn save_checkpoint(&self, state: &mut TrainState) -> Result<PathBuf> {
+        state.elapsed_seconds = self.clock.elapsed().as_secs_f64();
+        state.loss_state = self.head.state();
+        let opt = self.opt.state();
+        state.adam_t = opt.t;
+        let checkpoint = Checkpoint {
+            state: state.clone(),
+            lora: self.vars.iter().map(|v| v.as_tensor().clone()).collect(),
+            adam_m: opt.m,
+            adam_v: opt.v,
+        };
+        self.dir
+            .save_checkpoint(&checkpoint, self.cfg.train.keep_checkpoints)
+    }
+
+    fn write_metrics(&mut self, line: &serde_json::Value) -> Result<()> {
+        self.metrics
+            .as_mut()
+            .expect("the metrics log is open once the run has started")
+            .write(line)
+    }
+
+    /// The adapter in PEFT's layout, the benchmarks, the plots and the model card.
+    fn finish(
+        mut self,
+        state: TrainState,
+        last_metrics: BTreeMap<String, f64>,
+    ) -> Result<RunSummary> {
+        let quiet = self.opts.quiet;
+        if let Some(c) = self.refcache.as_mut() {
+            c.save()?;
+            if self.opts.verbose {
+                eprintln!(
+                    "reference cache {}: {} hits, {} computed",
+                    c.path().display(),
+                    c.hits,
+                    c.misses
+                );
+            }
+        }
+        let adapter_dir = self.dir.adapter_dir();
+        save_adapter(&self.model, &self.spec, &self.files.name, &adapter_dir)?;
+        if !self.cfg.eval.benchmarks.is_empty() {
+            let results =
+                crate::eval::run_benchmarks(&self.cfg.eval, &self.model, &self.tokenizer, quiet)?;
+            write_json_atomic(&self.dir.eval_results_path(), &results)?;
+        }
+        crate::report::draw_plots(self.dir.root())?;
+        crate::report::write_model_card(self.dir.root(), &adapter_dir)?;
+        if !quiet {
+            eprintln!(
+                "adapter and model card written to {}",
+                adapter_dir.display()
+            );
+        }
+        Ok(RunSummary {
+            output_dir: self.dir.root().to_path_buf(),
+            adapter_dir,
+            steps: state.step,
+            final_metrics: last_metrics,
+        })
+    }
+}
+
+/// The policy: fresh PEFT init, or the weights of `lora.init_from`, computing with the kernels
+/// the config asks for.
+pub fn build_policy(
+    cfg: &Config,
+    files: &ModelFiles,
+    dev: &candle_core::Device,
+) -> Result<(Llama, LoraSpec)> {
+    let dt = cfg.train.dtype.to_candle();
+    let (model, spec) = match &cfg.lora.init_from {
+        Some(dir) => {
+            let dir = std::path::Path::new(dir);
+            let (mut spec, _) = read_adapter_spec(dir)?;
+            spec.dropout = cfg.lora.dropout;
+            spec.seed = cfg.train.seed;
+            (load_adapted(files, dt, dev, dir, &spec)?, spec)
+        }
+        None => {
+            let spec = LoraSpec::from_config(&cfg.lora, cfg.train.seed);
+            (load_llama(files, dt, dev, Some(&spec))?, spec)
+        }
+    };
+    let kernels = KernelSettings {
+        fused_ops: true,
+        activation_checkpointing: cfg.train.activation_checkpointing,
+        gemm: gemm::resolve(cfg.train.gemm),
+    };
+    Ok((model.with_kernels(kernels)?, spec))
+}
+
+/// Steps per epoch, total steps and the learning-rate schedule.
+fn plan(cfg: &Config, train: &[KtoExample], head: &LossHead) -> Result<Plan> {
+    let t = &cfg.train;
+    let min_batch = if head.needs_kl() { 2 } else { 1 };
+    let batches_per_epoch = epoch_batches(train, t.batch_size, t.seed, 0, min_batch).len();
+    if batches_per_epoch == 0 {
+        bail!(
+            "{} training examples make no micro-batch of size {} (the KL pairs need at least 2)",
+            train.len(),
+            t.batch_size
+        );
+    }
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum);
+    let total_steps = t.max_steps.unwrap_or(steps_per_epoch * t.epochs);
+    let warmup_steps = if t.warmup_steps > 0 {
+        t.warmup_steps
+    } else {
+        (t.warmup_ratio * total_steps as f64).ceil() as usize
+    };
+    Ok(Plan {
+        min_batch,
+        total_steps,
+        schedule: Schedule {
+            kind: t.lr_schedule,
+            base_lr: t.lr,
+            warmup_steps,
+            total_steps,
+        },
+    })
+}
+
+/// Micro-batches of one epoch, in `data::epoch_order`; a trailing micro-batch too small for the
+/// KL pairs is dropped (as a DataLoader with drop_last would).
+pub fn epoch_batches(
+    examples: &[KtoExample],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+    min_batch: usize,
+) -> Vec<Vec<&KtoExample>> {
+    let order = data::epoch_order(examples, batch_size, seed, epoch);
+    order
+        .chunks(batch_size)
+        .filter(|c| c.len() >= min_batch)
+        .map(|c| c.iter().map(|&i| &examples[i]).collect())
+        .collect()
+}
+
+/// `sum + scale * grads`, elementwise over the LoRA tensors (`grads` scaled alone at first).
+fn accumulate(sum: Option<Vec<Tensor>>, grads: Vec<Tensor>, scale: f64) -> Result<Vec<Tensor>> {
+    Ok(match sum {
+        None => grads
+            .into_iter()
+            .map(|t| t * scale)
+            .collect::<candle_core::Result<_>>()?,
+        Some(a) => a
+            .iter()
+            .zip(grads)
+            .map(|(a, t)| a + (t * scale)?)
+            .collect::<candle_core::Result<_>>()?,
+    })
+}
+
+/// Test hook: `KTO_TRAIN_FAULT_NONFINITE_STEPS=2,3` poisons the gradient at those steps.
+fn forced_nonfinite(step: usize) -> bool {
+    std::env::var("KTO_TRAIN_FAULT_NONFINITE_STEPS")
+        .map(|v| {
+            v.split(',')
+                .any(|s| s.trim().parse::<usize>().ok() == Some(step))
+        })
+        .unwrap_or(false)
+}
