@@ -29,6 +29,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the kto-train binary does (src/util/alloc.rs). SAFETY: no other thread exists yet.
+    unsafe { kto_train::util::alloc::tune_for_training() };
     if std::env::args().any(|a| a == "--step") {
         return steps();
     }

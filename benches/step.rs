@@ -21,6 +21,8 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the kto-train binary does (src/util/alloc.rs). SAFETY: no other thread exists yet.
+    unsafe { kto_train::util::alloc::tune_for_training() };
     let steps = arg("--steps", 3);
     let warmup = arg("--warmup", 1);
     let (pl, cl) = (arg("--prompt", 256), arg("--completion", 256));

@@ -182,3 +182,121 @@ fn adapter_round_trips_through_our_loader() {
         );
     }
 }
+
+/// Rewrites the fixture adapter into `dir`: `key` maps each tensor name (None drops it), `value`
+/// may change each tensor, `config` the adapter_config.json.
+fn variant(
+    dir: &std::path::Path,
+    key: impl Fn(&str) -> Option<String>,
+    value: impl Fn(&str, candle_core::Tensor) -> candle_core::Tensor,
+    config: impl Fn(&mut Value),
+) {
+    use kto_train::util::safetensors_io::{serialize_pt, tensor_from_view, RawTensor};
+    let src = fixture("peft-adapter");
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = Vec::new();
+    for (name, view) in st.tensors() {
+        let Some(new_name) = key(&name) else { continue };
+        let t = tensor_from_view(&view, &candle_core::Device::Cpu).unwrap();
+        let t = value(&name, t);
+        tensors.push((new_name, RawTensor::from_tensor(&t, DType::F32).unwrap()));
+    }
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        serialize_pt(&tensors).unwrap(),
+    )
+    .unwrap();
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(src.join("adapter_config.json")).unwrap()).unwrap();
+    config(&mut cfg);
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+}
+
+/// Whether `score`/`eval` (base + adapter) and `merge` accept the adapter in `dir`, with the
+/// error each gives.
+fn accepted(dir: &std::path::Path) -> (Result<(), String>, Result<(), String>) {
+    let files = kto_train::hub::local_model_files(&fixture("tiny-llama"), "tiny-llama").unwrap();
+    let load = kto_train::model::load_with_adapter(
+        &files,
+        DType::F32,
+        &candle_core::Device::Cpu,
+        Some(dir),
+    )
+    .map(|_| ())
+    .map_err(|e| format!("{e:#}"));
+    let out = tempfile::tempdir().unwrap();
+    let merge =
+        kto_train::model::adapter::merge::merge_adapter(&files, dir, &out.path().join("merged"))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"));
+    (load, merge)
+}
+
+#[test]
+fn every_command_accepts_and_refuses_the_same_adapter_files() {
+    let d = tempfile::tempdir().unwrap();
+    let same = |name: &str| -> Option<String> { Some(name.to_string()) };
+    let keep = |_: &str, t: candle_core::Tensor| t;
+    let no_change = |_: &mut Value| {};
+    // Accepted by both: PEFT's own file, and the same with the adapter name kept in the keys.
+    let named = d.path().join("named");
+    variant(
+        &named,
+        |n| Some(n.replace(".weight", ".default.weight")),
+        keep,
+        no_change,
+    );
+    for dir in [fixture("peft-adapter"), named] {
+        let (load, merge) = accepted(&dir);
+        assert!(
+            load.is_ok() && merge.is_ok(),
+            "{}: {load:?} {merge:?}",
+            dir.display()
+        );
+    }
+    // Refused by both, each naming the problem.
+    let cases: Vec<(&str, std::path::PathBuf, &str)> = vec![
+        ("rank", d.path().join("rank"), "r = 16"),
+        ("nan", d.path().join("nan"), "NaN"),
+        ("target", d.path().join("target"), "target_modules"),
+        ("half", d.path().join("half"), "only one of lora_A / lora_B"),
+        ("foreign", d.path().join("foreign"), "not a LoRA A/B matrix"),
+    ];
+    variant(&cases[0].1, same, keep, |c| c["r"] = 16.into());
+    variant(
+        &cases[1].1,
+        same,
+        |n, t| {
+            if n.contains("layers.1.mlp.up_proj.lora_B") {
+                (t * f64::NAN).unwrap()
+            } else {
+                t
+            }
+        },
+        no_change,
+    );
+    variant(&cases[2].1, same, keep, |c| {
+        c["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"])
+    });
+    variant(
+        &cases[3].1,
+        |n| (!n.contains("layers.0.self_attn.v_proj.lora_B")).then(|| n.to_string()),
+        keep,
+        no_change,
+    );
+    variant(
+        &cases[4].1,
+        |n| Some(n.replace("lora_A", "lora_embedding_A")),
+        keep,
+        no_change,
+    );
+    for (what, dir, needle) in &cases {
+        let (load, merge) = accepted(dir);
+        for (command, r) in [("score/eval", load), ("merge", merge)] {
+            let e = r.expect_err(&format!("{what}: {command} accepted a bad adapter"));
+            assert!(e.contains(needle), "{what}, {command}: {e}");
+        }
+    }
+}

@@ -47,8 +47,6 @@ impl WorkUnit {
         rank: usize,
         checkpointing: bool,
     ) -> anyhow::Result<Self> {
-        // As the kto-train binary does at start (src/util/alloc.rs).
-        kto_train::util::alloc::tune_for_training();
         let dir = std::env::temp_dir().join("kto-train-bench-smollm2-360m");
         if !dir.join("model.safetensors").exists() {
             eprintln!(

@@ -13,7 +13,7 @@ pub enum DeviceSpec {
 
 impl DeviceSpec {
     /// Refuses a CUDA device in a build without the `cuda` feature, naming the build command.
-    pub fn check_build(self) -> anyhow::Result<()> {
+    pub(crate) fn check_build(self) -> anyhow::Result<()> {
         if let DeviceSpec::Cuda(_) = self {
             if !cfg!(feature = "cuda") {
                 anyhow::bail!(
@@ -101,7 +101,7 @@ impl GemmSetting {
     }
 
     /// Refuses a fast-library mode in a build without the `fast-gemm` feature.
-    pub fn check_build(self) -> anyhow::Result<()> {
+    pub(crate) fn check_build(self) -> anyhow::Result<()> {
         if matches!(self, GemmSetting::F32 | GemmSetting::Bf16) && !cfg!(feature = "fast-gemm") {
             anyhow::bail!(
                 "gemm = \"{}\" needs a build with the fast-gemm feature \

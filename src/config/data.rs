@@ -262,15 +262,15 @@ impl SourceConfig {
             .unwrap_or(DEFAULT_MAX_PAIRS_PER_POST)
     }
 
-    pub fn oasst_pairs(&self) -> OasstPairs {
+    pub(crate) fn oasst_pairs(&self) -> OasstPairs {
         self.pairs.unwrap_or_default()
     }
 
-    pub fn include_deleted(&self) -> bool {
+    pub(crate) fn include_deleted(&self) -> bool {
         self.include_deleted.unwrap_or(false)
     }
 
-    pub fn review_filter(&self) -> ReviewFilter {
+    pub(crate) fn review_filter(&self) -> ReviewFilter {
         self.review_result.unwrap_or_default()
     }
 
@@ -351,7 +351,7 @@ impl DataConfig {
     }
 
     /// The cap on interactions taken from `source`.
-    pub fn cap_for(&self, source: &SourceConfig) -> Option<usize> {
+    pub(crate) fn cap_for(&self, source: &SourceConfig) -> Option<usize> {
         source.max_interactions.or(self.max_interactions_per_source)
     }
 

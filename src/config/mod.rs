@@ -143,7 +143,7 @@ pub fn normalize_path(p: &Path) -> PathBuf {
 }
 
 /// `a.b.c=value`: value parsed as a TOML value (number, bool, string, array), else taken as a string.
-pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
         .split_once('=')
         .ok_or_else(|| anyhow::anyhow!("expected key=value, got `{assignment}`"))?;

@@ -51,7 +51,7 @@ pub struct RawRecord {
 }
 
 /// Expands patterns, checks each file exists and is the format its name (or `format`) says.
-pub fn preflight(files: &[PathBuf], format: FileFormat) -> Result<Vec<DataFile>> {
+pub(crate) fn preflight(files: &[PathBuf], format: FileFormat) -> Result<Vec<DataFile>> {
     let mut out = Vec::new();
     for pattern in files {
         let paths = expand(pattern)?;
@@ -281,7 +281,7 @@ fn read_all(path: &Path, gz: bool) -> Result<Vec<u8>> {
 /// All records of `file`, parsed in parallel. A line that is not JSON becomes an `Err` record
 /// (reported and skipped by the caller); a JSON array or Parquet file that cannot be read at all
 /// is an error of the whole file.
-pub fn read_records(file: &DataFile) -> Result<Vec<RawRecord>> {
+pub(crate) fn read_records(file: &DataFile) -> Result<Vec<RawRecord>> {
     let path = Arc::new(file.path.clone());
     match file.layout {
         Layout::JsonLines { gz } => {

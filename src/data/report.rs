@@ -131,7 +131,7 @@ impl Tally {
         }
     }
 
-    pub fn dropped(&mut self, reason: &'static str, n: usize) {
+    pub(crate) fn dropped(&mut self, reason: &'static str, n: usize) {
         if n > 0 {
             *self.dropped.entry(reason).or_default() += n;
         }

@@ -42,7 +42,7 @@ pub struct SplitCounts {
 }
 
 impl SplitCounts {
-    pub fn add(&mut self, other: &SplitCounts) {
+    pub(crate) fn add(&mut self, other: &SplitCounts) {
         self.interactions += other.interactions;
         self.examples += other.examples;
         self.desirable += other.desirable;
@@ -80,7 +80,7 @@ pub struct SourceSummary {
 }
 
 impl SourceSummary {
-    pub fn from_tally(name: &str, kind: &str, files: Vec<String>, tally: &Tally) -> Self {
+    pub(crate) fn from_tally(name: &str, kind: &str, files: Vec<String>, tally: &Tally) -> Self {
         SourceSummary {
             name: name.to_string(),
             kind: kind.to_string(),

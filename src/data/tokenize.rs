@@ -111,7 +111,7 @@ fn one(
 
 /// Tokenizes interactions in parallel, results in input order. Each parallel chunk keeps its own
 /// word cache (no locking); chunks are large enough for the cache to pay off.
-pub fn tokenize_all(
+pub(crate) fn tokenize_all(
     its: &[Interaction],
     r: &Renderer,
     enc: &FastEncoder,

@@ -193,7 +193,7 @@ pub fn resolve_model_in(
 /// The folder holding a model's config.json and tokenizer files, without needing its weights:
 /// a local folder, or the hub snapshot in the cache (config and tokenizer files downloaded
 /// there when missing and HF_HUB_OFFLINE is not set). Used by `kto-train data`.
-pub fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<PathBuf> {
+pub(crate) fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<PathBuf> {
     let p = Path::new(name_or_path);
     if p.is_dir() {
         return Ok(p.to_path_buf());
@@ -260,7 +260,7 @@ fn download(name: &str, repo: &hf_hub::Repo, cache_dir: &Path) -> Result<ModelFi
 
 /// A token id field of a config.json (`eos_token_id`, `bos_token_id`): an integer, or a list
 /// whose first entry is taken (Llama 3 lists several EOS ids). `file` names the source in errors.
-pub fn token_id(v: &Value, file: &Path, key: &str) -> Result<Option<u32>> {
+pub(crate) fn token_id(v: &Value, file: &Path, key: &str) -> Result<Option<u32>> {
     let id = |x: &Value| -> Result<u32> {
         x.as_u64()
             .filter(|&n| n <= u32::MAX as u64)
@@ -280,7 +280,7 @@ pub fn token_id(v: &Value, file: &Path, key: &str) -> Result<Option<u32>> {
 }
 
 /// `eos_token_id` of the config.json at `path`; None when the file does not exist or has none.
-pub fn read_eos_token_id(path: &Path) -> Result<Option<u32>> {
+pub(crate) fn read_eos_token_id(path: &Path) -> Result<Option<u32>> {
     if !path.is_file() {
         return Ok(None);
     }

@@ -15,7 +15,7 @@ pub mod checkpoint;
 pub mod fused;
 pub mod gemm;
 pub mod lora_linear;
-pub mod precomputed;
+pub(crate) mod precomputed;
 pub mod products;
 
 pub use gemm::GemmMode;

@@ -13,7 +13,7 @@ impl PrecomputedValue {
     }
 
     /// The value as an owned CPU buffer, once.
-    pub fn take_cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+    pub(crate) fn take_cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
         let value = self
             .0
             .lock()
@@ -31,7 +31,7 @@ impl PrecomputedValue {
 }
 
 /// An owned copy of the elements a contiguous layout addresses.
-pub fn owned_copy(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+pub(crate) fn owned_copy(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     fn slice<T: Clone>(v: &[T], l: &Layout) -> Result<Vec<T>> {
         match l.contiguous_offsets() {
             Some((a, b)) => Ok(v[a..b].to_vec()),

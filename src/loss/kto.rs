@@ -101,7 +101,7 @@ impl LossTerms {
 }
 
 /// Checks the shapes of a micro-batch for `cfg`.
-pub fn check_batch(s: &SequenceLogps, needs_kl: bool, needs_tokens: bool) -> Result<()> {
+pub(crate) fn check_batch(s: &SequenceLogps, needs_kl: bool, needs_tokens: bool) -> Result<()> {
     let n = s.labels.len();
     if n == 0 {
         bail!("loss head: empty micro-batch");

@@ -213,7 +213,7 @@ impl Block {
     /// [`Block::forward`] for passes that share a prompt: `prefix` holds the keys and values
     /// [B, kv_heads, ctx.offset, head_dim] of positions before this pass's tokens; `capture`
     /// receives this block's keys and values (after RoPE, detached).
-    pub fn forward_with_prefix(
+    pub(crate) fn forward_with_prefix(
         &self,
         x: &Tensor,
         pass: PassMode,

@@ -98,7 +98,7 @@ fn dropout_mask(
 }
 
 /// PEFT's fresh LoRA init: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5)), B = 0.
-pub fn init_lora(
+pub(crate) fn init_lora(
     rng: &mut ChaCha8Rng,
     in_features: usize,
     out_features: usize,

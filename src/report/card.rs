@@ -235,7 +235,6 @@ fn method(config: &Toml) -> Method {
 fn render_card(c: &CardInputs) -> String {
     let cfg = c.config;
     let m = method(cfg);
-    let enhanced = m.loss_type == "enhanced_kto";
     let base = get(cfg, "model.name_or_path")
         .and_then(Toml::as_str)
         .map(str::to_string)
@@ -246,13 +245,53 @@ fn render_card(c: &CardInputs) -> String {
                 .and_then(Json::as_str)
                 .map(str::to_string)
         });
-    let hub_base = base.as_deref().filter(|b| is_hub_id(b));
+    let mut out = String::new();
+    front_matter(&mut out, cfg, &m, base.as_deref());
+    summary(&mut out, c, &m, base.as_deref());
+    method_section(&mut out, cfg, &m);
+
+    out.push_str("\n## Training configuration\n\n");
+    training_table(&mut out, cfg, c.log);
+
+    out.push_str("\n## Dataset mix\n\n");
+    match (&c.data_summary, &c.data_summary_text) {
+        (Some(s), _) if data_table(&mut out, s) => {}
+        (_, Some(t)) => {
+            let _ = writeln!(out, "```text\n{}\n```", t.trim_end());
+        }
+        _ => out.push_str("The run folder holds no data summary.\n"),
+    }
+
+    out.push_str("\n## Final metrics\n\n");
+    metrics_table(&mut out, c.log);
+
+    if !c.plots.is_empty() {
+        out.push_str("\n## Training curves\n\n");
+        let images: Vec<String> = c
+            .plots
+            .iter()
+            .map(|(title, file)| format!("![{title}]({}{file})", c.plots_link))
+            .collect();
+        let _ = writeln!(out, "{}", images.join("\n\n"));
+    }
+
+    if let Some(e) = &c.eval_results {
+        let mut t = String::new();
+        if eval_table(&mut t, e) {
+            out.push_str("\n## Evaluation\n\n");
+            out.push_str(&t);
+        }
+    }
+    usage(&mut out, base.as_deref(), &c.adapter_path);
+    out
+}
+
+/// The YAML header the Hub reads: base model, library, license, tags.
+fn front_matter(out: &mut String, cfg: &Toml, m: &Method, base: Option<&str>) {
+    let hub_base = base.filter(|b| is_hub_id(b));
     let license = ["model.license", "card.license", "output.license"]
         .iter()
         .find_map(|k| get(cfg, k).and_then(Toml::as_str));
-
-    let mut out = String::new();
-    // ---- front matter ----
     out.push_str("---\n");
     if let Some(b) = hub_base {
         let _ = writeln!(out, "base_model: {}", yaml_str(b));
@@ -263,7 +302,7 @@ fn render_card(c: &CardInputs) -> String {
     }
     out.push_str("pipeline_tag: text-generation\ntags:\n");
     let mut tags = vec!["kto".to_string()];
-    if enhanced {
+    if m.loss_type == "enhanced_kto" {
         tags.push("enhanced-kto".to_string());
     }
     if m.loss_type == "apo_zero_unpaired" {
@@ -277,9 +316,12 @@ fn render_card(c: &CardInputs) -> String {
         let _ = writeln!(out, "- {}", yaml_str(t));
     }
     out.push_str("---\n\n");
+}
 
-    // ---- title and summary ----
-    let base_text = base.as_deref().unwrap_or("(not recorded)");
+/// Title and the summary list: base model, method, adapter format, training length.
+fn summary(out: &mut String, c: &CardInputs, m: &Method, base: Option<&str>) {
+    let cfg = c.config;
+    let base_text = base.unwrap_or("(not recorded)");
     let _ = writeln!(
         out,
         "# {}: {} LoRA adapter for {}\n",
@@ -292,7 +334,7 @@ fn render_card(c: &CardInputs) -> String {
     if let Some(r) = revision {
         let _ = write!(out, " (revision `{r}`)");
     }
-    if base.is_some() && hub_base.is_none() {
+    if base.is_some_and(|b| !is_hub_id(b)) {
         out.push_str(" (a local folder)");
     }
     out.push('\n');
@@ -322,8 +364,10 @@ fn render_card(c: &CardInputs) -> String {
         );
     }
     out.push('\n');
+}
 
-    // ---- method ----
+/// What the loss is, and the table of Enhanced KTO components.
+fn method_section(out: &mut String, cfg: &Toml, m: &Method) {
     out.push_str("## Method\n\n");
     match m.loss_type.as_str() {
         "enhanced_kto" => out.push_str(
@@ -342,46 +386,12 @@ fn render_card(c: &CardInputs) -> String {
              Enhanced KTO components below are not part of this loss.\n\n",
         ),
     }
-    component_table(&mut out, cfg, enhanced);
+    component_table(out, cfg, m.loss_type == "enhanced_kto");
+}
 
-    // ---- training configuration ----
-    out.push_str("\n## Training configuration\n\n");
-    training_table(&mut out, cfg, c.log);
-
-    // ---- data ----
-    out.push_str("\n## Dataset mix\n\n");
-    match (&c.data_summary, &c.data_summary_text) {
-        (Some(s), _) if data_table(&mut out, s) => {}
-        (_, Some(t)) => {
-            let _ = writeln!(out, "```text\n{}\n```", t.trim_end());
-        }
-        _ => out.push_str("The run folder holds no data summary.\n"),
-    }
-
-    // ---- metrics ----
-    out.push_str("\n## Final metrics\n\n");
-    metrics_table(&mut out, c.log);
-
-    if !c.plots.is_empty() {
-        out.push_str("\n## Training curves\n\n");
-        let images: Vec<String> = c
-            .plots
-            .iter()
-            .map(|(title, file)| format!("![{title}]({}{file})", c.plots_link))
-            .collect();
-        let _ = writeln!(out, "{}", images.join("\n\n"));
-    }
-
-    if let Some(e) = &c.eval_results {
-        let mut t = String::new();
-        if eval_table(&mut t, e) {
-            out.push_str("\n## Evaluation\n\n");
-            out.push_str(&t);
-        }
-    }
-
-    // ---- usage ----
-    let py_base = base.as_deref().unwrap_or("BASE_MODEL");
+/// How to load the adapter with PEFT.
+fn usage(out: &mut String, base: Option<&str>, adapter_path: &str) {
+    let py_base = base.unwrap_or("BASE_MODEL");
     out.push_str("\n## Usage\n\n```python\n");
     out.push_str("from peft import PeftModel\n");
     out.push_str("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n");
@@ -398,7 +408,7 @@ fn render_card(c: &CardInputs) -> String {
     let _ = writeln!(
         out,
         "model = PeftModel.from_pretrained(base, {})  # or the adapter's Hub id",
-        py_str(&c.adapter_path)
+        py_str(adapter_path)
     );
     out.push_str("```\n");
     let _ = writeln!(
@@ -406,7 +416,6 @@ fn render_card(c: &CardInputs) -> String {
         "\nTrained with kto-train {}; the run's resolved configuration is its `config.toml`.",
         env!("CARGO_PKG_VERSION")
     );
-    out
 }
 
 fn py_str(s: &str) -> String {

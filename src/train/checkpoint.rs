@@ -32,7 +32,7 @@ pub struct TrainState {
 
 impl TrainState {
     /// The state before the first step, with the loss head's initial state.
-    pub fn fresh(loss_state: LossState) -> Self {
+    pub(crate) fn fresh(loss_state: LossState) -> Self {
         Self {
             step: 0,
             epoch: 0,

@@ -114,7 +114,7 @@ impl AdamW {
 }
 
 /// Global L2 norm of a set of gradients (f64 accumulation).
-pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+pub(crate) fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut s = 0.0;
     for g in grads {
         s += g
@@ -127,7 +127,7 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
 }
 
 /// torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
-pub fn clip_grads(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
+pub(crate) fn clip_grads(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {

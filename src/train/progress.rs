@@ -7,7 +7,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(total: usize, done: usize, quiet: bool) -> Self {
+    pub(crate) fn new(total: usize, done: usize, quiet: bool) -> Self {
         use std::io::IsTerminal;
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let b = indicatif::ProgressBar::new(total as u64);
@@ -23,7 +23,7 @@ impl Progress {
         Self { bar, quiet }
     }
 
-    pub fn update(&self, step: usize, total: usize, msg: &str) {
+    pub(crate) fn update(&self, step: usize, total: usize, msg: &str) {
         match &self.bar {
             Some(b) => {
                 b.set_position(step as u64);
@@ -34,7 +34,7 @@ impl Progress {
         }
     }
 
-    pub fn println(&self, msg: &str) {
+    pub(crate) fn println(&self, msg: &str) {
         match &self.bar {
             Some(b) => b.println(msg),
             None if !self.quiet => eprintln!("{msg}"),
@@ -43,14 +43,14 @@ impl Progress {
     }
 
     /// Printed even with --quiet.
-    pub fn warn(&self, msg: &str) {
+    pub(crate) fn warn(&self, msg: &str) {
         match &self.bar {
             Some(b) => b.println(msg),
             None => eprintln!("{msg}"),
         }
     }
 
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish();
         }

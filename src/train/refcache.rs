@@ -68,7 +68,7 @@ pub fn network_key(files: &[&Path], compute: &str) -> Result<u128> {
 /// The cache of a run's reference network (None with `reference_cache = "off"`): in
 /// `$KTO_TRAIN_CACHE_DIR` or a `.kto-train-cache` folder beside the output folder with `auto`, so
 /// that sibling runs share it.
-pub fn open_for_run(
+pub(crate) fn open_for_run(
     setting: &ReferenceCache,
     output_dir: &Path,
     files: &ModelFiles,

@@ -19,38 +19,38 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    pub fn new(root: &Path) -> Self {
+    pub(crate) fn new(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
         }
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn adapter_dir(&self) -> PathBuf {
+    pub(crate) fn adapter_dir(&self) -> PathBuf {
         self.root.join("adapter")
     }
 
-    pub fn best_dir(&self) -> PathBuf {
+    pub(crate) fn best_dir(&self) -> PathBuf {
         self.root.join("best")
     }
 
-    pub fn checkpoints_dir(&self) -> PathBuf {
+    pub(crate) fn checkpoints_dir(&self) -> PathBuf {
         self.root.join("checkpoints")
     }
 
-    pub fn metrics_path(&self) -> PathBuf {
+    pub(crate) fn metrics_path(&self) -> PathBuf {
         self.root.join("metrics.jsonl")
     }
 
-    pub fn eval_results_path(&self) -> PathBuf {
+    pub(crate) fn eval_results_path(&self) -> PathBuf {
         self.root.join("eval_results.json")
     }
 
     /// Whether a run finished here (its final adapter was written).
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.root.join(FINISHED_MARK).exists()
     }
 
@@ -58,7 +58,12 @@ impl RunDir {
     /// returns the newest checkpoint with `resume` (None when there is none yet: a run killed
     /// before its first checkpoint loses nothing by starting over); clears the old adapter
     /// (`overwrite`) and, for a fresh start, old checkpoints.
-    pub fn prepare(&self, resume: bool, overwrite: bool, quiet: bool) -> Result<Option<PathBuf>> {
+    pub(crate) fn prepare(
+        &self,
+        resume: bool,
+        overwrite: bool,
+        quiet: bool,
+    ) -> Result<Option<PathBuf>> {
         let finished = self.is_finished();
         if finished && !overwrite {
             bail!(
@@ -92,7 +97,11 @@ impl RunDir {
 
     /// Creates the folder and writes the run's description: the data summary and the resolved
     /// config.
-    pub fn describe(&self, data: &crate::data::PreparedData, config_toml: &str) -> Result<()> {
+    pub(crate) fn describe(
+        &self,
+        data: &crate::data::PreparedData,
+        config_toml: &str,
+    ) -> Result<()> {
         std::fs::create_dir_all(&self.root)
             .with_context(|| format!("cannot create output folder {}", self.root.display()))?;
         crate::data::write_summary(&self.root, data)?;
@@ -101,7 +110,7 @@ impl RunDir {
 
     /// The metrics log, opened for appending: emptied for a fresh run, cut back to the lines up
     /// to `resumed_at` for a resumed one (the lines it will not write again).
-    pub fn open_metrics(&self, resumed_at: Option<usize>) -> Result<MetricsWriter> {
+    pub(crate) fn open_metrics(&self, resumed_at: Option<usize>) -> Result<MetricsWriter> {
         let path = self.metrics_path();
         match resumed_at {
             Some(step) => truncate_metrics(&path, step)?,
@@ -115,7 +124,7 @@ impl RunDir {
     }
 
     /// Writes a checkpoint, keeping the newest `keep`.
-    pub fn save_checkpoint(&self, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
+    pub(crate) fn save_checkpoint(&self, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
         checkpoint::save(&self.checkpoints_dir(), ck, keep)
     }
 }
@@ -128,7 +137,7 @@ pub struct MetricsWriter {
 impl MetricsWriter {
     /// One write per line, so a reader never sees a line cut in the middle (only, at worst, a
     /// last line still being written).
-    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+    pub(crate) fn write(&mut self, v: &serde_json::Value) -> Result<()> {
         self.file.write_all(format!("{v}\n").as_bytes())?;
         self.file.flush()?;
         Ok(())

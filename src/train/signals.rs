@@ -13,7 +13,7 @@ struct Flags {
 static FLAGS: OnceLock<Flags> = OnceLock::new();
 
 /// Installs the handlers (once per process).
-pub fn install() -> anyhow::Result<()> {
+pub(crate) fn install() -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     use signal_hook::flag;
     let mut result = Ok(());
@@ -40,7 +40,7 @@ pub fn install() -> anyhow::Result<()> {
 }
 
 /// The signal received so far, if any.
-pub fn received() -> Option<i32> {
+pub(crate) fn received() -> Option<i32> {
     let f = FLAGS.get()?;
     if f.received.load(Ordering::SeqCst) {
         Some(f.which.load(Ordering::SeqCst) as i32)
@@ -49,7 +49,7 @@ pub fn received() -> Option<i32> {
     }
 }
 
-pub fn name(sig: i32) -> &'static str {
+pub(crate) fn name(sig: i32) -> &'static str {
     match sig {
         signal_hook::consts::SIGINT => "SIGINT",
         signal_hook::consts::SIGTERM => "SIGTERM",

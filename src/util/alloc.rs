@@ -12,10 +12,14 @@
 /// Environment variable that turns the tuning off (`KTO_TRAIN_MALLOC=default`).
 pub const MALLOC_ENV: &str = "KTO_TRAIN_MALLOC";
 
-/// Applies the settings once, before the first large allocation. Does nothing when the user
-/// already tunes malloc (`GLIBC_TUNABLES`, `MALLOC_*` variables), when `KTO_TRAIN_MALLOC=default`,
-/// or off glibc. Returns whether the settings were applied.
-pub fn tune_for_training() -> bool {
+/// Applies the settings, before the first large allocation. Does nothing when the user already
+/// tunes malloc (`GLIBC_TUNABLES`, `MALLOC_*` variables), when `KTO_TRAIN_MALLOC=default`, or off
+/// glibc. Returns whether the settings were applied.
+///
+/// # Safety
+/// Call it before any other thread of the process exists: glibc documents `mallopt` as
+/// MT-Unsafe (it may initialize the allocator while another thread allocates).
+pub unsafe fn tune_for_training() -> bool {
     if std::env::var(MALLOC_ENV).is_ok_and(|v| v == "default") {
         return false;
     }
@@ -26,12 +30,16 @@ pub fn tune_for_training() -> bool {
     if user_tuned {
         return false;
     }
-    apply()
+    // SAFETY: passed on from this function's contract (no other thread exists).
+    unsafe { apply() }
 }
 
+/// # Safety
+/// As [`tune_for_training`]: no other thread exists.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn apply() -> bool {
-    // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
+unsafe fn apply() -> bool {
+    // SAFETY: mallopt takes plain integers; the caller guarantees that no other thread can be
+    // allocating while the allocator's parameters (and, on first use, the allocator) are set.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0) == 1
             // -1 disables trimming altogether (mallopt(3)).
@@ -41,6 +49,6 @@ fn apply() -> bool {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn apply() -> bool {
+unsafe fn apply() -> bool {
     false
 }

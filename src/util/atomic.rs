@@ -13,7 +13,7 @@ fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// fsync a folder so that a rename inside it is durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let d = std::fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
     d.sync_all().ok();
     Ok(())

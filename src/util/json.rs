@@ -2,7 +2,7 @@
 use serde_json::Value;
 
 /// "a string", "an object", ...: for messages that say what was found instead.
-pub fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

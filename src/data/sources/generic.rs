@@ -70,7 +70,10 @@ fn implicit_prompt(chosen: Turns, rejected: Turns) -> Result<(Turns, Turns, Turn
     }
 }
 
-pub fn load_preference(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec<Interaction>> {
+pub(crate) fn load_preference(
+    records: Vec<RawRecord>,
+    tally: &mut Tally,
+) -> Result<Vec<Interaction>> {
     let mut group = ByPrompt::default();
     for rec in records {
         tally.records_read += 1;
@@ -119,7 +122,10 @@ pub fn load_preference(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec
     Ok(group.list)
 }
 
-pub fn load_unpaired(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec<Interaction>> {
+pub(crate) fn load_unpaired(
+    records: Vec<RawRecord>,
+    tally: &mut Tally,
+) -> Result<Vec<Interaction>> {
     let mut group = ByPrompt::default();
     for rec in records {
         tally.records_read += 1;

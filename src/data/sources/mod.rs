@@ -43,7 +43,7 @@ pub struct ByPrompt {
 }
 
 impl ByPrompt {
-    pub fn add(&mut self, prompt: Turns, items: Vec<Item>, pairs: usize, loc: &Loc) {
+    pub(crate) fn add(&mut self, prompt: Turns, items: Vec<Item>, pairs: usize, loc: &Loc) {
         if items.is_empty() {
             return;
         }
@@ -86,7 +86,7 @@ impl Bad {
     }
 }
 
-pub use crate::util::json::type_name;
+pub(crate) use crate::util::json::type_name;
 
 /// The record as a JSON object, or the bad-record report for a line that is not one.
 pub fn object(rec: &RawRecord) -> std::result::Result<&Map<String, Value>, Bad> {
@@ -114,7 +114,11 @@ pub fn join(prefix: &str, key: &str) -> String {
     }
 }
 
-pub fn str_field<'a>(obj: &'a Map<String, Value>, prefix: &str, key: &str) -> Result<&'a str, Bad> {
+pub(crate) fn str_field<'a>(
+    obj: &'a Map<String, Value>,
+    prefix: &str,
+    key: &str,
+) -> Result<&'a str, Bad> {
     match field(obj, prefix, key)? {
         Value::String(s) => Ok(s),
         v => Err(Bad::new(
@@ -131,7 +135,7 @@ pub fn opt<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 }
 
 /// A string or a list of `{role, content}` messages (TRL's standard and conversational formats).
-pub fn turns(v: &Value, field: &str) -> Result<Turns, Bad> {
+pub(crate) fn turns(v: &Value, field: &str) -> Result<Turns, Bad> {
     match v {
         Value::String(s) => Ok(Turns::Text(s.clone())),
         Value::Array(list) => {
@@ -175,7 +179,7 @@ pub fn turns(v: &Value, field: &str) -> Result<Turns, Bad> {
     }
 }
 
-pub fn is_blank(t: &Turns) -> bool {
+pub(crate) fn is_blank(t: &Turns) -> bool {
     match t {
         Turns::Text(s) | Turns::Dialogue(s) => s.trim().is_empty(),
         Turns::Messages(m) => m.iter().all(|m| m.content.trim().is_empty()),

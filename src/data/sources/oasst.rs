@@ -228,6 +228,41 @@ pub fn load(
         include_deleted: src.include_deleted(),
         review: src.review_filter(),
     };
+    let (nodes, bad_ids) = read_nodes(records, &filters, tally)?;
+    let tree = Tree::new(&nodes, tally)?;
+    let state = tree.usable(&bad_ids, tally);
+    let mut children: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, st) in state.iter().enumerate() {
+        if *st == State::Usable {
+            if let Some(Some(p)) = tree.parent_of(i) {
+                children.entry(p).or_default().push(i);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (p, node) in nodes.iter().enumerate() {
+        if node.assistant || state[p] != State::Usable {
+            continue;
+        }
+        let replies = children.get(&p).map(Vec::as_slice).unwrap_or_default();
+        let mut pairs = ranked_pairs(&nodes, replies, src.oasst_pairs());
+        let before = pairs.len();
+        pairs.retain(|&(a, b)| nodes[a].text != nodes[b].text);
+        tally.filtered(filter::IDENTICAL_COMPLETIONS, before - pairs.len());
+        if !pairs.is_empty() {
+            out.push(tree.interaction(p, &pairs));
+        }
+    }
+    Ok(out)
+}
+
+/// Every message of the records (flat rows, or trees flattened), and the ids of messages that
+/// were themselves bad records (their replies are counted as ancestor_skipped, not as orphans).
+fn read_nodes(
+    records: Vec<RawRecord>,
+    filters: &Filters,
+    tally: &mut Tally,
+) -> Result<(Vec<Node>, std::collections::HashSet<String>)> {
     let mut nodes: Vec<Node> = Vec::new();
     let mut bad_ids: std::collections::HashSet<String> = Default::default();
     for rec in records {
@@ -245,7 +280,7 @@ pub fn load(
             .filter(|_| !obj.contains_key("message_id"))
         {
             match prompt {
-                Value::Object(p) => parse_tree(p, &filters, loc, &mut nodes, tally)?,
+                Value::Object(p) => parse_tree(p, filters, loc, &mut nodes, tally)?,
                 v => Bad::new(
                     "prompt",
                     reason::WRONG_TYPE,
@@ -255,10 +290,9 @@ pub fn load(
             }
             continue;
         }
-        match parse_node(obj, "", None, true, &filters, loc) {
+        match parse_node(obj, "", None, true, filters, loc) {
             Ok(n) => nodes.push(n),
             Err(b) => {
-                // Its replies are then counted as ancestor_skipped, not as orphans.
                 if let Some(Value::String(id)) = obj.get("message_id") {
                     bad_ids.insert(id.clone());
                 }
@@ -266,159 +300,138 @@ pub fn load(
             }
         }
     }
+    Ok((nodes, bad_ids))
+}
 
-    let mut by_id: HashMap<&str, usize> = HashMap::with_capacity(nodes.len());
-    let mut duplicate = vec![false; nodes.len()];
-    for (i, n) in nodes.iter().enumerate() {
-        if by_id.contains_key(n.id.as_str()) {
-            duplicate[i] = true;
-        } else {
-            by_id.insert(&n.id, i);
-        }
-    }
-    for (i, n) in nodes.iter().enumerate() {
-        if duplicate[i] {
-            Bad::new(
-                join(&n.path, "message_id"),
-                reason::BAD_VALUE,
-                format!(
-                    "message_id {} appears twice; the later one is skipped",
-                    n.id
-                ),
-            )
-            .report(tally, &n.loc)?;
-        }
-    }
+/// The messages linked by their parent ids; a repeated message_id is reported, and its later
+/// occurrences take no part.
+struct Tree<'a> {
+    nodes: &'a [Node],
+    by_id: HashMap<&'a str, usize>,
+    duplicate: Vec<bool>,
+}
 
-    // Whether each message's whole path to the root is present and passes the filters; each
-    // left-out message is counted once, under its first reason.
-    let mut state = vec![State::Unknown; nodes.len()];
-    let parent_of = |i: usize| nodes[i].parent.as_deref().map(|p| by_id.get(p).copied());
-    for start in 0..nodes.len() {
-        if duplicate[start] || state[start] != State::Unknown {
-            continue;
-        }
-        let mut chain = vec![start];
-        state[start] = State::Visiting;
-        // Walk up until a message whose state is known (or a root / a missing parent).
-        let verdict = loop {
-            let i = *chain.last().unwrap();
-            // An absent parent is checked before the filters: a message that cannot be placed
-            // in its tree is counted as such even when a filter would also leave it out.
-            let parent = parent_of(i);
-            if parent == Some(None) {
-                let why = if bad_ids.contains(nodes[i].parent.as_deref().unwrap_or("")) {
-                    filter::ANCESTOR_SKIPPED
-                } else {
-                    filter::MISSING_PARENT
-                };
-                break (i, Some(why));
-            }
-            if let Some(r) = nodes[i].own_filter {
-                break (i, Some(r));
-            }
-            match parent {
-                None => break (i, None),
-                Some(None) => unreachable!("handled above"),
-                Some(Some(p)) => match state[p] {
-                    State::Usable => break (i, None),
-                    State::Skipped => break (i, Some(filter::ANCESTOR_SKIPPED)),
-                    // A cycle in parent links cannot reach a root.
-                    State::Visiting => break (i, Some(filter::MISSING_PARENT)),
-                    State::Unknown => {
-                        state[p] = State::Visiting;
-                        chain.push(p);
-                    }
-                },
-            }
-        };
-        // The top of the chain gets its own verdict; everything below it inherits it.
-        let (top, why) = verdict;
-        for &i in &chain {
-            state[i] = if why.is_some() {
-                State::Skipped
+impl<'a> Tree<'a> {
+    fn new(nodes: &'a [Node], tally: &mut Tally) -> Result<Self> {
+        let mut by_id: HashMap<&str, usize> = HashMap::with_capacity(nodes.len());
+        let mut duplicate = vec![false; nodes.len()];
+        for (i, n) in nodes.iter().enumerate() {
+            if by_id.contains_key(n.id.as_str()) {
+                duplicate[i] = true;
             } else {
-                State::Usable
+                by_id.insert(&n.id, i);
+            }
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            if duplicate[i] {
+                Bad::new(
+                    join(&n.path, "message_id"),
+                    reason::BAD_VALUE,
+                    format!(
+                        "message_id {} appears twice; the later one is skipped",
+                        n.id
+                    ),
+                )
+                .report(tally, &n.loc)?;
+            }
+        }
+        Ok(Self {
+            nodes,
+            by_id,
+            duplicate,
+        })
+    }
+
+    /// None for a root; Some(None) when the parent id names no message.
+    fn parent_of(&self, i: usize) -> Option<Option<usize>> {
+        self.nodes[i]
+            .parent
+            .as_deref()
+            .map(|p| self.by_id.get(p).copied())
+    }
+
+    /// Whether each message's whole path to the root is present and passes the filters; each
+    /// left-out message is counted once, under its first reason.
+    fn usable(&self, bad_ids: &std::collections::HashSet<String>, tally: &mut Tally) -> Vec<State> {
+        let nodes = self.nodes;
+        let mut state = vec![State::Unknown; nodes.len()];
+        for start in 0..nodes.len() {
+            if self.duplicate[start] || state[start] != State::Unknown {
+                continue;
+            }
+            let mut chain = vec![start];
+            state[start] = State::Visiting;
+            // Walk up until a message whose state is known (or a root / a missing parent).
+            let (top, why) = loop {
+                let i = *chain.last().unwrap();
+                // An absent parent is checked before the filters: a message that cannot be
+                // placed in its tree is counted as such even when a filter would also leave it
+                // out.
+                let parent = self.parent_of(i);
+                if parent == Some(None) {
+                    let why = if bad_ids.contains(nodes[i].parent.as_deref().unwrap_or("")) {
+                        filter::ANCESTOR_SKIPPED
+                    } else {
+                        filter::MISSING_PARENT
+                    };
+                    break (i, Some(why));
+                }
+                if let Some(r) = nodes[i].own_filter {
+                    break (i, Some(r));
+                }
+                match parent {
+                    None => break (i, None),
+                    Some(None) => unreachable!("handled above"),
+                    Some(Some(p)) => match state[p] {
+                        State::Usable => break (i, None),
+                        State::Skipped => break (i, Some(filter::ANCESTOR_SKIPPED)),
+                        // A cycle in parent links cannot reach a root.
+                        State::Visiting => break (i, Some(filter::MISSING_PARENT)),
+                        State::Unknown => {
+                            state[p] = State::Visiting;
+                            chain.push(p);
+                        }
+                    },
+                }
             };
-            if let Some(r) = why {
-                tally.filtered(
-                    if i == top {
+            // The top of the chain gets its own verdict; everything below it inherits it.
+            for &i in &chain {
+                state[i] = if why.is_some() {
+                    State::Skipped
+                } else {
+                    State::Usable
+                };
+                if let Some(r) = why {
+                    let r = if i == top {
                         r
                     } else {
                         filter::ANCESTOR_SKIPPED
-                    },
-                    1,
-                );
-            }
-        }
-    }
-
-    let mut children: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, st) in state.iter().enumerate() {
-        if *st == State::Usable {
-            if let Some(Some(p)) = parent_of(i) {
-                children.entry(p).or_default().push(i);
-            }
-        }
-    }
-
-    let mode = src.oasst_pairs();
-    let mut out = Vec::new();
-    for (p, node) in nodes.iter().enumerate() {
-        if node.assistant || state[p] != State::Usable {
-            continue;
-        }
-        let mut ranked: Vec<usize> = children
-            .get(&p)
-            .map(|c| {
-                c.iter()
-                    .copied()
-                    .filter(|&c| nodes[c].assistant && nodes[c].rank.is_some())
-                    .collect()
-            })
-            .unwrap_or_default();
-        // Stable: equal ranks keep file order.
-        ranked.sort_by_key(|&c| nodes[c].rank);
-        let rank = |c: usize| nodes[c].rank.unwrap();
-        let mut pairs: Vec<(usize, usize)> = Vec::new();
-        if let (Some(&first), Some(&last)) = (ranked.first(), ranked.last()) {
-            let (best, worst) = (rank(first), rank(last));
-            for (x, &a) in ranked.iter().enumerate() {
-                for &b in &ranked[x + 1..] {
-                    let keep = rank(a) < rank(b)
-                        && match mode {
-                            OasstPairs::All => true,
-                            OasstPairs::BestVsRest => rank(a) == best,
-                            OasstPairs::BestVsWorst => rank(a) == best && rank(b) == worst,
-                        };
-                    if keep {
-                        pairs.push((a, b));
-                    }
+                    };
+                    tally.filtered(r, 1);
                 }
             }
         }
-        let before = pairs.len();
-        pairs.retain(|&(a, b)| nodes[a].text != nodes[b].text);
-        tally.filtered(filter::IDENTICAL_COMPLETIONS, before - pairs.len());
-        if pairs.is_empty() {
-            continue;
-        }
+        state
+    }
+
+    /// The interaction of prompter message `p`: the conversation from the root to it, and the
+    /// pairs of its replies (better one desirable).
+    fn interaction(&self, p: usize, pairs: &[(usize, usize)]) -> Interaction {
+        let nodes = self.nodes;
         let mut path = vec![p];
-        while let Some(Some(q)) = parent_of(*path.last().unwrap()) {
+        while let Some(Some(q)) = self.parent_of(*path.last().unwrap()) {
             path.push(q);
         }
         let prompt: Vec<Msg> = path
             .iter()
             .rev()
             .map(|&i| {
-                Msg::new(
-                    if nodes[i].assistant {
-                        "assistant"
-                    } else {
-                        "user"
-                    },
-                    nodes[i].text.clone(),
-                )
+                let role = if nodes[i].assistant {
+                    "assistant"
+                } else {
+                    "user"
+                };
+                Msg::new(role, nodes[i].text.clone())
             })
             .collect();
         let item = |c: usize, label: bool| Item {
@@ -431,12 +444,41 @@ pub fn load(
             .iter()
             .flat_map(|&(a, b)| [item(a, true), item(b, false)])
             .collect();
-        out.push(Interaction {
+        Interaction {
             prompt: Turns::Messages(prompt),
             items,
             pairs: pairs.len(),
-            loc: node.loc.clone(),
-        });
+            loc: nodes[p].loc.clone(),
+        }
     }
-    Ok(out)
+}
+
+/// (better, worse) reply pairs by rank (rank 0 is best), as `mode` selects them.
+fn ranked_pairs(nodes: &[Node], replies: &[usize], mode: OasstPairs) -> Vec<(usize, usize)> {
+    let mut ranked: Vec<usize> = replies
+        .iter()
+        .copied()
+        .filter(|&c| nodes[c].assistant && nodes[c].rank.is_some())
+        .collect();
+    // Stable: equal ranks keep file order.
+    ranked.sort_by_key(|&c| nodes[c].rank);
+    let rank = |c: usize| nodes[c].rank.unwrap();
+    let mut pairs: Vec<(usize, usize)> = Vec::new();
+    if let (Some(&first), Some(&last)) = (ranked.first(), ranked.last()) {
+        let (best, worst) = (rank(first), rank(last));
+        for (x, &a) in ranked.iter().enumerate() {
+            for &b in &ranked[x + 1..] {
+                let keep = rank(a) < rank(b)
+                    && match mode {
+                        OasstPairs::All => true,
+                        OasstPairs::BestVsRest => rank(a) == best,
+                        OasstPairs::BestVsWorst => rank(a) == best && rank(b) == worst,
+                    };
+                if keep {
+                    pairs.push((a, b));
+                }
+            }
+        }
+    }
+    pairs
 }

@@ -161,7 +161,7 @@ pub fn load_docs(path: &Path) -> Result<Vec<HellaswagDoc>> {
 }
 
 /// Scored items: each question preceded by `shots` examples drawn from `fewshot` (seeded).
-pub fn build_items(
+pub(crate) fn build_items(
     docs: &[HellaswagDoc],
     fewshot: &[HellaswagDoc],
     shots: usize,

@@ -36,7 +36,7 @@ impl MmluDoc {
 }
 
 /// The harness's per-subject description.
-pub fn description(subject: &str) -> String {
+pub(crate) fn description(subject: &str) -> String {
     format!(
         "The following are multiple choice questions (with answers) about {}.\n\n",
         subject.replace('_', " ")
@@ -50,84 +50,64 @@ pub struct CsvRecord {
     pub fields: Vec<String>,
 }
 
-/// RFC 4180 CSV (quoted fields may hold commas, `""` and line breaks; LF or CRLF); blank lines
-/// are skipped, as Python's csv reader yields nothing for them. Errors give the line.
+/// RFC 4180 CSV (quoted fields may hold commas, `""` and line breaks; LF or CRLF), read with the
+/// `csv` crate as Python's csv reader reads it: blank lines are skipped, records may have any
+/// number of fields. Errors give the line. The crate accepts a quoted field that is never closed
+/// (it runs to the end of the file); that is refused here, since the question it swallowed would
+/// be lost silently.
 pub fn parse_csv(text: &str) -> std::result::Result<Vec<CsvRecord>, (usize, String)> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    // The crate's own line count advances once per record, not per line break inside quotes:
+    // lines come from the byte offsets instead.
+    let line_at = |byte: usize| {
+        1 + text.as_bytes()[..byte]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    };
     let mut records = Vec::new();
-    let mut fields: Vec<String> = Vec::new();
-    let mut field = String::new();
-    let mut line = 1;
-    let mut record_line = 1;
-    let mut chars = text.chars().peekable();
-    let mut at_field_start = true;
-    let end_record =
-        |fields: &mut Vec<String>, field: &mut String, records: &mut Vec<CsvRecord>, rl| {
-            fields.push(std::mem::take(field));
-            let f = std::mem::take(fields);
-            if !(f.len() == 1 && f[0].is_empty()) {
-                records.push(CsvRecord {
-                    line: rl,
-                    fields: f,
-                });
-            }
-        };
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if at_field_start => {
-                let start = line;
-                loop {
-                    match chars.next() {
-                        None => {
-                            return Err((
-                                start,
-                                "unterminated quoted field (a `\"` is never closed)".to_string(),
-                            ))
-                        }
-                        Some('"') if chars.peek() == Some(&'"') => {
-                            chars.next();
-                            field.push('"');
-                        }
-                        Some('"') => break,
-                        Some(ch) => {
-                            if ch == '\n' {
-                                line += 1;
-                            }
-                            field.push(ch);
-                        }
-                    }
-                }
-                match chars.peek() {
-                    None | Some(',') | Some('\n') | Some('\r') => {}
-                    Some(other) => {
-                        return Err((
-                            line,
-                            format!("unexpected {other:?} after a closing quote (expected `,`)"),
-                        ))
-                    }
-                }
-                at_field_start = false;
-            }
-            ',' => {
-                fields.push(std::mem::take(&mut field));
-                at_field_start = true;
-            }
-            '\r' if chars.peek() == Some(&'\n') => {}
-            '\n' => {
-                end_record(&mut fields, &mut field, &mut records, record_line);
-                line += 1;
-                record_line = line;
-                at_field_start = true;
-            }
-            ch => {
-                field.push(ch);
-                at_field_start = false;
-            }
+    let mut last_start = 0;
+    for result in reader.records() {
+        let r = result.map_err(|e| {
+            let line = e.position().map_or(0, |p| line_at(p.byte() as usize));
+            (line, e.to_string())
+        })?;
+        let pos = r
+            .position()
+            .expect("records read from text have a position");
+        // The position is where reading began: before the line breaks (and skipped blank
+        // lines) that precede the record.
+        let from = pos.byte() as usize;
+        last_start = from
+            + text.as_bytes()[from..]
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+        records.push(CsvRecord {
+            line: line_at(last_start),
+            fields: r.iter().map(str::to_string).collect(),
+        });
+    }
+    if let Some(last) = records.last() {
+        if unterminated_quote(&text[last_start..]) {
+            return Err((
+                last.line,
+                "unterminated quoted field (a `\"` is never closed)".to_string(),
+            ));
         }
     }
-    if !fields.is_empty() || !field.is_empty() {
-        end_record(&mut fields, &mut field, &mut records, record_line);
-    }
     Ok(records)
+}
+
+/// Whether the text of a file's last record opens a quoted field that it never closes: a field
+/// starts with `"` and the record holds an odd number of quotes (each closed field has an even
+/// number: its two delimiters and doubled inner quotes).
+fn unterminated_quote(record: &str) -> bool {
+    let opens_quoted = record.starts_with('"') || record.contains(",\"");
+    opens_quoted && record.matches('"').count() % 2 == 1
 }
 
 /// Every question of one subject's CSV; a malformed record is an error naming file and line.
@@ -192,7 +172,7 @@ fn csv_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The subject files to score: one CSV, a folder of them, or hendrycks/test's `data/` folder
 /// (which holds `test/` and `dev/`).
-pub fn test_files(data: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn test_files(data: &Path) -> Result<Vec<PathBuf>> {
     if data.is_file() {
         return Ok(vec![data.to_path_buf()]);
     }
@@ -216,7 +196,7 @@ pub fn test_files(data: &Path) -> Result<Vec<PathBuf>> {
 
 /// The dev file of `subject`: in `fewshot` (a file or a folder) when given, else in the `dev/`
 /// folder next to the test files, as hendrycks/test lays them out.
-pub fn dev_file(test_file: &Path, subject: &str, fewshot: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn dev_file(test_file: &Path, subject: &str, fewshot: Option<&Path>) -> Result<PathBuf> {
     let name = format!("{subject}_dev.csv");
     let candidates: Vec<PathBuf> = match fewshot {
         Some(p) if p.is_file() => vec![p.to_path_buf()],
@@ -248,7 +228,12 @@ pub fn dev_file(test_file: &Path, subject: &str, fewshot: Option<&Path>) -> Resu
 }
 
 /// Scored items of one subject: description, the first `shots` dev records, the question.
-pub fn build_items(subject: &str, docs: &[MmluDoc], dev: &[MmluDoc], shots: usize) -> Vec<McItem> {
+pub(crate) fn build_items(
+    subject: &str,
+    docs: &[MmluDoc],
+    dev: &[MmluDoc],
+    shots: usize,
+) -> Vec<McItem> {
     let desc = description(subject);
     docs.iter()
         .map(|doc| {

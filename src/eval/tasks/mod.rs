@@ -129,7 +129,11 @@ pub fn load_task(kind: BenchmarkTask, data: &Path, opts: &LoadOptions) -> Result
 
 /// The harness's context: description, then each example as `text + delimiter + answer` followed
 /// by a blank line, then the question.
-pub fn fewshot_context(description: &str, examples: &[(String, String)], query: &str) -> String {
+pub(crate) fn fewshot_context(
+    description: &str,
+    examples: &[(String, String)],
+    query: &str,
+) -> String {
     let mut s = String::from(description);
     for (text, answer) in examples {
         s.push_str(text);
@@ -194,7 +198,7 @@ pub fn py_strip(s: &str) -> &str {
 }
 
 /// Text of a file without a UTF-8 byte-order mark (some published copies carry one).
-pub fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path)
         .map_err(|e| anyhow::anyhow!("cannot read task file {}: {e}", path.display()))?;
     let text = String::from_utf8(bytes)

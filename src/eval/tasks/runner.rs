@@ -118,7 +118,7 @@ pub fn loglikelihoods(
 }
 
 /// The requests of a list of items, one per choice, item after item.
-pub fn item_requests(
+pub(crate) fn item_requests(
     tok: &Tokenizer,
     items: &[McItem],
     prefix_token: Option<u32>,

@@ -285,7 +285,7 @@ pub fn load_docs(path: &Path) -> Result<Vec<TruthfulqaDoc>> {
     Ok(docs)
 }
 
-pub fn build_items(docs: &[TruthfulqaDoc]) -> Vec<McItem> {
+pub(crate) fn build_items(docs: &[TruthfulqaDoc]) -> Vec<McItem> {
     docs.iter()
         .map(|d| McItem {
             source: d.source.clone(),

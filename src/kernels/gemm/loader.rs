@@ -13,7 +13,8 @@
 use super::MatRef;
 use candle_core::{bail, Result};
 use half::bf16;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use libloading::os::unix::{Library, Symbol, RTLD_LOCAL, RTLD_NOW};
+use std::ffi::{c_char, c_int, CStr};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -99,16 +100,14 @@ enum Kind {
     },
 }
 
-/// A loaded library; its handle is never closed (the functions live for the whole process).
+/// A loaded library. It lives in a process-wide static, so it is never closed while its
+/// function pointers can be called.
 pub struct Backend {
     kind: Kind,
     path: PathBuf,
     version: String,
+    _library: Library,
 }
-
-// The function pointers are plain C entry points that both libraries document as thread-safe.
-unsafe impl Send for Backend {}
-unsafe impl Sync for Backend {}
 
 const CBLAS_ROW_MAJOR: c_int = 101;
 const CBLAS_NO_TRANS: c_int = 111;
@@ -123,8 +122,14 @@ impl Backend {
         format!("{name} {} ({})", self.version, self.path.display())
     }
 
+    /// `c[m, n] = op(a) @ op(b) + beta * c`, row-major.
+    ///
+    /// # Safety
+    /// `a` and `b` hold op(a) [m, k] and op(b) [k, n] at their leading dimensions (the checks of
+    /// `super::check`), and `c` points to m * n writable f32 values, initialized when `beta` is
+    /// not 0.
     #[allow(clippy::too_many_arguments)] // BLAS's own argument list
-    pub fn sgemm(
+    pub unsafe fn sgemm(
         &self,
         m: usize,
         n: usize,
@@ -134,8 +139,7 @@ impl Backend {
         beta: f32,
         c: *mut f32,
     ) -> Result<()> {
-        // SAFETY: the operand sizes were checked against (m, n, k, ld) by the caller, and `c`
-        // has room for m * n values (read too when beta != 0).
+        // SAFETY: the caller's contract (operands and output sized as documented).
         unsafe {
             match self.kind {
                 Kind::Dnnl { sgemm, .. } => {
@@ -179,7 +183,11 @@ impl Backend {
         }
     }
 
-    pub fn gemm_bf16(
+    /// `c[m, n] = op(a) @ op(b)` with bf16 operands and f32 output, row-major.
+    ///
+    /// # Safety
+    /// As [`Backend::sgemm`] with beta = 0 (`c` need not be initialized).
+    pub unsafe fn gemm_bf16(
         &self,
         m: usize,
         n: usize,
@@ -191,7 +199,7 @@ impl Backend {
         // bf16 is a transparent u16 wrapper: the bit layout both libraries expect.
         let pa = a.data.as_ptr() as *const u16;
         let pb = b.data.as_ptr() as *const u16;
-        // SAFETY: as in `sgemm`.
+        // SAFETY: the caller's contract.
         unsafe {
             match self.kind {
                 Kind::Dnnl { bf16, .. } => {
@@ -376,87 +384,83 @@ fn search_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-fn last_dl_error() -> String {
-    // SAFETY: dlerror returns null or a NUL-terminated string valid until the next dl call.
-    unsafe {
-        let e = libc::dlerror();
-        if e.is_null() {
-            "unknown dlopen error".into()
-        } else {
-            CStr::from_ptr(e).to_string_lossy().into_owned()
-        }
-    }
-}
-
-/// dlopen `path`. pip's oneDNN wheel needs libtbb, libsycl, ... from its own folder but has no
-/// RUNPATH, and LD_LIBRARY_PATH cannot be changed for a running process: so when a dependency is
-/// missing, open that file from the same folder first (the dynamic linker then matches it by
-/// soname) and retry.
-fn dlopen_with_deps(path: &Path, depth: usize) -> std::result::Result<*mut c_void, String> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+/// Opens `path` with RTLD_NOW, after its dependencies that sit in the same folder. pip's oneDNN
+/// wheel needs libtbb, libsycl, ... from its own folder but has no RUNPATH, and LD_LIBRARY_PATH
+/// cannot be changed for a running process: so the libraries its ELF header lists as NEEDED are
+/// opened first from that folder (the dynamic linker then matches them by soname). The handles of
+/// those dependencies are kept for the whole process.
+fn open_with_deps(path: &Path, depth: usize) -> std::result::Result<Library, String> {
+    static DEPENDENCIES: std::sync::Mutex<Vec<Library>> = std::sync::Mutex::new(Vec::new());
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut tried = std::collections::HashSet::new();
-    loop {
-        // SAFETY: a valid C string; the handle is kept for the life of the process.
-        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if !h.is_null() {
-            return Ok(h);
+    if depth < 8 {
+        for needed in needed_libraries(path) {
+            let dep = dir.join(&needed);
+            if dep != path && dep.is_file() {
+                let lib = open_with_deps(&dep, depth + 1)?;
+                DEPENDENCIES.lock().map_err(|e| e.to_string())?.push(lib);
+            }
         }
-        let err = last_dl_error();
-        let missing = err
-            .split(": cannot open shared object file")
-            .next()
-            .and_then(|s| s.rsplit(": ").next())
-            .map(|s| s.rsplit('/').next().unwrap_or(s).to_string());
-        let dep = match missing {
-            Some(m) if depth < 8 && !tried.contains(&m) && dir.join(&m).is_file() => m,
-            _ => return Err(err),
-        };
-        tried.insert(dep.clone());
-        let dep_path = dir.join(&dep);
-        if dep_path == path {
-            return Err(err);
-        }
-        dlopen_with_deps(&dep_path, depth + 1)?;
+    }
+    // SAFETY: opening a library runs its initializers; the libraries opened here are oneDNN or
+    // MKL and their own dependencies, whose initializers only set up their internal state.
+    unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| e.to_string())
+}
+
+/// The DT_NEEDED entries of an ELF shared library (empty when it cannot be read or parsed: the
+/// open that follows then reports what is missing).
+fn needed_libraries(path: &Path) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    match goblin::elf::Elf::parse(&bytes) {
+        Ok(elf) => elf.libraries.iter().map(|s| s.to_string()).collect(),
+        Err(_) => Vec::new(),
     }
 }
 
-fn sym(h: *mut c_void, name: &str) -> Option<*mut c_void> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: a valid handle and C string.
-    let p = unsafe { libc::dlsym(h, c.as_ptr()) };
-    (!p.is_null()).then_some(p)
+/// A symbol's address, copied out of the library (valid while the library stays open).
+///
+/// # Safety
+/// `T` is the symbol's true type (a function pointer of its C signature).
+unsafe fn sym<T: Copy>(lib: &Library, name: &str) -> Option<T> {
+    // SAFETY: the caller's contract on `T`.
+    let s: Symbol<T> = unsafe { lib.get(name.as_bytes()) }.ok()?;
+    Some(*s)
 }
 
 fn open(path: &Path) -> std::result::Result<Backend, String> {
-    let h = dlopen_with_deps(path, 0)?;
-    // SAFETY: the symbols are cast to the signatures of the libraries' public C headers
-    // (dnnl.h: dnnl_sgemm, dnnl_gemm_bf16bf16f32, dnnl_version; mkl_cblas.h: cblas_sgemm,
-    // cblas_gemm_bf16bf16f32, MKL_Set_Threading_Layer, mkl_get_version_string).
+    let lib = open_with_deps(path, 0)?;
+    // SAFETY: the types are the signatures of the libraries' public C headers (dnnl.h:
+    // dnnl_sgemm, dnnl_gemm_bf16bf16f32, dnnl_version; mkl_cblas.h / mkl_service.h: cblas_sgemm,
+    // cblas_gemm_bf16bf16f32, mkl_get_version_string).
     unsafe {
-        if let (Some(s), Some(b)) = (sym(h, "dnnl_sgemm"), sym(h, "dnnl_gemm_bf16bf16f32")) {
-            let version = match sym(h, "dnnl_version") {
-                Some(v) => {
-                    let f: unsafe extern "C" fn() -> *const DnnlVersion = std::mem::transmute(v);
+        if let (Some(sgemm), Some(bf16)) = (
+            sym::<DnnlSgemm>(&lib, "dnnl_sgemm"),
+            sym::<DnnlGemmBf16>(&lib, "dnnl_gemm_bf16bf16f32"),
+        ) {
+            type Version = unsafe extern "C" fn() -> *const DnnlVersion;
+            let version = match sym::<Version>(&lib, "dnnl_version") {
+                Some(f) => {
                     let v = &*f();
                     format!("{}.{}.{}", v.major, v.minor, v.patch)
                 }
                 None => "?".into(),
             };
             return Ok(Backend {
-                kind: Kind::Dnnl {
-                    sgemm: std::mem::transmute::<*mut c_void, DnnlSgemm>(s),
-                    bf16: std::mem::transmute::<*mut c_void, DnnlGemmBf16>(b),
-                },
+                kind: Kind::Dnnl { sgemm, bf16 },
                 path: path.to_path_buf(),
                 version,
+                _library: lib,
             });
         }
-        if let (Some(s), Some(b)) = (sym(h, "cblas_sgemm"), sym(h, "cblas_gemm_bf16bf16f32")) {
-            mkl_choose_threading(h);
-            let version = match sym(h, "mkl_get_version_string") {
-                Some(v) => {
-                    let f: unsafe extern "C" fn(*mut c_char, c_int) = std::mem::transmute(v);
+        if let (Some(sgemm), Some(bf16)) = (
+            sym::<CblasSgemm>(&lib, "cblas_sgemm"),
+            sym::<CblasGemmBf16>(&lib, "cblas_gemm_bf16bf16f32"),
+        ) {
+            mkl_choose_threading(&lib);
+            type Version = unsafe extern "C" fn(*mut c_char, c_int);
+            let version = match sym::<Version>(&lib, "mkl_get_version_string") {
+                Some(f) => {
                     // Space-padded to the length given, not NUL-terminated: keep the last 0.
                     let mut buf = [0 as c_char; 256];
                     f(buf.as_mut_ptr(), buf.len() as c_int - 1);
@@ -470,12 +474,10 @@ fn open(path: &Path) -> std::result::Result<Backend, String> {
                 None => "?".into(),
             };
             return Ok(Backend {
-                kind: Kind::Mkl {
-                    sgemm: std::mem::transmute::<*mut c_void, CblasSgemm>(s),
-                    bf16: std::mem::transmute::<*mut c_void, CblasGemmBf16>(b),
-                },
+                kind: Kind::Mkl { sgemm, bf16 },
                 path: path.to_path_buf(),
                 version,
+                _library: lib,
             });
         }
     }
@@ -492,19 +494,22 @@ fn open(path: &Path) -> std::result::Result<Backend, String> {
 /// GNU is chosen only when libgomp opens; the user's MKL_THREADING_LAYER always wins.
 ///
 /// # Safety
-/// `h` is a live handle to libmkl_rt.
-unsafe fn mkl_choose_threading(h: *mut c_void) {
+/// `lib` is libmkl_rt.
+unsafe fn mkl_choose_threading(lib: &Library) {
     if std::env::var_os("MKL_THREADING_LAYER").is_some() {
         return;
     }
-    let gomp = CString::new("libgomp.so.1").expect("no NUL");
-    if libc::dlopen(gomp.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL).is_null() {
-        let _ = last_dl_error();
-        return;
+    // SAFETY: libgomp's initializers only set up its own state; the handle stays open for the
+    // process (MKL will use it).
+    match unsafe { Library::open(Some("libgomp.so.1"), RTLD_NOW | RTLD_LOCAL) } {
+        Ok(gomp) => std::mem::forget(gomp),
+        Err(_) => return,
     }
-    if let Some(f) = sym(h, "MKL_Set_Threading_Layer") {
+    type SetThreadingLayer = unsafe extern "C" fn(c_int) -> c_int;
+    // SAFETY: MKL_Set_Threading_Layer's signature in mkl_service.h.
+    if let Some(f) = unsafe { sym::<SetThreadingLayer>(lib, "MKL_Set_Threading_Layer") } {
         const MKL_THREADING_GNU: c_int = 3;
-        let f: unsafe extern "C" fn(c_int) -> c_int = std::mem::transmute(f);
-        f(MKL_THREADING_GNU);
+        // SAFETY: called before any MKL computation, with a documented constant.
+        unsafe { f(MKL_THREADING_GNU) };
     }
 }

@@ -71,7 +71,7 @@ pub const LIBRARY_ENV: &str = "KTO_TRAIN_BLAS";
 
 /// The mode a `train.gemm` setting asks for: `auto` = `$KTO_TRAIN_GEMM`, else `f32` with the
 /// feature (a pure speed-up with candle's precision) and `candle` without it.
-pub fn requested_mode(setting: GemmSetting) -> GemmMode {
+pub(crate) fn requested_mode(setting: GemmSetting) -> GemmMode {
     let default = if cfg!(feature = "fast-gemm") {
         GemmMode::F32
     } else {
@@ -345,7 +345,7 @@ pub fn sgemm(
 }
 
 /// `c[m, n] += op(a)[m, k] @ op(b)[k, n]` in f32 with the loaded library (BLAS beta = 1).
-pub fn sgemm_accumulate(
+pub(crate) fn sgemm_accumulate(
     m: usize,
     n: usize,
     k: usize,
@@ -361,8 +361,9 @@ pub fn sgemm_accumulate(
     };
     #[cfg(feature = "fast-gemm")]
     {
-        // The sizes were checked above.
-        be.sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr())
+        // SAFETY: the operands and `c` (initialized: beta = 1 reads it) were checked against
+        // (m, n, k) above.
+        unsafe { be.sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr()) }
     }
     #[cfg(not(feature = "fast-gemm"))]
     {
@@ -372,7 +373,7 @@ pub fn sgemm_accumulate(
 }
 
 /// [`sgemm`] into a new dense row-major [m, n] vector.
-pub fn sgemm_new(
+pub(crate) fn sgemm_new(
     m: usize,
     n: usize,
     k: usize,
@@ -395,7 +396,7 @@ pub fn gemm_bf16(
 }
 
 /// [`gemm_bf16`] into a new dense row-major [m, n] vector.
-pub fn gemm_bf16_new(
+pub(crate) fn gemm_bf16_new(
     m: usize,
     n: usize,
     k: usize,

@@ -24,7 +24,7 @@ fn peft_key(module_path: &str, which: &str) -> String {
 }
 
 /// adapter_config.json with the keys PEFT 0.13 through 0.21 all accept.
-pub fn adapter_config_json(spec: &LoraSpec, base_model: &str) -> Value {
+pub(crate) fn adapter_config_json(spec: &LoraSpec, base_model: &str) -> Value {
     // PEFT writes lora_alpha as given; an integral alpha is an int there.
     let alpha = if spec.alpha.fract() == 0.0 && spec.alpha.abs() < 1e15 {
         json!(spec.alpha as i64)
@@ -56,7 +56,7 @@ pub fn adapter_config_json(spec: &LoraSpec, base_model: &str) -> Value {
 }
 
 /// The LoRA tensors of `model` under PEFT's key names, as F32.
-pub fn adapter_tensors(model: &Llama) -> Result<Vec<(String, RawTensor)>> {
+pub(crate) fn adapter_tensors(model: &Llama) -> Result<Vec<(String, RawTensor)>> {
     let mut out = Vec::new();
     for (path, lin) in model.lora_layers() {
         let lora = lin.lora.as_ref().expect("lora_layers yields LoRA layers");
