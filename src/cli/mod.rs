@@ -81,10 +81,21 @@ fn init_tiny(a: &InitTinyArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model (and adapter) that `score` and `eval` run, in f32.
+fn load_for_scoring(
+    model: &str,
+    revision: &str,
+    adapter: Option<&std::path::Path>,
+    device: crate::config::DeviceSpec,
+) -> Result<(crate::hub::ModelFiles, crate::model::Llama)> {
+    let dev = device.open()?;
+    let files = crate::hub::resolve_model(model, revision)?;
+    let model = load_with_adapter(&files, DType::F32.to_candle(), &dev, adapter)?;
+    Ok((files, model))
+}
+
 fn score(a: &ScoreArgs) -> Result<()> {
-    let dev = a.device.open()?;
-    let files = crate::hub::resolve_model(&a.model, &a.revision)?;
-    let model = load_with_adapter(&files, DType::F32.to_candle(), &dev, a.adapter.as_deref())?;
+    let (files, model) = load_for_scoring(&a.model, &a.revision, a.adapter.as_deref(), a.device)?;
     let tok = files
         .tokenizer
         .as_deref()
@@ -122,9 +133,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         seed: a.seed,
     };
     let task = load_task(a.task, &a.data, &options)?;
-    let dev = a.device.open()?;
-    let files = crate::hub::resolve_model(&a.model, &a.revision)?;
-    let model = load_with_adapter(&files, DType::F32.to_candle(), &dev, a.adapter.as_deref())?;
+    let (files, model) = load_for_scoring(&a.model, &a.revision, a.adapter.as_deref(), a.device)?;
     let tok_path = files
         .tokenizer
         .as_ref()
