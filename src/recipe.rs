@@ -20,7 +20,7 @@ use crate::train::checkpoint::{self, Checkpoint, TrainState};
 use crate::train::optim::{clip_grads, global_norm, AdamW, AdamWParams, AdamWState};
 use crate::train::progress::Progress;
 use crate::train::refcache::{self, RefCache};
-use crate::train::run_dir::{MetricsWriter, RunDir};
+use crate::train::run_dir::{MetricsWriter, RunDir, StartRequest};
 use crate::train::schedule::Schedule;
 use crate::train::step::{run_micro_batch, MicroBatchMode};
 use crate::train::{signals, validation, Stopped};
@@ -38,10 +38,8 @@ pub struct RunOptions {
     pub strict: bool,
     pub quiet: bool,
     pub verbose: bool,
-    /// Replace a finished run in the output folder.
-    pub overwrite: bool,
-    /// Continue from the newest checkpoint in the output folder.
-    pub resume: bool,
+    /// How the run starts in its folder: fresh, `--resume`, `--overwrite`.
+    pub start: StartRequest,
 }
 
 #[derive(Debug, Clone)]
@@ -53,9 +51,21 @@ pub struct RunSummary {
 }
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
-    let dir = RunDir::new(&cfg.output.dir);
-    let resume_from = dir.prepare(opts.resume, opts.overwrite, opts.quiet)?;
-    let mut run = Run::set_up(cfg, opts, dir)?;
+    let dir = RunDir::lock(&cfg.output.dir)?;
+    // Everything is read and checked before the folder changes: a typo in the model path, a bad
+    // data file or benchmark file costs nothing.
+    let checked = match validate(cfg, opts).and_then(|v| {
+        let resume_from = dir.begin(&opts.start, &cfg.to_toml(), &v.data)?;
+        Ok((v, resume_from))
+    }) {
+        Ok(ok) => ok,
+        Err(e) => {
+            dir.abandon();
+            return Err(e);
+        }
+    };
+    let (validated, resume_from) = checked;
+    let mut run = Run::new(cfg, opts, dir, validated)?;
     let mut state = run.start(resume_from)?;
     let last_metrics = run.train_loop(&mut state)?;
     run.finish(state, last_metrics)
@@ -69,6 +79,81 @@ struct Plan {
     schedule: Schedule,
 }
 
+/// Everything a run needs, read and checked before its folder is touched.
+struct Validated {
+    files: ModelFiles,
+    data: PreparedData,
+    tokenizer: tokenizers::Tokenizer,
+    benchmarks: Vec<crate::eval::tasks::TaskItems>,
+    model: Llama,
+    spec: LoraSpec,
+    head: LossHead,
+    plan: Plan,
+}
+
+/// Reads the model's files, tokenizer and data, the benchmark files and the weights, and checks
+/// that they fit together.
+fn validate(cfg: &Config, opts: &RunOptions) -> Result<Validated> {
+    let dev = cfg.train.device.open()?;
+    let files = crate::hub::resolve_model(&cfg.model.name_or_path, &cfg.model.revision)?;
+    let (data, tok_info) = data::prepare_for_run(cfg, opts.strict)?;
+    if data.train.is_empty() {
+        bail!("the training split is empty: no examples survived data preparation");
+    }
+    let benchmarks = crate::eval::load_benchmarks(&cfg.eval)?;
+    let (model, spec) = build_policy(cfg, &files, &dev)?;
+    check_token_ids(&data, &model, &tok_info.tokenizer_path)?;
+    let head = LossHead::new(&cfg.loss);
+    let plan = plan(cfg, &data.train, &head)?;
+    if !opts.quiet {
+        eprintln!("{}", data.summary_text);
+    }
+    let n_d = data.train.iter().filter(|e| e.label).count();
+    if let Some(w) = weight_ratio_warning(n_d, data.train.len() - n_d, &cfg.loss) {
+        eprintln!("warning: {w}");
+    }
+    if !data.validation.is_empty() && data.validation.len() < plan.min_batch {
+        eprintln!(
+            "warning: the validation split has {} example, fewer than the {} an evaluation \
+             micro-batch needs: no validation loss will be computed (raise \
+             data.validation_fraction)",
+            data.validation.len(),
+            plan.min_batch
+        );
+    }
+    Ok(Validated {
+        files,
+        data,
+        tokenizer: tok_info.tokenizer,
+        benchmarks,
+        model,
+        spec,
+        head,
+        plan,
+    })
+}
+
+/// Every token id the data holds is a row of the model's embedding: a tokenizer larger than the
+/// model (another model's tokenizer.json) would otherwise fail deep inside the first forward.
+fn check_token_ids(data: &PreparedData, model: &Llama, tokenizer: &std::path::Path) -> Result<()> {
+    let vocab = model.cfg().vocab_size;
+    let bad = data
+        .train
+        .iter()
+        .chain(&data.validation)
+        .flat_map(|e| e.prompt_ids.iter().chain(&e.completion_ids))
+        .copied()
+        .find(|&id| id as usize >= vocab);
+    if let Some(id) = bad {
+        bail!(
+            "the tokenizer {} produces token id {id}, but the model has only {vocab} token \
+             embeddings (vocab_size in its config.json): the tokenizer does not belong to this model",
+            tokenizer.display()
+        );
+    }
+    Ok(())
+}
+
 /// Everything a run holds between its steps.
 struct Run<'a> {
     cfg: &'a Config,
@@ -78,6 +163,7 @@ struct Run<'a> {
     /// Shared with the loop's micro-batches, which borrow examples while the run updates itself.
     data: Rc<PreparedData>,
     tokenizer: tokenizers::Tokenizer,
+    benchmarks: Vec<crate::eval::tasks::TaskItems>,
     model: Llama,
     spec: LoraSpec,
     vars: Vec<Var>,
@@ -91,25 +177,8 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn set_up(cfg: &'a Config, opts: &'a RunOptions, dir: RunDir) -> Result<Self> {
-        let dev = cfg.train.device.open()?;
-        let files = crate::hub::resolve_model(&cfg.model.name_or_path, &cfg.model.revision)?;
-        let (data, tok_info) = data::prepare_for_run(cfg, opts.strict)?;
-        if data.train.is_empty() {
-            bail!("the training split is empty: no examples survived data preparation");
-        }
-        dir.describe(&data, &cfg.to_toml())?;
-        if !opts.quiet {
-            eprintln!("{}", data.summary_text);
-        }
-        let n_d = data.train.iter().filter(|e| e.label).count();
-        if let Some(w) = weight_ratio_warning(n_d, data.train.len() - n_d, &cfg.loss) {
-            eprintln!("warning: {w}");
-        }
-        let (model, spec) = build_policy(cfg, &files, &dev)?;
-        let vars = model.lora_vars();
-        let head = LossHead::new(&cfg.loss);
-        let plan = plan(cfg, &data.train, &head)?;
+    fn new(cfg: &'a Config, opts: &'a RunOptions, dir: RunDir, v: Validated) -> Result<Self> {
+        let vars = v.model.lora_vars();
         let t = &cfg.train;
         let adam = AdamWParams {
             beta1: t.adam_beta1,
@@ -118,20 +187,29 @@ impl<'a> Run<'a> {
             weight_decay: t.weight_decay,
         };
         let opt = AdamW::new(vars.clone(), adam)?;
-        let refcache = refcache::open_for_run(&t.reference_cache, dir.root(), &files, &model)?;
+        // The cache only saves time: a folder that cannot hold it must not stop the run.
+        let refcache =
+            match refcache::open_for_run(&t.reference_cache, dir.root(), &v.files, &v.model) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("warning: reference cache unavailable ({e:#}); running without it");
+                    None
+                }
+            };
         Ok(Self {
             cfg,
             opts,
             dir,
-            files,
-            data: Rc::new(data),
-            tokenizer: tok_info.tokenizer,
-            model,
-            spec,
+            files: v.files,
+            data: Rc::new(v.data),
+            tokenizer: v.tokenizer,
+            benchmarks: v.benchmarks,
+            model: v.model,
+            spec: v.spec,
             vars,
-            head,
+            head: v.head,
             opt,
-            plan,
+            plan: v.plan,
             refcache,
             metrics: None,
             progress: Progress::new(0, 0, true),
@@ -142,34 +220,7 @@ impl<'a> Run<'a> {
     /// The state to continue from: a checkpoint's, or a fresh one.
     fn start(&mut self, resume_from: Option<PathBuf>) -> Result<TrainState> {
         let state = match &resume_from {
-            Some(dir) => {
-                let checkpoint = checkpoint::load(dir, self.model.device())?;
-                if checkpoint.lora.len() != self.vars.len() {
-                    bail!(
-                        "{}: checkpoint has {} LoRA tensors, this config builds {}",
-                        dir.display(),
-                        checkpoint.lora.len(),
-                        self.vars.len()
-                    );
-                }
-                for (v, t) in self.vars.iter().zip(&checkpoint.lora) {
-                    v.set(t)?;
-                }
-                self.opt.restore(AdamWState {
-                    m: checkpoint.adam_m,
-                    v: checkpoint.adam_v,
-                    t: checkpoint.state.adam_t,
-                })?;
-                self.head.restore(checkpoint.state.loss_state);
-                if !self.opts.quiet {
-                    eprintln!(
-                        "resuming from {} (step {})",
-                        dir.display(),
-                        checkpoint.state.step
-                    );
-                }
-                checkpoint.state
-            }
+            Some(dir) => self.restore(dir)?,
             None => TrainState::fresh(self.head.state()),
         };
         let resumed_at = resume_from.is_some().then_some(state.step);
@@ -178,6 +229,44 @@ impl<'a> Run<'a> {
         self.progress = Progress::new(self.plan.total_steps, state.step, self.opts.quiet);
         self.clock = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_seconds);
         Ok(state)
+    }
+
+    /// Weights, optimizer moments and loss-head state of the checkpoint in `dir`.
+    fn restore(&mut self, dir: &std::path::Path) -> Result<TrainState> {
+        let checkpoint = checkpoint::load(dir, self.model.device())?;
+        if checkpoint.lora.len() != self.vars.len() {
+            bail!(
+                "{}: checkpoint has {} LoRA tensors, this config builds {}",
+                dir.display(),
+                checkpoint.lora.len(),
+                self.vars.len()
+            );
+        }
+        for (i, (v, t)) in self.vars.iter().zip(&checkpoint.lora).enumerate() {
+            if v.dims() != t.dims() {
+                bail!(
+                    "{}: LoRA tensor {i} has shape {:?}, this config builds {:?}",
+                    dir.display(),
+                    t.dims(),
+                    v.dims()
+                );
+            }
+            v.set(t)?;
+        }
+        self.opt.restore(AdamWState {
+            m: checkpoint.adam_m,
+            v: checkpoint.adam_v,
+            t: checkpoint.state.adam_t,
+        })?;
+        self.head.restore(checkpoint.state.loss_state);
+        if !self.opts.quiet {
+            eprintln!(
+                "resuming from {} (step {})",
+                dir.display(),
+                checkpoint.state.step
+            );
+        }
+        Ok(checkpoint.state)
     }
 
     /// Optimizer steps until the plan's last; returns the last logged metrics.
@@ -348,7 +437,8 @@ impl<'a> Run<'a> {
         self.write_metrics(&serde_json::json!({
             "step": state.step, "epoch": state.epoch as f64 + 1.0, "eval": true, "metrics": m,
         }))?;
-        if let Some(&l) = m.get("eval_loss") {
+        // A non-finite loss is never the best one.
+        if let Some(&l) = m.get("eval_loss").filter(|l| l.is_finite()) {
             if state.best_eval_loss.is_none_or(|b| l < b) {
                 state.best_eval_loss = Some(l);
                 save_adapter(
@@ -376,9 +466,7 @@ impl<'a> Run<'a> {
         {
             return Ok(());
         }
-        if let Some(c) = self.refcache.as_mut() {
-            c.save()?;
-        }
+        self.save_reference_cache();
         let checkpoint = self.save_checkpoint(state)?;
         if let Some(s) = signal {
             self.progress.finish();
@@ -415,33 +503,63 @@ impl<'a> Run<'a> {
             .write(line)
     }
 
-    /// The adapter in PEFT's layout, the benchmarks, the plots and the model card.
+    /// Saves the reference cache; a cache that cannot be written (full disk, read-only folder)
+    /// is dropped with a warning rather than stopping the run.
+    fn save_reference_cache(&mut self) {
+        if let Some(c) = self.refcache.as_mut() {
+            if let Err(e) = c.save() {
+                self.progress.warn(&format!(
+                    "warning: cannot write the reference cache ({e:#}); continuing without it"
+                ));
+                self.refcache = None;
+            }
+        }
+    }
+
+    /// The adapter in PEFT's layout, the benchmarks, the plots and the model card, then the
+    /// finished mark. Refused, with the checkpoint kept, when the run made no finite update or
+    /// its weights diverged; a benchmark without a valid score fails the run after the rest is
+    /// written.
     fn finish(
         mut self,
         state: TrainState,
         last_metrics: BTreeMap<String, f64>,
     ) -> Result<RunSummary> {
         let quiet = self.opts.quiet;
-        if let Some(c) = self.refcache.as_mut() {
-            c.save()?;
-            if self.opts.verbose {
-                eprintln!(
-                    "reference cache {}: {} hits, {} computed",
-                    c.path().display(),
-                    c.hits,
-                    c.misses
-                );
-            }
+        self.check_trained(&state)?;
+        self.save_reference_cache();
+        if let Some(c) = self.refcache.as_ref().filter(|_| self.opts.verbose) {
+            eprintln!(
+                "reference cache {}: {} hits, {} computed",
+                c.path().display(),
+                c.hits,
+                c.misses
+            );
         }
         let adapter_dir = self.dir.adapter_dir();
         save_adapter(&self.model, &self.spec, &self.files.name, &adapter_dir)?;
-        if !self.cfg.eval.benchmarks.is_empty() {
-            let results =
-                crate::eval::run_benchmarks(&self.cfg.eval, &self.model, &self.tokenizer, quiet)?;
+        fault_pause("KTO_TRAIN_FAULT_FINISH_PAUSE_MS");
+        let mut problems = Vec::new();
+        if !self.benchmarks.is_empty() {
+            let (results, invalid) = crate::eval::score_benchmarks(
+                &self.cfg.eval,
+                &self.benchmarks,
+                &self.model,
+                &self.tokenizer,
+                quiet,
+            )?;
             write_json_atomic(&self.dir.eval_results_path(), &results)?;
+            problems = invalid;
         }
         crate::report::draw_plots(self.dir.root())?;
         crate::report::write_model_card(self.dir.root(), &adapter_dir)?;
+        if !problems.is_empty() {
+            return Err(Stopped::InvalidScores {
+                problems: problems.join("; "),
+            }
+            .into());
+        }
+        self.dir.mark_finished()?;
         if !quiet {
             eprintln!(
                 "adapter and model card written to {}",
@@ -454,6 +572,51 @@ impl<'a> Run<'a> {
             steps: state.step,
             final_metrics: last_metrics,
         })
+    }
+
+    /// A run that never made a finite update, or whose weights are no longer finite or sane,
+    /// has no adapter to offer: its last checkpoint stays for inspection.
+    fn check_trained(&self, state: &TrainState) -> Result<()> {
+        let checkpoint = checkpoint::list(&self.dir.checkpoints_dir())?
+            .pop()
+            .map(|(_, p)| p.display().to_string())
+            .unwrap_or_default();
+        if self.opt.steps_taken() == 0 {
+            return Err(Stopped::NoFiniteUpdate {
+                steps: state.step,
+                checkpoint,
+            }
+            .into());
+        }
+        let mut largest: f64 = 0.0;
+        for v in &self.vars {
+            let m = v
+                .as_tensor()
+                .abs()?
+                .max_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            largest = if m.is_nan() { f64::NAN } else { largest.max(m) };
+        }
+        if largest.is_nan() || largest > MAX_LORA_WEIGHT {
+            return Err(Stopped::Diverged {
+                largest,
+                checkpoint,
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// Largest LoRA weight magnitude a run may end with. Adam moves a weight by about lr per step, so
+/// a healthy run stays orders of magnitude below this; beyond it the run has diverged.
+const MAX_LORA_WEIGHT: f64 = 1e4;
+
+/// Test hook: sleeps for `$var` milliseconds, widening the window in which a kill lands.
+fn fault_pause(var: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 
@@ -469,6 +632,7 @@ pub fn build_policy(
         Some(dir) => {
             let dir = std::path::Path::new(dir);
             let (mut spec, _) = read_adapter_spec(dir)?;
+            check_init_from(&cfg.lora, &spec, dir)?;
             spec.dropout = cfg.lora.dropout;
             spec.seed = cfg.train.seed;
             (load_adapted(files, dt, dev, dir, &spec)?, spec)
@@ -484,6 +648,49 @@ pub fn build_policy(
         gemm: gemm::resolve(cfg.train.gemm),
     };
     Ok((model.with_kernels(kernels)?, spec))
+}
+
+/// `lora.init_from` continues an adapter as it is: the config's rank, alpha, rsLoRA and target
+/// modules must be the adapter's (silently using the adapter's would make the config lie).
+fn check_init_from(
+    lora: &crate::config::LoraConfig,
+    spec: &LoraSpec,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let mut differ = Vec::new();
+    if lora.r != spec.r {
+        differ.push(format!("r = {} (adapter: {})", lora.r, spec.r));
+    }
+    if lora.alpha != spec.alpha {
+        differ.push(format!("alpha = {} (adapter: {})", lora.alpha, spec.alpha));
+    }
+    if lora.use_rslora != spec.use_rslora {
+        differ.push(format!(
+            "use_rslora = {} (adapter: {})",
+            lora.use_rslora, spec.use_rslora
+        ));
+    }
+    let set = |v: &[crate::config::Projection]| {
+        let mut v: Vec<&str> = v.iter().map(|p| p.name()).collect();
+        v.sort();
+        v
+    };
+    if set(&lora.target_modules) != set(&spec.target_modules) {
+        differ.push(format!(
+            "target_modules = {:?} (adapter: {:?})",
+            set(&lora.target_modules),
+            set(&spec.target_modules)
+        ));
+    }
+    if !differ.is_empty() {
+        bail!(
+            "[lora] init_from = {}: the adapter's settings differ from [lora]'s: {}; set them \
+             to the adapter's (an adapter is continued as it was trained)",
+            dir.display(),
+            differ.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Steps per epoch, total steps and the learning-rate schedule.

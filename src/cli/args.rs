@@ -37,12 +37,17 @@ pub struct TrainArgs {
     /// Every metrics line on stderr.
     #[arg(long, short)]
     pub verbose: bool,
-    /// Replace a finished run in the output folder.
-    #[arg(long)]
+    /// Replace the run in the output folder (finished or not) as a whole, once the new run's
+    /// config, model and data were checked.
+    #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
-    /// Continue from the newest checkpoint in the output folder.
+    /// Continue the run in the output folder from its newest checkpoint (with the same config).
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: config keys (or tables, e.g. `train.lr`, `data`) that may differ from the
+    /// run's; the change is recorded in the run folder.
+    #[arg(long, value_name = "KEY", num_args = 1.., requires = "resume")]
+    pub allow_config_change: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -17,7 +17,12 @@ use clap::Parser;
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     match e.downcast_ref::<crate::train::Stopped>() {
         Some(crate::train::Stopped::Interrupted { code, .. }) => *code,
-        Some(crate::train::Stopped::NonFinite { .. }) => 3,
+        Some(
+            crate::train::Stopped::NonFinite { .. }
+            | crate::train::Stopped::NoFiniteUpdate { .. }
+            | crate::train::Stopped::Diverged { .. }
+            | crate::train::Stopped::InvalidScores { .. },
+        ) => 3,
         None => 1,
     }
 }
@@ -48,8 +53,11 @@ fn train(a: &TrainArgs) -> Result<()> {
         strict: a.strict,
         quiet: a.quiet,
         verbose: a.verbose,
-        overwrite: a.overwrite,
-        resume: a.resume,
+        start: crate::train::run_dir::StartRequest {
+            resume: a.resume,
+            overwrite: a.overwrite,
+            allow_config_change: a.allow_config_change.clone(),
+        },
     };
     let summary = crate::recipe::train(&cfg, &options)?;
     if !a.quiet {
@@ -63,6 +71,14 @@ fn train(a: &TrainArgs) -> Result<()> {
 }
 
 fn init_tiny(a: &InitTinyArgs) -> Result<()> {
+    let non_empty = std::fs::read_dir(&a.out).is_ok_and(|mut rd| rd.next().is_some());
+    if non_empty || a.out.is_file() {
+        bail!(
+            "--out {} exists and is not empty: init-tiny writes a new model folder and would \
+             replace the weights of what is there; give a new folder",
+            a.out.display()
+        );
+    }
     if a.smollm2_360m {
         write_random_model(
             &a.out,
@@ -173,6 +189,9 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         if !a.quiet {
             eprintln!("wrote {}", out.display());
         }
+    }
+    if let Some(why) = report.invalid_reason() {
+        bail!("{why}");
     }
     Ok(report)
 }

@@ -3,6 +3,7 @@
 mod compute;
 mod data;
 mod eval;
+mod locate;
 mod loss;
 mod model;
 mod train;
@@ -58,22 +59,50 @@ impl Default for OutputConfig {
 
 impl Config {
     /// Reads `path`, applies `key=value` overrides, resolves relative paths against the config
-    /// file's folder and validates every section.
+    /// file's folder and validates every section. Errors name the file, the key and its line, or
+    /// the `--set` that gave the value.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let file = path.display();
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut value: toml::Table = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: invalid TOML: {}", path.display(), e))?;
+            .with_context(|| format!("cannot read config file {file}"))?;
+        let mut value: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{file}: invalid TOML: {e}"))?;
+        let mut set_keys = Vec::new();
         for o in overrides {
-            apply_override(&mut value, o).with_context(|| format!("--set {o}"))?;
+            set_keys.push(apply_override(&mut value, o).with_context(|| format!("--set {o}"))?);
         }
-        let mut cfg: Config = Config::deserialize(toml::Value::Table(value))
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+        let mut cfg = match Config::deserialize(toml::Value::Table(value)) {
+            Ok(cfg) => cfg,
+            Err(e) => return Err(locate::type_error(path, &text, overrides, &set_keys, &e)),
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
+        cfg.check_output_dir(path)?;
         cfg.validate()
-            .map_err(|e| anyhow::anyhow!("{}: {:#}", path.display(), e))?;
+            .map_err(|e| locate::validation_error(path, &text, overrides, &set_keys, e))?;
         Ok(cfg)
+    }
+
+    /// The run folder is never the config file's own folder (the run would write its
+    /// config.toml over a config there) and never empty (an empty path is that folder too).
+    fn check_output_dir(&self, config: &Path) -> Result<()> {
+        let dir = &self.output.dir;
+        let canon = |p: &Path| std::fs::canonicalize(p).ok();
+        let config_dir = config.parent().filter(|p| !p.as_os_str().is_empty());
+        let same = match config_dir {
+            Some(c) => canon(c).is_some() && canon(c) == canon(dir),
+            None => canon(Path::new(".")) == canon(dir),
+        };
+        if same {
+            bail!(
+                "[output] dir = {}: that is the folder of the config file {}; a run writes its own \
+                 files (config.toml, metrics.jsonl, ...) into output.dir: choose a folder of its own, \
+                 e.g. runs/NAME",
+                dir.display(),
+                config.display()
+            );
+        }
+        Ok(())
     }
 
     /// Parses a config from a string (no path resolution); used by tests and `--set`-only runs.
@@ -102,6 +131,12 @@ impl Config {
         self.data.validate().context("[data]")?;
         self.train.validate().context("[train]")?;
         self.eval.validate().context("[eval]")?;
+        if self.loss.needs_kl() && self.train.eval_batch_size == Some(1) {
+            bail!(
+                "[train] eval_batch_size = 1: the KL reference point needs at least 2 examples per \
+                 evaluation micro-batch; with 1 no validation loss would ever be computed"
+            );
+        }
         if self.loss.needs_kl() && self.train.batch_size < 2 {
             bail!(
                 "[train] batch_size = {}: the KL reference point needs batch_size >= 2 \
@@ -142,15 +177,23 @@ pub fn normalize_path(p: &Path) -> PathBuf {
     out
 }
 
-/// `a.b.c=value`: value parsed as a TOML value (number, bool, string, array), else taken as a string.
-pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+/// `a.b.c=value`: value parsed as a TOML value (number, bool, string, array), else taken as a
+/// string. A value that starts with a quote or bracket but does not parse is refused (a shell's
+/// lost quote must not become a path); so is an empty one. Returns the key.
+pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<String> {
     let (key, raw) = assignment
         .split_once('=')
         .ok_or_else(|| anyhow::anyhow!("expected key=value, got `{assignment}`"))?;
     let key = key.trim();
     let raw = raw.trim();
+    if raw.is_empty() {
+        bail!("no value after `=`: give one, e.g. --set {key}=VALUE (quote strings that contain spaces)");
+    }
     let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(e) if raw.starts_with(['"', '\'', '[', '{']) => {
+            bail!("`{raw}` is not a valid TOML value ({})", e.message())
+        }
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.split('.').collect();
@@ -167,5 +210,5 @@ pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Resul
             .ok_or_else(|| anyhow::anyhow!("`{p}` in `{key}` is not a table"))?;
     }
     cur.insert(parts[parts.len() - 1].to_string(), value);
-    Ok(())
+    Ok(key.to_string())
 }

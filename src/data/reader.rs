@@ -71,7 +71,7 @@ fn has_wildcard(s: &str) -> bool {
 fn expand(pattern: &Path) -> Result<Vec<PathBuf>> {
     let text = pattern.to_string_lossy();
     if !has_wildcard(&text) {
-        if !pattern.exists() {
+        if !crate::util::fs::exists(pattern, "data file")? {
             bail!("data file {} does not exist", pattern.display());
         }
         if !pattern.is_file() {
@@ -338,28 +338,98 @@ fn strip_line_info(msg: &str) -> String {
     msg.replace(" at line 1 column ", " at column ")
 }
 
+/// A Parquet file's rows. The footer is trusted for the row count only after checking it against
+/// the file (offsets and sizes inside it); the pages are not trusted at all: a corrupt page makes
+/// the parquet crate panic, fail on every later row, or decode without end; so decoding runs behind
+/// a panic guard, the first row that does not decode ends the file with an error, and a row group
+/// that yields more rows than its footer declares is refused. The error names the file and the
+/// row group, and memory stays bounded by the declared row count.
 fn read_parquet(file: &DataFile, path: Arc<PathBuf>) -> Result<Vec<RawRecord>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
+    let name = file.path.display().to_string();
     let reader = SerializedFileReader::new(f_reopen(&file.path)?)
-        .with_context(|| format!("cannot read Parquet file {}", file.path.display()))?;
-    let n = reader.metadata().file_metadata().num_rows().max(0) as usize;
-    let mut out = Vec::with_capacity(n);
-    let rows = reader
-        .get_row_iter(None)
-        .with_context(|| format!("cannot read rows of {}", file.path.display()))?;
-    for (i, row) in rows.enumerate() {
-        let loc = Loc {
-            file: path.clone(),
-            index: i + 1,
-            is_line: false,
-        };
-        let value = match row {
-            Ok(row) => Ok(row_to_json(&row)),
-            Err(e) => Err(format!("unreadable Parquet row ({e})")),
-        };
-        out.push(RawRecord { loc, value });
+        .with_context(|| format!("cannot read Parquet file {name}"))?;
+    let file_len = std::fs::metadata(&file.path)
+        .with_context(|| format!("cannot read {name}"))?
+        .len();
+    check_parquet_footer(reader.metadata(), file_len, &name)?;
+    let mut out = Vec::new();
+    for g in 0..reader.num_row_groups() {
+        let declared = reader.metadata().row_group(g).num_rows().max(0) as usize;
+        let rows = without_panics(|| {
+            let group = reader.get_row_group(g)?;
+            let mut rows = Vec::with_capacity(declared);
+            for row in group.get_row_iter(None)? {
+                if rows.len() == declared {
+                    return Err(parquet::errors::ParquetError::General(format!(
+                        "more rows than the {declared} its footer declares"
+                    )));
+                }
+                // A row that does not decode leaves the decoder in no known state: the rest of
+                // the row group cannot be trusted either.
+                rows.push(row_to_json(&row?));
+            }
+            Ok(rows)
+        })
+        .with_context(|| format!("Parquet file {name}, row group {g}: corrupt data"))?;
+        for row in rows {
+            let loc = Loc {
+                file: path.clone(),
+                index: out.len() + 1,
+                is_line: false,
+            };
+            out.push(RawRecord {
+                loc,
+                value: Ok(row),
+            });
+        }
     }
     Ok(out)
+}
+
+/// Every column chunk of the footer lies inside the file, so no read is sized by a bogus length.
+fn check_parquet_footer(
+    meta: &parquet::file::metadata::ParquetMetaData,
+    file_len: u64,
+    name: &str,
+) -> Result<()> {
+    for (g, rg) in meta.row_groups().iter().enumerate() {
+        for c in rg.columns() {
+            let (start, len) = c.byte_range();
+            if start.checked_add(len).is_none_or(|end| end > file_len) {
+                bail!(
+                    "Parquet file {name}, row group {g}: column `{}` claims bytes {start}..{} of a                      {file_len}-byte file (corrupt footer)",
+                    c.column_path(),
+                    start.saturating_add(len)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f`, turning a panic of the parquet crate on corrupt input into an error. The panic
+/// message is kept for the error and not printed.
+fn without_panics<T>(
+    f: impl FnOnce() -> parquet::errors::Result<T>,
+) -> std::result::Result<T, anyhow::Error> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    match result {
+        Ok(r) => r.map_err(anyhow::Error::from),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic in the parquet decoder");
+            Err(anyhow!("the parquet decoder failed ({msg})"))
+        }
+    }
 }
 
 fn row_to_json(row: &parquet::record::Row) -> Value {

@@ -14,7 +14,7 @@ pub struct TokenizerInfo {
 }
 
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    if !path.is_file() {
+    if !crate::util::fs::exists(path, "tokenizer file")? || !path.is_file() {
         bail!("tokenizer file {} does not exist", path.display());
     }
     Tokenizer::from_file(path).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))

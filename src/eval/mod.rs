@@ -5,36 +5,57 @@ pub mod tasks;
 
 use crate::config::EvalConfig;
 use crate::model::{Llama, PassMode};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tasks::{load_task, runner, LoadOptions, DEFAULT_FEWSHOT_SEED};
 
-/// The `[eval]` benchmarks of a run, scored with the trained model (adapter on, no dropout): the
-/// table is printed (unless `quiet`), and the rows are returned as eval_results.json holds them.
-pub fn run_benchmarks(
+/// The `[eval]` benchmarks of a run, read and built before the run starts: a missing or
+/// malformed task file is found then, not after hours of training.
+pub fn load_benchmarks(cfg: &EvalConfig) -> Result<Vec<tasks::TaskItems>> {
+    cfg.benchmarks
+        .iter()
+        .map(|b| {
+            let options = LoadOptions {
+                shots: b.shots,
+                fewshot_data: b.fewshot_data.clone(),
+                limit: b.limit,
+                seed: DEFAULT_FEWSHOT_SEED,
+            };
+            load_task(b.task, &b.data, &options)
+                .with_context(|| format!("[eval] benchmark `{}`", b.task))
+        })
+        .collect()
+}
+
+/// The run's benchmarks scored with the trained model (adapter on, no dropout), as
+/// eval_results.json holds them; the table is printed unless `quiet`. A task with a non-finite
+/// log-likelihood has no score: its row says why, and it is in the returned list of problems.
+pub fn score_benchmarks(
     cfg: &EvalConfig,
+    benchmarks: &[tasks::TaskItems],
     model: &Llama,
     tok: &tokenizers::Tokenizer,
     quiet: bool,
-) -> Result<serde_json::Value> {
+) -> Result<(serde_json::Value, Vec<String>)> {
     let mut rows = Vec::new();
     let mut reports = Vec::new();
-    for b in &cfg.benchmarks {
-        let options = LoadOptions {
-            shots: b.shots,
-            fewshot_data: b.fewshot_data.clone(),
-            limit: b.limit,
-            seed: DEFAULT_FEWSHOT_SEED,
-        };
-        let task = load_task(b.task, &b.data, &options)?;
+    let mut problems = Vec::new();
+    for task in benchmarks {
         let eval_options = runner::EvalOptions {
             batch_size: cfg.batch_size,
             pass: PassMode::POLICY_EVAL,
             progress: !quiet,
         };
-        let report = runner::evaluate(model, tok, &task, &eval_options)?;
-        for m in &report.metrics {
+        let report = runner::evaluate(model, tok, task, &eval_options)?;
+        if let Some(why) = report.invalid_reason() {
             rows.push(serde_json::json!({
-                "task": b.task.display_name(), "shots": report.shots, "metric": m.name,
+                "task": task.kind.display_name(), "shots": report.shots, "metric": null,
+                "value": null, "stderr": null, "n": report.n(), "invalid": why,
+            }));
+            problems.push(why);
+        }
+        for m in report.metrics.iter().filter(|_| report.is_valid()) {
+            rows.push(serde_json::json!({
+                "task": task.kind.display_name(), "shots": report.shots, "metric": m.name,
                 "value": m.value, "stderr": m.stderr, "n": report.n(),
             }));
         }
@@ -43,5 +64,5 @@ pub fn run_benchmarks(
     if !quiet {
         eprintln!("{}", runner::format_table(&reports));
     }
-    Ok(serde_json::json!({ "results": rows }))
+    Ok((serde_json::json!({ "results": rows }), problems))
 }

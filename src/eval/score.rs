@@ -88,6 +88,13 @@ pub fn score_jsonl(
         let v: Value =
             serde_json::from_str(&line).with_context(|| format!("{where_}: not valid JSON"))?;
         let s = parse_record(&v, tok, append_eos, &where_)?;
+        let vocab = model.cfg().vocab_size;
+        if let Some(id) = s.tokens.iter().find(|&&id| id as usize >= vocab) {
+            bail!(
+                "{where_}: token id {id} is outside the model's vocabulary ({vocab} tokens: ids 0 to {})",
+                vocab - 1
+            );
+        }
         if s.tokens.len() > model.cfg().max_position_embeddings {
             bail!(
                 "{where_}: {} tokens exceed the model's max_position_embeddings {}",

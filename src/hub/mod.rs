@@ -127,7 +127,7 @@ pub fn resolve_model_in(
     offline: bool,
 ) -> Result<ModelFiles> {
     let p = Path::new(name_or_path);
-    if p.is_dir() {
+    if crate::util::fs::exists(p, "model folder")? && p.is_dir() {
         return local_model_files(p, name_or_path);
     }
     if !looks_like_hub_id(name_or_path) {
@@ -195,7 +195,7 @@ pub fn resolve_model_in(
 /// there when missing and HF_HUB_OFFLINE is not set). Used by `kto-train data`.
 pub(crate) fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<PathBuf> {
     let p = Path::new(name_or_path);
-    if p.is_dir() {
+    if crate::util::fs::exists(p, "model folder")? && p.is_dir() {
         return Ok(p.to_path_buf());
     }
     if !looks_like_hub_id(name_or_path) {

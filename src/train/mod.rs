@@ -28,4 +28,10 @@ pub enum Stopped {
         step: usize,
         checkpoint: String,
     },
+    #[error("none of the {steps} steps made a finite update: the LoRA weights are untrained, so no adapter is written (last checkpoint: {checkpoint}); check the data and lower train.lr")]
+    NoFiniteUpdate { steps: usize, checkpoint: String },
+    #[error("the run diverged: a LoRA weight reached {largest:e} (limit 1e4), so no adapter is written (last checkpoint: {checkpoint}); lower train.lr or train.max_grad_norm and start again")]
+    Diverged { largest: f64, checkpoint: String },
+    #[error("the adapter, plots and model card are written, but {problems}")]
+    InvalidScores { problems: String },
 }

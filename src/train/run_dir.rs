@@ -1,116 +1,358 @@
-//! A run's output folder and its lifecycle: refuse to clobber a finished run, find the checkpoint
-//! to resume from, clear what a fresh start must not inherit, write the run's description, the
-//! metrics log, checkpoints and adapters.
+//! A run's output folder and its lifecycle: one writer at a time (a lock), a start decided only
+//! after everything else was validated (fresh, resumed, replaced), the run's description, the
+//! metrics log, checkpoints, adapters, and a finished mark written last.
 //!
 //! Layout: `adapter/` (final PEFT adapter and model card), `best/` (lowest validation loss),
 //! `checkpoints/step-N/`, `config.toml`, `data_summary.txt|json`, `metrics.jsonl`, `plots/`,
-//! `eval_results.json`.
+//! `eval_results.json`, and `kto-train-run.json` (the manifest: what wrote the folder, whether
+//! the run finished, which config changes a resume accepted).
+//!
+//! kto-train only ever deletes or rewrites a folder it recognizes as its own run (it holds the
+//! manifest, or the layout an earlier version wrote), and only the entries listed in
+//! [`RUN_ENTRIES`].
 use super::checkpoint::{self, Checkpoint};
-use crate::util::atomic::write_atomic;
+use crate::util::atomic::{write_atomic, write_json_atomic};
 use anyhow::{bail, Context, Result};
-use std::io::Write;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-/// The files of the final adapter that mark a run as finished.
-const FINISHED_MARK: &str = "adapter/adapter_config.json";
+/// The manifest: written when a run starts, marked finished when everything else is written.
+pub const MANIFEST: &str = "kto-train-run.json";
+/// The lock file; its content is the holder's pid (for the message a second run gets).
+pub const LOCK: &str = ".kto-train.lock";
+/// What a run writes, and all that `--overwrite` removes.
+pub const RUN_ENTRIES: [&str; 10] = [
+    "adapter",
+    "best",
+    "checkpoints",
+    "plots",
+    "config.toml",
+    "data_summary.txt",
+    "data_summary.json",
+    "metrics.jsonl",
+    "eval_results.json",
+    MANIFEST,
+];
+
+/// Config keys a resumed run may change without `--allow-config-change`: they decide when the
+/// run logs, evaluates, checkpoints and reports, not what it trains (a key names itself and every
+/// key below it).
+pub const RESUME_MAY_CHANGE: [&str; 8] = [
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.reference_cache",
+    "train.max_consecutive_nonfinite",
+    "eval",
+    "output",
+];
+
+/// How the user asked the run to start.
+#[derive(Debug, Clone, Default)]
+pub struct StartRequest {
+    pub resume: bool,
+    pub overwrite: bool,
+    /// Config keys (or tables) a resume may change besides [`RESUME_MAY_CHANGE`].
+    pub allow_config_change: Vec<String>,
+}
+
+/// What the folder holds before the run touches it.
+#[derive(Debug)]
+enum Contents {
+    /// Nothing (or only the lock).
+    Empty,
+    /// A kto-train run.
+    Run {
+        finished: bool,
+        newest_checkpoint: Option<(usize, PathBuf)>,
+    },
+    /// Files kto-train did not write.
+    Foreign(Vec<String>),
+}
 
 pub struct RunDir {
     root: PathBuf,
+    /// Held for the whole run (released when the process ends, however it ends).
+    _lock: std::fs::File,
+    /// The folder did not exist before this run.
+    created: bool,
+    /// The lock file did not exist before this run.
+    lock_created: bool,
 }
 
 impl RunDir {
-    pub(crate) fn new(root: &Path) -> Self {
-        Self {
+    /// Takes the folder's lock, creating the folder when it does not exist. A second run on the
+    /// same folder fails at once, naming the holder; the lock of a process that died is released
+    /// with it, so a stale lock never blocks.
+    pub fn lock(root: &Path) -> Result<Self> {
+        if root.as_os_str().is_empty() {
+            bail!("output.dir is empty: name the run's folder");
+        }
+        let created = !root.exists();
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("cannot create output folder {}", root.display()))?;
+        let path = root.join(LOCK);
+        let lock_created = !path.exists();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        if let Err(e) = file.try_lock() {
+            let mut holder = String::new();
+            file.read_to_string(&mut holder).ok();
+            let holder = holder.trim();
+            match e {
+                std::fs::TryLockError::WouldBlock => bail!(
+                    "{} is in use by another kto-train run (pid {}); wait for it to end or choose \
+                     another output.dir",
+                    root.display(),
+                    if holder.is_empty() { "unknown" } else { holder }
+                ),
+                std::fs::TryLockError::Error(e) => {
+                    return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+                }
+            }
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        file.flush()?;
+        Ok(Self {
             root: root.to_path_buf(),
+            _lock: file,
+            created,
+            lock_created,
+        })
+    }
+
+    /// Gives the folder back as it was after a run that failed before touching it: the lock
+    /// file this run created is removed, and so is the folder when this run created it and
+    /// nothing else is in it.
+    pub fn abandon(self) {
+        if self.lock_created {
+            std::fs::remove_file(self.root.join(LOCK)).ok();
+        }
+        if self.created {
+            // Only an empty folder: remove_dir refuses anything else.
+            std::fs::remove_dir(&self.root).ok();
         }
     }
 
-    pub(crate) fn root(&self) -> &Path {
+    pub fn root(&self) -> &Path {
         &self.root
     }
 
-    pub(crate) fn adapter_dir(&self) -> PathBuf {
+    pub fn adapter_dir(&self) -> PathBuf {
         self.root.join("adapter")
     }
 
-    pub(crate) fn best_dir(&self) -> PathBuf {
+    pub fn best_dir(&self) -> PathBuf {
         self.root.join("best")
     }
 
-    pub(crate) fn checkpoints_dir(&self) -> PathBuf {
+    pub fn checkpoints_dir(&self) -> PathBuf {
         self.root.join("checkpoints")
     }
 
-    pub(crate) fn metrics_path(&self) -> PathBuf {
+    pub fn metrics_path(&self) -> PathBuf {
         self.root.join("metrics.jsonl")
     }
 
-    pub(crate) fn eval_results_path(&self) -> PathBuf {
+    pub fn eval_results_path(&self) -> PathBuf {
         self.root.join("eval_results.json")
     }
 
-    /// Whether a run finished here (its final adapter was written).
-    pub(crate) fn is_finished(&self) -> bool {
-        self.root.join(FINISHED_MARK).exists()
+    fn manifest(&self) -> Option<Value> {
+        let text = std::fs::read_to_string(self.root.join(MANIFEST)).ok()?;
+        serde_json::from_str(&text).ok()
     }
 
-    /// Decides how a run starts in this folder: refuses a finished run unless `overwrite`;
-    /// returns the newest checkpoint with `resume` (None when there is none yet: a run killed
-    /// before its first checkpoint loses nothing by starting over); clears the old adapter
-    /// (`overwrite`) and, for a fresh start, old checkpoints.
-    pub(crate) fn prepare(
+    fn contents(&self) -> Result<Contents> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.root)
+            .with_context(|| format!("cannot read {}", self.root.display()))?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_>>()?;
+        names.retain(|n| n != LOCK && !is_temporary(n));
+        names.sort();
+        if names.is_empty() {
+            return Ok(Contents::Empty);
+        }
+        let has = |n: &str| names.iter().any(|x| x == n);
+        let finished = match self.manifest() {
+            Some(m) => m["finished"].as_bool() == Some(true),
+            // The layout versions before the manifest wrote; finished when the card was written.
+            None if has("config.toml")
+                && (has("metrics.jsonl") || has("checkpoints"))
+                && names.iter().all(|n| RUN_ENTRIES.contains(&n.as_str())) =>
+            {
+                self.root.join("adapter/README.md").is_file()
+            }
+            None => return Ok(Contents::Foreign(names)),
+        };
+        let newest_checkpoint = checkpoint::list(&self.checkpoints_dir())?.pop();
+        Ok(Contents::Run {
+            finished,
+            newest_checkpoint,
+        })
+    }
+
+    /// Decides how the run starts, once its config, model, data and benchmarks were all
+    /// validated: returns the checkpoint to resume from (None for a fresh start). Only here does
+    /// anything in the folder change: a replaced run's entries are removed, and a fresh run's
+    /// manifest and description are written.
+    pub fn begin(
         &self,
-        resume: bool,
-        overwrite: bool,
-        quiet: bool,
+        request: &StartRequest,
+        config_toml: &str,
+        data: &crate::data::PreparedData,
     ) -> Result<Option<PathBuf>> {
-        let finished = self.is_finished();
-        if finished && !overwrite {
+        let root = self.root.display();
+        let fresh = match self.contents()? {
+            Contents::Foreign(names) => bail!(
+                "{root} holds files that no kto-train run wrote ({}); kto-train writes only into an \
+                 empty folder or its own run folder: choose another output.dir",
+                names.join(", ")
+            ),
+            Contents::Empty => true,
+            Contents::Run { finished: true, .. } if request.overwrite => {
+                self.remove_run()?;
+                true
+            }
+            Contents::Run { finished: true, .. } => bail!(
+                "{root} already holds a finished run; pass --overwrite to replace it or choose another output.dir"
+            ),
+            Contents::Run {
+                newest_checkpoint: Some((step, dir)),
+                ..
+            } if request.resume => {
+                self.accept_config(config_toml, request, step)?;
+                return Ok(Some(dir));
+            }
+            Contents::Run {
+                newest_checkpoint: Some((step, _)),
+                ..
+            } if !request.overwrite => bail!(
+                "{root} holds an unfinished run (last checkpoint: step {step}); continue it with \
+                 --resume, or replace it with --overwrite"
+            ),
+            Contents::Run { .. } => {
+                // Replaced, or killed before its first checkpoint: nothing to continue from.
+                if request.resume {
+                    eprintln!("--resume: no checkpoint in {root} yet; starting from the beginning");
+                }
+                self.remove_run()?;
+                true
+            }
+        };
+        debug_assert!(fresh);
+        write_json_atomic(
+            &self.root.join(MANIFEST),
+            &json!({
+                "tool": "kto-train",
+                "version": env!("CARGO_PKG_VERSION"),
+                "finished": false,
+                "config_changes": [],
+            }),
+        )?;
+        crate::data::write_summary(&self.root, data)?;
+        write_atomic(&self.root.join("config.toml"), config_toml.as_bytes())?;
+        Ok(None)
+    }
+
+    /// Removes every entry a run writes (and only those).
+    fn remove_run(&self) -> Result<()> {
+        // The manifest goes first: a removal cut short leaves a folder without it, which is
+        // then no longer trusted as a finished run.
+        for name in std::iter::once(MANIFEST).chain(RUN_ENTRIES) {
+            let p = self.root.join(name);
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
+            }
+        }
+        Ok(())
+    }
+
+    /// A resume continues the same run: its training settings must be those the run started
+    /// with, except the keys [`RESUME_MAY_CHANGE`] and `--allow-config-change` name; the changes
+    /// accepted that way are recorded in the manifest, and config.toml shows the new values.
+    fn accept_config(&self, new_toml: &str, request: &StartRequest, step: usize) -> Result<()> {
+        let path = self.root.join("config.toml");
+        let old_toml = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the run's config {}", path.display()))?;
+        let old: toml::Table = toml::from_str(&old_toml)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        let new: toml::Table = toml::from_str(new_toml).expect("a serialized config parses");
+        let changed = changed_keys(&old, &new);
+        let covered = |key: &str, list: &[&str]| {
+            list.iter()
+                .any(|k| key == *k || key.starts_with(&format!("{k}.")))
+        };
+        let allowed: Vec<&str> = request
+            .allow_config_change
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let refused: Vec<&String> = changed
+            .keys()
+            .filter(|k| !covered(k, &RESUME_MAY_CHANGE) && !covered(k, &allowed))
+            .collect();
+        if !refused.is_empty() {
+            let list: Vec<String> = refused
+                .iter()
+                .map(|k| {
+                    let (a, b) = &changed[*k];
+                    format!("{k}: {} -> {}", show(a), show(b))
+                })
+                .collect();
             bail!(
-                "{} already holds a finished run; pass --overwrite to replace it or choose another output.dir",
-                self.root.display()
+                "--resume: the config differs from the one the run in {} started with:\n  {}\n\
+                 A resumed run is the same run: restore these values, or accept the change with \
+                 --allow-config-change {} (recorded in {MANIFEST})",
+                self.root.display(),
+                list.join("\n  "),
+                refused
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         }
-        let checkpoints = self.checkpoints_dir();
-        let resume_from = if resume {
-            let newest = checkpoint::list(&checkpoints)?.pop().map(|(_, p)| p);
-            if newest.is_none() && !quiet {
-                eprintln!(
-                    "--resume: no checkpoint in {} yet; starting from the beginning",
-                    checkpoints.display()
-                );
+        let recorded: Vec<Value> = changed
+            .iter()
+            .filter(|(k, _)| !covered(k, &RESUME_MAY_CHANGE))
+            .map(|(k, (a, b))| json!({"step": step, "key": k, "from": show(a), "to": show(b)}))
+            .collect();
+        if !changed.is_empty() {
+            let mut manifest = self
+                .manifest()
+                .unwrap_or_else(|| json!({"tool": "kto-train"}));
+            if let Some(list) = manifest["config_changes"].as_array_mut() {
+                list.extend(recorded);
+            } else {
+                manifest["config_changes"] = Value::Array(recorded);
             }
-            newest
-        } else {
-            None
-        };
-        if finished && overwrite {
-            std::fs::remove_dir_all(self.adapter_dir()).ok();
+            write_json_atomic(&self.root.join(MANIFEST), &manifest)?;
+            write_atomic(&path, new_toml.as_bytes())?;
         }
-        if resume_from.is_none() && checkpoints.exists() {
-            std::fs::remove_dir_all(&checkpoints).with_context(|| {
-                format!("cannot clear old checkpoints in {}", checkpoints.display())
-            })?;
-        }
-        Ok(resume_from)
-    }
-
-    /// Creates the folder and writes the run's description: the data summary and the resolved
-    /// config.
-    pub(crate) fn describe(
-        &self,
-        data: &crate::data::PreparedData,
-        config_toml: &str,
-    ) -> Result<()> {
-        std::fs::create_dir_all(&self.root)
-            .with_context(|| format!("cannot create output folder {}", self.root.display()))?;
-        crate::data::write_summary(&self.root, data)?;
-        write_atomic(&self.root.join("config.toml"), config_toml.as_bytes())
+        Ok(())
     }
 
     /// The metrics log, opened for appending: emptied for a fresh run, cut back to the lines up
     /// to `resumed_at` for a resumed one (the lines it will not write again).
-    pub(crate) fn open_metrics(&self, resumed_at: Option<usize>) -> Result<MetricsWriter> {
+    pub fn open_metrics(&self, resumed_at: Option<usize>) -> Result<MetricsWriter> {
         let path = self.metrics_path();
         match resumed_at {
             Some(step) => truncate_metrics(&path, step)?,
@@ -124,8 +366,67 @@ impl RunDir {
     }
 
     /// Writes a checkpoint, keeping the newest `keep`.
-    pub(crate) fn save_checkpoint(&self, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
+    pub fn save_checkpoint(&self, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
         checkpoint::save(&self.checkpoints_dir(), ck, keep)
+    }
+
+    /// The last write of a run: from here on the folder counts as finished.
+    pub fn mark_finished(&self) -> Result<()> {
+        let mut manifest = self
+            .manifest()
+            .unwrap_or_else(|| json!({"tool": "kto-train"}));
+        manifest["finished"] = Value::Bool(true);
+        write_json_atomic(&self.root.join(MANIFEST), &manifest)
+    }
+}
+
+/// Names of the temporary files atomic writes and checkpoint writes use.
+fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && (name.contains(".tmp.") || name.starts_with(".tmp-"))
+}
+
+/// Every key whose value differs between two configs (`table.key` paths; arrays compared
+/// whole), with its old and new value (None where absent).
+fn changed_keys(
+    old: &toml::Table,
+    new: &toml::Table,
+) -> BTreeMap<String, (Option<toml::Value>, Option<toml::Value>)> {
+    fn walk(
+        prefix: &str,
+        a: Option<&toml::Value>,
+        b: Option<&toml::Value>,
+        out: &mut BTreeMap<String, (Option<toml::Value>, Option<toml::Value>)>,
+    ) {
+        match (a, b) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    walk(&format!("{prefix}{k}."), x.get(k), y.get(k), out);
+                }
+            }
+            (a, b) if a != b => {
+                out.insert(
+                    prefix.trim_end_matches('.').to_string(),
+                    (a.cloned(), b.cloned()),
+                );
+            }
+            _ => {}
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(
+        "",
+        Some(&toml::Value::Table(old.clone())),
+        Some(&toml::Value::Table(new.clone())),
+        &mut out,
+    );
+    out
+}
+
+fn show(v: &Option<toml::Value>) -> String {
+    match v {
+        Some(v) => v.to_string(),
+        None => "(unset)".into(),
     }
 }
 
@@ -137,7 +438,7 @@ pub struct MetricsWriter {
 impl MetricsWriter {
     /// One write per line, so a reader never sees a line cut in the middle (only, at worst, a
     /// last line still being written).
-    pub(crate) fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
         self.file.write_all(format!("{v}\n").as_bytes())?;
         self.file.flush()?;
         Ok(())
@@ -160,4 +461,21 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(path, kept.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_keys_lists_every_difference_by_path() {
+        let a: toml::Table =
+            toml::from_str("[train]\nlr = 1.0\nlog_every = 1\n[data]\nx = [1]").unwrap();
+        let b: toml::Table =
+            toml::from_str("[train]\nlr = 2.0\nlog_every = 1\nseed = 3\n[data]\nx = [1, 2]")
+                .unwrap();
+        let keys: Vec<String> = changed_keys(&a, &b).into_keys().collect();
+        assert_eq!(keys, ["data.x", "train.lr", "train.seed"]);
+        assert!(changed_keys(&a, &a).is_empty());
+    }
 }

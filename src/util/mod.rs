@@ -3,6 +3,7 @@
 //! names.
 pub mod alloc;
 pub mod atomic;
+pub mod fs;
 pub mod hash;
 pub mod json;
 pub mod metric_sums;

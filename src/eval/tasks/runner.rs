@@ -187,6 +187,34 @@ impl EvalReport {
     pub fn n(&self) -> usize {
         self.items.len()
     }
+
+    /// Log-likelihoods that are NaN or infinite. Any makes the scores meaningless: a report with
+    /// some is invalid, and its metrics are never shown as numbers.
+    pub fn nonfinite_loglikelihoods(&self) -> usize {
+        self.items
+            .iter()
+            .flat_map(|r| &r.lls)
+            .filter(|x| !x.is_finite())
+            .count()
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.nonfinite_loglikelihoods() == 0
+    }
+
+    /// Why the scores are not shown, for tables and errors.
+    pub fn invalid_reason(&self) -> Option<String> {
+        let n = self.nonfinite_loglikelihoods();
+        let total: usize = self.items.iter().map(|r| r.lls.len()).sum();
+        (n > 0).then(|| {
+            format!(
+                "{}: {n} of {total} continuations ({} questions) have non-finite log-likelihoods; \
+                 no score is computed from them",
+                self.task.name(),
+                self.n()
+            )
+        })
+    }
 }
 
 fn summarize(kind: BenchmarkTask, items: &[&ItemResult]) -> Vec<MetricSummary> {
@@ -315,6 +343,15 @@ pub fn evaluate(
 pub fn format_table(reports: &[EvalReport]) -> String {
     let mut s = String::from("| Task | Shots | Metric | Value |\n|---|---|---|---|\n");
     for r in reports {
+        if !r.is_valid() {
+            s.push_str(&format!(
+                "| {} | {} | — | invalid: {} non-finite log-likelihoods |\n",
+                r.task.display_name(),
+                r.shots,
+                r.nonfinite_loglikelihoods()
+            ));
+            continue;
+        }
         for m in &r.metrics {
             s.push_str(&format!(
                 "| {} | {} | {} | {:.4} |\n",
@@ -409,7 +446,8 @@ pub fn report_json(report: &EvalReport, run: Value) -> Value {
         "task": report.task.name(),
         "shots": report.shots,
         "n": report.n(),
-        "metrics": metrics_json(&report.metrics),
+        "metrics": if report.is_valid() { metrics_json(&report.metrics) } else { Value::Null },
+        "invalid": report.invalid_reason(),
         "groups": groups,
         "run": run,
         "items": items,
