@@ -20,7 +20,7 @@ use crate::train::checkpoint::{self, Checkpoint, TrainState};
 use crate::train::optim::{clip_grads, global_norm, AdamW, AdamWParams, AdamWState};
 use crate::train::progress::Progress;
 use crate::train::refcache::{self, RefCache};
-use crate::train::run_dir::{MetricsWriter, RunDir, StartRequest};
+use crate::train::run_dir::{MetricsWriter, RunDir, Start, StartRequest};
 use crate::train::schedule::Schedule;
 use crate::train::step::{run_micro_batch, MicroBatchMode};
 use crate::train::{signals, validation, Stopped};
@@ -52,19 +52,37 @@ pub struct RunSummary {
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let dir = RunDir::lock(&cfg.output.dir)?;
-    // Everything is read and checked before the folder changes: a typo in the model path, a bad
-    // data file or benchmark file costs nothing.
-    let checked = match validate(cfg, opts).and_then(|v| {
-        let resume_from = dir.begin(&opts.start, &cfg.to_toml(), &v.data)?;
-        Ok((v, resume_from))
-    }) {
+    // Everything is read and checked before the folder changes: a typo in a path, a bad data
+    // file or benchmark file costs nothing.
+    let checked = validate(cfg, opts).and_then(|v| {
+        let start = dir.begin(&opts.start, &cfg.to_toml(), &v.data)?;
+        Ok((v, start))
+    });
+    let (validated, start) = match checked {
         Ok(ok) => ok,
         Err(e) => {
             dir.abandon();
             return Err(e);
         }
     };
-    let (validated, resume_from) = checked;
+    let resume_from = match start {
+        Start::Fresh => None,
+        Start::Resume(checkpoint) => Some(checkpoint),
+        Start::AlreadyFinished => {
+            if !opts.quiet {
+                eprintln!(
+                    "{} holds a finished run: nothing to resume",
+                    dir.root().display()
+                );
+            }
+            return Ok(RunSummary {
+                output_dir: dir.root().to_path_buf(),
+                adapter_dir: dir.adapter_dir(),
+                steps: 0,
+                final_metrics: BTreeMap::new(),
+            });
+        }
+    };
     let mut run = Run::new(cfg, opts, dir, validated)?;
     let mut state = run.start(resume_from)?;
     let last_metrics = run.train_loop(&mut state)?;

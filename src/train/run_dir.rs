@@ -59,6 +59,16 @@ pub struct StartRequest {
     pub allow_config_change: Vec<String>,
 }
 
+/// How a run starts in its folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    Fresh,
+    /// From this checkpoint.
+    Resume(PathBuf),
+    /// `--resume` of a run that already finished: nothing to do.
+    AlreadyFinished,
+}
+
 /// What the folder holds before the run touches it.
 #[derive(Debug)]
 enum Contents {
@@ -203,15 +213,14 @@ impl RunDir {
     }
 
     /// Decides how the run starts, once its config, model, data and benchmarks were all
-    /// validated: returns the checkpoint to resume from (None for a fresh start). Only here does
-    /// anything in the folder change: a replaced run's entries are removed, and a fresh run's
-    /// manifest and description are written.
+    /// validated. Only here does anything in the folder change: a replaced run's entries are
+    /// removed, and a fresh run's manifest and description are written.
     pub fn begin(
         &self,
         request: &StartRequest,
         config_toml: &str,
         data: &crate::data::PreparedData,
-    ) -> Result<Option<PathBuf>> {
+    ) -> Result<Start> {
         let root = self.root.display();
         let fresh = match self.contents()? {
             Contents::Foreign(names) => bail!(
@@ -219,10 +228,23 @@ impl RunDir {
                  empty folder or its own run folder: choose another output.dir",
                 names.join(", ")
             ),
-            Contents::Empty => true,
+            Contents::Empty => {
+                if request.resume {
+                    eprintln!("--resume: {root} holds no run yet; starting from the beginning");
+                }
+                true
+            }
             Contents::Run { finished: true, .. } if request.overwrite => {
                 self.remove_run()?;
                 true
+            }
+            Contents::Run {
+                finished: true,
+                newest_checkpoint,
+            } if request.resume => {
+                let step = newest_checkpoint.map_or(0, |(s, _)| s);
+                self.accept_config(config_toml, request, step)?;
+                return Ok(Start::AlreadyFinished);
             }
             Contents::Run { finished: true, .. } => bail!(
                 "{root} already holds a finished run; pass --overwrite to replace it or choose another output.dir"
@@ -232,7 +254,7 @@ impl RunDir {
                 ..
             } if request.resume => {
                 self.accept_config(config_toml, request, step)?;
-                return Ok(Some(dir));
+                return Ok(Start::Resume(dir));
             }
             Contents::Run {
                 newest_checkpoint: Some((step, _)),
@@ -262,7 +284,7 @@ impl RunDir {
         )?;
         crate::data::write_summary(&self.root, data)?;
         write_atomic(&self.root.join("config.toml"), config_toml.as_bytes())?;
-        Ok(None)
+        Ok(Start::Fresh)
     }
 
     /// Removes every entry a run writes (and only those).
