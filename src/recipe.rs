@@ -293,6 +293,9 @@ impl<'a> Run<'a> {
         let mut last_metrics = BTreeMap::new();
         let mut interval_start = Instant::now();
         let data = self.data.clone();
+        if t.eval_on_start && state.step == 0 {
+            self.validate(state)?;
+        }
         while state.step < self.plan.total_steps {
             let batches = epoch_batches(
                 &data.train,

@@ -27,11 +27,29 @@ fn trl_kto_step_is_reproduced_with_activation_checkpointing() {
 }
 
 fn check_trl_step(activation_checkpointing: bool) {
-    let b: Value = kto_step_json();
     let model = with_kernels(&tiny_with_peft(DType::F32), |k| {
         k.activation_checkpointing = activation_checkpointing
     });
-    let out = run_trl_step(&model);
+    check_trl_step_on(&model, "kto-step");
+}
+
+/// The TRL KTO step procedure on a tiny Qwen2 (q/k/v biases, frozen under LoRA).
+#[test]
+fn trl_kto_step_is_reproduced_on_qwen2() {
+    let files = kto_train::hub::local_model_files(&fixture("qwen2"), "qwen2").unwrap();
+    let model = kto_train::model::load_with_adapter(
+        &files,
+        DType::F32,
+        &candle_core::Device::Cpu,
+        Some(&fixture("qwen2-kto-step")),
+    )
+    .unwrap();
+    check_trl_step_on(&model, "qwen2-kto-step");
+}
+
+fn check_trl_step_on(model: &kto_train::model::Llama, dir: &str) {
+    let b: Value = kto_step_json_in(dir);
+    let out = run_trl_step_in(model, dir);
     let l = &out.logps;
     assert_close("policy_logps", &l.policy, &f64s(&b["policy_logps"]), 1e-3);
     assert_close(
@@ -75,7 +93,7 @@ fn check_trl_step(activation_checkpointing: bool) {
     }
     // Gradients of all 28 LoRA tensors.
     let grads = out.grads.unwrap();
-    let want = load_st("kto-step/grads.safetensors");
+    let want = load_st(&format!("{dir}/grads.safetensors"));
     let mut n = 0;
     for (path, lin) in model.lora_layers() {
         let lora = lin.lora.as_ref().unwrap();

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use kto_train::hub::local_model_files;
 use kto_train::model::adapter::merge::merge_adapter;
-use kto_train::model::{Llama, PassMode};
+use kto_train::model::{load_llama, Llama, PassMode};
 use kto_train::util::safetensors_io::{serialize_pt, tensor_from_view, RawTensor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -338,4 +338,121 @@ fn merge_refuses_unsafe_outputs_and_foreign_adapters() {
         format!("{e:#}").contains("model.layers.9.self_attn.q_proj.weight"),
         "{e:#}"
     );
+}
+
+/// The fixture adapter with lora_B scaled by `factor` (a small delta when factor << 1).
+fn scaled_adapter(dir: &Path, factor: f64) {
+    let src = fixture("peft-adapter");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, RawTensor)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let t = tensor_from_view(&v, &Device::Cpu).unwrap();
+            let t = if n.contains("lora_B") {
+                (t * factor).unwrap()
+            } else {
+                t
+            };
+            (n, RawTensor::from_tensor(&t, DType::F32).unwrap())
+        })
+        .collect();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        serialize_pt(&tensors).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A delta far below bf16's resolution: bf16 rounds most of it away, which is measured and
+/// reported; `auto` then writes f32, which keeps it.
+#[test]
+fn merge_measures_what_rounding_loses_and_auto_keeps_the_delta() {
+    use kto_train::model::adapter::merge::{merge_adapter_with, MergeDtype, MAX_LOST_FRACTION};
+    let d = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-llama");
+    let files = local_model_files(&base, "b").unwrap();
+    let small = d.path().join("small");
+    scaled_adapter(&small, 1e-3);
+    let bf16 =
+        merge_adapter_with(&files, &small, &d.path().join("bf16"), MergeDtype::Bf16).unwrap();
+    assert_eq!(bf16.dtype, DType::BF16);
+    assert!(
+        bf16.lost_fraction > MAX_LOST_FRACTION,
+        "lost {}",
+        bf16.lost_fraction
+    );
+    let auto =
+        merge_adapter_with(&files, &small, &d.path().join("auto"), MergeDtype::Auto).unwrap();
+    assert_eq!(auto.dtype, DType::F32, "auto must not round the delta away");
+    assert!(auto.lost_fraction < 1e-3, "lost {}", auto.lost_fraction);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("auto/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "float32");
+    assert_merged_matches_adapter(&base, &d.path().join("auto"), &small, false);
+    // An ordinary delta stays in the base's bf16.
+    let s = merge_adapter_with(
+        &files,
+        &fixture("peft-adapter"),
+        &d.path().join("big"),
+        MergeDtype::Auto,
+    )
+    .unwrap();
+    assert_eq!(s.dtype, DType::BF16);
+    assert!(
+        s.lost_fraction < MAX_LOST_FRACTION,
+        "lost {}",
+        s.lost_fraction
+    );
+}
+
+/// A GGUF base becomes a Hugging Face folder that computes what the GGUF base + adapter computes.
+#[test]
+fn merged_gguf_base_is_a_hugging_face_folder() {
+    use kto_train::config::Projection;
+    use kto_train::model::adapter::merge::{merge_adapter_with, MergeDtype};
+    let d = tempfile::tempdir().unwrap();
+    let gguf_path = fixture("gguf/tiny-llama-Q8_0.gguf");
+    let files = kto_train::hub::gguf_model_files(&gguf_path, gguf_path.to_str().unwrap()).unwrap();
+    // An adapter for the GGUF model's shapes, with non-zero B.
+    let spec = kto_train::model::LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec![Projection::QProj, Projection::KProj, Projection::DownProj],
+        use_rslora: false,
+        seed: 5,
+    };
+    let m = load_llama(&files, DType::F32, &Device::Cpu, Some(&spec)).unwrap();
+    for (_, lin) in m.lora_layers() {
+        let b = &lin.lora.as_ref().unwrap().b;
+        b.set(&(Tensor::randn(0f32, 0.05, b.dims(), &Device::Cpu).unwrap()))
+            .unwrap();
+    }
+    let adapter = d.path().join("adapter");
+    kto_train::model::adapter::save_adapter(&m, &spec, "tiny.gguf", &adapter).unwrap();
+    let out = d.path().join("merged");
+    let s = merge_adapter_with(&files, &adapter, &out, MergeDtype::F32).unwrap();
+    assert_eq!(s.merged, 6);
+    let merged = local_model_files(&out, "merged").unwrap();
+    let plain = load_llama(&merged, DType::F32, &Device::Cpu, None).unwrap();
+    let ids = Tensor::new(&[[5u32, 7, 300, 2, 11, 64, 9]], &Device::Cpu).unwrap();
+    let h_adapted = m.hidden_states(&ids, PassMode::POLICY_EVAL).unwrap();
+    let h_merged = plain.hidden_states(&ids, PassMode::REFERENCE).unwrap();
+    let d_max = max_abs_diff(&h_adapted, &h_merged);
+    assert!(
+        d_max < 1e-4,
+        "merged folder differs from GGUF + adapter by {d_max:e}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["torch_dtype"], "float32");
 }

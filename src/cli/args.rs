@@ -183,6 +183,10 @@ pub struct MergeArgs {
     /// New folder for the merged model.
     #[arg(long)]
     pub out: PathBuf,
+    /// dtype of the merged weights: auto (the base's, unless rounding to it loses more than a
+    /// tenth of the adapter's change; f32 then), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: crate::model::adapter::merge::MergeDtype,
     /// Hub revision when --model is a hub id.
     #[arg(long, default_value = "main")]
     pub revision: String,

@@ -112,11 +112,7 @@ fn load_for_scoring(
 
 fn score(a: &ScoreArgs) -> Result<()> {
     let (files, model) = load_for_scoring(&a.model, &a.revision, a.adapter.as_deref(), a.device)?;
-    let tok = files
-        .tokenizer
-        .as_deref()
-        .map(crate::data::load_tokenizer)
-        .transpose()?;
+    let tok = crate::data::tokenizer::model_tokenizer(&files)?;
     let eos = if a.append_eos {
         Some(model.cfg().eos_token_id.with_context(|| {
             format!(
@@ -150,11 +146,8 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     };
     let task = load_task(a.task, &a.data, &options)?;
     let (files, model) = load_for_scoring(&a.model, &a.revision, a.adapter.as_deref(), a.device)?;
-    let tok_path = files
-        .tokenizer
-        .as_ref()
-        .with_context(|| format!("model {} has no tokenizer.json", files.dir.display()))?;
-    let tok = crate::data::load_tokenizer(tok_path)?;
+    let tok = crate::data::tokenizer::model_tokenizer(&files)?
+        .with_context(|| format!("model {} has no tokenizer", files.config.display()))?;
     if !a.quiet {
         let n: usize = task.items.iter().map(|i| i.choices.len()).sum();
         eprintln!(
@@ -198,12 +191,25 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
 
 fn merge(a: &MergeArgs) -> Result<()> {
     let files = crate::hub::resolve_model(&a.model, &a.revision)?;
-    let s = crate::model::adapter::merge::merge_adapter(&files, &a.adapter, &a.out)?;
+    use crate::model::adapter::merge::{merge_adapter_with, MAX_LOST_FRACTION};
+    let s = merge_adapter_with(&files, &a.adapter, &a.out, a.dtype)?;
     eprintln!(
-        "merged {} projections; wrote {} files to {}",
+        "merged {} projections into {:?} weights (rounding lost {:.2e} of the adapter's change); \
+         wrote {} files to {}",
         s.merged,
+        s.dtype,
+        s.lost_fraction,
         s.files.len(),
         a.out.display()
     );
+    if s.lost_fraction > MAX_LOST_FRACTION {
+        eprintln!(
+            "warning: {:?} weights keep only {:.0}% of the adapter's change \
+             (|round(W + dW) - (W + dW)| / |dW| = {:.3}); merge with --dtype f32 to keep it",
+            s.dtype,
+            100.0 * (1.0 - s.lost_fraction).max(0.0),
+            s.lost_fraction
+        );
+    }
     Ok(())
 }

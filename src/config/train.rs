@@ -99,6 +99,10 @@ pub struct TrainConfig {
     /// Evaluate on the validation split every N optimizer steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Also evaluate before the first step (TRL's eval_on_start): the untrained baseline of the
+    /// validation loss and the pair metrics.
+    #[serde(default)]
+    pub eval_on_start: bool,
     /// Examples per evaluation micro-batch (default: batch_size).
     #[serde(default)]
     pub eval_batch_size: Option<usize>,

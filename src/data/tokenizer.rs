@@ -1,5 +1,6 @@
 //! The tokenizer a run uses and its EOS id: `model.tokenizer`, else the model folder's
-//! tokenizer.json; EOS from config.json, else the `<|endoftext|>` token.
+//! tokenizer.json (or a GGUF file's own tokenizer); EOS from config.json (or the GGUF
+//! metadata), else the `<|endoftext|>` token.
 use crate::config::Config;
 use anyhow::{anyhow, bail, Result};
 use std::path::{Path, PathBuf};
@@ -20,9 +21,53 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))
 }
 
-/// The tokenizer: `model.tokenizer` if set, else `<model folder>/tokenizer.json`; the EOS id from
-/// the model folder's (else the tokenizer folder's) config.json, else the `<|endoftext|>` token.
+/// The tokenizer of a model's files: its tokenizer.json, or a GGUF file's `tokenizer.ggml.*`
+/// metadata; None when it has neither.
+pub fn model_tokenizer(files: &crate::hub::ModelFiles) -> Result<Option<Tokenizer>> {
+    match files.format {
+        crate::hub::WeightFormat::Gguf => crate::hub::gguf::Gguf::open(&files.config)?.tokenizer(),
+        crate::hub::WeightFormat::Safetensors => {
+            files.tokenizer.as_deref().map(load_tokenizer).transpose()
+        }
+    }
+}
+
+/// A GGUF model's tokenizer (`model.tokenizer` when set, else the file's own) and EOS id.
+fn gguf_tokenizer(cfg: &Config, path: &Path) -> Result<TokenizerInfo> {
+    let gguf = crate::hub::gguf::Gguf::open(path)?;
+    let (tokenizer, tokenizer_path) = match &cfg.model.tokenizer {
+        Some(t) => (load_tokenizer(Path::new(t))?, PathBuf::from(t)),
+        None => (
+            gguf.tokenizer()?.ok_or_else(|| {
+                anyhow!(
+                    "{} has no tokenizer (no tokenizer.ggml.* metadata): set model.tokenizer to a \
+                     tokenizer.json",
+                    path.display()
+                )
+            })?,
+            path.to_path_buf(),
+        ),
+    };
+    let config = gguf.config_json()?;
+    let eos = crate::hub::token_id(&config, path, "eos_token_id")?
+        .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
+        .ok_or_else(|| anyhow!("{}: no tokenizer.ggml.eos_token_id", path.display()))?;
+    Ok(TokenizerInfo {
+        tokenizer,
+        eos_token_id: eos,
+        tokenizer_path,
+        model_dir: None,
+    })
+}
+
+/// The tokenizer: `model.tokenizer` if set, else `<model folder>/tokenizer.json` (a GGUF file's
+/// own); the EOS id from the model folder's (else the tokenizer folder's) config.json (a GGUF
+/// file's metadata), else the `<|endoftext|>` token.
 pub fn resolve_tokenizer(cfg: &Config) -> Result<TokenizerInfo> {
+    let model_path = Path::new(&cfg.model.name_or_path);
+    if crate::hub::is_gguf(model_path) {
+        return gguf_tokenizer(cfg, model_path);
+    }
     let model_dir = match &cfg.model.tokenizer {
         // An explicit tokenizer needs no model folder; use one when there is a local one.
         Some(_) => Some(PathBuf::from(&cfg.model.name_or_path)).filter(|p| p.is_dir()),

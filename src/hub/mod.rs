@@ -1,16 +1,30 @@
-//! Finding a model's files: a local Hugging Face folder, or a hub id resolved through the Hugging
-//! Face cache exactly as Python does it (downloaded there with hf-hub as a last resort, unless
-//! HF_HUB_OFFLINE is set), and the few config.json fields that more than one reader needs.
+//! Finding a model's files: a local Hugging Face folder, a llama.cpp GGUF file ([`gguf`]), or a
+//! hub id resolved through the Hugging Face cache exactly as Python does it (downloaded there with
+//! hf-hub as a last resort, unless HF_HUB_OFFLINE is set), and the few config.json fields that
+//! more than one reader needs.
+pub mod gguf;
+
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+
+/// How a model's weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// A Hugging Face folder: config.json and safetensors (one file or shards).
+    Safetensors,
+    /// One GGUF file holding the config (metadata), the weights and usually the tokenizer.
+    Gguf,
+}
 
 /// The files of one model.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
     pub dir: PathBuf,
+    pub format: WeightFormat,
+    /// config.json (the GGUF file itself for GGUF).
     pub config: PathBuf,
-    /// One file, or the shards listed by model.safetensors.index.json.
+    /// One file, or the shards listed by model.safetensors.index.json (the GGUF file).
     pub weights: Vec<PathBuf>,
     pub tokenizer: Option<PathBuf>,
     /// The name the user gave (hub id or path), for adapter_config.json.
@@ -81,9 +95,34 @@ pub fn local_model_files(dir: &Path, name: &str) -> Result<ModelFiles> {
     let tok = dir.join("tokenizer.json");
     Ok(ModelFiles {
         dir: dir.to_path_buf(),
+        format: WeightFormat::Safetensors,
         config,
         weights,
         tokenizer: tok.is_file().then_some(tok),
+        name: name.to_string(),
+    })
+}
+
+/// Whether `p` names a GGUF file (by its extension; it is then read as one).
+pub fn is_gguf(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// A GGUF file as a model: config, weights and tokenizer are all inside it.
+pub fn gguf_model_files(path: &Path, name: &str) -> Result<ModelFiles> {
+    if !crate::util::fs::exists(path, "GGUF file")? {
+        bail!("GGUF file {} does not exist", path.display());
+    }
+    if !path.is_file() {
+        bail!("{} is not a file", path.display());
+    }
+    Ok(ModelFiles {
+        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        format: WeightFormat::Gguf,
+        config: path.to_path_buf(),
+        weights: vec![path.to_path_buf()],
+        tokenizer: None,
         name: name.to_string(),
     })
 }
@@ -130,6 +169,9 @@ pub fn resolve_model_in(
     if crate::util::fs::exists(p, "model folder")? && p.is_dir() {
         return local_model_files(p, name_or_path);
     }
+    if is_gguf(p) {
+        return gguf_model_files(p, name_or_path);
+    }
     if !looks_like_hub_id(name_or_path) {
         bail!(
             "model folder {name_or_path} does not exist (give a Hugging Face model folder with \
@@ -165,6 +207,7 @@ pub fn resolve_model_in(
         };
         return Ok(ModelFiles {
             dir,
+            format: WeightFormat::Safetensors,
             config,
             weights,
             tokenizer: cache.get("tokenizer.json"),
@@ -251,6 +294,7 @@ fn download(name: &str, repo: &hf_hub::Repo, cache_dir: &Path) -> Result<ModelFi
     let tokenizer = api.get("tokenizer.json").ok();
     Ok(ModelFiles {
         dir: config.parent().map(Path::to_path_buf).unwrap_or_default(),
+        format: WeightFormat::Safetensors,
         config,
         weights,
         tokenizer,

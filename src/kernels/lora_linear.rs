@@ -21,13 +21,15 @@ pub struct LoraBranch<'a> {
     pub scale: f64,
 }
 
-/// `x @ w^T + scale * (mask * x) @ a^T @ b^T` over the last dim of `x` (any leading dims).
+/// `x @ w^T (+ bias) + scale * (mask * x) @ a^T @ b^T` over the last dim of `x` (any leading
+/// dims); the bias is frozen, like `w`.
 /// `mask` is the inverted-dropout mask for `x` viewed as [M, K] (None: no dropout). With `grad`,
 /// the result is attached to the graph through `a` and `b` (and `x`); without, no graph is
 /// recorded, so a pass whose result is detached anyway frees its intermediates at once.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     lora: LoraBranch<'_>,
     mask: Option<Tensor>,
     gemm: GemmMode,
@@ -40,7 +42,7 @@ pub fn lora_linear(
     out_dims.push(w.dim(0)?);
     let x2 = x.reshape((m, k))?;
     if grad && fused::available(x) {
-        return lora_node(x, &x2, w, lora, mask, gemm, &out_dims);
+        return lora_node(x, &x2, w, bias, lora, mask, gemm, &out_dims);
     }
     let (a, b) = if grad {
         (lora.a.clone(), lora.b.clone())
@@ -51,17 +53,26 @@ pub fn lora_linear(
         Some(mask) => apply_mask(&x2, mask)?,
         None => x2.clone(),
     };
-    let base = frozen_linear(&x2, w, gemm)?;
+    let base = with_bias(frozen_linear(&x2, w, gemm)?, bias)?;
     add_branch(base, &xd, &a, &b, lora.scale, gemm)?.reshape(out_dims)
+}
+
+fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// The node form. `x` is the input as given (any leading dims), `x2` its [M, K] view: the node
 /// takes `x` itself, since every reshape node would cost its own zero-fill and add in the
 /// backward.
+#[allow(clippy::too_many_arguments)] // the projection's parts, as lora_linear takes them
 fn lora_node(
     x: &Tensor,
     x2: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     lora: LoraBranch<'_>,
     mask: Option<Tensor>,
     gemm: GemmMode,
@@ -73,7 +84,8 @@ fn lora_node(
         None => xv.clone(),
     };
     let (a, b) = (lora.a.detach(), lora.b.detach());
-    let base = frozen_linear(&xv, w, gemm)?;
+    // The bias is a constant of the value; the backward does not depend on it.
+    let base = with_bias(frozen_linear(&xv, w, gemm)?, bias)?;
     let y = add_branch(base, &xd, &a, &b, lora.scale, gemm)?.reshape(out_dims)?;
     let node = LoraNode {
         w: w.clone(),

@@ -86,6 +86,11 @@ impl LossHead {
         !matches!(self.objective, Objective::ApoZeroUnpaired)
     }
 
+    /// The temperature of the implicit reward beta * (log pi - log pi_ref).
+    pub fn beta(&self) -> f64 {
+        self.beta
+    }
+
     fn is_enhanced(&self) -> bool {
         matches!(self.objective, Objective::EnhancedKto(_))
     }

@@ -345,18 +345,16 @@ impl Llama {
     }
 
     /// cos/sin tables [T, head_dim] for positions start..start + T, as transformers builds
-    /// them (non-interleaved halves).
+    /// them (non-interleaved halves; the frequencies of the config's rope scaling).
     fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let d = self.cfg.head_dim;
-        let inv: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.cfg.rope_theta.powf((2 * i) as f64 / d as f64))
-            .collect();
+        let inv = self.cfg.rope_inv_freq(start + t);
         let mut cos = Vec::with_capacity(t * d);
         let mut sin = Vec::with_capacity(t * d);
         for pos in start..start + t {
             for _ in 0..2 {
                 for f in &inv {
-                    // transformers computes the angles in f32
+                    // transformers computes the frequencies and the angles in f32
                     let ang = (pos as f32 * *f as f32) as f64;
                     cos.push(ang.cos());
                     sin.push(ang.sin());

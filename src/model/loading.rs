@@ -1,16 +1,18 @@
 //! Building the network from a model's safetensors (found by [`crate::hub`]), with fresh LoRA
 //! layers or a PEFT adapter's.
 use super::adapter::{load_adapter_weights, read_adapter_spec};
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, RopeScaling};
 use super::llama::{Attention, Block, Llama, Mlp, RmsNorm};
 use super::lora::{init_lora, Linear, Lora};
 use crate::config::Projection;
-use crate::hub::ModelFiles;
+use crate::hub::gguf::Gguf;
+use crate::hub::{ModelFiles, WeightFormat};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// How the LoRA layers are set up.
@@ -46,30 +48,96 @@ impl LoraSpec {
     }
 }
 
+/// Where the tensors come from: memory-mapped safetensors, or a GGUF file's tensors dequantized
+/// under their Hugging Face names.
+enum Source {
+    Safetensors(MmapedSafetensors),
+    Gguf(HashMap<String, Tensor>),
+}
+
 struct Weights<'a> {
-    st: MmapedSafetensors,
+    source: Source,
     files: &'a ModelFiles,
     dtype: DType,
     device: Device,
 }
 
 impl Weights<'_> {
+    fn open<'a>(
+        files: &'a ModelFiles,
+        cfg: &LlamaConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Weights<'a>> {
+        let source = match files.format {
+            WeightFormat::Gguf => {
+                let gguf = Gguf::open(&files.config)?;
+                Source::Gguf(gguf.hf_tensors(cfg.num_attention_heads, cfg.num_key_value_heads)?)
+            }
+            WeightFormat::Safetensors => {
+                // SAFETY: the weight files are memory-mapped read-only; changing them while a run
+                // is going on is not supported (as with every mmap-based loader).
+                let st =
+                    unsafe { MmapedSafetensors::multi(&files.weights) }.with_context(|| {
+                        format!("cannot read safetensors weights {:?}", files.weights)
+                    })?;
+                Source::Safetensors(st)
+            }
+        };
+        Ok(Weights {
+            source,
+            files,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        match &self.source {
+            Source::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
+            Source::Gguf(map) => map.keys().cloned().collect(),
+        }
+    }
+
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.st.load(name, &self.device).with_context(|| {
+        let missing = || {
             format!(
                 "model weights ({}) have no tensor `{name}`",
                 self.files.weights[0].display()
             )
-        })?;
+        };
+        let t = match &self.source {
+            Source::Safetensors(st) => st.load(name, &self.device).with_context(missing)?,
+            Source::Gguf(map) => map
+                .get(name)
+                .with_context(missing)?
+                .to_device(&self.device)?,
+        };
         if t.dims() != shape {
             bail!(
-                "tensor `{name}` in {} has shape {:?}, but config.json implies {:?}",
-                self.files.dir.display(),
+                "tensor `{name}` in {} has shape {:?}, but the model's config implies {:?}",
+                self.files.config.display(),
                 t.dims(),
                 shape
             );
         }
         Ok(t.to_dtype(self.dtype)?)
+    }
+}
+
+/// The model's config: config.json, or a GGUF file's metadata (with Llama 3's per-frequency rope
+/// factors when the file has them).
+pub fn model_config(files: &ModelFiles) -> Result<LlamaConfig> {
+    match files.format {
+        WeightFormat::Safetensors => LlamaConfig::from_file(&files.config),
+        WeightFormat::Gguf => {
+            let gguf = Gguf::open(&files.config)?;
+            let mut cfg = LlamaConfig::from_json(&gguf.config_json()?, &files.config)?;
+            if let Some(div) = gguf.rope_divisors()? {
+                cfg.rope_scaling = RopeScaling::Divisors(div);
+            }
+            Ok(cfg)
+        }
     }
 }
 
@@ -81,18 +149,9 @@ pub fn load_llama(
     device: &Device,
     lora: Option<&LoraSpec>,
 ) -> Result<Llama> {
-    let cfg = LlamaConfig::from_file(&files.config)?;
-    // SAFETY: the weight files are memory-mapped read-only; changing them while a run is going on
-    // is not supported (as with every mmap-based loader).
-    let st = unsafe { MmapedSafetensors::multi(&files.weights) }
-        .with_context(|| format!("cannot read safetensors weights {:?}", files.weights))?;
-    check_layer_count(&st, &cfg, files)?;
-    let w = Weights {
-        st,
-        files,
-        dtype,
-        device: device.clone(),
-    };
+    let cfg = model_config(files)?;
+    let w = Weights::open(files, &cfg, dtype, device)?;
+    check_layer_count(&w.names(), &cfg, files)?;
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
     let mut rng = lora.map(|l| ChaCha8Rng::seed_from_u64(l.seed));
@@ -101,10 +160,13 @@ pub fn load_llama(
         let mut linear = |pi: usize| -> Result<Linear> {
             let p = Projection::ALL[pi];
             let shape = cfg.projection_shape(p);
-            let weight = w.get(
-                &format!("model.layers.{li}.{}.{p}.weight", p.parent()),
-                &shape,
-            )?;
+            let path = format!("model.layers.{li}.{}.{p}", p.parent());
+            let weight = w.get(&format!("{path}.weight"), &shape)?;
+            let bias = if cfg.biased.contains(&p) {
+                Some(w.get(&format!("{path}.bias"), &[shape[0]])?)
+            } else {
+                None
+            };
             let lora = match (lora, rng.as_mut()) {
                 (Some(spec), Some(rng)) if spec.target_modules.contains(&p) => {
                     let (a, b) = init_lora(rng, shape[1], shape[0], spec.r, dtype, device)?;
@@ -119,6 +181,7 @@ pub fn load_llama(
             };
             Ok(Linear {
                 weight,
+                bias,
                 lora,
                 module_index: (li * 7 + pi) as u64,
             })
@@ -171,11 +234,10 @@ pub fn load_llama(
 
 /// Refuses weights with more decoder layers than config.json declares: they would be dropped
 /// silently and the network would not be the one the files hold.
-fn check_layer_count(st: &MmapedSafetensors, cfg: &LlamaConfig, files: &ModelFiles) -> Result<()> {
-    let deepest = st
-        .tensors()
+fn check_layer_count(names: &[String], cfg: &LlamaConfig, files: &ModelFiles) -> Result<()> {
+    let deepest = names
         .iter()
-        .filter_map(|(name, _)| {
+        .filter_map(|name| {
             name.strip_prefix("model.layers.")?
                 .split('.')
                 .next()?

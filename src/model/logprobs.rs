@@ -103,9 +103,12 @@ pub fn completion_logp_sums_after(
     let mut full = Vec::new();
     let dev = model.device();
     for (i, seq) in seqs.iter().enumerate() {
+        // With dynamic rope the frequencies depend on the pass's length: a shorter pass's states
+        // are not those of the longer one.
+        let length_bound = model.cfg().rope_scaling.depends_on_length();
         let (row, reuse) = match rows[i] {
-            Some(r) => (r, prefix.reusable(r, seq)),
-            None => (0, 0),
+            Some(r) if !length_bound => (r, prefix.reusable(r, seq)),
+            _ => (0, 0),
         };
         if reuse == 0 || seq.n_scored() == 0 {
             full.push(i);

@@ -25,6 +25,8 @@ pub struct Lora {
 pub struct Linear {
     /// [out_features, in_features], frozen.
     pub weight: Tensor,
+    /// [out_features], frozen (LoRA leaves a projection's bias as it is, as PEFT does).
+    pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
     /// Unique per projection in the network; keys its dropout masks.
     pub module_index: u64,
@@ -42,7 +44,11 @@ impl Linear {
     /// `x W^T`, plus the LoRA branch when `pass` runs the policy.
     pub fn forward(&self, x: &Tensor, pass: PassMode, gemm: GemmMode) -> Result<Tensor> {
         let Some(lora) = self.lora.as_ref().filter(|_| pass.lora) else {
-            return frozen_linear(x, &self.weight, gemm);
+            let y = frozen_linear(x, &self.weight, gemm)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
         };
         let mask = match pass.dropout {
             Some(key) if lora.dropout > 0.0 => {
@@ -63,7 +69,15 @@ impl Linear {
             b: lora.b.as_tensor(),
             scale: lora.scale,
         };
-        lora_linear(x, &self.weight, branch, mask, gemm, pass.grad)
+        lora_linear(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            branch,
+            mask,
+            gemm,
+            pass.grad,
+        )
     }
 }
 

@@ -103,7 +103,7 @@ pub fn write_random_model(dir: &Path, cfg: &LlamaConfig, seed: u64, dtype: DType
         }
         .into(),
     );
-    write_json_atomic(&dir.join("config.json"), &cfg.to_json())?;
+    write_json_atomic(&dir.join("config.json"), &cfg.to_json()?)?;
     write_atomic(&dir.join("tokenizer.json"), SMOLLM2_TOKENIZER)?;
     Ok(())
 }

@@ -264,6 +264,7 @@ fn render_card(c: &CardInputs) -> String {
 
     out.push_str("\n## Final metrics\n\n");
     metrics_table(&mut out, c.log);
+    pair_table(&mut out, c.log);
 
     if !c.plots.is_empty() {
         out.push_str("\n## Training curves\n\n");
@@ -836,6 +837,51 @@ fn metrics_table(out: &mut String, log: &MetricsLog) {
         if !facts.is_empty() {
             let _ = writeln!(out, "\nAt the last training log: {}.", facts.join(", "));
         }
+    }
+}
+
+/// The implicit reward on the validation split's preference pairs at every evaluation: whether
+/// training ranks desirable above undesirable completions it has not seen.
+fn pair_table(out: &mut String, log: &MetricsLog) {
+    let rows: Vec<&MetricsLine> = log
+        .lines
+        .iter()
+        .filter(|l| l.eval && l.metrics.contains_key("eval_pair_accuracy"))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str(
+        "\n### Preference pairs (validation split)\n\nFor every (desirable, undesirable) pair of \
+         completions of one prompt: the share ranked right by the implicit reward \
+         beta * (log pi - log pi_ref) (a tie counts one half), and the mean reward margin, with \
+         standard errors over pairs.\n\n",
+    );
+    header(out, &["Step", "Pairs", "Pair accuracy", "Reward margin"]);
+    let pm = |l: &MetricsLine, k: &str| {
+        let v = l
+            .metrics
+            .get(&format!("eval_pair_{k}"))
+            .copied()
+            .unwrap_or(f64::NAN);
+        let se = l
+            .metrics
+            .get(&format!("eval_pair_{k}_stderr"))
+            .copied()
+            .unwrap_or(f64::NAN);
+        format!("{} ± {}", format_value(v), format_value(se))
+    };
+    for l in rows {
+        let n = l.metrics.get("eval_pairs").copied().unwrap_or(f64::NAN);
+        row(
+            out,
+            &[
+                show_f64(l.step),
+                show_f64(n),
+                pm(l, "accuracy"),
+                pm(l, "margin"),
+            ],
+        );
     }
 }
 

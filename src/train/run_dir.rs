@@ -39,9 +39,10 @@ pub const RUN_ENTRIES: [&str; 10] = [
 /// Config keys a resumed run may change without `--allow-config-change`: they decide when the
 /// run logs, evaluates, checkpoints and reports, not what it trains (a key names itself and every
 /// key below it).
-pub const RESUME_MAY_CHANGE: [&str; 8] = [
+pub const RESUME_MAY_CHANGE: [&str; 9] = [
     "train.log_every",
     "train.eval_every",
+    "train.eval_on_start",
     "train.save_every",
     "train.keep_checkpoints",
     "train.reference_cache",

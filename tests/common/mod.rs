@@ -95,14 +95,28 @@ pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
 }
 
 pub fn kto_step_json() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("kto-step/batch.json")).unwrap()).unwrap()
+    kto_step_json_in("kto-step")
+}
+
+/// `<dir>/batch.json` of a TRL step fixture (kto-step, qwen2-kto-step).
+pub fn kto_step_json_in(dir: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{dir}/batch.json"))).unwrap())
+        .unwrap()
 }
 
 /// The TRL step's micro-batch (exact token ids). With `trim = Some((p, c))` each prompt keeps its
 /// last `p` tokens and each completion its first `c` (shorter sequences for f64 checks).
 pub fn kto_step_batch(trim: Option<(usize, usize)>) -> kto_train::train::batch::MicroBatch {
+    kto_step_batch_in("kto-step", trim)
+}
+
+/// [`kto_step_batch`] of the TRL step fixture in `dir`.
+pub fn kto_step_batch_in(
+    dir: &str,
+    trim: Option<(usize, usize)>,
+) -> kto_train::train::batch::MicroBatch {
     use kto_train::model::logprobs::Sequence;
-    let b = kto_step_json();
+    let b = kto_step_json_in(dir);
     let seqs = |k: &str| -> Vec<Sequence> {
         b[k].as_array()
             .unwrap()
@@ -142,8 +156,13 @@ pub fn kto_step_batch(trim: Option<(usize, usize)>) -> kto_train::train::batch::
 /// One training micro-batch of the TRL step fixture on `model`, with TRL's loss settings (the
 /// adapter has dropout 0: training and evaluation mode are the same network).
 pub fn run_trl_step(model: &Llama) -> kto_train::train::step::StepResult {
+    run_trl_step_in(model, "kto-step")
+}
+
+/// [`run_trl_step`] with the TRL step fixture in `dir`.
+pub fn run_trl_step_in(model: &Llama, dir: &str) -> kto_train::train::step::StepResult {
     use kto_train::model::PassMode;
-    let b = kto_step_json();
+    let b = kto_step_json_in(dir);
     let cfg = &b["trl_config"];
     let loss_cfg: kto_train::config::LossConfig = toml::from_str(&format!(
         "loss_type = \"{}\"\nbeta = {}\ndesirable_weight = {}\nundesirable_weight = {}",
@@ -160,6 +179,6 @@ pub fn run_trl_step(model: &Llama) -> kto_train::train::step::StepResult {
         step: 0,
         train: true,
     };
-    kto_train::train::step::run_micro_batch(model, &mut head, &kto_step_batch(None), mode, None)
-        .unwrap()
+    let batch = kto_step_batch_in(dir, None);
+    kto_train::train::step::run_micro_batch(model, &mut head, &batch, mode, None).unwrap()
 }

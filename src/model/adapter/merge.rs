@@ -2,15 +2,22 @@
 //! weights, W' = W + scale * B A (scale = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA),
 //! for runtimes that know nothing of PEFT.
 //!
-//! The output mirrors the base folder: the same safetensors file names (one file, or the same
-//! shards and index), tensor names, shapes and dtypes; only adapted projections change. The sum is
-//! taken in f32 and rounded once to the base dtype. Tensors are read straight from the files, so
-//! no network is built and any tensor the loader does not know (a saved `lm_head.weight` of a
-//! tied model, say) is carried over unchanged.
+//! The output mirrors a Hugging Face base folder: the same safetensors file names (one file, or
+//! the same shards and index), tensor names and shapes; only adapted projections change, and any
+//! tensor the loader does not know (a saved `lm_head.weight` of a tied model, say) is carried over.
+//! A GGUF base becomes a Hugging Face folder of the same architecture (model.safetensors,
+//! config.json, tokenizer.json). The sum is taken in f32 and rounded once to the output dtype.
+//!
+//! Rounding to bf16 can lose most of a small LoRA delta: a trained adapter's B A is often far
+//! below bf16's resolution of W (2^-8 relative). The share of the delta lost,
+//! |round(W + dW) - (W + dW)| / |dW| over every merged tensor, is measured on the merged weights
+//! and reported; `--dtype auto` keeps the base's dtype only while it loses at most
+//! [`MAX_LOST_FRACTION`], and writes f32 otherwise.
 use super::read_adapter_spec;
-use crate::hub::ModelFiles;
-use crate::model::LoraSpec;
-use crate::util::atomic::write_atomic;
+use crate::hub::gguf::Gguf;
+use crate::hub::{ModelFiles, WeightFormat};
+use crate::model::{loading::model_config, LoraSpec};
+use crate::util::atomic::{write_atomic, write_json_atomic};
 use crate::util::safetensors_io::{serialize_pt, tensor_from_view, RawTensor};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -33,6 +40,35 @@ pub const COPIED_FILES: [&str; 10] = [
 ];
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// The share of the adapter's delta a merge may lose to rounding before it says so (and before
+/// `--dtype auto` chooses f32 instead of the base's dtype).
+pub const MAX_LOST_FRACTION: f64 = 0.1;
+
+/// The dtype of the merged weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MergeDtype {
+    /// The base's dtype (bf16 for a GGUF base) unless that loses more than
+    /// [`MAX_LOST_FRACTION`] of the delta; f32 then.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for MergeDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(MergeDtype::Auto),
+            "f32" => Ok(MergeDtype::F32),
+            "bf16" => Ok(MergeDtype::Bf16),
+            other => Err(format!(
+                "unknown dtype `{other}`: allowed are auto, f32, bf16"
+            )),
+        }
+    }
+}
+
 /// What a merge wrote.
 #[derive(Debug, Clone)]
 pub struct MergeSummary {
@@ -40,6 +76,10 @@ pub struct MergeSummary {
     pub merged: usize,
     /// Every file written, in `out`.
     pub files: Vec<PathBuf>,
+    /// The dtype of the written weights.
+    pub dtype: DType,
+    /// |round(W + dW) - (W + dW)| / |dW| over all merged tensors, in that dtype.
+    pub lost_fraction: f64,
 }
 
 /// LoRA pairs keyed by the base weight they apply to (`model.layers.0.self_attn.q_proj.weight`).
@@ -72,26 +112,115 @@ fn check_shapes(name: &str, shape: &[usize], a: &Tensor, b: &Tensor) -> Result<(
     Ok(())
 }
 
-/// W + scale * B A, in f32, back in W's dtype.
-fn merged_tensor(
-    w: &safetensors::tensor::TensorView<'_>,
-    name: &str,
-    a: &Tensor,
-    b: &Tensor,
+/// The base's weights, by name: each file's tensors (safetensors shards) or the GGUF's
+/// dequantized Hugging Face tensors as one file.
+struct BaseWeights {
+    /// (output file name, tensors in file order) per file.
+    files: Vec<(String, Vec<(String, Tensor)>)>,
+    /// The dtype the tensors are held in here (f32 for a GGUF's dequantized ones).
+    stored: DType,
+    /// The dtype the base's matrices have as a model: `--dtype auto`'s first choice (bf16 for
+    /// GGUF, whose quantized weights have no float dtype).
+    natural: DType,
+}
+
+fn candle_dtype(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::F64 => Some(DType::F64),
+        _ => None,
+    }
+}
+
+fn read_base(files: &ModelFiles) -> Result<BaseWeights> {
+    if files.format == WeightFormat::Gguf {
+        let cfg = model_config(files)?;
+        let gguf = Gguf::open(&files.config)?;
+        let mut tensors: Vec<(String, Tensor)> = gguf
+            .hf_tensors(cfg.num_attention_heads, cfg.num_key_value_heads)?
+            .into_iter()
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        return Ok(BaseWeights {
+            files: vec![("model.safetensors".into(), tensors)],
+            stored: DType::F32,
+            natural: DType::BF16,
+        });
+    }
+    let mut out = Vec::new();
+    let mut dtype = DType::F32;
+    for shard in &files.weights {
+        let name = shard
+            .file_name()
+            .with_context(|| format!("weights path {} has no file name", shard.display()))?
+            .to_string_lossy()
+            .into_owned();
+        let bytes =
+            std::fs::read(shard).with_context(|| format!("cannot read {}", shard.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", shard.display()))?;
+        let mut tensors = Vec::new();
+        for (n, view) in st.tensors() {
+            let Some(dt) = candle_dtype(view.dtype()) else {
+                bail!(
+                    "{}: tensor `{n}` of dtype {:?} cannot be merged",
+                    shard.display(),
+                    view.dtype()
+                );
+            };
+            if view.shape().len() == 2 {
+                dtype = dt;
+            }
+            let t = tensor_from_view(&view, &Device::Cpu)
+                .with_context(|| format!("{}: tensor `{n}`", shard.display()))?;
+            tensors.push((n, t));
+        }
+        out.push((name, tensors));
+    }
+    Ok(BaseWeights {
+        files: out,
+        stored: dtype,
+        natural: dtype,
+    })
+}
+
+/// W + scale * B A of every adapted tensor, in f32, keyed by name.
+fn merged_f32(
+    base: &BaseWeights,
+    pairs: &BTreeMap<String, (Tensor, Tensor)>,
     scale: f64,
-) -> Result<RawTensor> {
-    let dtype = match w.dtype() {
-        Dtype::F32 => DType::F32,
-        Dtype::BF16 => DType::BF16,
-        Dtype::F16 => DType::F16,
-        Dtype::F64 => DType::F64,
-        other => bail!("cannot merge into `{name}`: weights of dtype {other:?} are not supported"),
-    };
-    check_shapes(name, w.shape(), a, b)?;
-    let base = tensor_from_view(w, &Device::Cpu)?.to_dtype(DType::F32)?;
-    let delta = (b.matmul(a)? * scale)?;
-    let merged = (base + delta)?;
-    RawTensor::from_tensor(&merged, dtype)
+) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
+    let mut out = BTreeMap::new();
+    for (_, tensors) in &base.files {
+        for (name, w) in tensors {
+            if let Some((a, b)) = pairs.get(name) {
+                check_shapes(name, w.dims(), a, b)?;
+                let delta = (b.matmul(a)? * scale)?;
+                let merged = (w.to_dtype(DType::F32)? + &delta)?;
+                out.insert(name.clone(), (merged, delta));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// |round_dtype(W + dW) - (W + dW)| / |dW| over every merged tensor (L2 norms).
+fn lost_fraction(merged: &BTreeMap<String, (Tensor, Tensor)>, dtype: DType) -> Result<f64> {
+    let (mut err, mut size) = (0f64, 0f64);
+    for (m, delta) in merged.values() {
+        let rounded = m.to_dtype(dtype)?.to_dtype(DType::F32)?;
+        let sq = |t: &Tensor| -> Result<f64> {
+            Ok(t.to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?)
+        };
+        err += sq(&(rounded - m)?)?;
+        size += sq(delta)?;
+    }
+    Ok(if size > 0.0 { (err / size).sqrt() } else { 0.0 })
 }
 
 /// Refuses an output folder that would overwrite the base model or an earlier result.
@@ -119,55 +248,33 @@ fn check_out_dir(out: &Path, files: &ModelFiles, adapter_dir: &Path) -> Result<(
     Ok(())
 }
 
-/// Tensor names and shapes of a safetensors file, from its header alone (the weights may be
-/// gigabytes).
-fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
-    use std::io::Read;
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100_000_000 {
-        bail!(
-            "{}: not a safetensors file (header of {n} bytes)",
-            path.display()
-        );
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
-    let v: serde_json::Value = serde_json::from_slice(&header)
-        .with_context(|| format!("{}: safetensors header is not JSON", path.display()))?;
-    let m = v
-        .as_object()
-        .with_context(|| format!("{}: safetensors header is not an object", path.display()))?;
-    m.iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| {
-            let shape = v
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .and_then(|s| s.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-                .with_context(|| format!("{}: tensor `{k}` has no shape", path.display()))?;
-            Ok((k.clone(), shape))
-        })
-        .collect()
+/// Merges the adapter in `adapter_dir` into the model `files` and writes the folder `out`, with
+/// `--dtype auto`.
+pub fn merge_adapter(files: &ModelFiles, adapter_dir: &Path, out: &Path) -> Result<MergeSummary> {
+    merge_adapter_with(files, adapter_dir, out, MergeDtype::Auto)
 }
 
-/// Merges the adapter in `adapter_dir` into the model `files` and writes the folder `out`.
-/// Everything that can be checked is checked before the first file is written.
-pub fn merge_adapter(files: &ModelFiles, adapter_dir: &Path, out: &Path) -> Result<MergeSummary> {
+/// [`merge_adapter`] with the output dtype chosen. Everything that can be checked is checked
+/// before the first file is written.
+pub fn merge_adapter_with(
+    files: &ModelFiles,
+    adapter_dir: &Path,
+    out: &Path,
+    dtype: MergeDtype,
+) -> Result<MergeSummary> {
     let (spec, _) = read_adapter_spec(adapter_dir)?;
-    let scale = spec.scale();
     let pairs = adapter_pairs(adapter_dir, &spec)?;
     check_out_dir(out, files, adapter_dir)?;
-    let mut present = std::collections::HashMap::new();
-    for shard in &files.weights {
-        present.extend(tensor_shapes(shard)?);
-    }
-    let missing: Vec<&String> = pairs.keys().filter(|k| !present.contains_key(*k)).collect();
+    let base = read_base(files)?;
+    let present: HashSet<&str> = base
+        .files
+        .iter()
+        .flat_map(|(_, t)| t.iter().map(|(n, _)| n.as_str()))
+        .collect();
+    let missing: Vec<&String> = pairs
+        .keys()
+        .filter(|k| !present.contains(k.as_str()))
+        .collect();
     if !missing.is_empty() {
         bail!(
             "adapter {} has LoRA weights for tensors the model {} does not have: {:?}",
@@ -176,42 +283,99 @@ pub fn merge_adapter(files: &ModelFiles, adapter_dir: &Path, out: &Path) -> Resu
             missing
         );
     }
-    for (name, (a, b)) in &pairs {
-        check_shapes(name, &present[name], a, b)?;
-    }
+    let merged = merged_f32(&base, &pairs, spec.scale())?;
+    let out_dtype = match dtype {
+        MergeDtype::F32 => DType::F32,
+        MergeDtype::Bf16 => DType::BF16,
+        MergeDtype::Auto if lost_fraction(&merged, base.natural)? > MAX_LOST_FRACTION => DType::F32,
+        MergeDtype::Auto => base.natural,
+    };
+    let lost = lost_fraction(&merged, out_dtype)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut used: HashSet<&str> = HashSet::new();
+    let written = write_weights(&base, &merged, out_dtype, out)?;
+    let mut files_written: Vec<PathBuf> = written.iter().map(|(p, _)| p.clone()).collect();
+    let total: usize = written.iter().map(|(_, n)| n).sum();
+    files_written.extend(write_companions(
+        files,
+        out,
+        out_dtype,
+        base.natural,
+        total,
+    )?);
+    Ok(MergeSummary {
+        merged: merged.len(),
+        files: files_written,
+        dtype: out_dtype,
+        lost_fraction: lost,
+    })
+}
+
+/// Every base file with the merged tensors in, matrices in `dtype` (other tensors keep their
+/// dtype unless the matrices change theirs); returns each file with its tensor bytes.
+fn write_weights(
+    base: &BaseWeights,
+    merged: &BTreeMap<String, (Tensor, Tensor)>,
+    dtype: DType,
+    out: &Path,
+) -> Result<Vec<(PathBuf, usize)>> {
     let mut written = Vec::new();
-    for shard in &files.weights {
-        let file_name = shard
-            .file_name()
-            .with_context(|| format!("weights path {} has no file name", shard.display()))?;
-        let bytes =
-            std::fs::read(shard).with_context(|| format!("cannot read {}", shard.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{}: not a safetensors file", shard.display()))?;
-        let mut tensors: Vec<(String, RawTensor)> = Vec::new();
-        for (name, view) in st.tensors() {
-            let raw = match pairs.get_key_value(name.as_str()) {
-                Some((key, (a, b))) => {
-                    used.insert(key.as_str());
-                    merged_tensor(&view, &name, a, b, scale)
-                        .with_context(|| format!("{}", shard.display()))?
-                }
-                None => RawTensor {
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    data: view.data().to_vec(),
-                },
+    for (file, tensors) in &base.files {
+        let mut raw: Vec<(String, RawTensor)> = Vec::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            // The model's float tensors take the output dtype; others (an f32 norm in a bf16
+            // file, integer buffers) keep theirs.
+            let target = if t.dtype() == base.stored {
+                dtype
+            } else {
+                t.dtype()
             };
-            tensors.push((name, raw));
+            let value = merged.get(name).map_or(t, |(m, _)| m);
+            raw.push((name.clone(), RawTensor::from_tensor(value, target)?));
         }
-        drop(st);
-        let target = out.join(file_name);
-        write_atomic(&target, &serialize_pt(&tensors)?)?;
-        written.push(target);
+        let bytes: usize = raw.iter().map(|(_, r)| r.data.len()).sum();
+        let path = out.join(file);
+        write_atomic(&path, &serialize_pt(&raw)?)?;
+        written.push((path, bytes));
     }
-    // The shard index stays valid: same names, files, shapes and dtypes, hence sizes.
+    Ok(written)
+}
+
+/// config.json (with the output dtype), the shard index, the tokenizer and its side files: copied
+/// from a Hugging Face base, or written from a GGUF base's metadata.
+fn write_companions(
+    files: &ModelFiles,
+    out: &Path,
+    dtype: DType,
+    base_dtype: DType,
+    total_bytes: usize,
+) -> Result<Vec<PathBuf>> {
+    let dtype_name = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    };
+    let mut written = Vec::new();
+    if files.format == WeightFormat::Gguf {
+        let mut cfg = model_config(files)?;
+        cfg.saved_dtype = Some(dtype_name.into());
+        let p = out.join("config.json");
+        write_json_atomic(&p, &cfg.to_json()?)?;
+        written.push(p);
+        let gguf = Gguf::open(&files.config)?;
+        if let Some(tok) = gguf.tokenizer()? {
+            let p = out.join("tokenizer.json");
+            let text = tok.to_string(true).map_err(|e| anyhow::anyhow!("{e}"))?;
+            write_atomic(&p, text.as_bytes())?;
+            written.push(p);
+        }
+        if let Some(t) = gguf.chat_template() {
+            let p = out.join("tokenizer_config.json");
+            write_json_atomic(&p, &serde_json::json!({ "chat_template": t }))?;
+            written.push(p);
+        }
+        return Ok(written);
+    }
     let mut copies: Vec<(PathBuf, &str)> = Vec::new();
     if files.weights.len() > 1 || files.dir.join(INDEX_FILE).is_file() {
         copies.push((files.dir.join(INDEX_FILE), INDEX_FILE));
@@ -228,14 +392,38 @@ pub fn merge_adapter(files: &ModelFiles, adapter_dir: &Path, out: &Path) -> Resu
         if !src.is_file() || !seen.insert(name) {
             continue;
         }
-        let bytes =
+        let mut bytes =
             std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+        if dtype != base_dtype {
+            bytes = with_new_dtype(name, &bytes, dtype_name, total_bytes)?;
+        }
         let target = out.join(name);
         write_atomic(&target, &bytes)?;
         written.push(target);
     }
-    Ok(MergeSummary {
-        merged: used.len(),
-        files: written,
-    })
+    Ok(written)
+}
+
+/// config.json names the new dtype; the shard index the new total size (names and files stay).
+fn with_new_dtype(name: &str, bytes: &[u8], dtype: &str, total: usize) -> Result<Vec<u8>> {
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| -> Result<Vec<u8>> {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(bytes).with_context(|| format!("{name} is not valid JSON"))?;
+        f(&mut v);
+        Ok(serde_json::to_vec_pretty(&v)?)
+    };
+    match name {
+        "config.json" => edit(&|v| {
+            for k in ["torch_dtype", "dtype"] {
+                if v.get(k).is_some() {
+                    v[k] = dtype.into();
+                }
+            }
+            if v.get("torch_dtype").is_none() && v.get("dtype").is_none() {
+                v["torch_dtype"] = dtype.into();
+            }
+        }),
+        INDEX_FILE => edit(&|v| v["metadata"]["total_size"] = total.into()),
+        _ => Ok(bytes.to_vec()),
+    }
 }
