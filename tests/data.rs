@@ -398,6 +398,35 @@ fn oasst_sample_messages() {
     assert!(u[1].starts_with(" ChatGPT was the inspiration for my creation"));
     assert!(u[2].starts_with(" ChatGPT was the inspiration for my creation"));
     assert!(d.iter().chain(&u).all(|t| t.ends_with("<|endoftext|>")));
+    // Each stated comparison (better, worse) is numbered once: pair k has exactly one desirable
+    // and one undesirable side, better ranked first; the middle reply is a side of two.
+    let side = |k: u32, label: bool| {
+        let v: Vec<String> = ex
+            .iter()
+            .filter(|e| e.pair == Some(k) && e.label == label)
+            .map(|e| dec(&e.completion_ids))
+            .collect();
+        assert_eq!(v.len(), 1, "pair {k} label {label}");
+        v[0].clone()
+    };
+    for k in 0..3 {
+        assert_ne!(side(k, true), side(k, false));
+    }
+    assert_eq!(
+        side(0, true),
+        side(1, true),
+        "the best reply is preferred twice"
+    );
+    assert_eq!(
+        side(0, false),
+        side(2, true),
+        "the middle reply: worse once, better once"
+    );
+    assert_eq!(
+        side(1, false),
+        side(2, false),
+        "the worst reply loses twice"
+    );
 
     let mut c = cfg.clone();
     c.sources[0].pairs = Some(OasstPairs::BestVsRest);
@@ -670,6 +699,15 @@ fn shp_synthetic_rows() {
         .map(|e| e.interaction)
         .collect();
     assert_eq!(ids.len(), 1);
+    // Its 5 kept comparisons are numbered 0..5, each with one side of each label.
+    let mut p3_pairs: Vec<(u32, bool)> = ex
+        .iter()
+        .filter(|e| dec(&e.prompt_ids).contains("Best knife?"))
+        .map(|e| (e.pair.unwrap(), e.label))
+        .collect();
+    p3_pairs.sort();
+    let want: Vec<(u32, bool)> = (0..5).flat_map(|k| [(k, false), (k, true)]).collect();
+    assert_eq!(p3_pairs, want);
 
     let mut src = source(SourceKind::Shp, &paths);
     src.min_score_ratio = Some(0.0);
@@ -798,6 +836,27 @@ fn generic_preference_and_unpaired_records() {
     assert_eq!(france.len(), 1);
     assert!(ex.iter().filter(|e| e.source == "unpaired").count() == 3);
     assert!(ex.iter().filter(|e| e.source == "pref").count() == 8);
+    // Two records of one prompt keep their own comparisons: " 4" > " 5" is pair 0, the later
+    // " four" > " fish" pair 1 (never " 4" against " fish"); unpaired records have none.
+    let pairs: HashSet<(String, bool, Option<u32>)> = ex
+        .iter()
+        .filter(|e| dec(&e.prompt_ids) == "2+2=")
+        .map(|e| (dec(&e.completion_ids), e.label, e.pair))
+        .collect();
+    let want: HashSet<(String, bool, Option<u32>)> = [
+        (" 4", true, 0),
+        (" 5", false, 0),
+        (" four", true, 1),
+        (" fish", false, 1),
+    ]
+    .into_iter()
+    .map(|(t, l, k)| (format!("{t}<|endoftext|>"), l, Some(k)))
+    .collect();
+    assert_eq!(pairs, want);
+    assert!(ex
+        .iter()
+        .filter(|e| e.source == "unpaired")
+        .all(|e| e.pair.is_none()));
 }
 
 // ---------------------------------------------------------------- bad input

@@ -164,8 +164,14 @@ fn bad_values_are_refused_naming_the_key_and_range() {
 #[test]
 fn enhanced_keys_are_refused_under_the_trl_losses() {
     refused(
-        "value_function = false",
+        "value_function = true",
         &["value_function", "enhanced_kto", "\"kto\""],
+    );
+    refused("weighting = \"prelec\"", &["weighting", "enhanced_kto"]);
+    refused("odds_ratio_weight = 0.1", &["odds_ratio_weight"]);
+    refused(
+        "value_function = false\nvalue_alpha_gain = 0.5",
+        &["value_alpha_gain"],
     );
     refused(
         "loss_type = \"apo_zero_unpaired\"\nbco_shift = true\nloss_aversion = 3",
@@ -178,7 +184,7 @@ fn enhanced_keys_are_refused_under_the_trl_losses() {
     );
     // Through the whole config file too.
     let e = Config::from_toml_str(
-        "[model]\nname_or_path = \"m\"\n[loss]\nloss_type = \"kto\"\nodds_ratio_weight = 0.0\n",
+        "[model]\nname_or_path = \"m\"\n[loss]\nloss_type = \"kto\"\nodds_ratio_weight = 0.5\n",
     )
     .unwrap_err()
     .to_string();
@@ -186,6 +192,16 @@ fn enhanced_keys_are_refused_under_the_trl_losses() {
         e.contains("odds_ratio_weight") && e.contains("enhanced_kto"),
         "{e}"
     );
+    // A component switched off says what plain KTO does: an Enhanced KTO config becomes its KTO
+    // ablation with `--set loss.loss_type=kto` and the four switches set to off.
+    let off = "value_function = false\nweighting = \"none\"\nodds_ratio_weight = 0.0\nbco_shift = false\n";
+    for loss_type in ["kto", "apo_zero_unpaired"] {
+        let c = Config::from_toml_str(&format!(
+            "[model]\nname_or_path = \"m\"\n[loss]\nloss_type = \"{loss_type}\"\n{off}"
+        ))
+        .unwrap();
+        assert_eq!(c.loss.loss_type.name(), loss_type);
+    }
     assert!(Config::from_toml_str(
         "[model]\nname_or_path = \"m\"\n[loss]\nloss_type = \"enhanced_kto\"\nodds_ratio_weight = 0.0\n",
     )

@@ -3,7 +3,8 @@
 //! The Enhanced KTO keys (value function, weighting, odds ratio, BCO shift, component clipping)
 //! only apply to `loss_type = "enhanced_kto"`. Writing one of them under `kto` or
 //! `apo_zero_unpaired` is refused: a user who writes `loss_aversion = 3` under plain KTO believes it
-//! acts, and silently ignoring it would make an ablation lie. Their defaults still fill the struct
+//! acts, and silently ignoring it would make an ablation lie. A component switch set to off is
+//! the exception: it says what plain KTO does. Their defaults still fill the struct
 //! so that code can read them, but only the enhanced head uses them.
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -131,25 +132,37 @@ pub struct RawLossConfig {
 }
 
 impl RawLossConfig {
-    /// Names of the Enhanced KTO keys that were written.
+    /// Names of the Enhanced KTO keys that were written, leaving out the four component switches
+    /// when they say "off" (value_function = false, weighting = "none", odds_ratio_weight = 0,
+    /// bco_shift = false): those state what plain KTO is, so an ablation can switch loss_type with
+    /// `--set` alone.
     fn enhanced_keys_set(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
+        let on = [
+            ("value_function", self.value_function.is_some_and(|b| b)),
+            (
+                "weighting",
+                self.weighting.is_some_and(|w| w != Weighting::None),
+            ),
+            (
+                "odds_ratio_weight",
+                self.odds_ratio_weight.is_some_and(|w| w != 0.0),
+            ),
+            ("bco_shift", self.bco_shift.is_some_and(|b| b)),
+        ];
+        v.extend(on.iter().filter(|(_, on)| *on).map(|(k, _)| *k));
         macro_rules! chk {
             ($($f:ident),*) => { $( if self.$f.is_some() { v.push(stringify!($f)); } )* };
         }
         chk!(
-            value_function,
             value_alpha_gain,
             value_alpha_loss,
             loss_aversion,
             value_eps,
-            weighting,
             gamma_gain,
             gamma_loss,
             prelec_alpha,
-            odds_ratio_weight,
             odds_ratio_max_mean_logp,
-            bco_shift,
             bco_momentum,
             bco_start_step,
             bco_ramp_steps,

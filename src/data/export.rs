@@ -34,6 +34,7 @@ fn example_json(e: &KtoExample, tok: &Tokenizer, split: Option<&str>) -> Result<
     let mut v = serde_json::json!({
         "source": e.source,
         "interaction": e.interaction,
+        "pair": e.pair,
         "label": e.label,
         "prompt": decode(&e.prompt_ids)?,
         "completion": decode(&e.completion_ids)?,
@@ -60,7 +61,8 @@ fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes examples as JSONL for inspection: source, interaction, label, the decoded prompt and
+/// Writes examples as JSONL for inspection: source, interaction, pair (the stated comparison within
+/// the interaction, null when unpaired), label, the decoded prompt and
 /// completion (special tokens shown), and the ids.
 pub fn write_examples_jsonl(
     path: &Path,

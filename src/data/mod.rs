@@ -43,6 +43,10 @@ pub struct KtoExample {
     pub source: String,
     /// Interaction id, unique across the whole prepared dataset; examples of one interaction share a prompt.
     pub interaction: u64,
+    /// The preference comparison (numbered within the interaction) this example is a side of;
+    /// None for an unpaired record. A completion ranked between two others is a side of several.
+    #[serde(default)]
+    pub pair: Option<u32>,
 }
 
 /// What the training run needs from the data pipeline.
@@ -274,6 +278,7 @@ fn mix_and_split(
                 label: item.label,
                 source: cfg.sources[s].display_name().to_string(),
                 interaction: id as u64,
+                pair: item.pair,
             };
             if is_val {
                 validation.push(ex);

@@ -18,6 +18,7 @@ pub struct Limits {
 pub struct TokItem {
     pub completion_ids: Vec<u32>,
     pub label: bool,
+    pub pair: Option<u32>,
 }
 
 pub struct TokInteraction {
@@ -97,6 +98,7 @@ fn one(
         items.push(TokItem {
             completion_ids: ids,
             label: item.label,
+            pair: item.pair,
         });
     }
     if !items.is_empty() {

@@ -852,10 +852,11 @@ fn pair_table(out: &mut String, log: &MetricsLog) {
         return;
     }
     out.push_str(
-        "\n### Preference pairs (validation split)\n\nFor every (desirable, undesirable) pair of \
-         completions of one prompt: the share ranked right by the implicit reward \
+        "\n### Preference pairs (validation split)\n\nFor every preference the data states \
+         (preferred vs. other completion of one prompt, both in the split; unpaired records: \
+         desirable vs. undesirable of one prompt): the share ranked right by the implicit reward \
          beta * (log pi - log pi_ref) (a tie counts one half), and the mean reward margin, with \
-         standard errors over pairs.\n\n",
+         standard errors clustered by prompt.\n\n",
     );
     header(out, &["Step", "Pairs", "Pair accuracy", "Reward margin"]);
     let pm = |l: &MetricsLine, k: &str| {

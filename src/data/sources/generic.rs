@@ -113,6 +113,7 @@ pub(crate) fn load_preference(
             items.push(Item {
                 completion: c,
                 label,
+                pair: Some(0),
                 loc: loc.clone(),
                 field: f.to_string(),
             });
@@ -168,6 +169,7 @@ pub(crate) fn load_unpaired(
         let item = Item {
             completion,
             label,
+            pair: None,
             loc: loc.clone(),
             field: "completion".to_string(),
         };

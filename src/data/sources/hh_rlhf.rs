@@ -87,6 +87,7 @@ pub fn load(records: Vec<RawRecord>, tally: &mut Tally) -> Result<Vec<Interactio
             items.push(Item {
                 completion: Turns::Text(text.to_string()),
                 label,
+                pair: Some(0),
                 loc: loc.clone(),
                 field: f.to_string(),
             });

@@ -18,6 +18,9 @@ use std::hash::{Hash, Hasher};
 pub struct Item {
     pub completion: Turns,
     pub label: bool,
+    /// Which of the interaction's preference comparisons this completion is a side of (numbered
+    /// from 0 within the interaction); None for an unpaired record.
+    pub pair: Option<u32>,
     pub loc: Loc,
     pub field: String,
 }
@@ -51,7 +54,13 @@ impl ByPrompt {
         prompt.hash(&mut h);
         let bucket = self.buckets.entry(h.finish()).or_default();
         if let Some(&i) = bucket.iter().find(|&&i| self.list[i].prompt == prompt) {
-            self.list[i].items.extend(items);
+            // The comparisons of a later record follow those already in the interaction.
+            let offset = self.list[i].pairs as u32;
+            let renumbered = items.into_iter().map(|mut it| {
+                it.pair = it.pair.map(|k| k + offset);
+                it
+            });
+            self.list[i].items.extend(renumbered);
             self.list[i].pairs += pairs;
             return;
         }

@@ -434,15 +434,17 @@ impl<'a> Tree<'a> {
                 Msg::new(role, nodes[i].text.clone())
             })
             .collect();
-        let item = |c: usize, label: bool| Item {
+        let item = |c: usize, label: bool, k: usize| Item {
             completion: Turns::Messages(vec![Msg::new("assistant", nodes[c].text.clone())]),
             label,
+            pair: Some(k as u32),
             loc: nodes[c].loc.clone(),
             field: join(&nodes[c].path, "text"),
         };
         let items = pairs
             .iter()
-            .flat_map(|&(a, b)| [item(a, true), item(b, false)])
+            .enumerate()
+            .flat_map(|(k, &(a, b))| [item(a, true, k), item(b, false, k)])
             .collect();
         Interaction {
             prompt: Turns::Messages(prompt),

@@ -135,6 +135,7 @@ fn parse_row(rec: &RawRecord, min_ratio: f64) -> Result<Option<(String, String, 
     let item = |text: &str, label, f: &str| Item {
         completion: Turns::Messages(vec![Msg::new("assistant", text)]),
         label,
+        pair: None, // numbered by post_interaction
         loc: rec.loc.clone(),
         field: f.to_string(),
     };
@@ -166,7 +167,13 @@ fn post_interaction(mut post: Post, max_pairs: usize, tally: &mut Tally) -> Opti
     let items: Vec<Item> = post
         .pairs
         .into_iter()
-        .flat_map(|p| p.items)
+        .enumerate()
+        .flat_map(|(k, p)| {
+            p.items.map(|mut it| {
+                it.pair = Some(k as u32);
+                it
+            })
+        })
         .filter(|it| !super::is_blank(&it.completion))
         .collect();
     if items.is_empty() {
