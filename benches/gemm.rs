@@ -1,19 +1,20 @@
-//! GFLOP/s of the frozen-weight products at SmolLM2-360M's shapes, per backend: candle's f32
-//! GEMM, the fast library's f32 GEMM and its bf16 GEMM (f32 accumulate; the time includes
-//! rounding the activation to bf16, the weight's bf16 copy is cached as in training).
+//! GFLOP/s of the frozen-weight products at SmolLM2-360M's shapes, per path: candle's f32 GEMM,
+//! the default engine's f32 (gemmkit) and bf16 (our AMX or AVX-512 BF16 kernel, f32 accumulate and
+//! output; the time includes rounding the activation to bf16, the weight's bf16 copy is cached as
+//! in training), and in a `fast-gemm` build with oneDNN or MKL found, the library's f32 and bf16.
 //!
 //!     cargo bench --bench gemm [--features fast-gemm] -- [--m 1024] [--reps 5] [--json]
 //!
 //! PassMode: `x[m, k] @ w[n, k]^T`; backward: `grad[m, n] @ w[n, k]`. (n, k) are the q/o, k/v,
 //! gate/up, down projections and the tied lm_head. Then the products of two activations
 //! (`ops::matmul`): attention (n x k = keys x head dim, or head dim x keys) and LoRA r 16.
-//! Backends run interleaved, shape by shape, so that the machine's drift hits them alike; the
+//! Paths run interleaved, shape by shape, so that the machine's drift hits them alike; the
 //! table reports the median of `--reps` runs.
 //!
 //!     cargo bench --bench gemm --features fast-gemm -- --step [--rounds 3] [--prompt 256]
 //!         [--completion 256] [--rank 16]
 //!
-//! Whole optimizer steps as in benches/step.rs, but all GEMM modes in one process, one step of
+//! Whole optimizer steps as in benches/step.rs, but all GEMM paths in one process, one step of
 //! each in turn per round: on a machine whose speed drifts, adjacent steps give fair ratios.
 use candle_core::{Device, Tensor};
 use kto_train::kernels::gemm::{self, GemmMode};
@@ -22,6 +23,68 @@ use std::time::Instant;
 
 mod common;
 use common::{arg, WorkUnit};
+
+/// One way to run the products: an engine and a precision.
+#[derive(Clone, Copy)]
+struct Path {
+    label: &'static str,
+    engine: gemm::Engine,
+    mode: GemmMode,
+}
+
+impl Path {
+    /// Switches the process to this path and returns the mode to pass to the ops.
+    fn select(self) -> GemmMode {
+        gemm::set_engine(self.engine);
+        self.mode
+    }
+}
+
+/// candle, the default engine in f32 and bf16, and the optional library's when it loads.
+fn paths() -> Vec<Path> {
+    use gemm::Engine::{Library, Native};
+    let mut v = vec![
+        Path {
+            label: "candle f32",
+            engine: Native,
+            mode: GemmMode::Candle,
+        },
+        Path {
+            label: "gemmkit f32",
+            engine: Native,
+            mode: GemmMode::F32,
+        },
+        Path {
+            label: "native bf16",
+            engine: Native,
+            mode: GemmMode::Bf16,
+        },
+    ];
+    if cfg!(feature = "fast-gemm") && gemm::load_error().is_none() {
+        gemm::set_engine(Library);
+        let lib = if gemm::engine_name().starts_with("MKL") {
+            "MKL"
+        } else {
+            "oneDNN"
+        };
+        let (f, b): (&'static str, &'static str) = if lib == "MKL" {
+            ("MKL f32", "MKL bf16")
+        } else {
+            ("oneDNN f32", "oneDNN bf16")
+        };
+        v.push(Path {
+            label: f,
+            engine: Library,
+            mode: GemmMode::F32,
+        });
+        v.push(Path {
+            label: b,
+            engine: Library,
+            mode: GemmMode::Bf16,
+        });
+    }
+    v
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -38,15 +101,12 @@ fn main() -> anyhow::Result<()> {
     let reps = arg("--reps", 5).max(1);
     let json = std::env::args().any(|a| a == "--json");
     let dev = Device::Cpu;
-    let fast = gemm::available();
-    let lib = gemm::backend_name()
-        .unwrap_or_else(|| format!("none ({})", gemm::load_error().unwrap_or("no fast library")));
-    eprintln!("fast GEMM library: {lib}");
-    let modes: Vec<GemmMode> = if fast {
-        vec![GemmMode::Candle, GemmMode::F32, GemmMode::Bf16]
-    } else {
-        vec![GemmMode::Candle]
+    let modes = paths();
+    let lib = match gemm::load_error() {
+        None => "loaded".to_string(),
+        Some(e) => format!("none ({e})"),
     };
+    eprintln!("optional library: {lib}");
     let shapes = [
         ("q/o proj", 960, 960),
         ("k/v proj", 320, 960),
@@ -61,7 +121,8 @@ fn main() -> anyhow::Result<()> {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let g = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
             let flop = 2.0 * m as f64 * n as f64 * k as f64;
-            let run = |mode: GemmMode| -> anyhow::Result<f64> {
+            let run = |path: Path| -> anyhow::Result<f64> {
+                let mode = path.select();
                 let t0 = Instant::now();
                 let y = if dir == "fwd" {
                     frozen_linear(&x, &w, mode)?
@@ -116,7 +177,8 @@ fn main() -> anyhow::Result<()> {
             )
         };
         let flop = 2.0 * r_ as f64 * kk as f64 * n as f64;
-        let run = |mode: GemmMode| -> anyhow::Result<f64> {
+        let run = |path: Path| -> anyhow::Result<f64> {
+            let mode = path.select();
             let t0 = Instant::now();
             let y = matmul_with(&a, &b, mode)?;
             let _ = y.dims();
@@ -137,33 +199,26 @@ fn main() -> anyhow::Result<()> {
     if json {
         for (dir, name, n, k, g) in &rows {
             let mut o = serde_json::json!({"pass": dir, "shape": name, "m": m, "n": n, "k": k});
-            for (mode, v) in modes.iter().zip(g) {
-                o[format!("gflops_{mode}")] = serde_json::json!(v);
+            for (path, v) in modes.iter().zip(g) {
+                o[format!("gflops_{}", path.label.replace(' ', "_"))] = serde_json::json!(v);
             }
             println!("{o}");
         }
         return Ok(());
     }
     println!(
-        "GFLOP/s, m = {m}, median of {reps} (lm_head: {}); fast library: {lib}",
+        "GFLOP/s, m = {m}, median of {reps} (lm_head: {}); optional library: {lib}",
         reps.div_ceil(2)
     );
     let mut head = "| pass | shape | n x k |".to_string();
     let mut rule = "|---|---|---|".to_string();
-    for mode in &modes {
-        head += &format!(
-            " {} |",
-            match mode {
-                GemmMode::Candle => "candle f32",
-                GemmMode::F32 => "fast f32",
-                GemmMode::Bf16 => "fast bf16",
-            }
-        );
+    for path in &modes {
+        head += &format!(" {} |", path.label);
         rule += "---|";
     }
-    if fast {
-        head += " f32 speed-up | bf16 speed-up |";
-        rule += "---|---|";
+    for path in &modes[1..] {
+        head += &format!(" {} vs candle |", path.label);
+        rule += "---|";
     }
     println!("{head}\n{rule}");
     for (dir, name, n, k, g) in &rows {
@@ -171,8 +226,8 @@ fn main() -> anyhow::Result<()> {
         for v in g {
             line += &format!(" {v:.0} |");
         }
-        if fast {
-            line += &format!(" {:.1}x | {:.1}x |", g[1] / g[0], g[2] / g[0]);
+        for v in &g[1..] {
+            line += &format!(" {:.1}x |", v / g[0]);
         }
         println!("{line}");
     }
@@ -187,27 +242,22 @@ fn steps() -> anyhow::Result<()> {
     // As in training, bf16 mode holds the frozen weights in bf16 (converted at each switch,
     // outside the timed step).
     let mut unit = WorkUnit::new(pl, cl, rank, arg("--checkpointing", 0) == 1)?;
-    let modes: Vec<GemmMode> = if gemm::available() {
-        vec![GemmMode::Candle, GemmMode::F32, GemmMode::Bf16]
-    } else {
-        eprintln!("no fast GEMM library: candle only");
-        vec![GemmMode::Candle]
-    };
-    let mut step = |mode: GemmMode| -> anyhow::Result<f64> {
-        unit.set_gemm_mode(mode)?;
+    let modes = paths();
+    let mut step = |path: Path| -> anyhow::Result<f64> {
+        unit.set_gemm_mode(path.select())?;
         Ok(unit.step()?.0)
     };
     // Warm-up: first touches of every buffer, the bf16 weight copies, library start-up.
-    for &mode in &modes {
-        let t = step(mode)?;
-        eprintln!("warm-up {mode}: {t:.2} s");
+    for &path in &modes {
+        let t = step(path)?;
+        eprintln!("warm-up {}: {t:.2} s", path.label);
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for r in 0..rounds {
         let mut line = format!("round {r}:");
-        for (j, &mode) in modes.iter().enumerate() {
-            let t = step(mode)?;
-            line += &format!(" {mode} {t:.2} s");
+        for (j, &path) in modes.iter().enumerate() {
+            let t = step(path)?;
+            line += &format!(" {} {t:.2} s", path.label);
             times[j].push(t);
         }
         eprintln!("{line}");
@@ -216,12 +266,13 @@ fn steps() -> anyhow::Result<()> {
         "one step, batch 2 x ({pl} + {cl}) tokens, LoRA r {rank}; median of {rounds} rounds, \
          modes interleaved in one process"
     );
-    println!("| GEMM mode | s/step (median) | speed-up vs candle (median of per-round ratios) |");
+    println!("| GEMM path | s/step (median) | speed-up vs candle (median of per-round ratios) |");
     println!("|---|---|---|");
-    for (j, mode) in modes.iter().enumerate() {
+    for (j, path) in modes.iter().enumerate() {
         let ratios: Vec<f64> = times[0].iter().zip(&times[j]).map(|(c, t)| c / t).collect();
         println!(
-            "| {mode} | {:.2} | {:.2}x |",
+            "| {} | {:.2} | {:.2}x |",
+            path.label,
             median(times[j].clone()),
             median(ratios)
         );

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # One optimizer step at SmolLM2-360M's shapes (benches/step.rs: random weights, exact config,
 # batch 2, LoRA alpha = 2r on all seven projections, KTO with KL pairs), for several sequence
-# lengths and ranks, with candle's GEMM (default build) and with the fast-gemm feature in f32
-# and bf16. Prints one JSON line per run and a table: median s/step, policy tokens/s, peak RSS,
+# lengths and ranks, per GEMM path: candle's GEMM, the default build's f32 (gemmkit) and bf16
+# (AVX-512 BF16 kernel), and oneDNN/MKL through the fast-gemm feature. Prints one JSON line per run and a table: median s/step, policy tokens/s, peak RSS,
 # executed FLOPs per step and achieved GFLOP/s.
 #
 #   scripts/bench.sh                    # the full grid (takes a long while on 2 cores)
 #   scripts/bench.sh --quick            # only the work unit: 256+256 tokens, rank 16
 #   scripts/bench.sh --configs "256:256:16 512:512:16" --backends "candle bf16" --steps 3 --warmup 1
 #
-# Backends: candle = default build (no feature); f32, bf16 = built with --features fast-gemm,
-# KTO_TRAIN_GEMM=f32|bf16 (needs oneDNN or MKL: python3 -m pip install onednn==2026.1.0, or
-# KTO_TRAIN_BLAS=/path/to/libdnnl.so.3). A fast backend whose library is missing is reported
-# as such and skipped. The machine drifts: compare only rows of one run.
+# Backends: candle, f32, bf16 = the default build with KTO_TRAIN_GEMM=candle|f32|bf16 (f32 and
+# bf16 need nothing installed); lib-f32, lib-bf16 = built with --features fast-gemm and
+# KTO_TRAIN_GEMM_ENGINE=library (needs oneDNN or MKL: python3 -m pip install onednn==2026.1.0,
+# or KTO_TRAIN_BLAS=/path/to/libdnnl.so.3); a library backend whose library is missing is
+# reported as such and skipped. The machine drifts: compare only rows of one run.
 #
 # FLOPs per step, counted from the shapes (what the step executes; multiply-add = 2 FLOPs):
 #   B = 2 sequences, T = prompt + completion, S = B * completion (rows whose logits are taken),
@@ -37,7 +38,7 @@ cd "$(dirname "$0")/.."
 steps=3
 warmup=1
 configs="256:256:16 512:512:16 1024:1024:16 256:256:8 256:256:64"
-backends="candle f32 bf16"
+backends="candle f32 bf16 lib-bf16"
 ckpt=1
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -72,8 +73,8 @@ build() { # $1 = name, rest = cargo flags
     fi
     cp "$exe" "$work/step-$name"
 }
-case " $backends " in *" candle "*) build candle ;; esac
-case " $backends " in *" f32 "*|*" bf16 "*) build fast --features fast-gemm ;; esac
+case " $backends " in *" candle "*|*" f32 "*|*" bf16 "*) build default ;; esac
+case " $backends " in *" lib-"*) build lib --features fast-gemm ;; esac
 
 results="$work/results.jsonl"
 : >"$results"
@@ -81,14 +82,13 @@ echo "uptime: $(uptime)" >&2
 for cfg in $configs; do
     IFS=: read -r prompt completion rank <<<"$cfg"
     for be in $backends; do
-        if [ "$be" = candle ]; then
-            exe="$work/step-candle"; mode=candle
-        else
-            exe="$work/step-fast"; mode="$be"
-        fi
+        case "$be" in
+            lib-*) exe="$work/step-lib"; mode="${be#lib-}"; engine=library ;;
+            *) exe="$work/step-default"; mode="$be"; engine=gemmkit ;;
+        esac
         log="$work/run.log"
         echo "== $prompt+$completion r$rank $be" >&2
-        if ! KTO_TRAIN_GEMM="$mode" KTO_TRAIN_GEMM_VERBOSE=1 "$exe" --json --steps "$steps" \
+        if ! KTO_TRAIN_GEMM="$mode" KTO_TRAIN_GEMM_ENGINE="$engine" KTO_TRAIN_GEMM_VERBOSE=1 "$exe" --json --steps "$steps" \
             --warmup "$warmup" --prompt "$prompt" --completion "$completion" --rank "$rank" \
             --checkpointing "$ckpt" >"$work/out.json" 2>"$log"; then
             # Keep going: a configuration can run out of memory (at 1024+1024 tokens the step
@@ -98,11 +98,11 @@ for cfg in $configs; do
             continue
         fi
         cat "$log" >&2
-        if [ "$be" != candle ] && grep -q "using candle's GEMM" "$log"; then
-            echo "skipping $be: no fast GEMM library" >&2
+        if [ "$engine" = library ] && grep -q "no oneDNN or MKL library was found" "$log"; then
+            echo "skipping $be: no oneDNN or MKL library" >&2
             continue
         fi
-        lib=$(sed -n 's/^kto-train: fast GEMM: //p' "$log" | head -1)
+        lib=$(sed -n 's/^kto-train: matrix products: //p' "$log" | head -1)
         line=$(tail -1 "$work/out.json")
         echo "$line" | awk -v be="$be" -v lib="${lib:-candle}" -v up="$(cut -d, -f3- /proc/loadavg 2>/dev/null || true)" '
         {

@@ -26,6 +26,7 @@ use crate::train::step::{run_micro_batch, MicroBatchMode};
 use crate::train::{signals, validation, Stopped};
 use crate::util::atomic::write_json_atomic;
 use crate::util::metric_sums::MetricSums;
+use crate::util::profile;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
@@ -125,6 +126,9 @@ fn validate(cfg: &Config, opts: &RunOptions) -> Result<Validated> {
     let plan = plan(cfg, &data.train, &head)?;
     if !opts.quiet {
         eprintln!("{}", data.summary_text);
+        if dev.is_cpu() {
+            eprintln!("{}", gemm::startup_line(model.kernels().gemm));
+        }
     }
     let n_d = data.train.iter().filter(|e| e.label).count();
     if let Some(w) = weight_ratio_warning(n_d, data.train.len() - n_d, &cfg.loss) {
@@ -371,6 +375,7 @@ impl<'a> Run<'a> {
         state.next_group += 1;
         if norm.is_finite() && loss_mean.is_finite() {
             state.consecutive_nonfinite = 0;
+            let _p = profile::phase("optimizer");
             clip_grads(&mut grads, norm, t.max_grad_norm)?;
             self.opt.step(&grads, lr)?;
             state.interval.merge(&step_metrics);
@@ -547,6 +552,9 @@ impl<'a> Run<'a> {
         last_metrics: BTreeMap<String, f64>,
     ) -> Result<RunSummary> {
         let quiet = self.opts.quiet;
+        if let Some(table) = profile::report(state.step as u64) {
+            eprintln!("{table}");
+        }
         self.check_trained(&state)?;
         self.save_reference_cache();
         if let Some(c) = self.refcache.as_ref().filter(|_| self.opts.verbose) {

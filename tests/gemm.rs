@@ -1,9 +1,9 @@
-//! The fast GEMM path (src/model/gemm) against candle's GEMM.
+//! The fast GEMM paths (src/kernels/gemm) against candle's GEMM and f64.
 //!
 //! Tolerances, elementwise, relative to S = |x| @ |w|^T (the sum of the absolute products, the
 //! natural scale of any summation error; a plain relative error is meaningless where the sum
 //! cancels to near zero):
-//! - f32 library vs candle: both sum the same f32 products in different orders; rounding theory
+//! - fast f32 vs candle: both sum the same f32 products in different orders; rounding theory
 //!   bounds the difference by about k * 2^-24 * S in the worst case, and by ~sqrt(k) * 2^-24 * S
 //!   in practice (3e-6 at k = 2560): checked at 1e-5 * S.
 //! - bf16 vs exact: each operand is rounded to nearest with 8 significant bits, relative error
@@ -12,10 +12,11 @@
 //!   Random-sign errors mostly cancel, so the typical error is far below that bound; the
 //!   Frobenius-relative error is also checked at 1e-2 (measured about 2-3e-3).
 //! - bf16 vs f64 over the bf16-rounded operands: only the f32 accumulation differs: 1e-5 * S.
-//!   This pins down that the library really multiplies our rounded values with f32 accumulation.
+//!   This pins down that the engine really multiplies our rounded values with f32 accumulation
+//!   and writes f32 (a bf16 output would be off by up to 2^-9 of the value).
 //!
-//! The fast-path comparisons need oneDNN or MKL (feature `fast-gemm` and the library installed);
-//! without them they print a note and check only the fallback.
+//! The engine is gemmkit + our AVX-512 BF16 kernel (every build), or oneDNN/MKL in a `fast-gemm`
+//! build with `KTO_TRAIN_GEMM_ENGINE=library` (CI runs the suite both ways).
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use kto_train::kernels::gemm::{self, GemmMode};
@@ -78,18 +79,6 @@ fn round_tensor(t: &Tensor) -> Tensor {
     Tensor::from_vec(r, t.shape(), t.device()).unwrap()
 }
 
-fn fast_or_note(what: &str) -> bool {
-    if gemm::available() {
-        true
-    } else {
-        println!(
-            "note: {what}: skipped, no fast GEMM library ({})",
-            gemm::load_error().unwrap_or("?")
-        );
-        false
-    }
-}
-
 /// SmolLM2's projection shapes (n, k), with an m that is not a multiple of any block size.
 const SHAPES: [(usize, usize); 4] = [(960, 960), (320, 960), (2560, 960), (960, 2560)];
 const M: usize = 77;
@@ -109,8 +98,8 @@ fn mode_parsing_and_names() {
         GemmMode::Candle,
         "candle is always available"
     );
-    if !gemm::available() {
-        assert_eq!(gemm::effective_mode(GemmMode::Bf16), GemmMode::Candle);
+    for m in [GemmMode::F32, GemmMode::Bf16] {
+        assert_eq!(gemm::effective_mode(m), m, "every mode has an engine");
     }
 }
 
@@ -166,20 +155,10 @@ fn candle_mode_and_fallback_equal_candle_matmul() {
     let got = frozen_linear(&x, &w, GemmMode::Candle).unwrap();
     assert_eq!(got.dims(), &[2, 5, 48]);
     assert_eq!(f64v(&got), f64v(&want), "candle mode is candle's matmul");
-    if !gemm::available() {
-        // Asking for a fast mode without the library must still give candle's exact result.
-        for mode in [GemmMode::F32, GemmMode::Bf16] {
-            let got = frozen_linear(&x, &w, mode).unwrap();
-            assert_eq!(f64v(&got), f64v(&want), "{mode} fallback");
-        }
-    }
 }
 
 #[test]
 fn f32_forward_matches_candle() {
-    if !fast_or_note("f32 forward") {
-        return;
-    }
     let mut r = rng(2);
     for (n, k) in SHAPES {
         let x = rand_tensor(&mut r, &[M, k], 1.0);
@@ -193,9 +172,6 @@ fn f32_forward_matches_candle() {
 
 #[test]
 fn bf16_forward_within_rounding_bound() {
-    if !fast_or_note("bf16 forward") {
-        return;
-    }
     let mut r = rng(3);
     for (n, k) in SHAPES {
         let x = rand_tensor(&mut r, &[M, k], 1.0);
@@ -231,9 +207,6 @@ fn bf16_forward_within_rounding_bound() {
 
 #[test]
 fn layouts_batch_dims_and_transposed_weights() {
-    if !fast_or_note("layouts") {
-        return;
-    }
     let mut r = rng(4);
     // Leading batch dims, a weight given as the transpose of a [k, n] tensor (column-major
     // view), and a row-sliced weight (leading dimension larger than k is not possible for a
@@ -289,7 +262,6 @@ fn backprop(x: &Tensor, w: &Tensor, r: &Tensor, mode: GemmMode) -> (Tensor, Tens
 #[test]
 fn backward_through_candle_backprop() {
     let mut r = rng(6);
-    let fast = fast_or_note("fast backward");
     for (n, k) in [(96, 64), (320, 960), (960, 2560)] {
         let x = rand_tensor(&mut r, &[M, k], 1.0);
         let w = rand_tensor(&mut r, &[n, k], 0.05);
@@ -298,9 +270,6 @@ fn backward_through_candle_backprop() {
         assert!(!w_grad, "the frozen weight must get no gradient");
         let direct = g.matmul(&w).unwrap();
         assert_eq!(f64v(&dx_c), f64v(&direct), "candle mode: dx = grad @ w");
-        if !fast {
-            continue;
-        }
         // Scale of the backward product grad @ w: |grad| @ |w|.
         let scale = abs_scale(&g, &w.t().unwrap());
         for mode in [GemmMode::F32, GemmMode::Bf16] {
@@ -373,9 +342,6 @@ fn tiny_model_logits_in_each_mode() {
         model.logits(&rows).unwrap()
     };
     let want = logits(GemmMode::Candle);
-    if !fast_or_note("tiny model logits") {
-        return;
-    }
     let f32 = logits(GemmMode::F32);
     let d = f64v(&(&f32 - &want).unwrap())
         .into_iter()
@@ -401,7 +367,6 @@ fn batched_scaled_err(got: &Tensor, want: &Tensor, a: &Tensor, b: &Tensor) -> f6
 
 #[test]
 fn general_matmul_forward_and_both_gradients() {
-    let fast = fast_or_note("general matmul");
     let mut r = rng(8);
     // Attention as the model computes it: q [b, kv heads, rep*t, hd] @ k^T (a transposed view),
     // then P [b, kv, rep*t, t] @ v [b, kv, t, hd]; and LoRA's skinny products.
@@ -426,9 +391,6 @@ fn general_matmul_forward_and_both_gradients() {
         let want = a.matmul(b).unwrap();
         let got = matmul_with(a, b, GemmMode::Candle).unwrap();
         assert_eq!(f64v(&got), f64v(&want), "{name}: candle mode");
-        if !fast {
-            continue;
-        }
         // Gradients of sum(y * g) through candle's backprop, against candle's matmul backward.
         let g = rand_tensor(&mut r, want.dims(), 1.0);
         let grads = |mode: Option<GemmMode>| {
@@ -501,9 +463,6 @@ fn bf16_weights_are_used_as_they_are() {
         assert_eq!(f64v(&y16), f64v(&y32), "{mode}: forward");
         assert_eq!(f64v(&dx16), f64v(&dx32), "{mode}: input gradient");
     }
-    if !fast_or_note("bf16 weights") {
-        return;
-    }
     // A bf16 weight given as a transposed (column-major) view is read in place, same result.
     let view = w16.t().unwrap().contiguous().unwrap().t().unwrap();
     let (yv, dxv, _) = backprop(&x, &view, &g, GemmMode::Bf16);
@@ -532,4 +491,98 @@ fn add_product_accumulates_the_lora_branch() {
         .unwrap();
     let err = max_scaled_err(&got, &want.to_dtype(DType::F32).unwrap(), &scale);
     assert!(err < F32_TOL, "add_product: {err:e}");
+}
+
+/// The raw products against an f64 reference on odd shapes: m and n below and across the
+/// kernels' block sizes, odd k (a half-filled last pair), k longer than one pass over k, leading
+/// dimensions wider than the operand, and every transpose combination.
+#[test]
+fn raw_products_match_f64_on_odd_shapes() {
+    let mut r = rng(11);
+    let shapes = [
+        (1, 1, 1),
+        (3, 17, 5),
+        (13, 33, 7),
+        (25, 65, 385),
+        (97, 257, 129),
+        (12, 32, 1000),
+    ];
+    for (m, n, k) in shapes {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            // Stored row-major with a padded leading dimension.
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let (lda, ldb) = (ac + 3, bc + 5);
+            let a: Vec<f32> = (0..ar * lda).map(|_| r.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..br * ldb).map(|_| r.random_range(-1.0..1.0)).collect();
+            let at = |i: usize, j: usize| if ta { a[j * lda + i] } else { a[i * lda + j] };
+            let bt = |i: usize, j: usize| if tb { b[j * ldb + i] } else { b[i * ldb + j] };
+            let a16: Vec<bf16> = a.iter().map(|&v| gemm::round_bf16(v)).collect();
+            let b16: Vec<bf16> = b.iter().map(|&v| gemm::round_bf16(v)).collect();
+            let mut c32 = vec![f32::NAN; m * n];
+            let mut c16 = vec![f32::NAN; m * n];
+            let (a32, b32) = (
+                gemm::MatRef {
+                    data: &a[..],
+                    trans: ta,
+                    ld: lda,
+                },
+                gemm::MatRef {
+                    data: &b[..],
+                    trans: tb,
+                    ld: ldb,
+                },
+            );
+            let (a_16, b_16) = (
+                gemm::MatRef {
+                    data: &a16[..],
+                    trans: ta,
+                    ld: lda,
+                },
+                gemm::MatRef {
+                    data: &b16[..],
+                    trans: tb,
+                    ld: ldb,
+                },
+            );
+            gemm::sgemm(m, n, k, a32, b32, &mut c32).unwrap();
+            gemm::gemm_bf16(m, n, k, a_16, b_16, &mut c16).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut want, mut want16, mut scale) = (0.0f64, 0.0f64, 0.0f64);
+                    for l in 0..k {
+                        let (x, y) = (at(i, l) as f64, bt(l, j) as f64);
+                        want += x * y;
+                        want16 += gemm::round_bf16(at(i, l)).to_f64()
+                            * gemm::round_bf16(bt(l, j)).to_f64();
+                        scale += (x * y).abs();
+                    }
+                    let e32 = (c32[i * n + j] as f64 - want).abs() / scale;
+                    let e16 = (c16[i * n + j] as f64 - want16).abs() / scale;
+                    assert!(
+                        e32 < F32_TOL && e16 < F32_TOL,
+                        "{m}x{n}x{k} ta={ta} tb={tb} at ({i},{j}): f32 {e32:e}, bf16 {e16:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// CI runs this suite a second time with `KTO_TRAIN_GEMM_ENGINE=library` in a `fast-gemm` build:
+/// then the library must really be the engine, or that run would silently test gemmkit again.
+#[test]
+fn the_engine_asked_for_is_the_one_that_runs() {
+    let asked = std::env::var(gemm::ENGINE_ENV).unwrap_or_default();
+    let name = gemm::engine_name();
+    if asked == "library" && cfg!(feature = "fast-gemm") {
+        assert!(
+            name.starts_with("oneDNN") || name.starts_with("MKL"),
+            "library asked for, but the products run on {name} ({:?})",
+            gemm::load_error()
+        );
+    } else if asked == "gemmkit" || !cfg!(feature = "fast-gemm") {
+        assert!(name.starts_with("gemmkit"), "{name}");
+    }
+    println!("engine: {name}");
 }

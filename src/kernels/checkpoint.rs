@@ -105,7 +105,10 @@ impl CustomOp3 for Checkpoint {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let xv = Var::from_tensor(&x.detach())?;
-        let y = (self.recompute)(xv.as_tensor())?;
+        let y = {
+            let _p = crate::util::profile::phase("recomputation (checkpointed blocks)");
+            (self.recompute)(xv.as_tensor())?
+        };
         let mut grads = (y * grad_res.detach())?.sum_all()?.backward()?;
         let dx = grads.remove(xv.as_tensor());
         let mut params = GradStore::default();

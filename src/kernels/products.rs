@@ -1,7 +1,8 @@
 //! Matrix products as differentiable ops: frozen-weight products (no weight gradient), products
 //! of two activations, and a product accumulated into an existing buffer, each on the fast GEMM
 //! library when one is loaded (see [`gemm`]).
-use super::gemm::{self, Bf16Matrix, GemmMode, MatRef};
+use super::gemm::{self, Bf16Matrix, GemmMode, MatRef, PackedB};
+use crate::util::profile;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -19,6 +20,8 @@ struct FrozenMatmul {
     mode: GemmMode,
     /// The bf16 copy of `w` (cached across steps), in `Bf16` mode.
     w16: Option<Arc<Bf16Matrix>>,
+    /// `w^T` packed for the tile kernel (cached across steps), where the engine uses one.
+    packed: Option<Arc<PackedB>>,
 }
 
 /// `grad[m, n] @ w[n, k]`: FrozenMatmul's input gradient, with the fast library. Never
@@ -26,6 +29,8 @@ struct FrozenMatmul {
 struct FrozenMatmulBwd {
     mode: GemmMode,
     w16: Option<Arc<Bf16Matrix>>,
+    /// `w` packed for the tile kernel.
+    packed: Option<Arc<PackedB>>,
 }
 
 fn transposed_rhs(l2: &Layout) -> Result<Layout> {
@@ -128,6 +133,7 @@ fn bf16_operand(data: &[f32], l: &Layout, buf: &mut Vec<bf16>) -> Option<(bool, 
 fn fast_product(
     mode: GemmMode,
     w16: Option<&Bf16Matrix>,
+    packed: Option<&PackedB>,
     a: &[f32],
     la: &Layout,
     w: &CpuStorage,
@@ -144,28 +150,6 @@ fn fast_product(
             gemm::sgemm_new(m, n, k, pa, pb)?
         }
         (GemmMode::Bf16, CpuStorage::F32(_) | CpuStorage::BF16(_)) => {
-            let pb = match (w, w16) {
-                // The cached copy is dense row-major [n_w, k_w] whatever `w`'s layout was.
-                (CpuStorage::F32(_), Some(w16)) => MatRef {
-                    data: &w16.data[..],
-                    trans: b_is_wt,
-                    ld: w16.cols,
-                },
-                (CpuStorage::BF16(w), _) => {
-                    let Some((off, trans, ld)) = blas_view(lw) else {
-                        return Ok(None);
-                    };
-                    let Some(data) = w.get(off..) else {
-                        return Ok(None);
-                    };
-                    MatRef {
-                        data,
-                        trans: trans ^ b_is_wt,
-                        ld,
-                    }
-                }
-                _ => return Ok(None),
-            };
             let mut a16 = take_scratch(0);
             let Some((a_trans, a_ld, used)) = bf16_operand(a, la, &mut a16) else {
                 put_scratch(a16);
@@ -176,13 +160,48 @@ fn fast_product(
                 trans: a_trans,
                 ld: a_ld,
             };
-            let out = gemm::gemm_bf16_new(m, n, k, pa, pb);
+            let out = match packed.filter(|p| p.k() == k && p.n() == n) {
+                Some(p) => gemm::gemm_bf16_packed_new(m, pa, p),
+                None => match bf16_weight_operand(w, w16, lw, b_is_wt) {
+                    Some(pb) => gemm::gemm_bf16_new(m, n, k, pa, pb),
+                    None => {
+                        put_scratch(a16);
+                        return Ok(None);
+                    }
+                },
+            };
             put_scratch(a16);
             out?
         }
         _ => return Ok(None),
     };
     Ok(Some(out))
+}
+
+/// The frozen weight as a bf16 operand: its cached copy `w16` (dense row-major [n_w, k_w]
+/// whatever `w`'s layout was) for an f32 weight, or the bf16 storage as it is.
+fn bf16_weight_operand<'a>(
+    w: &'a CpuStorage,
+    w16: Option<&'a Bf16Matrix>,
+    lw: &Layout,
+    b_is_wt: bool,
+) -> Option<MatRef<'a, bf16>> {
+    match (w, w16) {
+        (CpuStorage::F32(_), Some(w16)) => Some(MatRef {
+            data: &w16.data[..],
+            trans: b_is_wt,
+            ld: w16.cols,
+        }),
+        (CpuStorage::BF16(w), _) => {
+            let (off, trans, ld) = blas_view(lw)?;
+            Some(MatRef {
+                data: w.get(off..)?,
+                trans: trans ^ b_is_wt,
+                ld,
+            })
+        }
+        _ => None,
+    }
 }
 
 /// The weight in the activation's dtype for candle's matmul (a bf16 weight whose layout the
@@ -209,7 +228,7 @@ fn f32_slice(s: &CpuStorage) -> Option<&[f32]> {
 #[allow(clippy::too_many_arguments)]
 fn weight_product(
     mode: GemmMode,
-    w16: Option<&Bf16Matrix>,
+    (w16, packed): (Option<&Bf16Matrix>, Option<&PackedB>),
     a: &CpuStorage,
     la: &Layout,
     w: &CpuStorage,
@@ -218,7 +237,7 @@ fn weight_product(
     (m, n, k): (usize, usize, usize),
 ) -> Result<CpuStorage> {
     if let Some(x) = f32_slice(a) {
-        if let Some(out) = fast_product(mode, w16, x, la, w, lw, b_is_wt, (m, n, k))? {
+        if let Some(out) = fast_product(mode, w16, packed, x, la, w, lw, b_is_wt, (m, n, k))? {
             return Ok(CpuStorage::F32(out));
         }
     }
@@ -229,7 +248,7 @@ fn weight_product(
     } else {
         lw.clone()
     };
-    a.matmul(w, (1, m, n, k), la, &rhs)
+    profile::gemm(m, n, k, || a.matmul(w, (1, m, n, k), la, &rhs))
 }
 
 impl CustomOp2 for FrozenMatmul {
@@ -247,7 +266,7 @@ impl CustomOp2 for FrozenMatmul {
         let (m, n, k) = dims(l1, l2)?;
         let out = weight_product(
             self.mode,
-            self.w16.as_deref(),
+            (self.w16.as_deref(), self.packed.as_deref()),
             s1,
             l1,
             s2,
@@ -302,7 +321,7 @@ impl CustomOp2 for FrozenMatmulBwd {
         }
         let out = weight_product(
             self.mode,
-            self.w16.as_deref(),
+            (self.w16.as_deref(), self.packed.as_deref()),
             s1,
             l1,
             s2,
@@ -321,12 +340,21 @@ fn input_grad(
     w16: Option<Arc<Bf16Matrix>>,
 ) -> Result<Tensor> {
     if mode == GemmMode::Candle || !grad.device().is_cpu() {
-        if w.dtype() != grad.dtype() {
-            return grad.matmul(&w.to_dtype(grad.dtype())?);
-        }
-        grad.matmul(w)
+        let (n, k) = w.dims2()?;
+        let m = grad.elem_count() / n.max(1);
+        profile::gemm(m, k, n, || {
+            if w.dtype() != grad.dtype() {
+                return grad.matmul(&w.to_dtype(grad.dtype())?);
+            }
+            grad.matmul(w)
+        })
     } else {
-        grad.apply_op2_no_bwd(w, &FrozenMatmulBwd { mode, w16 })
+        let packed = if mode == GemmMode::Bf16 {
+            gemm::packed_weight(w, false)?
+        } else {
+            None
+        };
+        grad.apply_op2_no_bwd(w, &FrozenMatmulBwd { mode, w16, packed })
     }
 }
 
@@ -373,7 +401,12 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
     let m: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((m, k))?;
     let (mode, w16, w) = resolve(x, w, mode)?;
-    let y = x2.apply_op2(&w, FrozenMatmul { mode, w16 })?;
+    let packed = if mode == GemmMode::Bf16 {
+        gemm::packed_weight(&w, true)?
+    } else {
+        None
+    };
+    let y = x2.apply_op2(&w, FrozenMatmul { mode, w16, packed })?;
     let mut out_dims = dims[..dims.len() - 1].to_vec();
     out_dims.push(w.dim(0)?);
     y.reshape(out_dims)
@@ -523,7 +556,9 @@ impl CustomOp2 for FastMatmul {
                 return Ok((CpuStorage::F32(out), shape));
             }
         }
-        Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
+        let (bn, m, n, k) = bmnk;
+        let out = profile::gemm(bn * m, n, k, || s1.matmul(s2, bmnk, l1, l2))?;
+        Ok((out, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -576,7 +611,9 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
     } else {
         GemmMode::Candle
     };
-    if mode == GemmMode::Candle {
+    // With the profile on, candle's products go through the op too (its fallback is the same
+    // candle GEMM, forward and backward) so that they are timed.
+    if mode == GemmMode::Candle && !(usable && profile::enabled()) {
         return a.matmul(b);
     }
     a.apply_op2(b, FastMatmul { mode })

@@ -8,6 +8,7 @@ use crate::model::logprobs::{
     completion_logp_sums_after, completion_logps, completion_logps_capturing, Sequence,
 };
 use crate::model::{DropoutKey, Llama, PassMode};
+use crate::util::profile;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
@@ -78,6 +79,7 @@ pub fn reference_logps(
     let mut prefix = None;
     if !missing.is_empty() {
         let seqs: Vec<Sequence> = missing.iter().map(|&i| batch.seqs[i].clone()).collect();
+        let _p = profile::phase("reference passes");
         let (out, states) = completion_logps_capturing(model, &seqs, PassMode::REFERENCE, false)?;
         for (&i, v) in missing.iter().zip(to_f64(&out.sums)?) {
             main[i] = Some(v);
@@ -93,6 +95,7 @@ pub fn reference_logps(
             let mut kl = lookup(kl_seqs, &mut cache);
             let todo: Vec<usize> = (0..kl.len()).filter(|&i| kl[i].is_none()).collect();
             if !todo.is_empty() {
+                let _p = profile::phase("reference KL passes");
                 let seqs: Vec<Sequence> = todo.iter().map(|&i| kl_seqs[i].clone()).collect();
                 // KL sequence i shares its prompt with example i, if that one was just computed.
                 let got = match &prefix {
@@ -150,8 +153,11 @@ pub fn run_micro_batch(
     let policy_fwd = fwd.with_grad(train);
     let (policy, policy_kl) = match kl {
         Some(kl) => {
+            let p = profile::phase("policy forward");
             let (policy, prompts) =
                 completion_logps_capturing(model, &batch.seqs, policy_fwd, true)?;
+            drop(p);
+            let _p = profile::phase("policy KL pass");
             let rows: Vec<Option<usize>> = (0..kl.len())
                 .map(|i| (i < batch.seqs.len()).then_some(i))
                 .collect();
@@ -159,11 +165,15 @@ pub fn run_micro_batch(
                 completion_logp_sums_after(model, kl, kl_fwd.with_grad(false), &prompts, &rows)?;
             (policy, Some(kl_sums))
         }
-        None => (
-            completion_logps(model, &batch.seqs, policy_fwd, true)?,
-            None,
-        ),
+        None => {
+            let _p = profile::phase("policy forward");
+            (
+                completion_logps(model, &batch.seqs, policy_fwd, true)?,
+                None,
+            )
+        }
     };
+    let p = profile::phase("loss head");
     let logps = SequenceLogps {
         labels: batch.labels.clone(),
         policy: to_f64(&policy.sums)?,
@@ -192,7 +202,9 @@ pub fn run_micro_batch(
             );
         }
     }
+    drop(p);
     let grads = if train {
+        let _p = profile::phase("backward");
         let g = Tensor::from_vec(loss.grad.clone(), loss.grad.len(), model.device())?
             .to_dtype(model.dtype())?;
         let surrogate = (&policy.sums * &g)?.sum_all()?;

@@ -1,10 +1,11 @@
 //! Small shared helpers that know nothing of models or training: atomic file writes,
 //! safetensors serialization, pooled metric sums, allocator settings, stable hashing, JSON type
-//! names.
+//! names, the per-phase step profile.
 pub mod alloc;
 pub mod atomic;
 pub mod fs;
 pub mod hash;
 pub mod json;
 pub mod metric_sums;
+pub mod profile;
 pub mod safetensors_io;

@@ -270,15 +270,7 @@ fn dnnl_status(what: &str, st: c_int) -> Result<()> {
 /// The process-wide library, loaded on first use.
 pub fn get() -> &'static std::result::Result<Backend, String> {
     static BACKEND: OnceLock<std::result::Result<Backend, String>> = OnceLock::new();
-    BACKEND.get_or_init(|| {
-        let r = load();
-        if let Ok(b) = &r {
-            if std::env::var_os("KTO_TRAIN_GEMM_VERBOSE").is_some() {
-                eprintln!("kto-train: fast GEMM: {}", b.describe());
-            }
-        }
-        r
-    })
+    BACKEND.get_or_init(load)
 }
 
 const DNNL_NAMES: [&str; 2] = ["libdnnl.so.3", "libdnnl.so.2"];

@@ -1,18 +1,21 @@
-//! Matrix products at the hardware's speed: a runtime-loaded oneDNN or MKL behind the `fast-gemm`
-//! cargo feature, with candle's own GEMM as the fallback.
+//! Matrix products at the hardware's speed: gemmkit (pure Rust, from crates.io) in every build,
+//! a runtime-loaded oneDNN or MKL behind the `fast-gemm` cargo feature, and candle's own GEMM on
+//! request.
 //!
 //! The frozen-weight products are most of a training step's FLOPs. On the 2-core AVX-512 (Zen 5)
-//! machines here, at the model's shapes, oneDNN's f32 GEMM runs about 1.9x and its bf16 GEMM
-//! (f32 accumulation) about 3-4x candle's (benches/gemm.rs). Linking either library would make
-//! the build need something outside crates.io, so it is opened at run time (`dlopen`), found
-//! through `KTO_TRAIN_BLAS` or the usual pip install locations (search order in `loader.rs`), and
-//! everything falls back to candle, with a one-time notice, when none is found.
+//! machines here, at the model's shapes, gemmkit's f32 GEMM runs about 2x candle's and its bf16
+//! GEMM (f32 accumulation) about 4x (benches/gemm.rs), so the default build needs nothing
+//! installed to be fast ([`native`]). oneDNN and MKL stay available: linking either would make
+//! the build need something outside crates.io, so they are opened at run time (`dlopen`) in a
+//! `fast-gemm` build, found through `KTO_TRAIN_BLAS` or the usual pip install locations (search
+//! order in `loader.rs`); `KTO_TRAIN_GEMM_ENGINE=gemmkit` keeps gemmkit in such a build.
 //!
 //! Precision is chosen by [`GemmMode`], which the model carries (from `train.gemm`, or
 //! `KTO_TRAIN_GEMM=f32|bf16|candle` when that is `auto`: [`resolve`]); every op takes it
-//! explicitly, so a forward and its backward always agree. Without the feature every mode runs
-//! candle's GEMM. `KTO_TRAIN_GEMM_VERBOSE=1` prints which library was loaded.
+//! explicitly, so a forward and its backward always agree. `KTO_TRAIN_GEMM_VERBOSE=1` prints which
+//! engine runs.
 use crate::config::GemmSetting;
+use crate::util::profile;
 use candle_core::{bail, CpuStorage, Result, Tensor, TensorId};
 use half::bf16;
 use std::collections::{HashMap, VecDeque};
@@ -20,17 +23,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 #[cfg(feature = "fast-gemm")]
 mod loader;
+mod native;
 
 /// How the frozen-weight products are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GemmMode {
-    /// candle's own GEMM (f32), as without the feature.
+    /// candle's own GEMM (f32).
     Candle,
-    /// The fast library's f32 GEMM: same precision as candle (only the summation order differs).
+    /// The fast engine's f32 GEMM: same precision as candle (only the summation order differs).
     F32,
-    /// bf16 operands, f32 accumulation and f32 output. The frozen weight is rounded to bf16 once
-    /// and cached; the activation (or the incoming gradient, in the backward) is rounded at each
-    /// call. LoRA weights, optimizer state and the loss head stay f32.
+    /// bf16 operands, f32 accumulation, f32 values between products. The frozen weight is
+    /// rounded to bf16 once and cached; the activation (or the incoming gradient, in the
+    /// backward) is rounded at each call. LoRA weights, optimizer state and the loss head stay
+    /// f32.
     Bf16,
 }
 
@@ -68,15 +73,13 @@ impl std::fmt::Display for GemmMode {
 pub const MODE_ENV: &str = "KTO_TRAIN_GEMM";
 /// Environment variable naming the library to load (a path to `libdnnl.so.*` or `libmkl_rt.so.*`).
 pub const LIBRARY_ENV: &str = "KTO_TRAIN_BLAS";
+/// Environment variable that picks the engine: `gemmkit` or `library` (see [`engine`]).
+pub const ENGINE_ENV: &str = "KTO_TRAIN_GEMM_ENGINE";
 
-/// The mode a `train.gemm` setting asks for: `auto` = `$KTO_TRAIN_GEMM`, else `f32` with the
-/// feature (a pure speed-up with candle's precision) and `candle` without it.
+/// The mode a `train.gemm` setting asks for: `auto` = `$KTO_TRAIN_GEMM`, else `f32` (a pure
+/// speed-up with candle's precision).
 pub(crate) fn requested_mode(setting: GemmSetting) -> GemmMode {
-    let default = if cfg!(feature = "fast-gemm") {
-        GemmMode::F32
-    } else {
-        GemmMode::Candle
-    };
+    let default = GemmMode::F32;
     match setting {
         GemmSetting::Candle => GemmMode::Candle,
         GemmSetting::F32 => GemmMode::F32,
@@ -91,56 +94,138 @@ pub(crate) fn requested_mode(setting: GemmSetting) -> GemmMode {
     }
 }
 
-/// The mode that runs for `setting` on this machine: [`requested_mode`], or `candle` when no
-/// fast library can be loaded.
+/// The mode that runs for `setting` on this machine ([`requested_mode`]).
 pub fn resolve(setting: GemmSetting) -> GemmMode {
     effective_mode(requested_mode(setting))
 }
 
-/// The mode that will actually run for `requested`: `Candle` when no fast library is loaded.
+/// The mode that will actually run for `requested`: every mode has an engine in every build
+/// (gemmkit when no library is loaded), so this is `requested`; it prints, once, which engine
+/// that is when `KTO_TRAIN_GEMM_VERBOSE` is set or a requested library failed to load.
 pub fn effective_mode(requested: GemmMode) -> GemmMode {
-    if requested == GemmMode::Candle {
-        return GemmMode::Candle;
+    if requested != GemmMode::Candle {
+        notice_engine();
     }
-    if available() {
-        requested
-    } else {
-        notice_fallback(requested);
-        GemmMode::Candle
-    }
+    requested
 }
 
-fn notice_fallback(requested: GemmMode) {
+fn notice_engine() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        if cfg!(feature = "fast-gemm") {
+        let verbose = std::env::var_os("KTO_TRAIN_GEMM_VERBOSE").is_some();
+        if let (Some(err), true) = (
+            load_error(),
+            cfg!(feature = "fast-gemm") && !gemmkit_forced(),
+        ) {
             eprintln!(
-                "kto-train: GEMM mode {requested} asked for, but no oneDNN or MKL library was \
-                 found ({}); using candle's GEMM. Install one with `python3 -m pip install \
-                 onednn==2026.1.0` (or `mkl==2026.2.0`), or point {LIBRARY_ENV} at \
-                 libdnnl.so.3 / libmkl_rt.so.3.",
-                load_error().unwrap_or("not searched")
+                "kto-train: no oneDNN or MKL library was found ({err}); the products run on \
+                 gemmkit (pure Rust), which is as fast in f32. Install one with `python3 -m pip \
+                 install onednn==2026.1.0`, or point {LIBRARY_ENV} at libdnnl.so.3 / \
+                 libmkl_rt.so.3."
             );
-        } else if std::env::var_os(MODE_ENV).is_some() {
-            eprintln!(
-                "kto-train: {MODE_ENV}={requested} has no effect: this build lacks the \
-                 `fast-gemm` feature; using candle's GEMM."
-            );
+        } else if verbose {
+            eprintln!("kto-train: matrix products: {}", engine_name());
         }
     });
 }
 
-/// Whether a fast library is loaded (loads it on first call).
-pub fn available() -> bool {
-    backend().is_some()
+/// One line for the start of a run: which engine and precision run the products, and what the
+/// other precision would give (measured back to back on the real-data unit of
+/// scripts/bench-vs-trl.sh, Intel Xeon with AMX, 2 cores: f32 0.263, bf16 0.418 examples/s).
+pub fn startup_line(mode: GemmMode) -> String {
+    let bf16_kernel = if native::packs_rhs() {
+        "AMX tiles"
+    } else {
+        "AVX-512 BF16 or widened f32"
+    };
+    match mode {
+        GemmMode::Candle => {
+            "matrix products: candle's GEMM (train.gemm = \"candle\"); the default \
+             f32 products (gemmkit) ran 1.3x faster per step on real data, bf16 2.1x"
+                .to_string()
+        }
+        GemmMode::F32 => format!(
+            "matrix products: f32 on {}; train.gemm = \"bf16\" (bf16 operands, f32 accumulation, \
+             {bf16_kernel} here) ran 1.6x faster per step on real data",
+            engine_name()
+        ),
+        GemmMode::Bf16 => format!(
+            "matrix products: bf16 operands, f32 accumulation, on {} ({bf16_kernel})",
+            if library().is_some() {
+                engine_name()
+            } else {
+                "the built-in kernel".to_string()
+            }
+        ),
+    }
 }
 
-/// What was loaded, e.g. `oneDNN (/usr/lib/.../libdnnl.so.3)`; `None` without one.
-pub fn backend_name() -> Option<String> {
-    backend().map(|b| b.describe())
+/// Which code runs the f32 and bf16 products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// gemmkit and our AVX-512 BF16 kernel ([`native`]): in every build.
+    Native,
+    /// oneDNN or MKL, in a `fast-gemm` build when one loads (else [`Engine::Native`] runs).
+    Library,
 }
 
-/// Why no library was loaded, when none was.
+/// 0: not chosen yet, 1: native, 2: library.
+static ENGINE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The engine asked for: [`set_engine`], else `$KTO_TRAIN_GEMM_ENGINE` (`gemmkit` or `library`),
+/// else the library in a `fast-gemm` build (the reason to build it) and native otherwise.
+pub fn engine() -> Engine {
+    use std::sync::atomic::Ordering;
+    match ENGINE.load(Ordering::Relaxed) {
+        1 => Engine::Native,
+        2 => Engine::Library,
+        _ => {
+            let e = match std::env::var(ENGINE_ENV) {
+                Ok(v) if v.trim().eq_ignore_ascii_case("gemmkit") => Engine::Native,
+                Ok(v) if v.trim().eq_ignore_ascii_case("library") => Engine::Library,
+                Ok(v) => {
+                    eprintln!("kto-train: {ENGINE_ENV}={v:?}: expected gemmkit or library");
+                    default_engine()
+                }
+                Err(_) => default_engine(),
+            };
+            set_engine(e);
+            e
+        }
+    }
+}
+
+fn default_engine() -> Engine {
+    if cfg!(feature = "fast-gemm") {
+        Engine::Library
+    } else {
+        Engine::Native
+    }
+}
+
+/// Chooses the engine for the whole process (benches compare them in one run).
+pub fn set_engine(e: Engine) {
+    let v = match e {
+        Engine::Native => 1,
+        Engine::Library => 2,
+    };
+    ENGINE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn gemmkit_forced() -> bool {
+    engine() == Engine::Native
+}
+
+/// What runs the f32 and bf16 products, e.g. `gemmkit 0.1.2 (pure Rust)` or
+/// `oneDNN 3.x (/usr/lib/.../libdnnl.so.3)`.
+pub fn engine_name() -> String {
+    match library() {
+        Some(b) => b.describe(),
+        None => "gemmkit 0.1.2 (pure Rust)".to_string(),
+    }
+}
+
+/// Why no optional library was loaded, when none was.
 pub fn load_error() -> Option<&'static str> {
     #[cfg(feature = "fast-gemm")]
     {
@@ -152,13 +237,18 @@ pub fn load_error() -> Option<&'static str> {
     }
 }
 
+/// The optional library that runs the products, when this build has one, it loaded and gemmkit
+/// is not forced.
 #[cfg(feature = "fast-gemm")]
-fn backend() -> Option<&'static loader::Backend> {
+fn library() -> Option<&'static loader::Backend> {
+    if gemmkit_forced() {
+        return None;
+    }
     loader::get().as_ref().ok()
 }
 
 #[cfg(not(feature = "fast-gemm"))]
-fn backend() -> Option<&'static NoBackend> {
+fn library() -> Option<&'static NoBackend> {
     None
 }
 
@@ -229,17 +319,16 @@ impl Operand for f32 {
         b: MatRef<'_, f32>,
         c: *mut f32,
     ) -> Result<()> {
-        let Some(be) = backend() else {
-            bail!("gemm: no fast GEMM library loaded");
-        };
-        #[cfg(feature = "fast-gemm")]
-        {
-            be.sgemm(m, n, k, a, b, 0.0, c)
-        }
-        #[cfg(not(feature = "fast-gemm"))]
-        {
-            let _ = (m, n, k, a, b, c);
-            match *be {}
+        // SAFETY (both arms): the caller's contract.
+        match library() {
+            #[cfg(feature = "fast-gemm")]
+            Some(be) => unsafe { be.sgemm(m, n, k, a, b, 0.0, c) },
+            #[cfg(not(feature = "fast-gemm"))]
+            Some(be) => match *be {},
+            None => {
+                unsafe { native::sgemm(m, n, k, a, b, 0.0, c) };
+                Ok(())
+            }
         }
     }
 }
@@ -253,17 +342,16 @@ impl Operand for bf16 {
         b: MatRef<'_, bf16>,
         c: *mut f32,
     ) -> Result<()> {
-        let Some(be) = backend() else {
-            bail!("gemm: no fast GEMM library loaded");
-        };
-        #[cfg(feature = "fast-gemm")]
-        {
-            be.gemm_bf16(m, n, k, a, b, c)
-        }
-        #[cfg(not(feature = "fast-gemm"))]
-        {
-            let _ = (m, n, k, a, b, c);
-            match *be {}
+        // SAFETY (both arms): the caller's contract.
+        match library() {
+            #[cfg(feature = "fast-gemm")]
+            Some(be) => unsafe { be.gemm_bf16(m, n, k, a, b, c) },
+            #[cfg(not(feature = "fast-gemm"))]
+            Some(be) => match *be {},
+            None => {
+                unsafe { native::gemm_bf16(m, n, k, a, b, c) };
+                Ok(())
+            }
         }
     }
 }
@@ -306,7 +394,7 @@ fn product_into<T: Operand>(
         return Ok(());
     }
     // SAFETY: checked above.
-    unsafe { T::run(m, n, k, a, b, c.as_mut_ptr()) }
+    profile::gemm(m, n, k, || unsafe { T::run(m, n, k, a, b, c.as_mut_ptr()) })
 }
 
 fn product_new<T: Operand>(
@@ -325,14 +413,15 @@ fn product_new<T: Operand>(
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: checked above; the capacity is m * n; on success every element was written.
     unsafe {
-        T::run(m, n, k, a, b, c.spare_capacity_mut().as_mut_ptr().cast())?;
+        let out = c.spare_capacity_mut().as_mut_ptr().cast();
+        profile::gemm(m, n, k, || T::run(m, n, k, a, b, out))?;
         c.set_len(m * n);
     }
     Ok(c)
 }
 
-/// `c[m, n] = op(a)[m, k] @ op(b)[k, n]` in f32 with the loaded library (`c` row-major, dense,
-/// overwritten). Errors when no library is loaded.
+/// `c[m, n] = op(a)[m, k] @ op(b)[k, n]` in f32 with the fast engine (`c` row-major, dense,
+/// overwritten).
 pub fn sgemm(
     m: usize,
     n: usize,
@@ -344,7 +433,7 @@ pub fn sgemm(
     product_into(m, n, k, a, b, c)
 }
 
-/// `c[m, n] += op(a)[m, k] @ op(b)[k, n]` in f32 with the loaded library (BLAS beta = 1).
+/// `c[m, n] += op(a)[m, k] @ op(b)[k, n]` in f32 (BLAS beta = 1).
 pub(crate) fn sgemm_accumulate(
     m: usize,
     n: usize,
@@ -356,20 +445,18 @@ pub(crate) fn sgemm_accumulate(
     if !check_into(m, n, k, &a, &b, c)? || k == 0 {
         return Ok(());
     }
-    let Some(be) = backend() else {
-        bail!("gemm: no fast GEMM library loaded");
-    };
-    #[cfg(feature = "fast-gemm")]
-    {
-        // SAFETY: the operands and `c` (initialized: beta = 1 reads it) were checked against
-        // (m, n, k) above.
-        unsafe { be.sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr()) }
-    }
-    #[cfg(not(feature = "fast-gemm"))]
-    {
-        let _ = (a, b);
-        match *be {}
-    }
+    // SAFETY (both arms): the operands and `c` (initialized: beta = 1 reads it) were checked
+    // against (m, n, k) above.
+    profile::gemm(m, n, k, || match library() {
+        #[cfg(feature = "fast-gemm")]
+        Some(be) => unsafe { be.sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr()) },
+        #[cfg(not(feature = "fast-gemm"))]
+        Some(be) => match *be {},
+        None => {
+            unsafe { native::sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr()) };
+            Ok(())
+        }
+    })
 }
 
 /// [`sgemm`] into a new dense row-major [m, n] vector.
@@ -404,6 +491,88 @@ pub(crate) fn gemm_bf16_new(
     b: MatRef<'_, bf16>,
 ) -> Result<Vec<f32>> {
     product_new(m, n, k, a, b)
+}
+
+/// A frozen weight packed for the tile kernel, in one orientation.
+pub use native::PackedB;
+
+/// Packed copies of frozen weights, keyed by (tensor id, transposed): the forward product uses
+/// W^T, the input gradient W. Made on first use, bounded like the bf16 cache.
+type PackedCache = HashMap<(TensorId, bool), Arc<PackedB>>;
+static PACKED: Mutex<Option<PackedCache>> = Mutex::new(None);
+static PACKED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The packed form of `w` [rows, cols] as the B operand: W^T (`transposed`, the forward x @ W^T)
+/// or W (the input gradient g @ W). `None` when the products do not use packed operands here
+/// (another engine, or a CPU without the tile kernel), or the cache is full.
+pub fn packed_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>>> {
+    if library().is_some() || !native::packs_rhs() {
+        return Ok(None);
+    }
+    let key = (w.id(), transposed);
+    if let Some(hit) = PACKED
+        .lock()
+        .expect("packed cache poisoned")
+        .as_ref()
+        .and_then(|c| c.get(&key).cloned())
+    {
+        return Ok(Some(hit));
+    }
+    let (rows, cols) = w.dims2()?;
+    let used = PACKED_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+    if used + rows * cols * 2 > cache_budget() {
+        return Ok(None);
+    }
+    let pack = |data: &[bf16]| {
+        let b = MatRef {
+            data,
+            trans: transposed,
+            ld: cols,
+        };
+        let (k, n) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        native::pack_rhs(&b, k, n)
+    };
+    let packed = {
+        let (storage, layout) = w.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => pack(&v[a..b]),
+            _ => {
+                drop(storage);
+                pack(&bf16_weight(w)?.data)
+            }
+        }
+    };
+    let Some(packed) = packed.map(Arc::new) else {
+        return Ok(None);
+    };
+    PACKED_BYTES.fetch_add(packed.bytes(), std::sync::atomic::Ordering::Relaxed);
+    PACKED
+        .lock()
+        .expect("packed cache poisoned")
+        .get_or_insert_with(HashMap::new)
+        .insert(key, packed.clone());
+    Ok(Some(packed))
+}
+
+/// [`gemm_bf16`] into a new [m, n] vector with a packed B.
+pub(crate) fn gemm_bf16_packed_new(m: usize, a: MatRef<'_, bf16>, b: &PackedB) -> Result<Vec<f32>> {
+    let (k, n) = (b.k(), b.n());
+    check_operand("a", &a, m, k)?;
+    if m == 0 || n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `a` was checked against [m, k]; the capacity is m * n and every value is written.
+    unsafe {
+        let out = c.spare_capacity_mut().as_mut_ptr().cast();
+        profile::gemm(m, n, k, || native::gemm_bf16_packed(m, a, b, out));
+        c.set_len(m * n);
+    }
+    Ok(c)
 }
 
 /// Round-to-nearest-even f32 -> bf16 of one value (NaN stays NaN), the rounding torch and the
@@ -557,9 +726,12 @@ pub fn bf16_weight(w: &Tensor) -> Result<Arc<Bf16Matrix>> {
     Ok(m)
 }
 
-/// Drops every cached bf16 weight (e.g. after dropping a model in a long-lived process).
+/// Drops every cached bf16 and packed weight (e.g. after dropping a model in a long-lived
+/// process).
 pub fn clear_bf16_cache() {
     *CACHE.lock().expect("bf16 cache poisoned") = None;
+    *PACKED.lock().expect("packed cache poisoned") = None;
+    PACKED_BYTES.store(0, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Bytes held by the bf16 weight cache.

@@ -1,0 +1,650 @@
+//! The products in pure Rust, from crates.io: gemmkit (pinned to 0.1.2), which dispatches at run
+//! time over AVX2/FMA, AVX-512F and AVX-512 BF16 (`vdpbf16ps`) and splits work over rayon.
+//!
+//! Measured on the 2-core Zen 5 machines here at SmolLM2's shapes (benches/gemm.rs): f32 about
+//! 2x candle's GEMM and on par with oneDNN's.
+//!
+//! gemmkit's bf16 product writes bf16: rounding every output once more (relative 2^-9) broke the
+//! bf16 mode's stated bounds (the gradient of `x @ A^T` reached 4.6e-3 against 1.6e-3 in
+//! tests/gemm.rs), so the bf16 product with f32 output is our own: [`amx`] on CPUs with AMX-BF16
+//! (Intel Sapphire Rapids and later: tile products, several times any vector kernel),
+//! [`dpbf16`] on CPUs with AVX-512 BF16 (AMD Zen 4/5, Intel Cooper Lake), and elsewhere
+//! gemmkit's f32 product of the widened operands (the same arithmetic: a product of two bf16
+//! values is exact in f32).
+use super::MatRef;
+use gemmkit::Parallelism;
+use half::bf16;
+
+/// Row and column strides of op(M) for a row-major BLAS-style operand.
+fn strides<T>(m: &MatRef<'_, T>) -> (isize, isize) {
+    if m.trans {
+        (1, m.ld as isize)
+    } else {
+        (m.ld as isize, 1)
+    }
+}
+
+/// `c = op(a) @ op(b) + beta * c` in f32; `c` is dense row-major [m, n].
+///
+/// # Safety
+/// `a` and `b` passed `super::check` for (m, n, k); `c` points to m * n writable values,
+/// initialized when `beta` is not 0.
+pub(super) unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    beta: f32,
+    c: *mut f32,
+) {
+    let (rsa, csa) = strides(&a);
+    let (rsb, csb) = strides(&b);
+    // SAFETY: the caller's contract; `c` is dense row-major and aliases neither operand.
+    unsafe {
+        gemmkit::gemm_unchecked(
+            m,
+            k,
+            n,
+            1.0f32,
+            a.data.as_ptr(),
+            rsa,
+            csa,
+            b.data.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c,
+            n as isize,
+            1,
+            Parallelism::Rayon(0),
+        )
+    }
+}
+
+/// `c = op(a) @ op(b)` with bf16 operands, f32 accumulation and f32 output; `c` (dense
+/// row-major [m, n]) need not be initialized.
+///
+/// # Safety
+/// As [`sgemm`] with `beta` = 0.
+pub(super) unsafe fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, bf16>,
+    b: MatRef<'_, bf16>,
+    c: *mut f32,
+) {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        if amx::supported() {
+            // SAFETY: the caller's contract; AMX was detected and enabled for this process.
+            unsafe { amx::gemm(m, n, k, &a, &b, c) };
+            return;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if dpbf16::supported() {
+            // SAFETY: the caller's contract; the CPU features were just detected.
+            unsafe { dpbf16::gemm(m, n, k, &a, &b, c) };
+            return;
+        }
+    }
+    let a32 = widen_operand(&a, m, k);
+    let b32 = widen_operand(&b, k, n);
+    let dense = |data, cols| MatRef {
+        data,
+        trans: false,
+        ld: cols,
+    };
+    // SAFETY: the widened operands are dense [m, k] and [k, n]; `c` is the caller's.
+    unsafe { sgemm(m, n, k, dense(&a32, k), dense(&b32, n), 0.0, c) }
+}
+
+/// A frozen operand B [k, n] packed once for the tile kernel (see [`amx`]), reused at every call.
+pub struct PackedB {
+    data: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// Whether [`pack_rhs`] packs on this machine (the kernel that reads packed operands runs here).
+pub(super) fn packs_rhs() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        amx::supported()
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// op(b) [k, n] packed for [`gemm_bf16_packed`]; `None` where [`packs_rhs`] is false.
+pub(super) fn pack_rhs(b: &MatRef<'_, bf16>, k: usize, n: usize) -> Option<PackedB> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        if amx::supported() {
+            return Some(PackedB {
+                data: amx::pack_b(b, k, n),
+                k,
+                n,
+            });
+        }
+    }
+    let _ = (b, k, n);
+    None
+}
+
+/// `c = op(a) @ B` for a packed B, as [`gemm_bf16`].
+///
+/// # Safety
+/// As [`gemm_bf16`]; `a` is op(a) [m, p.k]; `c` holds m * p.n values.
+pub(super) unsafe fn gemm_bf16_packed(m: usize, a: MatRef<'_, bf16>, p: &PackedB, c: *mut f32) {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        // SAFETY: the caller's contract; a PackedB exists only where AMX is supported.
+        unsafe { amx::gemm_packed(m, p.n, p.k, &a, &p.data, c) }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        let _ = (m, a, p, c);
+        unreachable!("no packed operands on this platform")
+    }
+}
+
+/// op(M) [rows, cols] as a dense row-major f32 matrix.
+fn widen_operand(mat: &MatRef<'_, bf16>, rows: usize, cols: usize) -> Vec<f32> {
+    let (rs, cs) = strides(mat);
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        for j in 0..cols {
+            out.push(mat.data[i * rs as usize + j * cs as usize].to_f32());
+        }
+    }
+    out
+}
+
+/// bf16 x bf16 -> f32 products with `vdpbf16ps` (AVX-512 BF16): each 32-bit lane holds a pair of
+/// consecutive k values, and one instruction adds both lane products to 16 f32 accumulators.
+/// A product of two bf16 values is exact in f32, so each step rounds once, as an f32 FMA chain
+/// over the rounded operands would (the instruction flushes subnormals, which bf16 activations
+/// and weights do not reach in practice).
+///
+/// Layout: op(a) is packed into blocks of `MR` rows, `[block][pair][row]`, op(b) into panels of
+/// `NR` columns, `[panel][pair][column]` (zero-padded at the edges); the micro-kernel keeps an
+/// MR x NR tile of C in 24 registers over `KC` pairs at a time. Work is split into MC x NC tiles
+/// of C over rayon.
+#[cfg(target_arch = "x86_64")]
+mod dpbf16 {
+    use super::{strides, MatRef};
+    use half::bf16;
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    const MR: usize = 12;
+    const NR: usize = 32;
+    /// Pairs per pass: an A micro-panel (12 x 192 x 4 B = 9 KB) stays in L1, the B panels of
+    /// one tile (8 x 32 x 192 x 4 B = 196 KB) in L2.
+    const KC: usize = 192;
+    const MC: usize = 8 * MR;
+    const NC: usize = 8 * NR;
+
+    pub(super) fn supported() -> bool {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+    }
+
+    #[inline(always)]
+    fn pair(lo: bf16, hi: bf16) -> u32 {
+        lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
+    }
+
+    /// Packs op(m) [rows, k] (`rows_are_lanes`: rows go to lanes, as for A) or op(m) [k, cols]
+    /// (columns go to lanes, as for B) into `[group][pair][lane]` with `width` lanes per group.
+    fn pack(
+        mat: &MatRef<'_, bf16>,
+        lanes: usize,
+        k: usize,
+        width: usize,
+        rows_are_lanes: bool,
+    ) -> Vec<u32> {
+        let (rs, cs) = strides(mat);
+        // (lane stride, k stride) in the source
+        let (ls, ks) = if rows_are_lanes { (rs, cs) } else { (cs, rs) };
+        let (ls, ks) = (ls as usize, ks as usize);
+        let kp = k.div_ceil(2);
+        let groups = lanes.div_ceil(width);
+        let mut out = vec![0u32; groups * kp * width];
+        let data = mat.data;
+        out.par_chunks_mut(kp * width)
+            .enumerate()
+            .for_each(|(g, chunk)| {
+                let lane0 = g * width;
+                let used = width.min(lanes - lane0);
+                let get = |lane: usize, kk: usize| {
+                    if kk < k {
+                        data[(lane0 + lane) * ls + kk * ks]
+                    } else {
+                        bf16::ZERO
+                    }
+                };
+                if ks == 1 {
+                    // k runs along memory: walk it innermost.
+                    for l in 0..used {
+                        for p in 0..kp {
+                            chunk[p * width + l] = pair(get(l, 2 * p), get(l, 2 * p + 1));
+                        }
+                    }
+                } else {
+                    for p in 0..kp {
+                        for l in 0..used {
+                            chunk[p * width + l] = pair(get(l, 2 * p), get(l, 2 * p + 1));
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// Writes (or, with `accumulate`, adds to) the `rows` x `cols` corner of an MR x NR tile at
+    /// `c` (row stride `ldc`): the product of `kc` pairs of packed A and B.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro(
+        kc: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let lo_mask: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << cols).wrapping_sub(1)
+        };
+        let hi_mask: __mmask16 = if cols >= NR {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)).wrapping_sub(1)
+        } else {
+            0
+        };
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        // SAFETY: the caller passes MR x kc pairs of A, kc x NR pairs of B, and a C tile with
+        // `rows` x `cols` valid values at stride `ldc`.
+        unsafe {
+            // Loops over all MR rows with a test inside (not `take(rows)`): constant indices
+            // after unrolling keep `acc` in registers; a runtime bound would put it on the stack.
+            if accumulate {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    if r < rows {
+                        let p = c.add(r * ldc);
+                        row[0] = _mm512_maskz_loadu_ps(lo_mask, p);
+                        row[1] = _mm512_maskz_loadu_ps(hi_mask, p.add(16));
+                    }
+                }
+            }
+            for p in 0..kc {
+                let bp = b.add(p * NR);
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
+                let ap = a.add(p * MR);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                if r < rows {
+                    let p = c.add(r * ldc);
+                    _mm512_mask_storeu_ps(p, lo_mask, row[0]);
+                    _mm512_mask_storeu_ps(p.add(16), hi_mask, row[1]);
+                }
+            }
+        }
+    }
+
+    /// A pointer that rayon tasks writing disjoint tiles of C may share.
+    #[derive(Clone, Copy)]
+    struct Out(*mut f32);
+    // SAFETY: every task writes its own tiles only.
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+
+    impl Out {
+        // A method, so that closures capture the whole (Sync) wrapper, not its raw field.
+        fn ptr(&self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// # Safety
+    /// As `super::gemm_bf16`, on a CPU where [`supported`] holds.
+    pub(super) unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &MatRef<'_, bf16>,
+        b: &MatRef<'_, bf16>,
+        c: *mut f32,
+    ) {
+        let kp = k.div_ceil(2);
+        let pa = pack(a, m, k, MR, true);
+        let pb = pack(b, n, k, NR, false);
+        let out = Out(c);
+        let (row_tiles, col_tiles) = (m.div_ceil(MC), n.div_ceil(NC));
+        (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
+            let (ti, tj) = (t / col_tiles, t % col_tiles);
+            let blocks = (ti * MC / MR)..((ti + 1) * MC / MR).min(m.div_ceil(MR));
+            let panels = (tj * NC / NR)..((tj + 1) * NC / NR).min(n.div_ceil(NR));
+            let mut p0 = 0;
+            while p0 < kp {
+                let kc = KC.min(kp - p0);
+                for ib in blocks.clone() {
+                    for jb in panels.clone() {
+                        // SAFETY: the packed blocks hold kp pairs for every group; the tile
+                        // (ib, jb) lies inside C and belongs to this task alone.
+                        unsafe {
+                            micro(
+                                kc,
+                                pa.as_ptr().add((ib * kp + p0) * MR),
+                                pb.as_ptr().add((jb * kp + p0) * NR),
+                                out.ptr().add(ib * MR * n + jb * NR),
+                                n,
+                                MR.min(m - ib * MR),
+                                NR.min(n - jb * NR),
+                                p0 > 0,
+                            )
+                        }
+                    }
+                }
+                p0 += kc;
+            }
+        });
+    }
+}
+
+/// bf16 x bf16 -> f32 products on AMX tiles (`tdpbf16ps`): one instruction multiplies a 16 x 32
+/// bf16 tile of A by a 32 x 16 tile of B (k pairs interleaved, as `vdpbf16ps` wants them) into
+/// a 16 x 16 f32 tile. The micro-kernel holds a 32 x 32 block of C in four tiles over the whole
+/// k, with two A and two B tiles streamed per 32 values of k.
+///
+/// Rust has no stable AMX intrinsics, so the instructions are inline assembly; the tile
+/// registers are never used by compiled code, so they survive between the `asm!` blocks of one
+/// thread. Linux gives a process the tile state only on request (`arch_prctl`), made once in
+/// [`supported`]; each rayon task loads the tile configuration on its own thread.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use super::{strides, MatRef};
+    use half::bf16;
+    use rayon::prelude::*;
+    use std::arch::asm;
+    use std::sync::OnceLock;
+
+    /// Rows and columns of C per micro-kernel call (2 x 2 tiles of 16 x 16).
+    const MB: usize = 32;
+    /// k per step (one A tile row: 32 bf16 = 64 bytes).
+    const KB: usize = 32;
+    /// C columns per rayon task.
+    const NC: usize = 8 * MB;
+
+    /// CPU support (CPUID.7.0: EDX bit 22 AMX-BF16, bit 24 AMX-TILE) and the kernel's grant of
+    /// the tile data state to this process (Linux 5.16+). `KTO_TRAIN_NO_AMX=1` turns it off.
+    pub(super) fn supported() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            if std::env::var_os("KTO_TRAIN_NO_AMX").is_some_and(|v| v != "0") {
+                return false;
+            }
+            // SAFETY: cpuid leaf 7 exists on every x86_64 CPU that reports max leaf >= 7.
+            let max = std::arch::x86_64::__cpuid(0).eax;
+            if max < 7 {
+                return false;
+            }
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain syscall with integer arguments.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
+        })
+    }
+
+    /// The 64-byte tile configuration: palette 1, eight tiles of 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    const CONFIG: TileConfig = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// op(a) [m, k] as dense bf16 rows of `kp` (k rounded up to KB), `mp` rows (m rounded up to
+    /// MB), zero-padded.
+    fn pack_a(a: &MatRef<'_, bf16>, m: usize, k: usize, mp: usize, kp: usize) -> Vec<bf16> {
+        let (rs, cs) = strides(a);
+        let (rs, cs) = (rs as usize, cs as usize);
+        let mut out = vec![bf16::ZERO; mp * kp];
+        out.par_chunks_mut(kp)
+            .take(m)
+            .enumerate()
+            .for_each(|(i, row)| {
+                if cs == 1 {
+                    row[..k].copy_from_slice(&a.data[i * rs..i * rs + k]);
+                } else {
+                    for (l, v) in row[..k].iter_mut().enumerate() {
+                        *v = a.data[i * rs + l * cs];
+                    }
+                }
+            });
+        out
+    }
+
+    /// op(b) [k, n] in tile order: panels of 16 columns, each `kp / 2` rows of 16 pairs
+    /// (b[2p][j], b[2p + 1][j]) as u32, zero-padded.
+    pub(super) fn pack_b(b: &MatRef<'_, bf16>, k: usize, n: usize) -> Vec<u32> {
+        let (np, kp) = (n.div_ceil(MB) * MB, k.div_ceil(KB) * KB);
+        let (rs, cs) = strides(b);
+        let (rs, cs) = (rs as usize, cs as usize);
+        let pairs = kp / 2;
+        let mut out = vec![0u32; np * pairs];
+        out.par_chunks_mut(pairs * 16)
+            .enumerate()
+            .for_each(|(panel, chunk)| {
+                for jj in 0..16 {
+                    let j = panel * 16 + jj;
+                    if j >= n {
+                        break;
+                    }
+                    let at = |kk: usize| {
+                        if kk < k {
+                            b.data[kk * rs + j * cs].to_bits() as u32
+                        } else {
+                            0
+                        }
+                    };
+                    for p in 0..pairs {
+                        chunk[p * 16 + jj] = at(2 * p) | (at(2 * p + 1) << 16);
+                    }
+                }
+            });
+        out
+    }
+
+    /// One 32 x 32 block of C: rows `i0..`, B panels `jp, jp + 1`, all of k, into `tmp` (32 rows
+    /// of 32 f32).
+    ///
+    /// # Safety
+    /// The tile configuration is loaded on this thread; `a` holds rows i0..i0 + 32 of `kp`
+    /// values, `b` panels jp..jp + 2 of kp / 2 rows.
+    unsafe fn block(
+        a: *const bf16,
+        kp: usize,
+        b0: *const u32,
+        b1: *const u32,
+        tmp: &mut [f32; 1024],
+    ) {
+        let sa = kp * 2; // A row stride in bytes
+        let a1 = unsafe { a.add(16 * kp) };
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack)
+            );
+            for s in 0..kp / KB {
+                let pa0 = a.add(s * KB);
+                let pa1 = a1.add(s * KB);
+                let pb0 = b0.add(s * 256);
+                let pb1 = b1.add(s * 256);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) pa0,
+                    a1 = in(reg) pa1,
+                    b0 = in(reg) pb0,
+                    b1 = in(reg) pb1,
+                    sa = in(reg) sa,
+                    sb = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+            let t = tmp.as_mut_ptr();
+            asm!(
+                "tilestored [{c0} + {sc}*1], tmm0",
+                "tilestored [{c1} + {sc}*1], tmm1",
+                "tilestored [{c2} + {sc}*1], tmm2",
+                "tilestored [{c3} + {sc}*1], tmm3",
+                c0 = in(reg) t,
+                c1 = in(reg) t.add(16),
+                c2 = in(reg) t.add(16 * 32),
+                c3 = in(reg) t.add(16 * 32 + 16),
+                sc = in(reg) 128usize,
+                options(nostack),
+            );
+        }
+    }
+
+    /// A pointer that rayon tasks writing disjoint blocks of C may share.
+    struct Out(*mut f32);
+    // SAFETY: every task writes its own blocks only.
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+
+    impl Out {
+        fn ptr(&self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    /// # Safety
+    /// As `super::gemm_bf16`, after [`supported`] returned true.
+    pub(super) unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &MatRef<'_, bf16>,
+        b: &MatRef<'_, bf16>,
+        c: *mut f32,
+    ) {
+        let pb = pack_b(b, k, n);
+        // SAFETY: the caller's contract; `pb` is op(b) packed.
+        unsafe { gemm_packed(m, n, k, a, &pb, c) }
+    }
+
+    /// [`gemm`] with op(b) already packed by [`pack_b`].
+    ///
+    /// # Safety
+    /// As [`gemm`].
+    pub(super) unsafe fn gemm_packed(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &MatRef<'_, bf16>,
+        pb: &[u32],
+        c: *mut f32,
+    ) {
+        let (mp, kp) = (m.div_ceil(MB) * MB, k.div_ceil(KB) * KB);
+        let pa = pack_a(a, m, k, mp, kp);
+        let out = Out(c);
+        let (row_blocks, col_tasks) = (mp / MB, n.div_ceil(NC));
+        (0..row_blocks * col_tasks).into_par_iter().for_each(|t| {
+            let (ib, tj) = (t / col_tasks, t % col_tasks);
+            let mut tmp = [0f32; 1024];
+            let cfg = &CONFIG;
+            // SAFETY: a valid configuration; tiles are released before the task ends.
+            unsafe {
+                asm!("ldtilecfg [{}]", in(reg) cfg as *const TileConfig, options(nostack, readonly))
+            };
+            let i0 = ib * MB;
+            let rows = MB.min(m - i0);
+            let mut j0 = tj * NC;
+            while j0 < n.min((tj + 1) * NC) {
+                let jp = j0 / 16;
+                // SAFETY: the packed operands are padded to whole blocks.
+                unsafe {
+                    block(
+                        pa.as_ptr().add(i0 * kp),
+                        kp,
+                        pb.as_ptr().add(jp * (kp / 2) * 16),
+                        pb.as_ptr().add((jp + 1) * (kp / 2) * 16),
+                        &mut tmp,
+                    )
+                };
+                let cols = MB.min(n - j0);
+                for r in 0..rows {
+                    // SAFETY: row i0 + r, columns j0..j0 + cols lie inside C and this block.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(out.ptr().add((i0 + r) * n + j0), cols)
+                    };
+                    dst.copy_from_slice(&tmp[r * MB..r * MB + cols]);
+                }
+                j0 += MB;
+            }
+            // SAFETY: releases this thread's tile state.
+            unsafe { asm!("tilerelease", options(nostack)) };
+        });
+    }
+}
