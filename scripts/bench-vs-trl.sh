@@ -178,7 +178,8 @@ print(json.dumps(dict(unit="synthetic", system="kto-train", backend=sys.argv[1],
     done
     if [ -n "${TRL_PYTHON:-}" ]; then
         model="$work/smollm2-360m-random"
-        "$TRL_PYTHON" benches/trl/make_random_smollm2.py "$model" >&2
+        "$TRL_PYTHON" benches/trl/make_random_smollm2.py "$model" \
+            --tokenizer-json data/samples/smollm2/tokenizer.json >&2
         echo "== synthetic, TRL bf16" >&2
         OMP_NUM_THREADS=2 "$TRL_PYTHON" benches/trl/trl_kto_bench.py --model-dir "$model" \
             --precision bf16 --targets all --steps "$STEPS" --warmup 1 --json "$work/trl.json" >&2

@@ -55,3 +55,29 @@ fn fused_ops_match_composite_forms() {
 fn fused_ops_match_composite_forms_with_dropout() {
     compare(PassMode::train(DropoutKey { seed: 7, pass: 3 }));
 }
+
+/// The ops' f32 exponential against f64's over its whole range, and at the edges.
+#[test]
+fn exp_f32_matches_f64_exp() {
+    use kto_train::kernels::fused::exp_f32;
+    let (lo, hi, n) = (-87.3f64, 88.72f64, 2_000_001);
+    let mut worst = 0.0f64;
+    for i in 0..n {
+        let x = (lo + (hi - lo) * i as f64 / (n - 1) as f64) as f32;
+        let want = (x as f64).exp();
+        let rel = ((exp_f32(x) as f64 - want) / want).abs();
+        worst = worst.max(rel);
+    }
+    // f32's unit roundoff is 6e-8: within three units in the last place.
+    assert!(
+        worst < 3.0 * f32::EPSILON as f64,
+        "worst relative error {worst:e}"
+    );
+    assert_eq!(exp_f32(0.0), 1.0);
+    assert_eq!(exp_f32(-100.0), 0.0);
+    assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+    assert_eq!(exp_f32(100.0), f32::INFINITY);
+    assert!(exp_f32(f32::NAN).is_nan());
+    println!("exp_f32 worst relative error {worst:.2e}");
+}

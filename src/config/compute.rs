@@ -82,7 +82,7 @@ impl DType {
 /// `train.gemm`: how the matrix products run (src/kernels/gemm).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmSetting {
-    /// `$KTO_TRAIN_GEMM`, else `f32` in a `fast-gemm` build and `candle` otherwise.
+    /// `$KTO_TRAIN_GEMM`, else `f32`.
     #[default]
     Auto,
     Candle,

@@ -125,9 +125,9 @@ pub struct TrainConfig {
     /// forward of the policy (TRL's gradient_checkpointing, on by default there too).
     #[serde(default = "d_true")]
     pub activation_checkpointing: bool,
-    /// Matrix products: `auto` (`$KTO_TRAIN_GEMM`, else `f32` in a `fast-gemm` build and
-    /// `candle` otherwise), `candle`, `f32` or `bf16` (bf16 operands, f32 accumulation; the
-    /// frozen weights are then kept in bf16). `f32` and `bf16` need the `fast-gemm` feature.
+    /// Matrix products: `auto` (`$KTO_TRAIN_GEMM`, else `f32`), `candle`, `f32` or `bf16` (bf16
+    /// operands, f32 accumulation; the frozen weights are then kept in bf16). Every build runs
+    /// all of them (src/kernels/gemm).
     #[serde(default)]
     pub gemm: GemmSetting,
 }

@@ -168,3 +168,36 @@ pub fn report(per: u64) -> Option<String> {
     out += &row("total", total, gemm, flops, calls);
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Nested phases count only their own time (the rows add up to the wall time), and a
+    /// product is counted against the innermost open phase.
+    #[test]
+    fn nested_phases_split_time_and_products() {
+        STATE.store(2, Ordering::Relaxed);
+        let t0 = Instant::now();
+        {
+            let _outer = phase("test outer");
+            std::thread::sleep(Duration::from_millis(30));
+            {
+                let _inner = phase("test inner");
+                gemm(2, 3, 4, || std::thread::sleep(Duration::from_millis(30)));
+            }
+            gemm(1, 1, 1, || ());
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let phases = with(|p| p.phases.clone());
+        let get = |n: &str| phases.iter().find(|p| p.name == n).unwrap().clone();
+        let (outer, inner) = (get("test outer"), get("test inner"));
+        assert!(outer.own_secs >= 0.030 && inner.own_secs >= 0.030);
+        assert!((outer.own_secs + inner.own_secs - wall).abs() < 0.005);
+        assert_eq!((inner.gemm_calls, inner.gemm_flops), (1, 48.0));
+        assert_eq!((outer.gemm_calls, outer.gemm_flops), (1, 2.0));
+        assert!(inner.gemm_secs >= 0.030 && inner.gemm_secs <= inner.own_secs);
+        assert!(report(1).unwrap().contains("| test inner |"));
+    }
+}
