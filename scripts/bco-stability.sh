@@ -26,6 +26,9 @@ LR=${LR:-5e-3}
 THRESHOLD=${THRESHOLD:-100}
 CLIP=${CLIP:-1.0}
 OUT=${OUT:-runs/bco-stability}
+# Absolute, so that output.dir does not resolve against the config's folder.
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 EXTRA=${EXTRA:-}
 BIN=${KTO_TRAIN_BIN:-target/release/kto-train}
 [ -x "$BIN" ] || cargo build --release --quiet
@@ -50,7 +53,7 @@ for s in $SETTINGS; do
       --set loss.odds_ratio_weight=0.1 --set train.seed="$seed" --set train.max_steps="$STEPS" \
       --set train.lr="$LR" --set train.eval_every=0 --set train.eval_on_start=false \
       --set train.save_every=0 --set train.max_consecutive_nonfinite=1000000 \
-      --set output.dir="$PWD/$dir" --set "eval.benchmarks=[]" --set train.reference_cache=auto \
+      --set output.dir="$dir" --set "eval.benchmarks=[]" --set train.reference_cache=auto \
       $EXTRA ${FLAGS[$s]} >/dev/null 2>"$dir.log" || echo "exit $?" >>"$dir.log"
   done
 done

@@ -10,13 +10,15 @@
 #
 #   scripts/real-model.sh                                   # the config as it is
 #   scripts/real-model.sh --set train.max_steps=20 ...      # any training overrides
-# Environment: KTO_TRAIN_BIN (default target/release/kto-train, built when missing),
-# OUT (default runs/real-smollm2).
+#   CONFIG=configs/real-smollm2-oasst.toml scripts/real-model.sh   # the OASST sample alone
+# Environment: CONFIG (default configs/real-smollm2.toml), KTO_TRAIN_BIN (default
+# target/release/kto-train, built when missing), OUT (default runs/real-smollm2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${KTO_TRAIN_BIN:-target/release/kto-train}
 [ -x "$BIN" ] || cargo build --release --quiet
 OUT=${OUT:-runs/real-smollm2}
+CONFIG=${CONFIG:-configs/real-smollm2.toml}
 GGUF=$(scripts/fetch-real-model.sh)
 mkdir -p "$OUT.before"
 TQA=data/samples/eval/truthfulqa/data/mc_task.json
@@ -24,8 +26,8 @@ HS=data/samples/eval/hellaswag/hellaswag_val_sample.jsonl
 echo "== benchmarks before training" >&2
 "$BIN" eval --model "$GGUF" --task truthfulqa_mc2 --data "$TQA" --output "$OUT.before/truthfulqa_mc2.json" --quiet >/dev/null
 "$BIN" eval --model "$GGUF" --task hellaswag --data "$HS" --fewshot-data "$HS" --output "$OUT.before/hellaswag.json" --quiet >/dev/null
-echo "== training (configs/real-smollm2.toml)" >&2
-"$BIN" --config configs/real-smollm2.toml --overwrite --set "model.name_or_path=$GGUF" \
+echo "== training ($CONFIG)" >&2
+"$BIN" --config "$CONFIG" --overwrite --set "model.name_or_path=$GGUF" \
   --set "output.dir=$PWD/$OUT" "$@"
 python3 - "$OUT" <<'PY'
 import json, os, sys

@@ -6,6 +6,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use kto_train::kernels::attention::causal_attention_within;
 use kto_train::kernels::GemmMode;
 
+mod common;
+use common::max_abs_diff;
+
 fn rand(dims: &[usize], seed: u64) -> Tensor {
     // A fixed pseudo-random fill (splitmix64), so the test needs no RNG crate state.
     let n: usize = dims.iter().product();
@@ -20,19 +23,6 @@ fn rand(dims: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// softmax(scale q k^T + causal mask) v in f64, row r of a head block at position offset + r % t_q.
@@ -97,14 +87,14 @@ fn chunked_attention_matches_whole_matrix() {
             t_q,
             offset,
         );
-        assert!(max_diff(&whole.0, &want) < 1e-5, "whole forward vs f64");
+        assert!(max_abs_diff(&whole.0, &want) < 1e-5, "whole forward vs f64");
         for (what, a, b) in [
             ("forward", &chunked.0, &whole.0),
             ("dq", &chunked.1, &whole.1),
             ("dk", &chunked.2, &whole.2),
             ("dv", &chunked.3, &whole.3),
         ] {
-            let e = max_diff(a, b);
+            let e = max_abs_diff(a, b);
             assert!(
                 e < 1e-5,
                 "t_q {t_q} offset {offset}: {what} differs by {e:e}"

@@ -41,4 +41,15 @@ fn seed_run_configs() {
     assert!(e.value_function && !e.bco_shift && e.odds_ratio_weight > 0.0);
     assert!(load("enhanced-bco.toml").loss.bco_shift);
     load("smoke.toml");
+    // The real-model configs: the seed's loss and LoRA settings on the shipped samples.
+    for name in ["real-smollm2.toml", "real-smollm2-oasst.toml"] {
+        let c = load(name);
+        assert_eq!(c.loss.loss_type, LossType::EnhancedKto, "{name}");
+        assert_eq!(
+            (c.lora.r, c.lora.alpha, c.loss.beta),
+            (16, 32.0, 0.1),
+            "{name}"
+        );
+    }
+    assert_eq!(load("real-smollm2-oasst.toml").data.sources.len(), 1);
 }

@@ -99,18 +99,6 @@ impl GemmSetting {
             GemmSetting::Bf16 => "bf16",
         }
     }
-
-    /// Refuses a fast-library mode in a build without the `fast-gemm` feature.
-    pub(crate) fn check_build(self) -> anyhow::Result<()> {
-        if matches!(self, GemmSetting::F32 | GemmSetting::Bf16) && !cfg!(feature = "fast-gemm") {
-            anyhow::bail!(
-                "gemm = \"{}\" needs a build with the fast-gemm feature \
-                 (cargo build --release --features fast-gemm); this build has only candle's GEMM",
-                self.as_str()
-            );
-        }
-        Ok(())
-    }
 }
 
 impl std::str::FromStr for GemmSetting {

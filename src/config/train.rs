@@ -245,7 +245,6 @@ impl TrainConfig {
         if self.log_every == 0 {
             bail!("log_every = 0: must be at least 1");
         }
-        self.gemm.check_build()?;
         self.device.check_build()?;
         Ok(())
     }

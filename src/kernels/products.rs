@@ -162,9 +162,28 @@ fn fast_product(
             };
             let out = match packed.filter(|p| p.k() == k && p.n() == n) {
                 Some(p) => gemm::gemm_bf16_packed_new(m, pa, p),
-                None => match bf16_weight_operand(w, w16, lw, b_is_wt) {
-                    Some(pb) => gemm::gemm_bf16_new(m, n, k, pa, pb),
-                    None => {
+                None => match (bf16_weight_operand(w, w16, lw, b_is_wt), w) {
+                    (Some(pb), _) => gemm::gemm_bf16_new(m, n, k, pa, pb),
+                    // An f32 weight with neither copy (the packed cache was full): rounded here,
+                    // at every call, so that the mode's precision holds.
+                    (None, CpuStorage::F32(wd)) => {
+                        let mut w16 = Vec::new();
+                        match bf16_operand(wd, lw, &mut w16) {
+                            Some((t, ld, used)) => {
+                                let pb = MatRef {
+                                    data: &w16[..used],
+                                    trans: t ^ b_is_wt,
+                                    ld,
+                                };
+                                gemm::gemm_bf16_new(m, n, k, pa, pb)
+                            }
+                            None => {
+                                put_scratch(a16);
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    (None, _) => {
                         put_scratch(a16);
                         return Ok(None);
                     }
@@ -380,6 +399,8 @@ fn resolve(
         GemmMode::Candle
     };
     match (mode, w.dtype()) {
+        // With packed weights the packed copies are the bf16 weights (no third copy).
+        (GemmMode::Bf16, DType::F32) if gemm::packs_weights() => Ok((mode, None, w.clone())),
         (GemmMode::Bf16, DType::F32) => Ok((mode, Some(gemm::bf16_weight(w)?), w.clone())),
         (GemmMode::Bf16, DType::BF16) => Ok((mode, None, w.clone())),
         (_, dt) if dt == x.dtype() => Ok((mode, None, w.clone())),

@@ -131,7 +131,8 @@ fn notice_engine() {
 
 /// One line for the start of a run: which engine and precision run the products, and what the
 /// other precision would give (measured back to back on the real-data unit of
-/// scripts/bench-vs-trl.sh, Intel Xeon with AMX, 2 cores: f32 0.263, bf16 0.418 examples/s).
+/// scripts/bench-vs-trl.sh, Intel Xeon with AMX, 2 cores: candle 0.184, f32 0.279, bf16 0.413
+/// examples/s).
 pub fn startup_line(mode: GemmMode) -> String {
     let bf16_kernel = if native::packs_rhs() {
         "AMX tiles"
@@ -141,12 +142,12 @@ pub fn startup_line(mode: GemmMode) -> String {
     match mode {
         GemmMode::Candle => {
             "matrix products: candle's GEMM (train.gemm = \"candle\"); the default \
-             f32 products (gemmkit) ran 1.3x faster per step on real data, bf16 2.1x"
+             f32 products (gemmkit) ran 1.5x faster per step on real data, bf16 2.2x"
                 .to_string()
         }
         GemmMode::F32 => format!(
             "matrix products: f32 on {}; train.gemm = \"bf16\" (bf16 operands, f32 accumulation, \
-             {bf16_kernel} here) ran 1.6x faster per step on real data",
+             {bf16_kernel} here) ran 1.5x faster per step on real data",
             engine_name()
         ),
         GemmMode::Bf16 => format!(
@@ -496,6 +497,12 @@ pub(crate) fn gemm_bf16_new(
 /// A frozen weight packed for the tile kernel, in one orientation.
 pub use native::PackedB;
 
+/// Whether bf16 products of frozen weights use packed copies ([`packed_weight`]) here, so that
+/// the plain bf16 copy need not be kept.
+pub fn packs_weights() -> bool {
+    library().is_none() && native::packs_rhs()
+}
+
 /// Packed copies of frozen weights, keyed by (tensor id, transposed): the forward product uses
 /// W^T, the input gradient W. Made on first use, bounded like the bf16 cache.
 type PackedCache = HashMap<(TensorId, bool), Arc<PackedB>>;
@@ -542,7 +549,8 @@ pub fn packed_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>
             (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => pack(&v[a..b]),
             _ => {
                 drop(storage);
-                pack(&bf16_weight(w)?.data)
+                // A rounded copy only for packing: the packed forms replace the bf16 cache.
+                pack(&Bf16Matrix::from_tensor(w)?.data)
             }
         }
     };

@@ -15,6 +15,23 @@ use super::MatRef;
 use gemmkit::Parallelism;
 use half::bf16;
 
+/// The output pointer that the kernels' rayon tasks, each writing its own tiles of C, share.
+#[cfg(target_arch = "x86_64")]
+struct Out(*mut f32);
+// SAFETY: every task writes disjoint tiles only.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for Out {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Out {}
+
+#[cfg(target_arch = "x86_64")]
+impl Out {
+    // A method, so that closures capture the whole (Sync) wrapper, not its raw field.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Row and column strides of op(M) for a row-major BLAS-style operand.
 fn strides<T>(m: &MatRef<'_, T>) -> (isize, isize) {
     if m.trans {
@@ -190,7 +207,7 @@ fn widen_operand(mat: &MatRef<'_, bf16>, rows: usize, cols: usize) -> Vec<f32> {
 /// of C over rayon.
 #[cfg(target_arch = "x86_64")]
 mod dpbf16 {
-    use super::{strides, MatRef};
+    use super::{strides, MatRef, Out};
     use half::bf16;
     use rayon::prelude::*;
     use std::arch::x86_64::*;
@@ -321,20 +338,6 @@ mod dpbf16 {
         }
     }
 
-    /// A pointer that rayon tasks writing disjoint tiles of C may share.
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    // SAFETY: every task writes its own tiles only.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-
-    impl Out {
-        // A method, so that closures capture the whole (Sync) wrapper, not its raw field.
-        fn ptr(&self) -> *mut f32 {
-            self.0
-        }
-    }
-
     /// # Safety
     /// As `super::gemm_bf16`, on a CPU where [`supported`] holds.
     pub(super) unsafe fn gemm(
@@ -392,7 +395,7 @@ mod dpbf16 {
 /// [`supported`]; each rayon task loads the tile configuration on its own thread.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
-    use super::{strides, MatRef};
+    use super::{strides, MatRef, Out};
     use half::bf16;
     use rayon::prelude::*;
     use std::arch::asm;
@@ -564,18 +567,6 @@ mod amx {
                 sc = in(reg) 128usize,
                 options(nostack),
             );
-        }
-    }
-
-    /// A pointer that rayon tasks writing disjoint blocks of C may share.
-    struct Out(*mut f32);
-    // SAFETY: every task writes its own blocks only.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-
-    impl Out {
-        fn ptr(&self) -> *mut f32 {
-            self.0
         }
     }
 
