@@ -320,17 +320,8 @@ impl Operand for f32 {
         b: MatRef<'_, f32>,
         c: *mut f32,
     ) -> Result<()> {
-        // SAFETY (both arms): the caller's contract.
-        match library() {
-            #[cfg(feature = "fast-gemm")]
-            Some(be) => unsafe { be.sgemm(m, n, k, a, b, 0.0, c) },
-            #[cfg(not(feature = "fast-gemm"))]
-            Some(be) => match *be {},
-            None => {
-                unsafe { native::sgemm(m, n, k, a, b, 0.0, c) };
-                Ok(())
-            }
-        }
+        // SAFETY: the caller's contract.
+        unsafe { engine_sgemm(m, n, k, a, b, 0.0, c) }
     }
 }
 
@@ -448,16 +439,37 @@ pub(crate) fn sgemm_accumulate(
     }
     // SAFETY (both arms): the operands and `c` (initialized: beta = 1 reads it) were checked
     // against (m, n, k) above.
-    profile::gemm(m, n, k, || match library() {
+    profile::gemm(m, n, k, || unsafe {
+        engine_sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr())
+    })
+}
+
+/// `c = op(a) @ op(b) + beta * c` in f32 on the engine in use (the library, else gemmkit).
+///
+/// # Safety
+/// The operands were checked against (m, n, k); `c` holds m * n values, initialized when
+/// `beta` is not 0.
+#[allow(clippy::too_many_arguments)]
+unsafe fn engine_sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    beta: f32,
+    c: *mut f32,
+) -> Result<()> {
+    // SAFETY (both arms): the caller's contract.
+    match library() {
         #[cfg(feature = "fast-gemm")]
-        Some(be) => unsafe { be.sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr()) },
+        Some(be) => unsafe { be.sgemm(m, n, k, a, b, beta, c) },
         #[cfg(not(feature = "fast-gemm"))]
         Some(be) => match *be {},
         None => {
-            unsafe { native::sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr()) };
+            unsafe { native::sgemm(m, n, k, a, b, beta, c) };
             Ok(())
         }
-    })
+    }
 }
 
 /// [`sgemm`] into a new dense row-major [m, n] vector.
