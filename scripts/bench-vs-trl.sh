@@ -77,7 +77,10 @@ name_or_path = "$gguf"
 [lora]
 r = 16
 alpha = 32
-dropout = 0.05
+# TRL's trl_real_bench.py asks PEFT for lora_dropout 0.05, but KTOConfig's disable_dropout
+# (default true) sets every torch Dropout to p = 0, PEFT's LoRA dropout included: TRL trains
+# without dropout, so the same work here is dropout 0.
+dropout = 0.0
 target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 [loss]
 loss_type = "kto"
