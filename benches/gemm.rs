@@ -241,7 +241,7 @@ fn steps() -> anyhow::Result<()> {
     let rank = arg("--rank", 16);
     // As in training, bf16 mode holds the frozen weights in bf16 (converted at each switch,
     // outside the timed step).
-    let mut unit = WorkUnit::new(pl, cl, rank, arg("--checkpointing", 0) == 1)?;
+    let mut unit = WorkUnit::new(pl, cl, rank, arg("--checkpointing", 0) == 1, true)?;
     let modes = paths();
     let mut step = |path: Path| -> anyhow::Result<f64> {
         unit.set_gemm_mode(path.select())?;

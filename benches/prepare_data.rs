@@ -68,6 +68,7 @@ fn main() {
         max_length: 512,
         seed: 42,
         strict: false,
+        chat_template: None,
     };
     println!(
         "prepare_data: {n} HH-RLHF records ({:.1} MB JSON lines), SmolLM2 tokenizer, {} rayon threads",

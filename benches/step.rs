@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
     let rank = arg("--rank", 16);
     let json = std::env::args().any(|a| a == "--json");
     let ckpt = arg("--checkpointing", 1) == 1;
-    let mut unit = WorkUnit::new(pl, cl, rank, ckpt)?;
+    let mut unit = WorkUnit::new(pl, cl, rank, ckpt, false)?;
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         let (dt, loss) = unit.step()?;

@@ -650,7 +650,8 @@ fn fault_pause(var: &str) {
 }
 
 /// The policy: fresh PEFT init, or the weights of `lora.init_from`, computing with the kernels
-/// the config asks for.
+/// the config asks for, its LoRA dropout off under `train.disable_dropout` (the returned spec
+/// keeps the configured dropout: it is what adapter_config.json records, as PEFT's would).
 pub fn build_policy(
     cfg: &Config,
     files: &ModelFiles,
@@ -675,6 +676,11 @@ pub fn build_policy(
         fused_ops: true,
         activation_checkpointing: cfg.train.activation_checkpointing,
         gemm: gemm::resolve(cfg.train.gemm),
+    };
+    let model = if cfg.train.disable_dropout {
+        model.without_lora_dropout()
+    } else {
+        model
     };
     Ok((model.with_kernels(kernels)?, spec))
 }

@@ -121,7 +121,11 @@ fn bad_input_gives_clear_errors_and_no_adapter() {
     );
     assert_fails_with(
         &kto(&["--config", p.to_str().unwrap()]),
-        &["unknown.toml", "rank", "expected one of"],
+        &[
+            "unknown.toml",
+            "unknown key `lora.rank`",
+            "known keys there",
+        ],
     );
     // Invalid value.
     let p = write(d, "invalid.toml", &base_config(model, "good.jsonl", &out));

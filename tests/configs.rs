@@ -53,3 +53,78 @@ fn seed_run_configs() {
     }
     assert_eq!(load("real-smollm2-oasst.toml").data.sources.len(), 1);
 }
+
+#[test]
+fn trl_key_names_are_aliases_and_unknown_keys_get_a_suggestion() {
+    let ours = Config::from_toml_str(
+        r#"
+[model]
+name_or_path = "x"
+[train]
+lr = 5e-5
+batch_size = 4
+grad_accum = 2
+epochs = 3
+lr_schedule = "cosine"
+log_every = 5
+eval_every = 50
+save_every = 100
+keep_checkpoints = 2
+warmup_ratio = 0.1
+adam_eps = 1e-6
+eval_batch_size = 8
+activation_checkpointing = false
+"#,
+    )
+    .unwrap();
+    let trl = Config::from_toml_str(
+        r#"
+[model]
+name_or_path = "x"
+[train]
+learning_rate = 5e-5
+per_device_train_batch_size = 4
+gradient_accumulation_steps = 2
+num_train_epochs = 3
+lr_scheduler_type = "cosine"
+logging_steps = 5
+eval_steps = 50
+save_steps = 100
+save_total_limit = 2
+warmup_ratio = 0.1
+adam_epsilon = 1e-6
+per_device_eval_batch_size = 8
+gradient_checkpointing = false
+"#,
+    )
+    .unwrap();
+    assert_eq!(ours, trl);
+    // TRL's defaults where a TRL user expects them.
+    assert!(ours.train.disable_dropout);
+    // Both names of one key: refused, not silently one of them.
+    let both = "[model]\nname_or_path = \"x\"\n[train]\nlr = 1e-4\nlearning_rate = 2e-4\n";
+    let err = format!("{:#}", Config::from_toml_str(both).unwrap_err());
+    assert!(err.contains("duplicate"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let load_err = |body: &str| {
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, format!("[model]\nname_or_path = \"x\"\n{body}")).unwrap();
+        format!("{:#}", Config::load(&p, &[]).unwrap_err())
+    };
+    let e = load_err("[train]\nlearning_rat = 1e-4\n");
+    assert!(
+        e.contains("c.toml:4: unknown key `train.learning_rat`; did you mean `learning_rate`?"),
+        "{e}"
+    );
+    let e = load_err("[train]\nbeta = 0.2\n");
+    assert!(e.contains("TRL's `beta` is `loss.beta` here"), "{e}");
+    let e = load_err("[lora]\ntarget_module = [\"q_proj\"]\n");
+    assert!(e.contains("did you mean `target_modules`?"), "{e}");
+    // Nothing close: no guess.
+    let e = load_err("[train]\nzzz = 1\n");
+    assert!(
+        e.contains("unknown key `train.zzz`") && !e.contains("did you mean"),
+        "{e}"
+    );
+}

@@ -35,6 +35,7 @@ fn opts(max_length: usize, seed: u64, strict: bool) -> PrepareOptions<'static> {
         max_length,
         seed,
         strict,
+        chat_template: None,
     }
 }
 
@@ -1480,4 +1481,160 @@ fn model_folder_gives_tokenizer_eos_and_chat_template() {
         kto_train::data::run_data_command(&c, None, false).unwrap_err()
     );
     assert!(err.contains("no-such-model-folder"), "{err}");
+}
+
+// ------------------------------------------------- TRL's formats: auto, columns, messages records
+
+/// SmolLM2-Instruct's chat template (its tokenizer_config.json / GGUF metadata).
+fn smollm2_template_file() -> (tempfile::TempDir, PathBuf) {
+    let template =
+        std::fs::read_to_string(repo("tests/fixtures/chat-templates/smollm2-instruct.jinja"))
+            .unwrap();
+    let cfg_json = serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"});
+    let (d, paths) = files(&[("tokenizer_config.json", &cfg_json.to_string())]);
+    (d, paths[0].clone())
+}
+
+fn example_with_prompt<'a>(p: &'a PreparedData, prompt_text: &str) -> Vec<&'a KtoExample> {
+    p.train
+        .iter()
+        .chain(&p.validation)
+        .filter(|e| dec(&e.prompt_ids) == prompt_text)
+        .collect()
+}
+
+#[test]
+fn auto_format_templates_message_lists_and_keeps_text_raw() {
+    // Constructed records in TRL's unpaired format: one as plain text, one as messages.
+    let lines = [
+        serde_json::json!({"prompt": "2+2=", "completion": " 4", "label": true}),
+        serde_json::json!({"prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello!"}], "label": false}),
+    ];
+    let body: Vec<String> = lines.iter().map(|v| v.to_string()).collect();
+    let (_d, paths) = files(&[("unpaired.jsonl", &body.join("\n"))]);
+    let (_t, template) = smollm2_template_file();
+    let mut cfg = config(vec![source(SourceKind::Unpaired, &paths)]);
+    cfg.validation_fraction = 0.0;
+    assert_eq!(cfg.prompt_format, PromptFormat::Auto, "auto is the default");
+    cfg.chat_template = Some(template);
+    let p = run(&cfg, 512);
+    // Plain text stays as it is.
+    let text = example_with_prompt(&p, "2+2=");
+    assert_eq!(text.len(), 1);
+    assert_eq!(dec(&text[0].completion_ids), " 4<|endoftext|>");
+    // The message list goes through the template (transformers renders this prompt as below;
+    // tests/chat_templates.rs checks the renderer against it on more conversations).
+    let sys = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
+    let chat = example_with_prompt(
+        &p,
+        &format!("{sys}<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    );
+    assert_eq!(chat.len(), 1);
+    assert_eq!(
+        dec(&chat[0].completion_ids),
+        "Hello!<|im_end|>\n<|endoftext|>"
+    );
+    assert!(
+        p.summary_json["prompt_format"]
+            .as_str()
+            .unwrap()
+            .starts_with("auto (chat template of "),
+        "{}",
+        p.summary_json["prompt_format"]
+    );
+
+    // Without a chat template, message lists fall back to the raw HH-style text.
+    cfg.chat_template = None;
+    let p = run(&cfg, 512);
+    assert_eq!(
+        example_with_prompt(&p, "\n\nHuman: Hi\n\nAssistant:").len(),
+        1
+    );
+    assert_eq!(
+        p.summary_json["prompt_format"],
+        "auto (no chat template: message lists as HH-style raw text)"
+    );
+}
+
+#[test]
+fn columns_rename_fields_and_messages_records_split_at_the_last_reply() {
+    // Constructed records with the user's own column names, and `messages` conversations.
+    let lines = [
+        serde_json::json!({"question": "Capital of France?", "answer": " Paris", "good": true}),
+        serde_json::json!({"question": "Capital of France?", "answer": " Rome", "good": false}),
+        serde_json::json!({"question": "Capital of Spain?", "good": true}), // 3: no answer
+        serde_json::json!({"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "good": false}),
+        serde_json::json!({"conversation": [{"role": "user", "content": "Hi"}], "good": true}), // 5: no reply
+        serde_json::json!({"question": "Q", "answer": " A", "good": "yes"}), // 6: label not a bool
+    ];
+    let body: Vec<String> = lines.iter().map(|v| v.to_string()).collect();
+    let (_d, paths) = files(&[("mine.jsonl", &body.join("\n"))]);
+    let mut src = source(SourceKind::Unpaired, &paths);
+    src.columns = Some(
+        [
+            ("prompt", "question"),
+            ("completion", "answer"),
+            ("label", "good"),
+            ("messages", "conversation"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect(),
+    );
+    let mut cfg = config(vec![src]);
+    cfg.validation_fraction = 0.0;
+    cfg.prompt_format = PromptFormat::Raw;
+    let p = run(&cfg, 512);
+    let france = example_with_prompt(&p, "Capital of France?");
+    assert_eq!(france.len(), 2);
+    assert_eq!(france.iter().filter(|e| e.label).count(), 1);
+    let chat = example_with_prompt(&p, "\n\nHuman: Hi\n\nAssistant:");
+    assert_eq!(chat.len(), 1);
+    assert!(!chat[0].label);
+    assert_eq!(dec(&chat[0].completion_ids), " Yo<|endoftext|>");
+    let s = src_summary(&p, 0);
+    let issues: Vec<(u64, String, String)> = s["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["line"].as_u64().unwrap(),
+                i["field"].as_str().unwrap().to_string(),
+                i["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, String, String)> = [
+        (3, "answer", "missing_field"),
+        (5, "conversation", "bad_value"),
+        (6, "good", "wrong_type"),
+    ]
+    .iter()
+    .map(|(l, f, r)| (*l, f.to_string(), r.to_string()))
+    .collect();
+    assert_eq!(issues, want);
+}
+
+#[test]
+fn columns_are_refused_where_they_do_not_apply() {
+    let text = r#"
+[model]
+name_or_path = "x"
+[[data.sources]]
+kind = "hh-rlhf"
+files = ["a.jsonl"]
+columns = { prompt = "q" }
+"#;
+    let err = format!("{:#}", Config::from_toml_str(text).unwrap_err());
+    assert!(
+        err.contains("columns applies only to kind = \"preference\" or \"unpaired\""),
+        "{err}"
+    );
+    let text = text
+        .replace("hh-rlhf", "unpaired")
+        .replace("prompt = ", "promt = ");
+    let err = format!("{:#}", Config::from_toml_str(&text).unwrap_err());
+    assert!(err.contains("columns: unknown field `promt`"), "{err}");
 }

@@ -27,6 +27,8 @@ fn cmd(out: &Path, resume: bool, env: &[(&str, String)]) -> Command {
         .arg(repo().join("configs/smoke.toml"))
         .args(["--set", &format!("output.dir={}", out.display())])
         .args(["--set", "train.max_steps=6", "--set", "train.save_every=1"])
+        // LoRA dropout on (TRL's disable_dropout off): a resume must redraw the same masks.
+        .args(["--set", "train.disable_dropout=false"])
         .args([
             "--set",
             "train.eval_every=2",

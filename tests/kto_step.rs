@@ -110,3 +110,60 @@ fn check_trl_step_on(model: &kto_train::model::Llama, dir: &str) {
     assert_eq!(n, 28);
     assert_eq!(want.len(), 28);
 }
+
+/// TRL's `disable_dropout` (train.disable_dropout, default true): the policy trains as if its LoRA
+/// dropout were 0, while the configured dropout stays what the adapter records.
+#[test]
+fn disable_dropout_trains_the_network_without_dropout() {
+    use kto_train::train::step::{run_micro_batch, MicroBatchMode};
+    let step = |model: &kto_train::model::Llama| {
+        let b = kto_step_json_in("kto-step");
+        let cfg = &b["trl_config"];
+        let loss_cfg: kto_train::config::LossConfig =
+            toml::from_str(&format!("loss_type = \"kto\"\nbeta = {}", cfg["beta"])).unwrap();
+        let mut head = kto_train::loss::LossHead::new(&loss_cfg);
+        let batch = kto_step_batch_in("kto-step", None);
+        let out = run_micro_batch(
+            model,
+            &mut head,
+            &batch,
+            MicroBatchMode::training(42, 0, 0),
+            None,
+        )
+        .unwrap();
+        let g: Vec<f64> = out
+            .grads
+            .unwrap()
+            .into_vec()
+            .iter()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .collect();
+        (out.loss.loss, g)
+    };
+    let no_dropout = step(&tiny_with_peft(DType::F64));
+    let with_dropout = step(&tiny_with_peft_dropout(DType::F64, Some(0.1)));
+    let disabled = step(&tiny_with_peft_dropout(DType::F64, Some(0.1)).without_lora_dropout());
+    assert_eq!(
+        disabled, no_dropout,
+        "disabled dropout is no dropout, exactly"
+    );
+    assert_ne!(
+        with_dropout.1, no_dropout.1,
+        "dropout 0.1 changes the gradients"
+    );
+
+    // The recipe applies it from the config, and keeps the configured dropout for the adapter.
+    let files = kto_train::hub::local_model_files(&fixture("tiny-llama"), "tiny-llama").unwrap();
+    for (disable, want) in [(true, 0.0), (false, 0.1)] {
+        let cfg = kto_train::config::Config::from_toml_str(&format!(
+            "[model]\nname_or_path = \"x\"\n[lora]\ndropout = 0.1\n[train]\ndtype = \"f64\"\ndisable_dropout = {disable}\n"
+        ))
+        .unwrap();
+        let (model, spec) =
+            kto_train::recipe::build_policy(&cfg, &files, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(spec.dropout, 0.1);
+        for (name, lin) in model.lora_layers() {
+            assert_eq!(lin.lora.as_ref().unwrap().dropout, want, "{name}");
+        }
+    }
+}

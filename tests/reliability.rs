@@ -29,6 +29,8 @@ fn smoke(out: &Path, extra: &[&str]) -> Command {
         "train.eval_every=2",
         "train.max_length=64",
         "eval.benchmarks=[]",
+        // LoRA dropout on (TRL's disable_dropout off): resumed runs must redraw the same masks.
+        "train.disable_dropout=false",
     ] {
         args.push("--set".into());
         args.push(s.into());

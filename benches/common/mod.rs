@@ -27,8 +27,9 @@ pub fn arg(name: &str, default: usize) -> usize {
 }
 
 pub struct WorkUnit {
-    /// The network as loaded (f32 frozen weights); `model` is it with the current kernels.
-    base: Llama,
+    /// The network as loaded (f32 frozen weights), kept only when the GEMM mode will change
+    /// (benches/gemm.rs); `model` is it with the current kernels.
+    base: Option<Llama>,
     pub model: Llama,
     pub opt: AdamW,
     pub head: LossHead,
@@ -46,6 +47,7 @@ impl WorkUnit {
         completion: usize,
         rank: usize,
         checkpointing: bool,
+        keep_base: bool,
     ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join("kto-train-bench-smollm2-360m");
         if !dir.join("model.safetensors").exists() {
@@ -75,7 +77,13 @@ impl WorkUnit {
             activation_checkpointing: checkpointing,
             gemm: gemm::resolve(GemmSetting::Auto),
         };
-        let model = base.clone().with_kernels(kernels)?;
+        // Without `keep_base` the f32 weights are converted in place, as in a training run, so
+        // that the peak memory is a training run's.
+        let (base, model) = if keep_base {
+            (Some(base.clone()), base.with_kernels(kernels)?)
+        } else {
+            (None, base.with_kernels(kernels)?)
+        };
         let opt = AdamW::new(
             model.lora_vars(),
             AdamWParams {
@@ -122,7 +130,11 @@ impl WorkUnit {
             gemm: mode,
             ..self.model.kernels()
         };
-        self.model = self.base.clone().with_kernels(kernels)?;
+        let base = self
+            .base
+            .as_ref()
+            .expect("WorkUnit::new(.., keep_base = true)");
+        self.model = base.clone().with_kernels(kernels)?;
         Ok(())
     }
 

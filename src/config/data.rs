@@ -39,13 +39,16 @@ pub struct DataConfig {
     /// is never split between train and validation.
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
-    /// How prompts and completions become text: `raw` (as the source has it; conversations from
-    /// message-based sources use HH-RLHF's `\n\nHuman: ` / `\n\nAssistant: ` markers), `chatml`
-    /// (`<|im_start|>role\ncontent<|im_end|>\n`) or `template` (the model's own Jinja chat template).
+    /// How prompts and completions become text: `auto` (default, as TRL does it: message lists
+    /// through the model's chat template, plain text as it is; without a chat template, message
+    /// lists as in `raw`), `raw` (as the source has it; conversations from message-based sources
+    /// use HH-RLHF's `\n\nHuman: ` / `\n\nAssistant: ` markers), `chatml`
+    /// (`<|im_start|>role\ncontent<|im_end|>\n`) or `template` (the chat template for everything).
     #[serde(default)]
     pub prompt_format: PromptFormat,
-    /// With `prompt_format = "template"`: a tokenizer_config.json (its `chat_template`) or a
-    /// .jinja file. Unset = the model folder's chat_template.jinja or tokenizer_config.json.
+    /// With `prompt_format = "template"` or `"auto"`: a tokenizer_config.json (its
+    /// `chat_template`) or a .jinja file. Unset = the model folder's chat_template.jinja or
+    /// tokenizer_config.json, or a GGUF file's `tokenizer.chat_template`.
     #[serde(default)]
     pub chat_template: Option<PathBuf>,
     /// Cut prompts to this many tokens, keeping their end (the part next to the completion).
@@ -80,6 +83,7 @@ impl Default for DataConfig {
 #[serde(rename_all = "lowercase")]
 pub enum PromptFormat {
     #[default]
+    Auto,
     Raw,
     Chatml,
     Template,
@@ -88,6 +92,7 @@ pub enum PromptFormat {
 impl PromptFormat {
     pub fn as_str(self) -> &'static str {
         match self {
+            PromptFormat::Auto => "auto",
             PromptFormat::Raw => "raw",
             PromptFormat::Chatml => "chatml",
             PromptFormat::Template => "template",
@@ -210,7 +215,22 @@ pub struct SourceConfig {
     /// oasst only: `passed` (default: review_result true), `not_failed` (true or null), `any`.
     #[serde(default)]
     pub review_result: Option<ReviewFilter>,
+    /// preference and unpaired only: the record's own column names for TRL's fields, e.g.
+    /// `columns = { prompt = "question", completion = "answer", label = "good" }`. Fields:
+    /// prompt, chosen, rejected, completion, label, messages.
+    #[serde(default)]
+    pub columns: Option<std::collections::BTreeMap<String, String>>,
 }
+
+/// The fields `columns` may rename.
+pub const COLUMN_FIELDS: [&str; 6] = [
+    "prompt",
+    "chosen",
+    "rejected",
+    "completion",
+    "label",
+    "messages",
+];
 
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<PathBuf>, D::Error> {
     #[derive(Deserialize)]
@@ -246,7 +266,16 @@ impl SourceConfig {
             langs: None,
             include_deleted: None,
             review_result: None,
+            columns: None,
         }
+    }
+
+    /// The record's name for TRL's field `field` (`columns`, else the field itself).
+    pub fn column<'a>(&'a self, field: &'a str) -> &'a str {
+        self.columns
+            .as_ref()
+            .and_then(|c| c.get(field))
+            .map_or(field, String::as_str)
     }
 
     pub fn display_name(&self) -> &str {
@@ -318,6 +347,24 @@ impl SourceConfig {
             self.review_result.is_some(),
             SourceKind::Oasst,
         )?;
+        if let Some(cols) = &self.columns {
+            if !matches!(self.kind, SourceKind::Preference | SourceKind::Unpaired) {
+                bail!(
+                    "columns applies only to kind = \"preference\" or \"unpaired\", not to kind = \"{kind}\" (its layout is the published one)"
+                );
+            }
+            for (field, col) in cols {
+                if !COLUMN_FIELDS.contains(&field.as_str()) {
+                    bail!(
+                        "columns: unknown field `{field}`; the fields are {}",
+                        COLUMN_FIELDS.join(", ")
+                    );
+                }
+                if col.trim().is_empty() {
+                    bail!("columns.{field} is empty: give the record's column name");
+                }
+            }
+        }
         if let Some(r) = self.min_score_ratio {
             if !(r.is_finite() && r >= 0.0) {
                 bail!("min_score_ratio = {r}: must be a finite number >= 0 (0 keeps every pair)");
@@ -376,9 +423,14 @@ impl DataConfig {
                 "max_completion_length = 0: must be at least 1 (or leave it out for no completion cut)"
             );
         }
-        if self.chat_template.is_some() && self.prompt_format != PromptFormat::Template {
+        if self.chat_template.is_some()
+            && !matches!(
+                self.prompt_format,
+                PromptFormat::Template | PromptFormat::Auto
+            )
+        {
             bail!(
-                "chat_template is set but prompt_format = \"{}\": it is used only with prompt_format = \"template\"",
+                "chat_template is set but prompt_format = \"{}\": it is used only with prompt_format = \"template\" or \"auto\"",
                 self.prompt_format.as_str()
             );
         }

@@ -11,7 +11,25 @@ fn key_of(message: &str) -> Option<String> {
         let rest = message.split(after).nth(1)?;
         Some(rest.split('`').next()?.to_string())
     };
-    quoted("\nin `").or_else(|| quoted("unknown field `"))
+    let field = quoted("unknown field `");
+    match (quoted("\nin `"), field) {
+        (Some(table), Some(f)) => Some(format!("{table}.{f}")),
+        (table, f) => table.or(f),
+    }
+}
+
+/// An unknown-key message shortened to the key, the hint and the keys that exist.
+fn unknown_key_message(message: &str, key: Option<&str>) -> Option<String> {
+    let field = message.split("unknown field `").nth(1)?.split('`').next()?;
+    let known = message.split("expected ").nth(1).unwrap_or("");
+    let known = known.strip_prefix("one of ").unwrap_or(known);
+    let hint = suggestion(message)
+        .map(|h| format!("; {h}"))
+        .unwrap_or_default();
+    let key = key.unwrap_or(field);
+    Some(format!(
+        "unknown key `{key}`{hint} (known keys there: {known})"
+    ))
 }
 
 /// The 1-based line of `key` (`a.b.c`; indices of arrays of tables are not known and ignored)
@@ -63,6 +81,46 @@ fn override_for<'a>(key: &str, overrides: &'a [String], set_keys: &[String]) -> 
         .map(|(_, o)| o.as_str())
 }
 
+/// TRL/transformers argument names that live elsewhere here (the ones that are plain aliases,
+/// such as `learning_rate`, are accepted where they are).
+const TRL_NAMES: [(&str, &str); 14] = [
+    ("beta", "loss.beta"),
+    ("desirable_weight", "loss.desirable_weight"),
+    ("undesirable_weight", "loss.undesirable_weight"),
+    ("loss_type", "loss.loss_type"),
+    ("max_prompt_length", "data.max_prompt_length"),
+    ("max_completion_length", "data.max_completion_length"),
+    ("output_dir", "output.dir"),
+    ("model_name_or_path", "model.name_or_path"),
+    ("lora_r", "lora.r"),
+    ("lora_alpha", "lora.alpha"),
+    ("lora_dropout", "lora.dropout"),
+    ("lora_target_modules", "lora.target_modules"),
+    ("bf16", "train.gemm = \"bf16\""),
+    ("num_epochs", "train.epochs"),
+];
+
+/// A hint for an "unknown field `x`, expected one of `a`, `b`" error: where TRL's name lives
+/// here, or the closest expected key.
+pub(super) fn suggestion(message: &str) -> Option<String> {
+    let unknown = message.split("unknown field `").nth(1)?.split('`').next()?;
+    if let Some((_, ours)) = TRL_NAMES.iter().find(|(trl, _)| *trl == unknown) {
+        return Some(format!("TRL's `{unknown}` is `{ours}` here"));
+    }
+    let expected: Vec<&str> = message
+        .split("expected ")
+        .nth(1)?
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    let (best, score) = expected
+        .iter()
+        .map(|k| (*k, strsim::jaro_winkler(unknown, k)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))?;
+    (score >= 0.8).then(|| format!("did you mean `{best}`?"))
+}
+
 /// A type or unknown-key error of the merged config, located.
 pub(super) fn type_error(
     path: &Path,
@@ -72,8 +130,9 @@ pub(super) fn type_error(
     e: &toml::de::Error,
 ) -> anyhow::Error {
     let file = path.display();
-    let message = e.message().trim().to_string();
+    let raw = e.message().trim().to_string();
     let key = key_of(&e.to_string());
+    let message = unknown_key_message(&raw, key.as_deref()).unwrap_or_else(|| raw.clone());
     if let Some(o) = key
         .as_deref()
         .and_then(|k| override_for(k, overrides, set_keys))
@@ -82,9 +141,12 @@ pub(super) fn type_error(
     }
     // The file alone, parsed with spans, gives the exact position of the same error.
     if let Err(alone) = toml::from_str::<Config>(text) {
-        if alone.message().trim() == message {
+        if alone.message().trim() == raw {
             if let Some(span) = alone.span() {
                 let line = 1 + text[..span.start].matches('\n').count();
+                if message != raw {
+                    return anyhow::anyhow!("{file}:{line}: {message}");
+                }
                 let at = key.map(|k| format!(" (key `{k}`)")).unwrap_or_default();
                 return anyhow::anyhow!("{file}:{line}: {message}{at}\n{alone}");
             }

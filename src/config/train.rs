@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
+    /// Constant after the warmup (transformers' `constant_with_warmup`; its `constant` has no
+    /// warmup: set none for that).
+    #[serde(alias = "constant_with_warmup")]
     Constant,
     Linear,
     Cosine,
@@ -48,20 +51,20 @@ super::compute::serde_as_string!(ReferenceCache);
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     /// Passes over the training split (ignored when max_steps is set).
-    #[serde(default = "d_epochs")]
+    #[serde(default = "d_epochs", alias = "num_train_epochs")]
     pub epochs: usize,
     /// Stop after this many optimizer steps (overrides epochs).
     #[serde(default)]
     pub max_steps: Option<usize>,
     /// Examples per micro-batch (>= 2 for KL-based losses).
-    #[serde(default = "d_batch")]
+    #[serde(default = "d_batch", alias = "per_device_train_batch_size")]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[serde(default = "d_accum")]
+    #[serde(default = "d_accum", alias = "gradient_accumulation_steps")]
     pub grad_accum: usize,
-    #[serde(default = "d_lr")]
+    #[serde(default = "d_lr", alias = "learning_rate")]
     pub lr: f64,
-    #[serde(default = "d_sched")]
+    #[serde(default = "d_sched", alias = "lr_scheduler_type")]
     pub lr_schedule: LrSchedule,
     /// Linear warmup length in optimizer steps; `warmup_ratio` is used when this is 0.
     #[serde(default)]
@@ -73,7 +76,7 @@ pub struct TrainConfig {
     pub adam_beta1: f64,
     #[serde(default = "d_b2")]
     pub adam_beta2: f64,
-    #[serde(default = "d_eps")]
+    #[serde(default = "d_eps", alias = "adam_epsilon")]
     pub adam_eps: f64,
     /// Decoupled weight decay (HF Trainer's default 0.0).
     #[serde(default)]
@@ -94,23 +97,23 @@ pub struct TrainConfig {
     #[serde(default = "d_dtype")]
     pub dtype: DType,
     /// Log metrics every N optimizer steps.
-    #[serde(default = "d_log")]
+    #[serde(default = "d_log", alias = "logging_steps")]
     pub log_every: usize,
     /// Evaluate on the validation split every N optimizer steps (0 = only at the end).
-    #[serde(default)]
+    #[serde(default, alias = "eval_steps")]
     pub eval_every: usize,
     /// Also evaluate before the first step (TRL's eval_on_start): the untrained baseline of the
     /// validation loss and the pair metrics.
     #[serde(default)]
     pub eval_on_start: bool,
     /// Examples per evaluation micro-batch (default: batch_size).
-    #[serde(default)]
+    #[serde(default, alias = "per_device_eval_batch_size")]
     pub eval_batch_size: Option<usize>,
     /// Write a checkpoint every N optimizer steps (0 = only at the end and on SIGINT/SIGTERM).
-    #[serde(default = "d_save")]
+    #[serde(default = "d_save", alias = "save_steps")]
     pub save_every: usize,
     /// Checkpoints kept (the newest ones).
-    #[serde(default = "d_keep")]
+    #[serde(default = "d_keep", alias = "save_total_limit")]
     pub keep_checkpoints: usize,
     /// Stop (with a checkpoint) after this many consecutive steps with a non-finite loss or
     /// gradient; each such step is skipped without an update.
@@ -123,8 +126,13 @@ pub struct TrainConfig {
     /// Keep only each decoder block's input in the policy pass and recompute the block during
     /// the backward: activation memory of one block instead of all of them, for one more
     /// forward of the policy (TRL's gradient_checkpointing, on by default there too).
-    #[serde(default = "d_true")]
+    #[serde(default = "d_true", alias = "gradient_checkpointing")]
     pub activation_checkpointing: bool,
+    /// TRL's `disable_dropout` (default true, as there): every dropout of the policy is off while
+    /// training, the LoRA dropout included (TRL sets PEFT's dropout modules to p = 0). The adapter
+    /// still records `lora.dropout` as PEFT would. false: `lora.dropout` applies.
+    #[serde(default = "d_true")]
+    pub disable_dropout: bool,
     /// Matrix products: `auto` (`$KTO_TRAIN_GEMM`, else `f32`), `candle`, `f32` or `bf16` (bf16
     /// operands, f32 accumulation; the frozen weights are then kept in bf16). Every build runs
     /// all of them (src/kernels/gemm).

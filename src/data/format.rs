@@ -187,6 +187,7 @@ impl ChatTemplate {
                 ))
             },
         );
+        env.add_filter("tojson", py_tojson);
         env.add_template_owned("chat", template.to_string())
             .map_err(|e| anyhow!("invalid Jinja template: {e}"))?;
         Ok(ChatTemplate {
@@ -212,6 +213,59 @@ impl ChatTemplate {
         })
         .map_err(|e| anyhow!("chat template: {e}"))
     }
+}
+
+/// transformers' `tojson`: Python's `json.dumps(value, ensure_ascii=False, indent=indent)`, whose
+/// separators (`", "`, `": "`) and unescaped `<`, `>`, `&`, `'` differ from minijinja's own
+/// filter (which escapes for HTML).
+fn py_tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value).map_err(|e| {
+        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+    })?;
+    let mut out = String::new();
+    python_json(&json, indent, 0, &mut out);
+    Ok(out)
+}
+
+fn python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value;
+    let (open, close, items): (char, char, Vec<(Option<&String>, &Value)>) = match v {
+        Value::Array(a) => ('[', ']', a.iter().map(|x| (None, x)).collect()),
+        Value::Object(m) => ('{', '}', m.iter().map(|(k, x)| (Some(k), x)).collect()),
+        scalar => {
+            out.push_str(&scalar.to_string());
+            return;
+        }
+    };
+    out.push(open);
+    if items.is_empty() {
+        out.push(close);
+        return;
+    }
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    for (i, (key, x)) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str(if indent.is_some() { "," } else { ", " });
+        }
+        newline(out, depth + 1);
+        if let Some(k) = key {
+            out.push_str(&Value::String(k.clone()).to_string());
+            out.push_str(": ");
+        }
+        python_json(x, indent, depth + 1, out);
+    }
+    newline(out, depth);
+    out.push(close);
 }
 
 /// The few Python `str`/`dict` methods chat templates call (`.strip()`, `.startswith(..)`, ...),
@@ -286,12 +340,13 @@ fn py_methods(
 /// Renders prompts and completions for one `prompt_format`.
 pub struct Renderer {
     pub format: PromptFormat,
-    pub template: Option<ChatTemplate>,
+    pub template: Option<std::sync::Arc<ChatTemplate>>,
 }
 
 /// A prompt rendered once per interaction, reused for each of its completions.
 pub struct RenderedPrompt {
     pub text: String,
+    /// The prompt's messages when it went through the chat template (empty otherwise).
     msgs: Vec<Msg>,
 }
 
@@ -316,9 +371,19 @@ fn chatml(msgs: &[Msg], add_generation_prompt: bool) -> String {
 }
 
 impl Renderer {
+    /// The format a prompt is rendered in: `auto` resolves per prompt, as TRL does (message lists
+    /// through the chat template when there is one; plain text as it is).
+    fn format_for(&self, prompt: &Turns) -> PromptFormat {
+        match (self.format, prompt, &self.template) {
+            (PromptFormat::Auto, Turns::Messages(_), Some(_)) => PromptFormat::Template,
+            (PromptFormat::Auto, _, _) => PromptFormat::Raw,
+            (f, _, _) => f,
+        }
+    }
+
     pub fn prompt(&self, prompt: &Turns) -> Result<RenderedPrompt> {
-        match self.format {
-            PromptFormat::Raw => Ok(RenderedPrompt {
+        match self.format_for(prompt) {
+            PromptFormat::Raw | PromptFormat::Auto => Ok(RenderedPrompt {
                 text: match prompt {
                     Turns::Text(t) | Turns::Dialogue(t) => t.clone(),
                     Turns::Messages(m) => hh_prompt(m),
@@ -349,8 +414,13 @@ impl Renderer {
     /// The completion text as it follows `prompt` (TRL: the rendered prompt + completion
     /// conversation minus the rendered prompt with its generation prompt).
     pub fn completion(&self, prompt: &RenderedPrompt, completion: &Turns) -> Result<String> {
-        match self.format {
-            PromptFormat::Raw => Ok(match completion {
+        let format = match self.format {
+            PromptFormat::Auto if prompt.msgs.is_empty() => PromptFormat::Raw,
+            PromptFormat::Auto => PromptFormat::Template,
+            f => f,
+        };
+        match format {
+            PromptFormat::Raw | PromptFormat::Auto => Ok(match completion {
                 Turns::Text(t) | Turns::Dialogue(t) => t.clone(),
                 Turns::Messages(m) => hh_completion(m),
             }),
@@ -446,7 +516,7 @@ mod tests {
         .unwrap();
         let r = Renderer {
             format: PromptFormat::Template,
-            template: Some(t),
+            template: Some(std::sync::Arc::new(t)),
         };
         let c = Renderer {
             format: PromptFormat::Chatml,

@@ -25,9 +25,8 @@ pub use summary::{SourceSummary, Summary};
 pub use tokenizer::{load_tokenizer, resolve_tokenizer, TokenizerInfo};
 
 use crate::config::{Config, DataConfig, PromptFormat, SourceConfig, SourceKind};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// One tokenized KTO example.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +67,15 @@ pub struct PrepareOptions<'a> {
     pub seed: u64,
     /// Turn the first bad record into an error.
     pub strict: bool,
+    /// The model's chat template (for `auto` and `template` when data.chat_template is unset).
+    pub chat_template: Option<ModelChatTemplate>,
+}
+
+/// A chat template found with the model, and where it came from (for the data summary).
+#[derive(Clone)]
+pub struct ModelChatTemplate {
+    pub template: std::sync::Arc<ChatTemplate>,
+    pub origin: String,
 }
 
 /// Reads, mixes, splits and tokenizes the configured sources. Fails before reading any record
@@ -90,7 +98,7 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
             .with_context(|| format!("[data] sources[{i}] ({})", s.display_name()))?;
         files.push(f);
     }
-    let renderer = renderer(cfg, opts)?;
+    let (renderer, format_name) = renderer(cfg, opts)?;
     let mut tok = opts.tokenizer.clone();
     // A tokenizer.json may carry truncation or padding; TRL's separate encodes use neither.
     tok.with_truncation(None)
@@ -113,7 +121,7 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
     let (train, validation) = mix_and_split(cfg, &selected, &mut summaries, opts.seed);
     let summary = Summary {
         seed: opts.seed,
-        prompt_format: cfg.prompt_format.as_str().to_string(),
+        prompt_format: format_name,
         max_length: opts.max_length,
         max_prompt_length: cfg.max_prompt_length,
         max_completion_length: cfg.max_completion_length,
@@ -144,25 +152,43 @@ pub fn prepare(cfg: &DataConfig, opts: &PrepareOptions) -> Result<PreparedData> 
     })
 }
 
-/// How prompts become text: the configured format, with the chat template loaded for `template`.
-fn renderer(cfg: &DataConfig, opts: &PrepareOptions) -> Result<format::Renderer> {
-    let template = match cfg.prompt_format {
-        PromptFormat::Template => {
-            let path = cfg.chat_template.as_ref().context(
-                "[data] prompt_format = \"template\" needs data.chat_template (a tokenizer_config.json or .jinja file)",
-            )?;
+/// How prompts become text: the configured format with its chat template (data.chat_template,
+/// else the model's), and how the summary names it.
+fn renderer(cfg: &DataConfig, opts: &PrepareOptions) -> Result<(format::Renderer, String)> {
+    let needs_template = matches!(
+        cfg.prompt_format,
+        PromptFormat::Template | PromptFormat::Auto
+    );
+    let template = match (&cfg.chat_template, &opts.chat_template) {
+        _ if !needs_template => None,
+        (Some(path), _) => {
             let eos = opts
                 .tokenizer
                 .id_to_token(opts.eos_token_id)
                 .unwrap_or_default();
-            Some(ChatTemplate::from_file(path, &eos)?)
+            Some(ModelChatTemplate {
+                template: std::sync::Arc::new(ChatTemplate::from_file(path, &eos)?),
+                origin: path.display().to_string(),
+            })
         }
-        _ => None,
+        (None, found) => found.clone(),
     };
-    Ok(format::Renderer {
+    let name = match (cfg.prompt_format, &template) {
+        (PromptFormat::Template, None) => bail!(
+            "[data] prompt_format = \"template\" needs a chat template: set data.chat_template (a \
+             tokenizer_config.json or .jinja file), or use a model whose folder has one"
+        ),
+        (PromptFormat::Auto, None) => {
+            "auto (no chat template: message lists as HH-style raw text)".to_string()
+        }
+        (PromptFormat::Auto, Some(t)) => format!("auto (chat template of {})", t.origin),
+        (f, _) => f.as_str().to_string(),
+    };
+    let renderer = format::Renderer {
         format: cfg.prompt_format,
-        template,
-    })
+        template: template.map(|t| t.template),
+    };
+    Ok((renderer, name))
 }
 
 /// One source's usable interactions, tokenized, in the source's seeded order, up to its cap,
@@ -188,8 +214,8 @@ fn select_source(
         SourceKind::HhRlhf => sources::hh_rlhf::load(records, &mut tally),
         SourceKind::Shp => sources::shp::load(records, src, &mut tally),
         SourceKind::Oasst => sources::oasst::load(records, src, &mut tally),
-        SourceKind::Preference => sources::generic::load_preference(records, &mut tally),
-        SourceKind::Unpaired => sources::generic::load_unpaired(records, &mut tally),
+        SourceKind::Preference => sources::generic::load_preference(records, src, &mut tally),
+        SourceKind::Unpaired => sources::generic::load_unpaired(records, src, &mut tally),
     }
     .with_context(|| format!("[data] source {name}"))?;
     let cap = cfg.cap_for(src).unwrap_or(usize::MAX);
@@ -301,30 +327,24 @@ fn mix_and_split(
 /// model's tokenizer, EOS and chat template), with the tokenizer it used.
 pub fn prepare_for_run(cfg: &Config, strict: bool) -> Result<(PreparedData, TokenizerInfo)> {
     let info = resolve_tokenizer(cfg)?;
-    let mut data = cfg.data.clone();
-    if data.prompt_format == PromptFormat::Template && data.chat_template.is_none() {
-        let mut dirs: Vec<&Path> = Vec::new();
-        if let Some(d) = &info.model_dir {
-            dirs.push(d);
-        }
-        if let Some(d) = info.tokenizer_path.parent() {
-            dirs.push(d);
-        }
-        data.chat_template = Some(tokenizer::find_chat_template(&dirs).ok_or_else(|| {
-            anyhow!(
-                "[data] prompt_format = \"template\": no chat_template.jinja or tokenizer_config.json \
-                 next to the model or tokenizer; set data.chat_template"
-            )
-        })?);
-    }
+    let needs_template = matches!(
+        cfg.data.prompt_format,
+        PromptFormat::Template | PromptFormat::Auto
+    );
+    let chat_template = if needs_template && cfg.data.chat_template.is_none() {
+        tokenizer::model_chat_template(cfg, &info)?
+    } else {
+        None
+    };
     let opts = PrepareOptions {
         tokenizer: &info.tokenizer,
         eos_token_id: info.eos_token_id,
         max_length: cfg.train.max_length,
         seed: cfg.train.seed,
         strict,
+        chat_template,
     };
-    let prepared = prepare(&data, &opts)?;
+    let prepared = prepare(&cfg.data, &opts)?;
     Ok((prepared, info))
 }
 

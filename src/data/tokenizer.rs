@@ -2,7 +2,7 @@
 //! tokenizer.json (or a GGUF file's own tokenizer); EOS from config.json (or the GGUF
 //! metadata), else the `<|endoftext|>` token.
 use crate::config::Config;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -107,15 +107,63 @@ pub fn resolve_tokenizer(cfg: &Config) -> Result<TokenizerInfo> {
     })
 }
 
-/// A model folder's chat template: chat_template.jinja, else tokenizer_config.json.
-pub(super) fn find_chat_template(dirs: &[&Path]) -> Option<PathBuf> {
+/// The model's chat template: chat_template.jinja or a tokenizer_config.json with a
+/// `chat_template` next to the model or the tokenizer, else a GGUF file's
+/// `tokenizer.chat_template`; None when it has none.
+pub(super) fn model_chat_template(
+    cfg: &Config,
+    info: &TokenizerInfo,
+) -> Result<Option<super::ModelChatTemplate>> {
+    let eos = info
+        .tokenizer
+        .id_to_token(info.eos_token_id)
+        .unwrap_or_default();
+    let mut dirs: Vec<&Path> = Vec::new();
+    if let Some(d) = &info.model_dir {
+        dirs.push(d);
+    }
+    if let Some(d) = info.tokenizer_path.parent() {
+        dirs.push(d);
+    }
+    let wrap = |t: super::ChatTemplate, origin: &Path| super::ModelChatTemplate {
+        template: std::sync::Arc::new(t),
+        origin: origin.display().to_string(),
+    };
     for d in dirs {
-        for name in ["chat_template.jinja", "tokenizer_config.json"] {
-            let p = d.join(name);
-            if p.is_file() {
-                return Some(p);
-            }
+        let jinja = d.join("chat_template.jinja");
+        if jinja.is_file() {
+            return Ok(Some(wrap(
+                super::ChatTemplate::from_file(&jinja, &eos)?,
+                &jinja,
+            )));
+        }
+        let config = d.join("tokenizer_config.json");
+        if config.is_file() && has_chat_template(&config)? {
+            return Ok(Some(wrap(
+                super::ChatTemplate::from_file(&config, &eos)?,
+                &config,
+            )));
         }
     }
-    None
+    let model = Path::new(&cfg.model.name_or_path);
+    if crate::hub::is_gguf(model) {
+        let gguf = crate::hub::gguf::Gguf::open(model)?;
+        if let Some(text) = gguf.chat_template() {
+            let bos = gguf
+                .special_token("tokenizer.ggml.bos_token_id")
+                .unwrap_or_default();
+            let t = super::ChatTemplate::new(text, &bos, &eos)
+                .with_context(|| format!("chat template in {}", model.display()))?;
+            return Ok(Some(wrap(t, model)));
+        }
+    }
+    Ok(None)
+}
+
+fn has_chat_template(path: &Path) -> Result<bool> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(v.get("chat_template").is_some_and(|t| !t.is_null()))
 }

@@ -267,6 +267,16 @@ impl Gguf {
     }
 
     /// `tokenizer.chat_template`, when present.
+    /// The text of special token `key` (e.g. `tokenizer.ggml.bos_token_id`) in the file's own
+    /// vocabulary, when both are present.
+    pub fn special_token(&self, key: &str) -> Option<String> {
+        let id = self.meta_u64(key).ok().flatten()? as usize;
+        match self.meta("tokenizer.ggml.tokens")? {
+            Value::Array(tokens) => tokens.get(id)?.to_string().ok().cloned(),
+            _ => None,
+        }
+    }
+
     pub fn chat_template(&self) -> Option<&str> {
         self.meta_str("tokenizer.chat_template")
     }

@@ -488,6 +488,19 @@ impl Llama {
         out
     }
 
+    /// The same network with every LoRA dropout set to 0 (TRL's `disable_dropout`); the LoRA
+    /// weights are shared, not copied.
+    pub fn without_lora_dropout(mut self) -> Self {
+        for layer in &mut self.layers {
+            for lin in layer.projections_mut() {
+                if let Some(l) = lin.lora.as_mut() {
+                    l.dropout = 0.0;
+                }
+            }
+        }
+        self
+    }
+
     /// The trainable weights: A and B of every LoRA layer, in [`Llama::lora_layers`] order.
     pub fn lora_vars(&self) -> Vec<Var> {
         self.layers.iter().flat_map(Block::lora_vars).collect()

@@ -576,6 +576,13 @@ fn training_table(out: &mut String, cfg: &Toml, log: &MetricsLog) {
                         .join(", "),
                     None => show(v),
                 }
+            } else if key == "lora.dropout"
+                && get(cfg, "train.disable_dropout").and_then(Toml::as_bool) == Some(true)
+            {
+                format!(
+                    "{} (off while training: train.disable_dropout, TRL's default)",
+                    show(v)
+                )
             } else {
                 show(v)
             };

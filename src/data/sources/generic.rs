@@ -1,9 +1,11 @@
 //! TRL's dataset formats: preference records (prompt, chosen, rejected) and unpaired KTO records
-//! (prompt, completion, label), each text a string or a list of `{role, content}` messages.
+//! (prompt, completion, label, or a whole `messages` conversation with its label), each text a
+//! string or a list of `{role, content}` messages; `columns` renames the fields.
 use super::super::format::Turns;
 use super::super::reader::RawRecord;
 use super::super::report::{filter, reason, Tally};
 use super::{field, is_blank, object, turns, type_name, Bad, ByPrompt, Interaction, Item};
+use crate::config::SourceConfig;
 use anyhow::Result;
 use serde_json::Value;
 
@@ -11,10 +13,10 @@ use serde_json::Value;
 /// rejected is the prompt (whole messages for conversations; characters for strings, leaving a
 /// space that ends the shared part to the completions).
 /// The prompt, or the record's error when it is empty (both record layouts skip such records).
-fn non_blank_prompt(prompt: Turns) -> Result<Turns, Bad> {
+fn non_blank_prompt(prompt: Turns, field: &str) -> Result<Turns, Bad> {
     if is_blank(&prompt) {
         return Err(Bad::new(
-            "prompt",
+            field,
             reason::EMPTY_PROMPT,
             "the prompt is empty; record skipped",
         ));
@@ -22,13 +24,17 @@ fn non_blank_prompt(prompt: Turns) -> Result<Turns, Bad> {
     Ok(prompt)
 }
 
-fn implicit_prompt(chosen: Turns, rejected: Turns) -> Result<(Turns, Turns, Turns), Bad> {
+fn implicit_prompt(
+    chosen: Turns,
+    rejected: Turns,
+    prompt_field: &str,
+) -> Result<(Turns, Turns, Turns), Bad> {
     match (chosen, rejected) {
         (Turns::Messages(c), Turns::Messages(r)) => {
             let n = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
             if n == 0 {
                 return Err(Bad::new(
-                    "prompt",
+                    prompt_field,
                     reason::MISSING_FIELD,
                     "missing, and chosen and rejected share no first message to take it from",
                 ));
@@ -51,7 +57,7 @@ fn implicit_prompt(chosen: Turns, rejected: Turns) -> Result<(Turns, Turns, Turn
             }
             if cut == 0 {
                 return Err(Bad::new(
-                    "prompt",
+                    prompt_field,
                     reason::MISSING_FIELD,
                     "missing, and chosen and rejected share no beginning to take it from",
                 ));
@@ -72,21 +78,27 @@ fn implicit_prompt(chosen: Turns, rejected: Turns) -> Result<(Turns, Turns, Turn
 
 pub(crate) fn load_preference(
     records: Vec<RawRecord>,
+    src: &SourceConfig,
     tally: &mut Tally,
 ) -> Result<Vec<Interaction>> {
+    let (p, c, r) = (
+        src.column("prompt"),
+        src.column("chosen"),
+        src.column("rejected"),
+    );
     let mut group = ByPrompt::default();
     for rec in records {
         tally.records_read += 1;
         let loc = &rec.loc;
         let parsed = (|| -> Result<(Turns, Turns, Turns), Bad> {
             let obj = object(&rec)?;
-            let chosen = turns(field(obj, "", "chosen")?, "chosen")?;
-            let rejected = turns(field(obj, "", "rejected")?, "rejected")?;
-            let (prompt, chosen, rejected) = match obj.get("prompt") {
-                None => implicit_prompt(chosen, rejected)?,
-                Some(p) => (turns(p, "prompt")?, chosen, rejected),
+            let chosen = turns(field(obj, "", c)?, c)?;
+            let rejected = turns(field(obj, "", r)?, r)?;
+            let (prompt, chosen, rejected) = match obj.get(p) {
+                None => implicit_prompt(chosen, rejected, p)?,
+                Some(v) => (turns(v, p)?, chosen, rejected),
             };
-            Ok((non_blank_prompt(prompt)?, chosen, rejected))
+            Ok((non_blank_prompt(prompt, p)?, chosen, rejected))
         })();
         let (prompt, chosen, rejected) = match parsed {
             Ok(t) => t,
@@ -100,7 +112,7 @@ pub(crate) fn load_preference(
             continue;
         }
         let mut items = Vec::with_capacity(2);
-        for (c, label, f) in [(chosen, true, "chosen"), (rejected, false, "rejected")] {
+        for (c, label, f) in [(chosen, true, c), (rejected, false, r)] {
             if is_blank(&c) {
                 Bad::new(
                     f,
@@ -125,21 +137,30 @@ pub(crate) fn load_preference(
 
 pub(crate) fn load_unpaired(
     records: Vec<RawRecord>,
+    src: &SourceConfig,
     tally: &mut Tally,
 ) -> Result<Vec<Interaction>> {
     let mut group = ByPrompt::default();
+    let (p, c, l) = (
+        src.column("prompt"),
+        src.column("completion"),
+        src.column("label"),
+    );
+    let messages = src.column("messages");
     for rec in records {
         tally.records_read += 1;
         let loc = &rec.loc;
         let parsed = (|| -> Result<(Turns, Turns, bool), Bad> {
             let obj = object(&rec)?;
-            let prompt = turns(field(obj, "", "prompt")?, "prompt")?;
-            let completion = turns(field(obj, "", "completion")?, "completion")?;
-            let label = match field(obj, "", "label")? {
+            let (prompt, completion) = match (obj.get(p), obj.get(messages)) {
+                (None, Some(m)) => split_messages(turns(m, messages)?, messages)?,
+                _ => (turns(field(obj, "", p)?, p)?, turns(field(obj, "", c)?, c)?),
+            };
+            let label = match field(obj, "", l)? {
                 Value::Bool(b) => *b,
                 v => {
                     return Err(Bad::new(
-                        "label",
+                        l,
                         reason::WRONG_TYPE,
                         format!(
                             "expected a boolean (true = desirable), found {}",
@@ -148,7 +169,7 @@ pub(crate) fn load_unpaired(
                     ))
                 }
             };
-            Ok((non_blank_prompt(prompt)?, completion, label))
+            Ok((non_blank_prompt(prompt, p)?, completion, label))
         })();
         let (prompt, completion, label) = match parsed {
             Ok(t) => t,
@@ -159,7 +180,7 @@ pub(crate) fn load_unpaired(
         };
         if is_blank(&completion) {
             Bad::new(
-                "completion",
+                c,
                 reason::EMPTY_COMPLETION,
                 "the completion is empty; record skipped",
             )
@@ -171,9 +192,36 @@ pub(crate) fn load_unpaired(
             label,
             pair: None,
             loc: loc.clone(),
-            field: "completion".to_string(),
+            field: c.to_string(),
         };
         group.add(prompt, vec![item], 0, loc);
     }
     Ok(group.list)
+}
+
+/// A `messages` record (a whole conversation with its label): the completion is the final
+/// assistant turn, the prompt everything before it.
+fn split_messages(conversation: Turns, field: &str) -> Result<(Turns, Turns), Bad> {
+    let Turns::Messages(msgs) = conversation else {
+        return Err(Bad::new(
+            field,
+            reason::WRONG_TYPE,
+            "expected a list of {role, content} messages",
+        ));
+    };
+    match msgs.last() {
+        Some(last) if last.role == "assistant" && msgs.len() >= 2 => {
+            let n = msgs.len() - 1;
+            Ok((
+                Turns::Messages(msgs[..n].to_vec()),
+                Turns::Messages(msgs[n..].to_vec()),
+            ))
+        }
+        _ => Err(Bad::new(
+            field,
+            reason::BAD_VALUE,
+            "the conversation must end with an assistant message (the completion) after at \
+             least one other message (the prompt)",
+        )),
+    }
 }

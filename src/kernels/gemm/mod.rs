@@ -525,7 +525,7 @@ static PACKED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicU
 /// or W (the input gradient g @ W). `None` when the products do not use packed operands here
 /// (another engine, or a CPU without the tile kernel), or the cache is full.
 pub fn packed_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>>> {
-    if library().is_some() || !native::packs_rhs() {
+    if library().is_some() || !native::packs_rhs() || (!transposed && !packs_input_grad()) {
         return Ok(None);
     }
     let key = (w.id(), transposed);
@@ -694,6 +694,13 @@ struct WeightCache {
 }
 
 static CACHE: Mutex<Option<WeightCache>> = Mutex::new(None);
+
+/// Whether the input gradient's orientation (W) is packed too (`KTO_TRAIN_PACK_INPUT_GRAD`, default
+/// on); off, it is packed per call.
+fn packs_input_grad() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KTO_TRAIN_PACK_INPUT_GRAD").map_or(true, |v| v != "0"))
+}
 
 /// Byte bound of the bf16 weight cache: `KTO_TRAIN_BF16_CACHE_MB`, else 8 GiB (a 4B-parameter
 /// model's weights in bf16; SmolLM2-360M needs 0.7 GiB).
