@@ -435,9 +435,12 @@ impl<'a> Run<'a> {
             self.progress.println(&serde_json::to_string(&m)?);
         }
         // A plot failure must not stop a long run.
-        if let Err(e) = crate::report::draw_plots(self.dir.root()) {
-            self.progress
-                .warn(&format!("warning: cannot draw plots: {e:#}"));
+        if let Err(e) = crate::report::draw_plots(self.dir.root())
+            .and_then(|_| crate::report::write_metrics_csv(self.dir.root()))
+        {
+            self.progress.warn(&format!(
+                "warning: cannot draw plots or write metrics.csv: {e:#}"
+            ));
         }
         state.interval.clear();
         state.interval_tokens = 0;
@@ -581,6 +584,7 @@ impl<'a> Run<'a> {
             problems = invalid;
         }
         crate::report::draw_plots(self.dir.root())?;
+        crate::report::write_metrics_csv(self.dir.root())?;
         crate::report::write_model_card(self.dir.root(), &adapter_dir)?;
         if !problems.is_empty() {
             return Err(Stopped::InvalidScores {

@@ -50,9 +50,27 @@ fn smoke_run_trains_and_is_deterministic() {
         "adapter/adapter_model.safetensors",
         "data_summary.json",
         "config.toml",
+        "metrics.csv",
     ] {
         assert!(a.join(f).is_file(), "{f} missing");
     }
+    // metrics.csv: a header and one row per metrics.jsonl line, the loss column as logged.
+    let mut csv = csv::Reader::from_path(a.join("metrics.csv")).unwrap();
+    let header = csv.headers().unwrap().clone();
+    let loss_col = header.iter().position(|h| h == "loss").unwrap();
+    let eval_col = header.iter().position(|h| h == "eval").unwrap();
+    let rows: Vec<csv::StringRecord> = csv.records().map(|r| r.unwrap()).collect();
+    let jsonl_lines = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(rows.len(), jsonl_lines);
+    let csv_losses: Vec<f64> = rows
+        .iter()
+        .filter(|r| &r[eval_col] == "false")
+        .map(|r| r[loss_col].parse().unwrap())
+        .collect();
+    assert_eq!(csv_losses, l);
     let o = smoke(&b, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let read = |p: &PathBuf| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
@@ -196,9 +214,54 @@ fn bad_input_gives_clear_errors_and_no_adapter() {
 fn help_documents_every_subcommand() {
     let o = kto(&["--help"]);
     let h = String::from_utf8_lossy(&o.stdout);
-    for sub in ["train", "init-tiny", "data", "score"] {
+    for sub in ["train", "init-tiny", "data", "score", "config"] {
         assert!(h.contains(sub), "--help lacks {sub}");
     }
+    // --version names the build's features and what runs the products here.
+    let o = kto(&["--version"]);
+    let v = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        v.contains("features: cuda off") && v.contains("matrix products on this machine: f32 on"),
+        "{v}"
+    );
+}
+
+#[test]
+fn config_command_prints_the_resolved_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("trl.toml");
+    std::fs::write(
+        &p,
+        "[model]\nname_or_path = \"m\"\n[train]\nlearning_rate = 3e-5\nper_device_train_batch_size = 4\n",
+    )
+    .unwrap();
+    let o = kto(&[
+        "config",
+        "--config",
+        p.to_str().unwrap(),
+        "--set",
+        "train.seed=7",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let back: kto_train::config::Config = toml::from_str(&text).unwrap();
+    assert_eq!(
+        (back.train.lr, back.train.batch_size, back.train.seed),
+        (3e-5, 4, 7)
+    );
+    // Every default is written out, under kto-train's own names.
+    assert!(text.contains("disable_dropout = true") && text.contains("prompt_format = \"auto\""));
+    assert!(!text.contains("learning_rate"), "{text}");
+    // A bad config is refused as a run would refuse it.
+    let o = kto(&[
+        "config",
+        "--config",
+        p.to_str().unwrap(),
+        "--set",
+        "train.lr=-1",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("lr"), "{}", stderr(&o));
 }
 
 #[test]

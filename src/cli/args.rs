@@ -4,10 +4,26 @@ use crate::config::{BenchmarkTask, DeviceSpec};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+/// `--version`: the version, the build's cargo features and the products this CPU runs.
+fn long_version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let on = |b: bool| if b { "on" } else { "off" };
+        format!(
+            "{}\nfeatures: cuda {}, fast-gemm {}\nmatrix products on this machine: {}",
+            env!("CARGO_PKG_VERSION"),
+            on(cfg!(feature = "cuda")),
+            on(cfg!(feature = "fast-gemm")),
+            crate::kernels::gemm::machine_summary()
+        )
+    })
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "kto-train",
     version,
+    long_version = long_version(),
     about = "LoRA training of Llama-family models with (Enhanced) KTO; writes PEFT adapters",
     long_about = "LoRA training of Llama-family models with (Enhanced) KTO; writes PEFT adapters.\n\n\
                   `kto-train --config FILE` trains (the same as `kto-train train --config FILE`).",
@@ -58,6 +74,9 @@ pub enum Command {
     InitTiny(InitTinyArgs),
     /// Print the data mix of a config (tokenizer only, no model weights).
     Data(DataArgs),
+    /// Print a config as the run would use it: every key, defaults filled in, TRL's key names
+    /// under kto-train's, paths resolved; a bad config is refused as a run would refuse it.
+    Config(ConfigArgs),
     /// Completion log-probs of JSONL records ({prompt, completion} or {prompt_ids, completion_ids}).
     Score(ScoreArgs),
     /// Redraw a run folder's plots (plots/*.png) and its adapter's model card (adapter/README.md).
@@ -69,6 +88,16 @@ pub enum Command {
     Eval(EvalArgs),
     /// Fold a LoRA adapter into the base weights: a plain Hugging Face model folder.
     Merge(MergeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Run config (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Override any config key, e.g. --set train.lr=1e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -37,6 +37,10 @@ pub fn main() -> Result<()> {
             let cfg = Config::load(&a.config, &a.set)?;
             crate::data::run_data_command(&cfg, a.out.as_deref(), a.strict)
         }
+        Some(Command::Config(a)) => {
+            print!("{}", Config::load(&a.config, &a.set)?.to_toml());
+            Ok(())
+        }
         Some(Command::Score(a)) => score(&a),
         Some(Command::Plot { run_dir }) => crate::report::run_plot_command(&run_dir),
         Some(Command::Eval(a)) => eval(&a).map(|_| ()),

@@ -1,14 +1,16 @@
-//! Turns a run folder into something a person reads: PNG plots of `metrics.jsonl` and a model card
-//! (`README.md`) beside the adapter.
+//! Turns a run folder into something a person reads: PNG plots of `metrics.jsonl`, the same log as
+//! `metrics.csv`, and a model card (`README.md`) beside the adapter.
 //!
 //! Everything here reads the run folder's files, never the training loop's state, so that
 //! `kto-train plot RUN_DIR` can redraw a finished, crashed or still running run the same way the
 //! loop does at each log.
 pub mod card;
+pub mod metrics_csv;
 pub mod metrics_log;
 pub mod plots;
 
 pub use card::write_model_card;
+pub use metrics_csv::write_metrics_csv;
 pub use metrics_log::{read_metrics, MetricsLine, MetricsLog};
 pub use plots::draw_plots;
 
@@ -28,6 +30,7 @@ pub fn run_plot_command(run_dir: &Path) -> Result<()> {
         bail!("run folder {} does not exist", run_dir.display());
     }
     let plots = draw_plots(run_dir)?;
+    eprintln!("wrote {}", write_metrics_csv(run_dir)?.display());
     for p in &plots {
         eprintln!("wrote {}", p.display());
     }

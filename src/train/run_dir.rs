@@ -23,7 +23,7 @@ pub const MANIFEST: &str = "kto-train-run.json";
 /// The lock file; its content is the holder's pid (for the message a second run gets).
 pub const LOCK: &str = ".kto-train.lock";
 /// What a run writes, and all that `--overwrite` removes.
-pub const RUN_ENTRIES: [&str; 10] = [
+pub const RUN_ENTRIES: [&str; 11] = [
     "adapter",
     "best",
     "checkpoints",
@@ -32,6 +32,7 @@ pub const RUN_ENTRIES: [&str; 10] = [
     "data_summary.txt",
     "data_summary.json",
     "metrics.jsonl",
+    "metrics.csv",
     "eval_results.json",
     MANIFEST,
 ];

@@ -134,11 +134,7 @@ fn notice_engine() {
 /// scripts/bench-vs-trl.sh, Intel Xeon with AMX, 2 cores: candle 0.184, f32 0.279, bf16 0.413
 /// examples/s).
 pub fn startup_line(mode: GemmMode) -> String {
-    let bf16_kernel = if native::packs_rhs() {
-        "AMX tiles"
-    } else {
-        "AVX-512 BF16 or widened f32"
-    };
+    let bf16_kernel = native::bf16_kernel_name();
     match mode {
         GemmMode::Candle => {
             "matrix products: candle's GEMM (train.gemm = \"candle\"); the default \
@@ -159,6 +155,16 @@ pub fn startup_line(mode: GemmMode) -> String {
             }
         ),
     }
+}
+
+/// What runs the products on this machine, for `--version`: the f32 engine and the bf16 kernel.
+pub fn machine_summary() -> String {
+    let bf16 = if library().is_some() {
+        engine_name()
+    } else {
+        format!("the built-in kernel ({})", native::bf16_kernel_name())
+    };
+    format!("f32 on {}, bf16 on {bf16}", engine_name())
 }
 
 /// Which code runs the f32 and bf16 products.

@@ -150,6 +150,20 @@ pub(super) fn packs_rhs() -> bool {
     }
 }
 
+/// Which instructions this machine's bf16 products run on.
+pub(super) fn bf16_kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if packs_rhs() {
+            return "AMX tiles";
+        }
+        if dpbf16::supported() {
+            return "AVX-512 BF16 (vdpbf16ps)";
+        }
+    }
+    "operands widened to f32"
+}
+
 /// op(b) [k, n] packed for [`gemm_bf16_packed`]; `None` where [`packs_rhs`] is false.
 pub(super) fn pack_rhs(b: &MatRef<'_, bf16>, k: usize, n: usize) -> Option<PackedB> {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
