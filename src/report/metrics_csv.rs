@@ -47,7 +47,7 @@ pub fn to_csv(log: &MetricsLog) -> Result<Vec<u8>> {
         row.extend(names.iter().map(|n| cell(l.metrics.get(*n).copied())));
         w.write_record(&row)?;
     }
-    Ok(w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)
+    w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 #[cfg(test)]
