@@ -122,7 +122,10 @@ fn validate(cfg: &Config, opts: &RunOptions) -> Result<Validated> {
     let benchmarks = crate::eval::load_benchmarks(&cfg.eval)?;
     let (model, spec) = build_policy(cfg, &files, &dev)?;
     check_token_ids(&data, &model, &tok_info.tokenizer_path)?;
-    let head = LossHead::new(&cfg.loss);
+    let n_d = data.train.iter().filter(|e| e.label).count();
+    let mut loss_cfg = cfg.loss.clone();
+    let auto_weights = loss_cfg.resolve_auto_weights(n_d, data.train.len() - n_d);
+    let head = LossHead::new(&loss_cfg);
     let plan = plan(cfg, &data.train, &head)?;
     if !opts.quiet {
         eprintln!("{}", data.summary_text);
@@ -130,8 +133,10 @@ fn validate(cfg: &Config, opts: &RunOptions) -> Result<Validated> {
             eprintln!("{}", gemm::startup_line(model.kernels().gemm));
         }
     }
-    let n_d = data.train.iter().filter(|e| e.label).count();
-    if let Some(w) = weight_ratio_warning(n_d, data.train.len() - n_d, &cfg.loss) {
+    if let (Some(line), false) = (&auto_weights, opts.quiet) {
+        eprintln!("{line}");
+    }
+    if let Some(w) = weight_ratio_warning(n_d, data.train.len() - n_d, &loss_cfg) {
         eprintln!("warning: {w}");
     }
     if !data.validation.is_empty() && data.validation.len() < plan.min_batch {

@@ -247,12 +247,19 @@ fn round_trips_through_toml() {
 
 #[test]
 fn weight_ratio_warning_rule() {
+    // TRL's KTOTrainer check, bounds rounded to two decimals as TRL rounds them.
     let c = LossConfig::default();
     assert_eq!(weight_ratio_warning(100, 100, &c), None);
+    assert_eq!(weight_ratio_warning(728, 729, &c), None, "nearly balanced");
     assert_eq!(weight_ratio_warning(4, 3, &c), None, "exactly 4/3");
     assert_eq!(weight_ratio_warning(120, 100, &c), None);
     let w = weight_ratio_warning(100, 200, &c).unwrap();
-    assert!(w.contains("0.5") && w.contains("[1, 4/3]"), "{w}");
+    // TRL: desirable_weight in [2.0, 2.66] or undesirable_weight in [0.38, 0.5].
+    assert!(
+        w.contains("desirable_weight in [2, 2.66]")
+            && w.contains("undesirable_weight in [0.38, 0.5]"),
+        "{w}"
+    );
     assert!(weight_ratio_warning(150, 100, &c).is_some());
     assert!(weight_ratio_warning(0, 100, &c).is_some());
     assert!(weight_ratio_warning(100, 0, &c).is_some());
@@ -262,9 +269,55 @@ fn weight_ratio_warning_rule() {
         ..Default::default()
     };
     assert_eq!(weight_ratio_warning(100, 200, &fixed), None);
+    // Balanced counts: TRL does not check the weights.
     let too_much = LossConfig {
         undesirable_weight: 1.33,
         ..Default::default()
     };
-    assert!(weight_ratio_warning(100, 100, &too_much).is_some());
+    assert_eq!(weight_ratio_warning(100, 100, &too_much), None);
+    assert!(weight_ratio_warning(100, 101, &too_much).is_some());
+}
+
+#[test]
+fn auto_class_weights_land_in_the_band() {
+    let ratio = |c: &LossConfig, nd: usize, nu: usize| {
+        c.desirable_weight * nd as f64 / (c.undesirable_weight * nu as f64)
+    };
+    for (nd, nu) in [(100, 900), (900, 100), (1, 1000), (728, 729), (3, 5)] {
+        for written in [
+            "desirable_weight = \"auto\"",
+            "desirable_weight = \"auto\"\nundesirable_weight = \"auto\"",
+            "undesirable_weight = \"auto\"",
+            "desirable_weight = \"auto\"\nundesirable_weight = 2.0",
+            "desirable_weight = 0.5\nundesirable_weight = \"auto\"",
+        ] {
+            let mut c = parse(written).unwrap();
+            let line = c.resolve_auto_weights(nd, nu).unwrap();
+            let r = ratio(&c, nd, nu);
+            assert!((r - 7.0 / 6.0).abs() < 1e-12, "{written} {nd}/{nu}: {r}");
+            assert!((1.0..=4.0 / 3.0).contains(&r));
+            assert_eq!(
+                weight_ratio_warning(nd, nu, &c),
+                None,
+                "{written} {nd}/{nu}: {line}"
+            );
+            // A written weight is kept.
+            if written.contains("2.0") {
+                assert_eq!(c.undesirable_weight, 2.0);
+            }
+            if written.contains("0.5") {
+                assert_eq!(c.desirable_weight, 0.5);
+            }
+        }
+    }
+    // "auto" is written back as "auto" (a resumed run compares configs).
+    let c = parse("desirable_weight = \"auto\"").unwrap();
+    let text = toml::to_string(&c).unwrap();
+    assert!(text.contains("desirable_weight = \"auto\""), "{text}");
+    assert_eq!(toml::from_str::<LossConfig>(&text).unwrap(), c);
+    refused("desirable_weight = \"balanced\"", &["\"auto\""]);
+    // Nothing auto: nothing changes.
+    let mut d = LossConfig::default();
+    assert_eq!(d.resolve_auto_weights(10, 90), None);
+    assert_eq!((d.desirable_weight, d.undesirable_weight), (1.0, 1.0));
 }

@@ -45,15 +45,62 @@ pub enum Weighting {
 /// Smallest TK92 gamma for which W stays increasing on (0, 1) (docs/enhanced-kto.md 2.2).
 pub const TK92_GAMMA_MIN: f64 = 0.28;
 
+/// `desirable_weight` / `undesirable_weight` as written: a number, or `"auto"` (set from the
+/// training split's class counts, [`LossConfig::resolve_auto_weights`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClassWeight {
+    Value(f64),
+    Auto,
+}
+
+impl Serialize for ClassWeight {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            ClassWeight::Value(v) => s.serialize_f64(*v),
+            ClassWeight::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClassWeight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(f64),
+            Text(String),
+        }
+        match Written::deserialize(d) {
+            Ok(Written::Number(v)) => Ok(ClassWeight::Value(v)),
+            Ok(Written::Text(t)) if t == "auto" => Ok(ClassWeight::Auto),
+            _ => Err(serde::de::Error::custom(
+                "expected a positive number or \"auto\"",
+            )),
+        }
+    }
+}
+
+/// Which class weights are `"auto"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AutoWeights {
+    pub desirable: bool,
+    pub undesirable: bool,
+}
+
+/// Where `"auto"` puts (w_D n_D) / (w_U n_U): the middle of the paper's band [1, 4/3].
+pub const AUTO_WEIGHT_RATIO: f64 = 7.0 / 6.0;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossConfig {
     pub loss_type: LossType,
     /// Temperature of the implicit reward beta * (logp_policy - logp_ref).
     pub beta: f64,
-    /// w_D, weight of desirable examples.
+    /// w_D, weight of desirable examples (1 until an `"auto"` weight is resolved).
     pub desirable_weight: f64,
-    /// w_U, weight of undesirable examples.
+    /// w_U, weight of undesirable examples (1 until an `"auto"` weight is resolved).
     pub undesirable_weight: f64,
+    /// The weights written as `"auto"`.
+    pub auto_weights: AutoWeights,
 
     // ---- enhanced_kto only ----
     /// Apply the shifted TK92 value function V to the outcome (2.1).
@@ -94,9 +141,9 @@ pub struct RawLossConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     beta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    desirable_weight: Option<f64>,
+    desirable_weight: Option<ClassWeight>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    undesirable_weight: Option<f64>,
+    undesirable_weight: Option<ClassWeight>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     value_function: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +219,14 @@ impl RawLossConfig {
     }
 }
 
+/// A written weight's value before resolution (`"auto"` and unset: 1).
+fn weight(w: Option<ClassWeight>) -> f64 {
+    match w {
+        Some(ClassWeight::Value(v)) => v,
+        _ => 1.0,
+    }
+}
+
 impl TryFrom<RawLossConfig> for LossConfig {
     type Error = String;
 
@@ -193,8 +248,12 @@ impl TryFrom<RawLossConfig> for LossConfig {
         Ok(LossConfig {
             loss_type,
             beta: r.beta.unwrap_or(0.1),
-            desirable_weight: r.desirable_weight.unwrap_or(1.0),
-            undesirable_weight: r.undesirable_weight.unwrap_or(1.0),
+            desirable_weight: weight(r.desirable_weight),
+            undesirable_weight: weight(r.undesirable_weight),
+            auto_weights: AutoWeights {
+                desirable: r.desirable_weight == Some(ClassWeight::Auto),
+                undesirable: r.undesirable_weight == Some(ClassWeight::Auto),
+            },
             value_function: r.value_function.unwrap_or(true),
             value_alpha_gain: r.value_alpha_gain.unwrap_or(0.88),
             value_alpha_loss: r.value_alpha_loss.unwrap_or(0.88),
@@ -222,8 +281,16 @@ impl From<LossConfig> for RawLossConfig {
         let mut r = RawLossConfig {
             loss_type: Some(c.loss_type),
             beta: Some(c.beta),
-            desirable_weight: Some(c.desirable_weight),
-            undesirable_weight: Some(c.undesirable_weight),
+            desirable_weight: Some(if c.auto_weights.desirable {
+                ClassWeight::Auto
+            } else {
+                ClassWeight::Value(c.desirable_weight)
+            }),
+            undesirable_weight: Some(if c.auto_weights.undesirable {
+                ClassWeight::Auto
+            } else {
+                ClassWeight::Value(c.undesirable_weight)
+            }),
             ..Default::default()
         };
         if c.loss_type == LossType::EnhancedKto {
@@ -368,6 +435,36 @@ impl LossConfig {
     }
 
     /// Default Enhanced KTO config: value function, TK92 weighting and odds ratio on, BCO off.
+    /// Sets the `"auto"` weights from the training split's class counts so that
+    /// (w_D n_D) / (w_U n_U) = [`AUTO_WEIGHT_RATIO`], inside the paper's [1, 4/3] band and TRL's
+    /// recommended ranges: w_D from w_U (w_U = 1 when both are auto), or w_U from a written w_D.
+    /// Returns what it set, for the log; None when nothing is auto or a class is missing.
+    pub fn resolve_auto_weights(
+        &mut self,
+        n_desirable: usize,
+        n_undesirable: usize,
+    ) -> Option<String> {
+        let a = self.auto_weights;
+        if !(a.desirable || a.undesirable) || n_desirable == 0 || n_undesirable == 0 {
+            return None;
+        }
+        let (nd, nu) = (n_desirable as f64, n_undesirable as f64);
+        if a.desirable {
+            if a.undesirable {
+                self.undesirable_weight = 1.0;
+            }
+            self.desirable_weight = AUTO_WEIGHT_RATIO * self.undesirable_weight * nu / nd;
+        } else {
+            self.undesirable_weight = self.desirable_weight * nd / (AUTO_WEIGHT_RATIO * nu);
+        }
+        Some(format!(
+            "class weights from {n_desirable} desirable / {n_undesirable} undesirable training \
+             examples: desirable_weight = {:.4}, undesirable_weight = {:.4} \
+             ((w_D n_D) / (w_U n_U) = 7/6, inside [1, 4/3])",
+            self.desirable_weight, self.undesirable_weight
+        ))
+    }
+
     pub fn enhanced_default() -> Self {
         LossConfig {
             loss_type: LossType::EnhancedKto,

@@ -248,8 +248,10 @@ pub fn finalize_metrics(m: &MetricSums) -> std::collections::BTreeMap<String, f6
     out
 }
 
-/// The paper's rule for the class weights: a warning when (w_D n_D)/(w_U n_U) lies outside
-/// [1, 4/3] (KTO, Ethayarajh et al. 2024, section 4).
+/// TRL's check of the class weights (KTOTrainer, from Eq. 8 of the KTO paper): with unequal class
+/// counts, a warning unless desirable_weight lies in [r, 1.33 r] or undesirable_weight in
+/// [n_D w_D / (1.33 n_U), n_D w_D / n_U], r = n_U w_U / n_D, each bound rounded to two decimals
+/// as TRL rounds them (so nearly balanced data with weights 1 passes).
 pub fn weight_ratio_warning(
     n_desirable: usize,
     n_undesirable: usize,
@@ -261,22 +263,24 @@ pub fn weight_ratio_warning(
              examples: KTO needs both labels"
         ));
     }
-    let ratio = (cfg.desirable_weight * n_desirable as f64)
-        / (cfg.undesirable_weight * n_undesirable as f64);
-    // Rounding slack only: a ratio of exactly 4/3 must not warn.
-    let tol = 1e-12;
-    if ratio < 1.0 - tol || ratio > 4.0 / 3.0 + tol {
-        let (lo, hi) = (
-            n_undesirable as f64 * cfg.undesirable_weight / n_desirable as f64,
-            4.0 / 3.0 * n_undesirable as f64 * cfg.undesirable_weight / n_desirable as f64,
-        );
-        Some(format!(
-            "(desirable_weight x {n_desirable} desirable) / (undesirable_weight x \
-             {n_undesirable} undesirable) = {ratio:.4}, outside the recommended [1, 4/3]; \
-             with undesirable_weight = {} a desirable_weight in [{lo:.4}, {hi:.4}] would fit",
-            cfg.undesirable_weight
-        ))
-    } else {
-        None
+    if n_desirable == n_undesirable {
+        return None;
     }
+    // Python's round(x, 2): the exact binary value rounded to two decimals.
+    let round2 = |x: f64| format!("{x:.2}").parse::<f64>().expect("formatted float");
+    let (nd, nu) = (n_desirable as f64, n_undesirable as f64);
+    let (wd, wu) = (cfg.desirable_weight, cfg.undesirable_weight);
+    let (d_lo, d_hi) = (round2(nu * wu / nd), round2(nu * wu / nd * 1.33));
+    let (u_lo, u_hi) = (round2(nd * wd / nu / 1.33), round2(nd * wd / nu));
+    if (d_lo..=d_hi).contains(&wd) || (u_lo..=u_hi).contains(&wu) {
+        return None;
+    }
+    Some(format!(
+        "{n_desirable} desirable and {n_undesirable} undesirable training examples with \
+         desirable_weight = {wd} and undesirable_weight = {wu}: (w_D n_D) / (w_U n_U) = {:.4} is \
+         outside the KTO paper's [1, 4/3]; as TRL recommends, set EITHER desirable_weight in \
+         [{d_lo}, {d_hi}] OR undesirable_weight in [{u_lo}, {u_hi}] (not both), or \
+         desirable_weight = \"auto\"",
+        wd * nd / (wu * nu)
+    ))
 }
