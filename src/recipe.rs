@@ -303,7 +303,7 @@ impl<'a> Run<'a> {
         let mut interval_start = Instant::now();
         let data = self.data.clone();
         if t.eval_on_start && state.step == 0 {
-            self.validate(state)?;
+            self.validate(state, 0.0)?;
         }
         while state.step < self.plan.total_steps {
             let batches = epoch_batches(
@@ -322,13 +322,14 @@ impl<'a> Run<'a> {
             let lr = self.plan.schedule.lr(state.step);
             self.optimizer_step(state, groups[state.next_group], lr)?;
             let last = state.step == self.plan.total_steps;
+            // Epochs done, as a fraction (HF Trainer's `epoch`), for training and evaluation lines.
+            let epoch = state.epoch as f64 + state.next_group as f64 / groups.len() as f64;
             if state.step.is_multiple_of(t.log_every) || last {
-                let epoch = state.epoch as f64 + state.next_group as f64 / groups.len() as f64;
                 last_metrics = self.log_interval(state, lr, epoch, interval_start)?;
                 interval_start = Instant::now();
             }
             if (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || last {
-                self.validate(state)?;
+                self.validate(state, epoch)?;
             }
             self.checkpoint_if_due(state, last)?;
         }
@@ -453,7 +454,7 @@ impl<'a> Run<'a> {
     }
 
     /// The validation loss; a new lowest one writes `best/`.
-    fn validate(&mut self, state: &mut TrainState) -> Result<()> {
+    fn validate(&mut self, state: &mut TrainState, epoch: f64) -> Result<()> {
         let t = &self.cfg.train;
         let eval_batch_size = t.eval_batch_size.unwrap_or(t.batch_size);
         let Some(m) = validation::evaluate(
@@ -469,7 +470,7 @@ impl<'a> Run<'a> {
             return Ok(());
         };
         self.write_metrics(&serde_json::json!({
-            "step": state.step, "epoch": state.epoch as f64 + 1.0, "eval": true, "metrics": m,
+            "step": state.step, "epoch": epoch, "eval": true, "metrics": m,
         }))?;
         // A non-finite loss is never the best one.
         if let Some(&l) = m.get("eval_loss").filter(|l| l.is_finite()) {

@@ -71,6 +71,22 @@ fn smoke_run_trains_and_is_deterministic() {
         .map(|r| r[loss_col].parse().unwrap())
         .collect();
     assert_eq!(csv_losses, l);
+    // An evaluation line says the same epoch as the training line of its step.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evals: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("eval").is_some()).collect();
+    assert!(!evals.is_empty(), "the smoke run evaluates");
+    for e in evals {
+        if let Some(t) = lines
+            .iter()
+            .find(|v| v.get("eval").is_none() && v["step"] == e["step"])
+        {
+            assert_eq!(e["epoch"], t["epoch"], "step {}", e["step"]);
+        }
+    }
     let o = smoke(&b, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let read = |p: &PathBuf| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();

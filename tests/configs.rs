@@ -128,3 +128,44 @@ gradient_checkpointing = false
         "{e}"
     );
 }
+
+#[test]
+fn command_line_paths_are_relative_to_the_current_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("configs");
+    std::fs::create_dir(&sub).unwrap();
+    let p = sub.join("c.toml");
+    std::fs::write(
+        &p,
+        "[model]\nname_or_path = \"HuggingFaceTB/SmolLM2-360M\"\n[output]\ndir = \"../runs/in-file\"\n",
+    )
+    .unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    // In the file: relative to the file's folder.
+    let c = Config::load(&p, &[]).unwrap();
+    assert_eq!(c.output.dir, dir.path().join("runs/in-file"));
+    assert_eq!(
+        c.model.name_or_path, "HuggingFaceTB/SmolLM2-360M",
+        "a hub id stays one"
+    );
+    // With --set: relative to the current folder, as a shell user means it.
+    let c = Config::load(
+        &p,
+        &[
+            "output.dir=runs/from-cli".into(),
+            "data.chat_template=./t.jinja".into(),
+            "data.prompt_format=template".into(),
+            "model.name_or_path=HuggingFaceTB/SmolLM2-135M".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.output.dir, cwd.join("runs/from-cli"));
+    assert_eq!(c.data.chat_template.unwrap(), cwd.join("t.jinja"));
+    assert_eq!(c.model.name_or_path, "HuggingFaceTB/SmolLM2-135M");
+    let c = Config::load(
+        &p,
+        &["data.sources=[{kind = \"hh-rlhf\", files = [\"data/a.jsonl\"]}]".into()],
+    )
+    .unwrap();
+    assert_eq!(c.data.sources[0].files, vec![cwd.join("data/a.jsonl")]);
+}

@@ -59,7 +59,8 @@ impl Default for OutputConfig {
 
 impl Config {
     /// Reads `path`, applies `key=value` overrides, resolves relative paths against the config
-    /// file's folder and validates every section. Errors name the file, the key and its line, or
+    /// file's folder (those given with `--set`: against the current folder) and validates every
+    /// section. Errors name the file, the key and its line, or
     /// the `--set` that gave the value.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let file = path.display();
@@ -209,6 +210,49 @@ pub(crate) fn apply_override(table: &mut toml::Table, assignment: &str) -> Resul
             .as_table_mut()
             .ok_or_else(|| anyhow::anyhow!("`{p}` in `{key}` is not a table"))?;
     }
+    let mut value = value;
+    if let Ok(cwd) = std::env::current_dir() {
+        paths_from_cwd(parts[parts.len() - 1], &mut value, &cwd);
+    }
     cur.insert(parts[parts.len() - 1].to_string(), value);
     Ok(key.to_string())
+}
+
+/// Keys whose string values are file or folder paths.
+const PATH_KEYS: [&str; 7] = [
+    "dir",
+    "tokenizer",
+    "chat_template",
+    "files",
+    "data",
+    "fewshot_data",
+    "init_from",
+];
+
+/// A path given on the command line means what the shell means by it: relative to the current
+/// folder, not to the config file's (paths written in the file stay relative to the file). A
+/// `name_or_path` is a path only when it looks like one or exists here (else it is a hub id).
+fn paths_from_cwd(key: &str, value: &mut toml::Value, cwd: &Path) {
+    match value {
+        toml::Value::String(s) => {
+            let p = Path::new(s.as_str());
+            let is_path = PATH_KEYS.contains(&key)
+                || (key == "name_or_path"
+                    && (s.starts_with('.') || s.starts_with('/') || cwd.join(p).exists()));
+            if is_path && p.is_relative() && !s.is_empty() {
+                *s = normalize_path(&cwd.join(p)).display().to_string();
+            }
+        }
+        toml::Value::Array(items) => {
+            for v in items {
+                paths_from_cwd(key, v, cwd);
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                paths_from_cwd(k, v, cwd);
+            }
+        }
+        _ => {}
+    }
 }
