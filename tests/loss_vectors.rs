@@ -444,6 +444,7 @@ fn enhanced_config(c: &Value) -> LossConfig {
         beta: f(&c["beta"]),
         desirable_weight: f(&c["desirable_weight"]),
         undesirable_weight: f(&c["undesirable_weight"]),
+        auto_weights: Default::default(),
         value_function: b("pt_value_enabled"),
         value_alpha_gain: f(&c["pt_value_alpha_gain"]),
         value_alpha_loss: f(&c["pt_value_alpha_loss"]),
