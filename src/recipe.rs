@@ -13,7 +13,7 @@ use crate::data::{self, KtoExample, PreparedData};
 use crate::hub::ModelFiles;
 use crate::kernels::{gemm, KernelSettings};
 use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
-use crate::model::adapter::{read_adapter_spec, save_adapter};
+use crate::model::adapter::{adapter_files, read_adapter_spec, tokenizer_files};
 use crate::model::{load_adapted, load_llama, Llama, LoraSpec};
 use crate::train::batch::build_micro_batch;
 use crate::train::checkpoint::{self, Checkpoint, TrainState};
@@ -27,7 +27,7 @@ use crate::train::{signals, validation, Stopped};
 use crate::util::atomic::write_json_atomic;
 use crate::util::metric_sums::MetricSums;
 use crate::util::profile;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -56,7 +56,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     // Everything is read and checked before the folder changes: a typo in a path, a bad data
     // file or benchmark file costs nothing.
     let checked = validate(cfg, opts).and_then(|v| {
-        let start = dir.begin(&opts.start, &cfg.to_toml(), &v.data)?;
+        let start = dir.begin(&opts.start, &cfg.to_toml(), &v.data, v.plan.total_steps)?;
         Ok((v, start))
     });
     let (validated, start) = match checked {
@@ -103,6 +103,8 @@ struct Validated {
     files: ModelFiles,
     data: PreparedData,
     tokenizer: tokenizers::Tokenizer,
+    /// Saved beside every adapter the run writes.
+    tokenizer_files: Vec<(String, Vec<u8>)>,
     benchmarks: Vec<crate::eval::tasks::TaskItems>,
     model: Llama,
     spec: LoraSpec,
@@ -148,10 +150,12 @@ fn validate(cfg: &Config, opts: &RunOptions) -> Result<Validated> {
             plan.min_batch
         );
     }
+    let tokenizer_files = tokenizer_files(&files, Some(&tok_info.tokenizer_path))?;
     Ok(Validated {
         files,
         data,
         tokenizer: tok_info.tokenizer,
+        tokenizer_files,
         benchmarks,
         model,
         spec,
@@ -190,6 +194,7 @@ struct Run<'a> {
     /// Shared with the loop's micro-batches, which borrow examples while the run updates itself.
     data: Rc<PreparedData>,
     tokenizer: tokenizers::Tokenizer,
+    tokenizer_files: Vec<(String, Vec<u8>)>,
     benchmarks: Vec<crate::eval::tasks::TaskItems>,
     model: Llama,
     spec: LoraSpec,
@@ -230,6 +235,7 @@ impl<'a> Run<'a> {
             files: v.files,
             data: Rc::new(v.data),
             tokenizer: v.tokenizer,
+            tokenizer_files: v.tokenizer_files,
             benchmarks: v.benchmarks,
             model: v.model,
             spec: v.spec,
@@ -331,7 +337,19 @@ impl<'a> Run<'a> {
             if (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || last {
                 self.validate(state, epoch)?;
             }
-            self.checkpoint_if_due(state, last)?;
+            let stop_early = t
+                .early_stopping_patience
+                .is_some_and(|p| state.evals_since_best >= p);
+            self.checkpoint_if_due(state, last || stop_early)?;
+            if stop_early && !last {
+                self.progress.println(&format!(
+                    "early stopping at step {}: {} evaluations without a lower eval_loss than {:.4}",
+                    state.step,
+                    state.evals_since_best,
+                    state.best_eval_loss.unwrap_or(f64::NAN)
+                ));
+                break;
+            }
         }
         self.progress.finish();
         Ok(last_metrics)
@@ -473,16 +491,13 @@ impl<'a> Run<'a> {
             "step": state.step, "epoch": epoch, "eval": true, "metrics": m,
         }))?;
         // A non-finite loss is never the best one.
-        if let Some(&l) = m.get("eval_loss").filter(|l| l.is_finite()) {
-            if state.best_eval_loss.is_none_or(|b| l < b) {
+        match m.get("eval_loss").filter(|l| l.is_finite()) {
+            Some(&l) if state.best_eval_loss.is_none_or(|b| l < b) => {
                 state.best_eval_loss = Some(l);
-                save_adapter(
-                    &self.model,
-                    &self.spec,
-                    &self.files.name,
-                    &self.dir.best_dir(),
-                )?;
+                state.evals_since_best = 0;
+                self.write_adapter(&self.dir.best_dir())?;
             }
+            _ => state.evals_since_best += 1,
         }
         self.progress.println(&format!(
             "step {}: eval_loss {:.4}",
@@ -526,9 +541,26 @@ impl<'a> Run<'a> {
             lora: self.vars.iter().map(|v| v.as_tensor().clone()).collect(),
             adam_m: opt.m,
             adam_v: opt.v,
+            adapter: self.adapter_files()?,
         };
         self.dir
             .save_checkpoint(&checkpoint, self.cfg.train.keep_checkpoints)
+    }
+
+    /// The PEFT adapter folder's files with the tokenizer's beside them.
+    fn adapter_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files = adapter_files(&self.model, &self.spec, &self.files.name)?;
+        files.extend(self.tokenizer_files.iter().cloned());
+        Ok(files)
+    }
+
+    /// Writes the adapter (and the tokenizer files) into `dir`, each file atomically.
+    fn write_adapter(&self, dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (name, bytes) in self.adapter_files()? {
+            crate::util::atomic::write_atomic(&dir.join(name), &bytes)?;
+        }
+        Ok(())
     }
 
     fn write_metrics(&mut self, line: &serde_json::Value) -> Result<()> {
@@ -575,7 +607,7 @@ impl<'a> Run<'a> {
             );
         }
         let adapter_dir = self.dir.adapter_dir();
-        save_adapter(&self.model, &self.spec, &self.files.name, &adapter_dir)?;
+        self.write_adapter(&adapter_dir)?;
         fault_pause("KTO_TRAIN_FAULT_FINISH_PAUSE_MS");
         let mut problems = Vec::new();
         if !self.benchmarks.is_empty() {

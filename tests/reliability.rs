@@ -683,3 +683,156 @@ fn rule9_errors_name_the_key_and_the_line() {
     assert_refused(&o, &["symbolic links"]);
     assert!(!err(&o).contains("does not exist"), "{}", err(&o));
 }
+
+// ------------------------------------------------------- checkpoints a user can use (TRL-style)
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn checkpoints_hold_a_peft_adapter_with_the_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    assert_ok(&run(smoke(&out, &["--set", "train.keep_checkpoints=10"])));
+    let cks = kto_train::train::checkpoint::list(&out.join("checkpoints")).unwrap();
+    assert_eq!(cks.len(), 4);
+    for (step, dir) in &cks {
+        let a = dir.join("adapter");
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "tokenizer.json",
+        ] {
+            assert!(a.join(f).is_file(), "step {step}: {f} missing");
+        }
+        // The adapter is the checkpoint's LoRA weights in PEFT's layout: it loads as one.
+        let (spec, _) = kto_train::model::adapter::read_adapter_spec(&a).unwrap();
+        assert_eq!(spec.r, 8);
+        let ck = kto_train::train::checkpoint::load(dir, &candle_core::Device::Cpu).unwrap();
+        let w = kto_train::model::adapter::read_adapter_weights(&a, &spec).unwrap();
+        assert_eq!(
+            2 * w.len(),
+            ck.lora.len(),
+            "an A and a B per adapted projection"
+        );
+    }
+    // The last checkpoint's adapter is the run's final adapter, byte for byte, and the final
+    // adapter has the tokenizer beside it.
+    let last = &cks.last().unwrap().1;
+    assert_eq!(
+        adapter_bytes(&last.join("adapter")),
+        adapter_bytes(&out.join("adapter"))
+    );
+    assert_eq!(
+        std::fs::read(out.join("adapter/tokenizer.json")).unwrap(),
+        std::fs::read(repo().join("tests/fixtures/tiny-llama/tokenizer.json")).unwrap()
+    );
+}
+
+#[test]
+fn resume_from_a_chosen_checkpoint_and_extend_a_finished_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let constant = [
+        "--set",
+        "train.lr_schedule=constant",
+        "--set",
+        "train.keep_checkpoints=10",
+    ];
+    // Reference: 4 steps straight.
+    let straight = tmp.path().join("straight");
+    assert_ok(&run(smoke(&straight, &constant)));
+    // The same run, finished, then resumed from its step-2 checkpoint: the same adapter.
+    let rewound = tmp.path().join("rewound");
+    assert_ok(&run(smoke(&rewound, &constant)));
+    let step2 = kto_train::train::checkpoint::list(&rewound.join("checkpoints")).unwrap()[1]
+        .1
+        .clone();
+    let mut args: Vec<&str> = constant.to_vec();
+    let from = step2.display().to_string();
+    args.extend(["--resume-from", &from]);
+    assert_ok(&run(smoke(&rewound, &args)));
+    assert_eq!(
+        adapter_bytes(&rewound.join("adapter")),
+        adapter_bytes(&straight.join("adapter"))
+    );
+    assert_eq!(
+        kto_train::train::checkpoint::list(&rewound.join("checkpoints"))
+            .unwrap()
+            .len(),
+        4
+    );
+    // A finished 2-step run extended to 4 steps (constant lr: the schedule does not depend on
+    // the total) ends where the straight run does.
+    let extended = tmp.path().join("extended");
+    let mut two: Vec<&str> = constant.to_vec();
+    two.extend(["--set", "train.max_steps=2"]);
+    assert_ok(&run(smoke(&extended, &two)));
+    // --resume with the same config: nothing to do.
+    let mut again = two.clone();
+    again.push("--resume");
+    let o = run(smoke(&extended, &again));
+    assert_ok(&o);
+    let mut more: Vec<&str> = constant.to_vec();
+    more.push("--resume");
+    let o = run(smoke(&extended, &more));
+    assert_ok(&o);
+    assert!(
+        err(&o).contains("extending the finished run"),
+        "{}",
+        err(&o)
+    );
+    assert_eq!(
+        adapter_bytes(&extended.join("adapter")),
+        adapter_bytes(&straight.join("adapter"))
+    );
+    // A path that is not one of the run's checkpoints is refused by name.
+    let o = run(smoke(&extended, &["--resume-from", "/no/such/checkpoint"]));
+    assert_refused(
+        &o,
+        &[
+            "--resume-from /no/such/checkpoint",
+            "not a checkpoint of the run",
+        ],
+    );
+}
+
+#[test]
+fn early_stopping_ends_the_run_with_its_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    // A learning rate far too high: the validation loss stops improving at once.
+    assert_ok(&run(smoke(
+        &out,
+        &[
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "train.eval_every=1",
+            "--set",
+            "train.lr=0.5",
+            "--set",
+            "train.early_stopping_patience=2",
+        ],
+    )));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evals: Vec<f64> = lines
+        .iter()
+        .filter(|v| v.get("eval").is_some())
+        .map(|v| v["metrics"]["eval_loss"].as_f64().unwrap())
+        .collect();
+    let last_step = lines.last().unwrap()["step"].as_u64().unwrap();
+    assert!(last_step < 20, "stopped early: {evals:?}");
+    // It stopped exactly when the last two evaluations were no better than the best before them.
+    let n = evals.len();
+    let best_before = evals[..n - 2].iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!(
+        evals[n - 2] >= best_before && evals[n - 1] >= best_before,
+        "{evals:?}"
+    );
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+}

@@ -474,7 +474,7 @@ fn a_chart_whose_metrics_are_all_missing_is_left_out() {
     let card =
         std::fs::read_to_string(write_model_card(&run.dir, &run.dir.join("adapter")).unwrap())
             .unwrap();
-    assert!(card.contains("](../plots/loss.png)"));
+    assert!(card.contains("](plots/loss.png)"));
     assert!(
         !card.contains("kl.png") && !card.contains("rewards.png"),
         "{card}"
@@ -603,15 +603,15 @@ fn plain_kto_card_marks_every_component_disabled() {
 }
 
 #[test]
-fn plot_links_are_relative_to_the_cards_folder() {
+fn plot_images_travel_with_the_card() {
     let run = write_run(ENHANCED_CONFIG, &metrics_lines(true));
     draw_plots(&run.dir).unwrap();
     let nested = run.dir.join("exports/final");
     std::fs::create_dir_all(&nested).unwrap();
     for (adapter, prefix) in [
-        (run.dir.join("adapter"), "../plots/"),
+        (run.dir.join("adapter"), "plots/"),
         (run.dir.clone(), "plots/"),
-        (nested.clone(), "../../plots/"),
+        (nested.clone(), "plots/"),
     ] {
         let card = std::fs::read_to_string(write_model_card(&run.dir, &adapter).unwrap()).unwrap();
         let links: Vec<&str> = card
@@ -631,7 +631,12 @@ fn plot_links_are_relative_to_the_cards_folder() {
     }
     assert!(std::fs::read_to_string(run.dir.join("adapter/README.md"))
         .unwrap()
-        .contains("![Training and validation loss](../plots/loss.png)"));
+        .contains("![Training and validation loss](plots/loss.png)"));
+    // The copies are the run's plots, byte for byte.
+    assert_eq!(
+        std::fs::read(run.dir.join("adapter/plots/loss.png")).unwrap(),
+        std::fs::read(run.dir.join("plots/loss.png")).unwrap()
+    );
 }
 
 #[test]

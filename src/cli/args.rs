@@ -57,12 +57,17 @@ pub struct TrainArgs {
     /// config, model and data were checked.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
-    /// Continue the run in the output folder from its newest checkpoint (with the same config).
+    /// Continue the run in the output folder from its newest checkpoint (with the same config);
+    /// a finished run whose train.max_steps or train.epochs was raised is extended.
     #[arg(long)]
     pub resume: bool,
+    /// Continue from this checkpoint of the run (checkpoints/step-N) instead of the newest; the
+    /// later checkpoints and metrics lines are dropped.
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with = "overwrite")]
+    pub resume_from: Option<PathBuf>,
     /// With --resume: config keys (or tables, e.g. `train.lr`, `data`) that may differ from the
     /// run's; the change is recorded in the run folder.
-    #[arg(long, value_name = "KEY", num_args = 1.., requires = "resume")]
+    #[arg(long, value_name = "KEY", num_args = 1..)]
     pub allow_config_change: Vec<String>,
 }
 

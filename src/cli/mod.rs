@@ -52,14 +52,18 @@ fn train(a: &TrainArgs) -> Result<()> {
     let Some(config) = &a.config else {
         bail!("no config given: run `kto-train --config configs/smoke.toml` (see --help)");
     };
+    if !a.allow_config_change.is_empty() && !(a.resume || a.resume_from.is_some()) {
+        bail!("--allow-config-change applies to a resumed run: add --resume or --resume-from");
+    }
     let cfg = Config::load(config, &a.set)?;
     let options = RunOptions {
         strict: a.strict,
         quiet: a.quiet,
         verbose: a.verbose,
         start: crate::train::run_dir::StartRequest {
-            resume: a.resume,
+            resume: a.resume || a.resume_from.is_some(),
             overwrite: a.overwrite,
+            resume_from: a.resume_from.clone(),
             allow_config_change: a.allow_config_change.clone(),
         },
     };

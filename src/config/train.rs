@@ -109,6 +109,11 @@ pub struct TrainConfig {
     /// Examples per evaluation micro-batch (default: batch_size).
     #[serde(default, alias = "per_device_eval_batch_size")]
     pub eval_batch_size: Option<usize>,
+    /// Stop (with a checkpoint and the adapter, as at the end) after this many evaluations in a
+    /// row without a lower validation loss than the best so far (transformers'
+    /// EarlyStoppingCallback on eval_loss). Unset: never.
+    #[serde(default)]
+    pub early_stopping_patience: Option<usize>,
     /// Write a checkpoint every N optimizer steps (0 = only at the end and on SIGINT/SIGTERM).
     #[serde(default = "d_save", alias = "save_steps")]
     pub save_every: usize,
@@ -249,6 +254,9 @@ impl TrainConfig {
         }
         if self.max_consecutive_nonfinite == 0 {
             bail!("max_consecutive_nonfinite = 0: must be at least 1");
+        }
+        if self.early_stopping_patience == Some(0) {
+            bail!("early_stopping_patience = 0: must be at least 1 (or leave it out)");
         }
         if self.log_every == 0 {
             bail!("log_every = 0: must be at least 1");

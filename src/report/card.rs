@@ -37,6 +37,18 @@ pub fn write_model_card(run_dir: &Path, adapter_dir: &Path) -> Result<PathBuf> {
         .filter(|p| plots_dir.join(p.file).is_file())
         .map(|p| (p.title, p.file.to_string()))
         .collect();
+    // The card's images travel with the adapter folder (uploaded alone, links into the run
+    // folder would break): copies under adapter/plots/.
+    let card_plots = adapter_dir.join(PLOTS_DIR);
+    if !plots.is_empty() {
+        std::fs::create_dir_all(&card_plots)
+            .with_context(|| format!("cannot create {}", card_plots.display()))?;
+        for (_, file) in &plots {
+            let bytes = std::fs::read(plots_dir.join(file))
+                .with_context(|| format!("cannot read {}", plots_dir.join(file).display()))?;
+            write_atomic(&card_plots.join(file), &bytes)?;
+        }
+    }
     let inputs = CardInputs {
         run_name: dir_name(run_dir),
         config: &config,
@@ -45,7 +57,7 @@ pub fn write_model_card(run_dir: &Path, adapter_dir: &Path) -> Result<PathBuf> {
         data_summary_text: std::fs::read_to_string(run_dir.join("data_summary.txt")).ok(),
         eval_results: read_json_opt(&run_dir.join("eval_results.json"))?,
         adapter_config: read_json_opt(&adapter_dir.join("adapter_config.json"))?,
-        plots_link: link_path(&relative_path(adapter_dir, &plots_dir)?),
+        plots_link: link_path(&relative_path(adapter_dir, &card_plots)?),
         plots,
         adapter_path: adapter_dir.display().to_string(),
     };

@@ -25,6 +25,9 @@ pub struct TrainState {
     pub skipped_nonfinite: usize,
     pub consecutive_nonfinite: usize,
     pub best_eval_loss: Option<f64>,
+    /// Evaluations in a row without a new best validation loss (early stopping).
+    #[serde(default)]
+    pub evals_since_best: usize,
     pub elapsed_seconds: f64,
     /// Optimizer steps taken by AdamW (differs from `step` when steps were skipped).
     pub adam_t: u64,
@@ -43,6 +46,7 @@ impl TrainState {
             skipped_nonfinite: 0,
             consecutive_nonfinite: 0,
             best_eval_loss: None,
+            evals_since_best: 0,
             elapsed_seconds: 0.0,
             adam_t: 0,
         }
@@ -54,7 +58,14 @@ pub struct Checkpoint {
     pub lora: Vec<Tensor>,
     pub adam_m: Vec<Tensor>,
     pub adam_v: Vec<Tensor>,
+    /// The files of a PEFT adapter folder (name, bytes) written into `adapter/` beside the state,
+    /// so that an intermediate checkpoint can be scored, merged or uploaded as it is. Empty:
+    /// none (a checkpoint read back does not carry them).
+    pub adapter: Vec<(String, Vec<u8>)>,
 }
+
+/// The PEFT adapter folder inside a checkpoint.
+pub const ADAPTER_DIR: &str = "adapter";
 
 const STATE: &str = "state.json";
 const TENSORS: &str = "tensors.safetensors";
@@ -111,6 +122,13 @@ pub fn save(root: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
         }
     }
     write_atomic(&tmp.join(TENSORS), &serialize_pt(&tensors)?)?;
+    if !ck.adapter.is_empty() {
+        let dir = tmp.join(ADAPTER_DIR);
+        std::fs::create_dir_all(&dir)?;
+        for (name, bytes) in &ck.adapter {
+            write_atomic(&dir.join(name), bytes)?;
+        }
+    }
     // Test hook: widen the window in which a kill lands mid-write.
     if let Some(ms) = std::env::var("KTO_TRAIN_FAULT_CHECKPOINT_PAUSE_MS")
         .ok()
@@ -159,6 +177,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         lora: vec![],
         adam_m: vec![],
         adam_v: vec![],
+        adapter: vec![],
     };
     for n in names {
         let t = tensor_from_view(&st.tensor(&n)?, device)?;

@@ -52,11 +52,18 @@ pub const RESUME_MAY_CHANGE: [&str; 9] = [
     "output",
 ];
 
+/// Keys a resume may change when it extends a finished run or rewinds to an earlier checkpoint
+/// (recorded in the manifest like any accepted change).
+pub const EXTEND_MAY_CHANGE: [&str; 2] = ["train.max_steps", "train.epochs"];
+
 /// How the user asked the run to start.
 #[derive(Debug, Clone, Default)]
 pub struct StartRequest {
     pub resume: bool,
     pub overwrite: bool,
+    /// `--resume-from`: continue from this checkpoint of the run instead of the newest (later
+    /// checkpoints and metrics lines are dropped).
+    pub resume_from: Option<PathBuf>,
     /// Config keys (or tables) a resume may change besides [`RESUME_MAY_CHANGE`].
     pub allow_config_change: Vec<String>,
 }
@@ -67,7 +74,7 @@ pub enum Start {
     Fresh,
     /// From this checkpoint.
     Resume(PathBuf),
-    /// `--resume` of a run that already finished: nothing to do.
+    /// `--resume` of a run that already finished all the steps its config asks for.
     AlreadyFinished,
 }
 
@@ -217,13 +224,19 @@ impl RunDir {
     /// Decides how the run starts, once its config, model, data and benchmarks were all
     /// validated. Only here does anything in the folder change: a replaced run's entries are
     /// removed, and a fresh run's manifest and description are written.
+    /// `total_steps` is what the config asks for: a finished run resumed with more (a raised
+    /// `train.max_steps` or `train.epochs`) is extended from its last checkpoint.
     pub fn begin(
         &self,
         request: &StartRequest,
         config_toml: &str,
         data: &crate::data::PreparedData,
+        total_steps: usize,
     ) -> Result<Start> {
         let root = self.root.display();
+        if let Some(from) = &request.resume_from {
+            return self.begin_from(from, request, config_toml, total_steps);
+        }
         let fresh = match self.contents()? {
             Contents::Foreign(names) => bail!(
                 "{root} holds files that no kto-train run wrote ({}); kto-train writes only into an \
@@ -242,10 +255,20 @@ impl RunDir {
             }
             Contents::Run {
                 finished: true,
+                newest_checkpoint: Some((step, dir)),
+            } if request.resume && total_steps > self.planned_steps().unwrap_or(step) => {
+                self.accept_config(config_toml, request, step, &EXTEND_MAY_CHANGE)?;
+                eprintln!("--resume: extending the finished run in {root} from step {step} to {total_steps}");
+                self.mark_unfinished()?;
+                self.set_planned_steps(total_steps)?;
+                return Ok(Start::Resume(dir));
+            }
+            Contents::Run {
+                finished: true,
                 newest_checkpoint,
             } if request.resume => {
                 let step = newest_checkpoint.map_or(0, |(s, _)| s);
-                self.accept_config(config_toml, request, step)?;
+                self.accept_config(config_toml, request, step, &[])?;
                 return Ok(Start::AlreadyFinished);
             }
             Contents::Run { finished: true, .. } => bail!(
@@ -255,7 +278,7 @@ impl RunDir {
                 newest_checkpoint: Some((step, dir)),
                 ..
             } if request.resume => {
-                self.accept_config(config_toml, request, step)?;
+                self.accept_config(config_toml, request, step, &[])?;
                 return Ok(Start::Resume(dir));
             }
             Contents::Run {
@@ -281,12 +304,76 @@ impl RunDir {
                 "tool": "kto-train",
                 "version": env!("CARGO_PKG_VERSION"),
                 "finished": false,
+                "planned_steps": total_steps,
                 "config_changes": [],
             }),
         )?;
         crate::data::write_summary(&self.root, data)?;
         write_atomic(&self.root.join("config.toml"), config_toml.as_bytes())?;
         Ok(Start::Fresh)
+    }
+
+    /// `--resume-from DIR`: DIR must be one of this run's checkpoints; the checkpoints after it
+    /// are removed (the metrics after its step are cut when the log opens), and a finished run
+    /// counts as unfinished again.
+    fn begin_from(
+        &self,
+        from: &Path,
+        request: &StartRequest,
+        config_toml: &str,
+        total_steps: usize,
+    ) -> Result<Start> {
+        let list = checkpoint::list(&self.checkpoints_dir())?;
+        let canon = |p: &Path| std::fs::canonicalize(p).ok();
+        let Some((step, dir)) = list
+            .iter()
+            .find(|(_, d)| canon(d).is_some() && canon(d) == canon(from))
+            .cloned()
+        else {
+            let have: Vec<String> = list.iter().map(|(_, d)| d.display().to_string()).collect();
+            bail!(
+                "--resume-from {}: not a checkpoint of the run in {} (its checkpoints: {})",
+                from.display(),
+                self.root.display(),
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            );
+        };
+        self.accept_config(config_toml, request, step, &EXTEND_MAY_CHANGE)?;
+        self.set_planned_steps(total_steps)?;
+        for (later, d) in list.iter().filter(|(s, _)| *s > step) {
+            eprintln!("--resume-from: removing the later checkpoint of step {later}");
+            std::fs::remove_dir_all(d).with_context(|| format!("cannot remove {}", d.display()))?;
+        }
+        self.mark_unfinished()?;
+        Ok(Start::Resume(dir))
+    }
+
+    /// The optimizer steps the run was started (or last extended) for; None in folders written
+    /// before the manifest recorded it.
+    fn planned_steps(&self) -> Option<usize> {
+        self.manifest()?["planned_steps"]
+            .as_u64()
+            .map(|n| n as usize)
+    }
+
+    fn set_planned_steps(&self, steps: usize) -> Result<()> {
+        let mut manifest = self
+            .manifest()
+            .unwrap_or_else(|| json!({"tool": "kto-train"}));
+        manifest["planned_steps"] = json!(steps);
+        write_json_atomic(&self.root.join(MANIFEST), &manifest)
+    }
+
+    fn mark_unfinished(&self) -> Result<()> {
+        let mut manifest = self
+            .manifest()
+            .unwrap_or_else(|| json!({"tool": "kto-train"}));
+        manifest["finished"] = Value::Bool(false);
+        write_json_atomic(&self.root.join(MANIFEST), &manifest)
     }
 
     /// Removes every entry a run writes (and only those).
@@ -312,7 +399,13 @@ impl RunDir {
     /// A resume continues the same run: its training settings must be those the run started
     /// with, except the keys [`RESUME_MAY_CHANGE`] and `--allow-config-change` name; the changes
     /// accepted that way are recorded in the manifest, and config.toml shows the new values.
-    fn accept_config(&self, new_toml: &str, request: &StartRequest, step: usize) -> Result<()> {
+    fn accept_config(
+        &self,
+        new_toml: &str,
+        request: &StartRequest,
+        step: usize,
+        also: &[&str],
+    ) -> Result<()> {
         let path = self.root.join("config.toml");
         let old_toml = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read the run's config {}", path.display()))?;
@@ -328,6 +421,7 @@ impl RunDir {
             .allow_config_change
             .iter()
             .map(String::as_str)
+            .chain(also.iter().copied())
             .collect();
         let refused: Vec<&String> = changed
             .keys()

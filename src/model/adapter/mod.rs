@@ -8,7 +8,7 @@ pub mod merge;
 use super::loading::LoraSpec;
 use super::Llama;
 use crate::config::Projection;
-use crate::util::atomic::{write_atomic, write_json_atomic};
+use crate::util::atomic::write_atomic;
 use crate::util::safetensors_io::{serialize_pt, tensor_from_view, RawTensor};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -75,12 +75,73 @@ pub(crate) fn adapter_tensors(model: &Llama) -> Result<Vec<(String, RawTensor)>>
 /// Writes the adapter folder; each file atomically, weights before config.
 pub fn save_adapter(model: &Llama, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let bytes = serialize_pt(&adapter_tensors(model)?)?;
-    write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
-    write_json_atomic(
-        &dir.join(CONFIG_FILE),
-        &adapter_config_json(spec, base_model),
-    )
+    for (name, bytes) in adapter_files(model, spec, base_model)? {
+        write_atomic(&dir.join(name), &bytes)?;
+    }
+    Ok(())
+}
+
+/// The adapter folder's files as (name, bytes), weights before config (the order to write them).
+pub fn adapter_files(
+    model: &Llama,
+    spec: &LoraSpec,
+    base_model: &str,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut config = serde_json::to_vec_pretty(&adapter_config_json(spec, base_model))?;
+    config.push(b'\n');
+    Ok(vec![
+        (
+            WEIGHTS_FILE.to_string(),
+            serialize_pt(&adapter_tensors(model)?)?,
+        ),
+        (CONFIG_FILE.to_string(), config),
+    ])
+}
+
+/// The tokenizer files saved beside an adapter, as Transformers' `save_pretrained` of the
+/// tokenizer leaves them (what TRL's `save_model` writes): the tokenizer's own tokenizer.json,
+/// tokenizer_config.json, special_tokens_map.json and chat_template.jinja from its folder; for
+/// a GGUF model, the tokenizer rebuilt from its metadata and its chat template.
+pub fn tokenizer_files(
+    files: &crate::hub::ModelFiles,
+    tokenizer_json: Option<&Path>,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let json = tokenizer_json
+        .map(Path::to_path_buf)
+        .or_else(|| files.tokenizer.clone());
+    match (json, files.format) {
+        (Some(t), _) if !crate::hub::is_gguf(&t) => {
+            out.push(("tokenizer.json".to_string(), read(&t)?));
+            let dir = t.parent().unwrap_or(Path::new("."));
+            for name in [
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "chat_template.jinja",
+            ] {
+                let p = dir.join(name);
+                if p.is_file() {
+                    out.push((name.to_string(), read(&p)?));
+                }
+            }
+        }
+        (_, crate::hub::WeightFormat::Gguf) => {
+            let gguf = crate::hub::gguf::Gguf::open(&files.config)?;
+            if let Some(tok) = gguf.tokenizer()? {
+                let text = tok.to_string(true).map_err(|e| anyhow::anyhow!("{e}"))?;
+                out.push(("tokenizer.json".to_string(), text.into_bytes()));
+            }
+            if let Some(t) = gguf.chat_template() {
+                let cfg = serde_json::json!({ "chat_template": t });
+                let mut bytes = serde_json::to_vec_pretty(&cfg)?;
+                bytes.push(b'\n');
+                out.push(("tokenizer_config.json".to_string(), bytes));
+            }
+        }
+        _ => {}
+    }
+    Ok(out)
 }
 
 /// `target_modules` of an adapter_config.json: a list of module names (or one name).
