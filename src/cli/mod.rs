@@ -52,7 +52,7 @@ fn train(a: &TrainArgs) -> Result<()> {
     let Some(config) = &a.config else {
         bail!("no config given: run `kto-train --config configs/smoke.toml` (see --help)");
     };
-    if !a.allow_config_change.is_empty() && !(a.resume || a.resume_from.is_some()) {
+    if !(a.allow_config_change.is_empty() || a.resume || a.resume_from.is_some()) {
         bail!("--allow-config-change applies to a resumed run: add --resume or --resume-from");
     }
     let cfg = Config::load(config, &a.set)?;
