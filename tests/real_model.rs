@@ -135,3 +135,44 @@ fn adapter_trained_on_the_gguf_base_scores_the_same_in_peft() {
     );
     assert!(worst < 1e-3, "token log-prob error {worst:e}");
 }
+
+#[test]
+fn real_smollm2_greedy_generation_equals_transformers() {
+    let Some(gguf) = real_model() else { return };
+    use kto_train::eval::generate::{generate, GenerateOptions};
+    let files = kto_train::hub::resolve_model(gguf.to_str().unwrap(), "main").unwrap();
+    let model =
+        kto_train::model::load_with_adapter(&files, DType::F32, &Device::Cpu, None).unwrap();
+    let tok = kto_train::data::tokenizer::model_tokenizer(&files)
+        .unwrap()
+        .unwrap();
+    let eos = model.cfg().eos_token_id.unwrap();
+    let template = kto_train::data::tokenizer::chat_template_of(&files, &tok, eos)
+        .unwrap()
+        .expect("the GGUF has a chat template");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/generate/expected.json")).unwrap(),
+    )
+    .unwrap();
+    for r in expected["smollm2-135m-instruct-q4_1"].as_array().unwrap() {
+        let msgs = [kto_train::data::Msg::new(
+            "user",
+            r["prompt"].as_str().unwrap(),
+        )];
+        let text = template.template.render(&msgs, true).unwrap();
+        let p = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(p, ids(&r["prompt_ids"]), "chat-templated prompt tokens");
+        let want = ids(&r["new_ids"]);
+        let opts = GenerateOptions {
+            max_new_tokens: 24,
+            stop_ids: vec![eos],
+            ..Default::default()
+        };
+        assert_eq!(
+            generate(&model, &p, &opts).unwrap(),
+            want,
+            "{}",
+            r["prompt"]
+        );
+    }
+}

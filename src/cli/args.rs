@@ -84,6 +84,8 @@ pub enum Command {
     Config(ConfigArgs),
     /// Completion log-probs of JSONL records ({prompt, completion} or {prompt_ids, completion_ids}).
     Score(ScoreArgs),
+    /// Generate text from a model (and adapter): greedy or sampled, with a KV cache.
+    Generate(GenerateArgs),
     /// Redraw a run folder's plots (plots/*.png) and its adapter's model card (adapter/README.md).
     Plot {
         /// Run folder (the training config's output.dir).
@@ -132,6 +134,48 @@ pub struct DataArgs {
     /// Fail on the first bad data record instead of skipping and counting it.
     #[arg(long)]
     pub strict: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Model folder, hub id or .gguf file.
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// PEFT adapter folder to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// One prompt; the completion is printed on stdout.
+    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    pub prompt: Option<String>,
+    /// JSONL of {"prompt": TEXT or [messages]} records; one {"prompt", "completion",
+    /// "completion_tokens", "stop"} line each on stdout (or --output).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Write the JSONL here instead of stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Render text prompts as a user message through the model's chat template (message-list
+    /// prompts always are).
+    #[arg(long)]
+    pub chat: bool,
+    /// Most new tokens per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy (transformers' do_sample=False); above 0, sampled at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling threshold (with --temperature > 0).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 #[derive(Args, Debug, Clone)]

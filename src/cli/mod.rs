@@ -10,7 +10,7 @@ use crate::model::tiny::{write_random_model, write_tiny_model, TinySpec};
 use crate::model::{load_with_adapter, LlamaConfig, PassMode};
 use crate::recipe::RunOptions;
 use anyhow::{bail, Context, Result};
-use args::{Cli, Command, EvalArgs, InitTinyArgs, MergeArgs, ScoreArgs, TrainArgs};
+use args::{Cli, Command, EvalArgs, GenerateArgs, InitTinyArgs, MergeArgs, ScoreArgs, TrainArgs};
 use clap::Parser;
 
 /// Exit codes a script can rely on (README, "Exit codes").
@@ -42,6 +42,7 @@ pub fn main() -> Result<()> {
             Ok(())
         }
         Some(Command::Score(a)) => score(&a),
+        Some(Command::Generate(a)) => generate(&a),
         Some(Command::Plot { run_dir }) => crate::report::run_plot_command(&run_dir),
         Some(Command::Eval(a)) => eval(&a).map(|_| ()),
         Some(Command::Merge(a)) => merge(&a),
@@ -142,6 +143,106 @@ fn score(a: &ScoreArgs) -> Result<()> {
         }
         None => run(&mut std::io::stdout().lock()).map(|_| ()),
     }
+}
+
+/// `kto-train generate`: one prompt to stdout, or a JSONL of prompts to JSONL.
+fn generate(a: &GenerateArgs) -> Result<()> {
+    use crate::data::Msg;
+    use crate::eval::generate::{generate, GenerateOptions};
+    let (files, model) = load_for_scoring(&a.model, &a.revision, a.adapter.as_deref(), a.device)?;
+    let tok = crate::data::tokenizer::model_tokenizer(&files)?
+        .with_context(|| format!("model {} has no tokenizer", files.config.display()))?;
+    let eos = model.cfg().eos_token_id;
+    let template = crate::data::tokenizer::chat_template_of(&files, &tok, eos.unwrap_or(0))?;
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop_ids: eos.into_iter().collect(),
+    };
+    // Text as given (with the tokenizer's special tokens, as a transformers pipeline encodes
+    // it), or messages through the chat template (whose text already has them).
+    let run = |prompt: &serde_json::Value| -> Result<(String, usize, &'static str)> {
+        let msgs: Option<Vec<Msg>> = match prompt {
+            serde_json::Value::String(s) if a.chat => Some(vec![Msg::new("user", s.clone())]),
+            serde_json::Value::String(_) => None,
+            serde_json::Value::Array(list) => Some(
+                list.iter()
+                    .map(|m| {
+                        let field = |k: &str| m[k].as_str().map(str::to_string);
+                        match (field("role"), field("content")) {
+                            (Some(r), Some(c)) => Ok(Msg::new(&r, c)),
+                            _ => bail!("a message needs string `role` and `content`: {m}"),
+                        }
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            other => bail!("`prompt` must be a string or a list of messages, got {other}"),
+        };
+        let (text, special) = match msgs {
+            Some(m) => {
+                let t = template
+                    .as_ref()
+                    .with_context(|| format!("{} has no chat template", files.config.display()))?;
+                (t.template.render(&m, true)?, false)
+            }
+            None => (prompt.as_str().unwrap_or_default().to_string(), true),
+        };
+        let ids = tok
+            .encode(text.as_str(), special)
+            .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
+            .get_ids()
+            .to_vec();
+        let new = generate(&model, &ids, &opts)?;
+        let stop = if new.last().is_some_and(|t| opts.stop_ids.contains(t)) {
+            "eos"
+        } else {
+            "length"
+        };
+        let shown: Vec<u32> = new
+            .iter()
+            .copied()
+            .filter(|t| !opts.stop_ids.contains(t))
+            .collect();
+        let completion = tok
+            .decode(&shown, false)
+            .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+        Ok((completion, new.len(), stop))
+    };
+    if let Some(p) = &a.prompt {
+        let (completion, _, _) = run(&serde_json::Value::String(p.clone()))?;
+        println!("{completion}");
+        return Ok(());
+    }
+    let input = a.input.as_ref().expect("clap: --prompt or --input");
+    let text = std::fs::read_to_string(input)
+        .with_context(|| format!("cannot read {}", input.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", input.display(), i + 1);
+        let rec: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", at()))?;
+        let prompt = rec
+            .get("prompt")
+            .with_context(|| format!("{}: field `prompt` missing", at()))?;
+        let (completion, n, stop) = run(prompt).with_context(at)?;
+        let row = serde_json::json!({
+            "prompt": prompt, "completion": completion, "completion_tokens": n, "stop": stop,
+        });
+        out.extend_from_slice(format!("{row}\n").as_bytes());
+        if a.output.is_none() {
+            use std::io::Write;
+            std::io::stdout().write_all(format!("{row}\n").as_bytes())?;
+        }
+    }
+    if let Some(p) = &a.output {
+        crate::util::atomic::write_atomic(p, &out)?;
+    }
+    Ok(())
 }
 
 /// `kto-train eval`: prints the table on stdout, writes JSON when asked.

@@ -114,10 +114,6 @@ pub(super) fn model_chat_template(
     cfg: &Config,
     info: &TokenizerInfo,
 ) -> Result<Option<super::ModelChatTemplate>> {
-    let eos = info
-        .tokenizer
-        .id_to_token(info.eos_token_id)
-        .unwrap_or_default();
     let mut dirs: Vec<&Path> = Vec::new();
     if let Some(d) = &info.model_dir {
         dirs.push(d);
@@ -125,6 +121,32 @@ pub(super) fn model_chat_template(
     if let Some(d) = info.tokenizer_path.parent() {
         dirs.push(d);
     }
+    let model = Path::new(&cfg.model.name_or_path);
+    let gguf = crate::hub::is_gguf(model).then_some(model);
+    find_chat_template(&dirs, gguf, &info.tokenizer, info.eos_token_id)
+}
+
+/// The chat template of a model's files (for `generate`), as [`model_chat_template`] finds it.
+pub fn chat_template_of(
+    files: &crate::hub::ModelFiles,
+    tokenizer: &Tokenizer,
+    eos_token_id: u32,
+) -> Result<Option<super::ModelChatTemplate>> {
+    let mut dirs: Vec<&Path> = vec![&files.dir];
+    if let Some(d) = files.tokenizer.as_deref().and_then(Path::parent) {
+        dirs.push(d);
+    }
+    let gguf = (files.format == crate::hub::WeightFormat::Gguf).then_some(files.config.as_path());
+    find_chat_template(&dirs, gguf, tokenizer, eos_token_id)
+}
+
+fn find_chat_template(
+    dirs: &[&Path],
+    gguf: Option<&Path>,
+    tokenizer: &Tokenizer,
+    eos_token_id: u32,
+) -> Result<Option<super::ModelChatTemplate>> {
+    let eos = tokenizer.id_to_token(eos_token_id).unwrap_or_default();
     let wrap = |t: super::ChatTemplate, origin: &Path| super::ModelChatTemplate {
         template: std::sync::Arc::new(t),
         origin: origin.display().to_string(),
@@ -145,8 +167,7 @@ pub(super) fn model_chat_template(
             )));
         }
     }
-    let model = Path::new(&cfg.model.name_or_path);
-    if crate::hub::is_gguf(model) {
+    if let Some(model) = gguf {
         let gguf = crate::hub::gguf::Gguf::open(model)?;
         if let Some(text) = gguf.chat_template() {
             let bos = gguf

@@ -1,5 +1,6 @@
 //! Using a trained model: completion log-probs of records (`score`) and multiple-choice benchmarks
 //! scored as the evaluation harness scores them (`tasks`).
+pub mod generate;
 pub mod score;
 pub mod tasks;
 

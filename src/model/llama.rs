@@ -418,6 +418,31 @@ impl Llama {
         self.run_layers(ids, pass, Some(prefix), None)
     }
 
+    /// [`Llama::hidden_states_after`] that also returns each layer's keys and values for all
+    /// P + S positions (the prefix with this pass's appended): a KV cache for generation.
+    pub fn hidden_states_extending(
+        &self,
+        ids: &Tensor,
+        pass: PassMode,
+        prefix: &[LayerKv],
+    ) -> Result<(Tensor, Vec<LayerKv>)> {
+        let mut new = Vec::with_capacity(self.layers.len());
+        let h = if prefix.is_empty() {
+            self.run_layers(ids, pass, None, Some(&mut new))?
+        } else {
+            self.run_layers(ids, pass, Some(prefix), Some(&mut new))?
+        };
+        if prefix.is_empty() {
+            return Ok((h, new));
+        }
+        let kv = prefix
+            .iter()
+            .zip(new)
+            .map(|((pk, pv), (k, v))| Ok((Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((h, kv))
+    }
+
     fn block_context(&self, b: usize, t: usize, offset: usize, x: &Tensor) -> Result<BlockContext> {
         let (cos, sin) = self.rope_tables(offset, t)?;
         let use_fused = self.kernels.fused_ops && fused::available(x);
