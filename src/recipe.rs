@@ -258,6 +258,7 @@ impl<'a> Run<'a> {
         };
         let resumed_at = resume_from.is_some().then_some(state.step);
         self.metrics = Some(self.dir.open_metrics(resumed_at)?);
+        self.dir.cut_samples(resumed_at.unwrap_or(0))?;
         signals::install()?;
         self.progress = Progress::new(self.plan.total_steps, state.step, self.opts.quiet);
         self.clock = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_seconds);
@@ -473,6 +474,7 @@ impl<'a> Run<'a> {
 
     /// The validation loss; a new lowest one writes `best/`.
     fn validate(&mut self, state: &mut TrainState, epoch: f64) -> Result<()> {
+        self.write_samples(state.step)?;
         let t = &self.cfg.train;
         let eval_batch_size = t.eval_batch_size.unwrap_or(t.batch_size);
         let Some(m) = validation::evaluate(
@@ -505,6 +507,54 @@ impl<'a> Run<'a> {
             m.get("eval_loss").copied().unwrap_or(f64::NAN)
         ));
         Ok(())
+    }
+
+    /// Greedy completions of `train.sample_prompts` by the model as it is, into samples.jsonl.
+    fn write_samples(&mut self, step: usize) -> Result<()> {
+        let t = &self.cfg.train;
+        if t.sample_prompts.is_empty() {
+            return Ok(());
+        }
+        let eos = self.model.cfg().eos_token_id;
+        let template = crate::data::tokenizer::chat_template_of(
+            &self.files,
+            &self.tokenizer,
+            eos.unwrap_or(0),
+        )?;
+        let opts = crate::eval::generate::GenerateOptions {
+            max_new_tokens: t.sample_max_new_tokens,
+            stop_ids: eos.into_iter().collect(),
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        for prompt in &t.sample_prompts {
+            let (text, special) = match &template {
+                Some(c) => (
+                    c.template
+                        .render(&[crate::data::Msg::new("user", prompt.clone())], true)?,
+                    false,
+                ),
+                None => (prompt.clone(), true),
+            };
+            let ids = self
+                .tokenizer
+                .encode(text.as_str(), special)
+                .map_err(|e| anyhow::anyhow!("cannot tokenize a sample prompt: {e}"))?
+                .get_ids()
+                .to_vec();
+            let new: Vec<u32> = crate::eval::generate::generate(&self.model, &ids, &opts)?
+                .into_iter()
+                .filter(|id| !opts.stop_ids.contains(id))
+                .collect();
+            let completion = self
+                .tokenizer
+                .decode(&new, false)
+                .map_err(|e| anyhow::anyhow!("cannot decode a sample: {e}"))?;
+            lines.push(
+                serde_json::json!({"step": step, "prompt": prompt, "completion": completion}),
+            );
+        }
+        self.dir.append_samples(&lines)
     }
 
     /// A checkpoint every `save_every` steps, at the last step and after a signal; a signal then

@@ -143,3 +143,53 @@ fn generate_command_writes_one_line_per_prompt() {
         "{e}"
     );
 }
+
+#[test]
+fn sample_prompts_are_completed_at_each_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let kto = || std::process::Command::new(env!("CARGO_BIN_EXE_kto-train"));
+    let o = kto()
+        .arg("--config")
+        .arg(repo().join("configs/smoke.toml"))
+        .args(["--set", &format!("output.dir={}", out.display())])
+        .args(["--set", "train.max_steps=4", "--set", "train.eval_every=2"])
+        .args(["--set", "train.sample_prompts=[\"Hello there\", \"a\"]"])
+        .args([
+            "--set",
+            "train.sample_max_new_tokens=6",
+            "--set",
+            "eval.benchmarks=[]",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 2, 4, 4]);
+    // The last samples are what `generate` says with the final adapter.
+    let g = kto()
+        .args(["generate", "--model"])
+        .arg(fixture("tiny-llama"))
+        .arg("--adapter")
+        .arg(out.join("adapter"))
+        .args(["--prompt", "Hello there", "--max-new-tokens", "6"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let text = String::from_utf8_lossy(&g.stdout);
+    assert_eq!(
+        lines[2]["completion"].as_str().unwrap(),
+        text.trim_end_matches('\n')
+    );
+    let card = std::fs::read_to_string(out.join("adapter/README.md")).unwrap();
+    assert!(
+        card.contains("## Samples") && card.contains("Greedy completions at step 4"),
+        "{card}"
+    );
+}

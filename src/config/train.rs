@@ -109,6 +109,14 @@ pub struct TrainConfig {
     /// Examples per evaluation micro-batch (default: batch_size).
     #[serde(default, alias = "per_device_eval_batch_size")]
     pub eval_batch_size: Option<usize>,
+    /// Prompts the model completes (greedy) at every evaluation, into the run folder's
+    /// samples.jsonl and the model card: what the model says as it trains. Through the model's
+    /// chat template (as a user message) when it has one.
+    #[serde(default)]
+    pub sample_prompts: Vec<String>,
+    /// Most new tokens of each sample.
+    #[serde(default = "d_sample_tokens")]
+    pub sample_max_new_tokens: usize,
     /// Stop (with a checkpoint and the adapter, as at the end) after this many evaluations in a
     /// row without a lower validation loss than the best so far (transformers'
     /// EarlyStoppingCallback on eval_loss). Unset: never.
@@ -192,6 +200,9 @@ fn d_keep() -> usize {
 }
 fn d_nonfinite() -> usize {
     5
+}
+fn d_sample_tokens() -> usize {
+    64
 }
 fn d_true() -> bool {
     true

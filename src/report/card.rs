@@ -59,6 +59,11 @@ pub fn write_model_card(run_dir: &Path, adapter_dir: &Path) -> Result<PathBuf> {
         adapter_config: read_json_opt(&adapter_dir.join("adapter_config.json"))?,
         plots_link: link_path(&relative_path(adapter_dir, &card_plots)?),
         plots,
+        samples: std::fs::read_to_string(run_dir.join("samples.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
         adapter_path: adapter_dir.display().to_string(),
     };
     let path = adapter_dir.join(CARD_FILE);
@@ -78,6 +83,8 @@ struct CardInputs<'a> {
     plots_link: String,
     /// (title, file name) of each plot present.
     plots: Vec<(&'static str, String)>,
+    /// samples.jsonl's lines.
+    samples: Vec<Json>,
     adapter_path: String,
 }
 
@@ -295,8 +302,30 @@ fn render_card(c: &CardInputs) -> String {
             out.push_str(&t);
         }
     }
+    samples_section(&mut out, &c.samples);
     usage(&mut out, base.as_deref(), &c.adapter_path);
     out
+}
+
+/// The last evaluation's greedy completions of `train.sample_prompts` (samples.jsonl).
+fn samples_section(out: &mut String, samples: &[Json]) {
+    let Some(step) = samples.iter().filter_map(|l| l["step"].as_u64()).max() else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n## Samples\n\nGreedy completions at step {step} (`train.sample_prompts`; every \
+         evaluation's are in the run folder's samples.jsonl).\n"
+    );
+    for l in samples.iter().filter(|l| l["step"].as_u64() == Some(step)) {
+        let text = |k: &str| l[k].as_str().unwrap_or("").replace("```", "` ` `");
+        let _ = writeln!(
+            out,
+            "**Prompt:** {}\n\n```text\n{}\n```\n",
+            text("prompt").trim(),
+            text("completion").trim_end()
+        );
+    }
 }
 
 /// The YAML header the Hub reads: base model, library, license, tags.

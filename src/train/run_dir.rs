@@ -23,7 +23,7 @@ pub const MANIFEST: &str = "kto-train-run.json";
 /// The lock file; its content is the holder's pid (for the message a second run gets).
 pub const LOCK: &str = ".kto-train.lock";
 /// What a run writes, and all that `--overwrite` removes.
-pub const RUN_ENTRIES: [&str; 11] = [
+pub const RUN_ENTRIES: [&str; 12] = [
     "adapter",
     "best",
     "checkpoints",
@@ -33,6 +33,7 @@ pub const RUN_ENTRIES: [&str; 11] = [
     "data_summary.json",
     "metrics.jsonl",
     "metrics.csv",
+    "samples.jsonl",
     "eval_results.json",
     MANIFEST,
 ];
@@ -481,6 +482,27 @@ impl RunDir {
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         Ok(MetricsWriter { file })
+    }
+
+    pub fn samples_path(&self) -> PathBuf {
+        self.root.join("samples.jsonl")
+    }
+
+    /// samples.jsonl cut back to the lines up to `step` (a resumed run writes the rest again).
+    pub fn cut_samples(&self, step: usize) -> Result<()> {
+        truncate_metrics(&self.samples_path(), step)
+    }
+
+    /// Appends lines to samples.jsonl.
+    pub fn append_samples(&self, lines: &[serde_json::Value]) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.samples_path())
+            .with_context(|| format!("cannot open {}", self.samples_path().display()))?;
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        f.write_all(text.as_bytes())?;
+        Ok(())
     }
 
     /// Writes a checkpoint, keeping the newest `keep`.
