@@ -204,6 +204,7 @@ struct Run<'a> {
     plan: Plan,
     refcache: Option<RefCache>,
     metrics: Option<MetricsWriter>,
+    tensorboard: Option<crate::report::tensorboard::EventWriter>,
     progress: Progress,
     clock: Instant,
 }
@@ -245,6 +246,7 @@ impl<'a> Run<'a> {
             plan: v.plan,
             refcache,
             metrics: None,
+            tensorboard: None,
             progress: Progress::new(0, 0, true),
             clock: Instant::now(),
         })
@@ -259,6 +261,13 @@ impl<'a> Run<'a> {
         let resumed_at = resume_from.is_some().then_some(state.step);
         self.metrics = Some(self.dir.open_metrics(resumed_at)?);
         self.dir.cut_samples(resumed_at.unwrap_or(0))?;
+        if self.cfg.output.tensorboard {
+            let dir = self
+                .dir
+                .root()
+                .join(crate::report::tensorboard::TENSORBOARD_DIR);
+            self.tensorboard = Some(crate::report::tensorboard::EventWriter::create(&dir)?);
+        }
         signals::install()?;
         self.progress = Progress::new(self.plan.total_steps, state.step, self.opts.quiet);
         self.clock = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_seconds);
@@ -614,6 +623,9 @@ impl<'a> Run<'a> {
     }
 
     fn write_metrics(&mut self, line: &serde_json::Value) -> Result<()> {
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.metrics_line(line)?;
+        }
         self.metrics
             .as_mut()
             .expect("the metrics log is open once the run has started")

@@ -43,6 +43,10 @@ pub struct OutputConfig {
     /// Folder of the run: adapter, checkpoints, metrics, summaries.
     #[serde(default = "default_output_dir")]
     pub dir: PathBuf,
+    /// Also write the metrics as TensorBoard event files into output.dir/tensorboard/
+    /// (`tensorboard --logdir runs/`).
+    #[serde(default)]
+    pub tensorboard: bool,
 }
 
 fn default_output_dir() -> PathBuf {
@@ -53,6 +57,7 @@ impl Default for OutputConfig {
     fn default() -> Self {
         Self {
             dir: default_output_dir(),
+            tensorboard: false,
         }
     }
 }

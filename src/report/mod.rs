@@ -8,6 +8,7 @@ pub mod card;
 pub mod metrics_csv;
 pub mod metrics_log;
 pub mod plots;
+pub mod tensorboard;
 
 pub use card::write_model_card;
 pub use metrics_csv::write_metrics_csv;

@@ -23,7 +23,7 @@ pub const MANIFEST: &str = "kto-train-run.json";
 /// The lock file; its content is the holder's pid (for the message a second run gets).
 pub const LOCK: &str = ".kto-train.lock";
 /// What a run writes, and all that `--overwrite` removes.
-pub const RUN_ENTRIES: [&str; 12] = [
+pub const RUN_ENTRIES: [&str; 13] = [
     "adapter",
     "best",
     "checkpoints",
@@ -34,6 +34,7 @@ pub const RUN_ENTRIES: [&str; 12] = [
     "metrics.jsonl",
     "metrics.csv",
     "samples.jsonl",
+    "tensorboard",
     "eval_results.json",
     MANIFEST,
 ];
