@@ -120,3 +120,56 @@ fn config_json_errors_name_the_field() {
         "{err}"
     );
 }
+
+#[test]
+fn a_commit_hash_revision_resolves_offline_as_python_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_cache(tmp.path(), "HuggingFaceTB/SmolLM2-360M");
+    let hash = "0123456789abcdef0123456789abcdef01234567";
+    // No refs/<hash> file exists: the hash names the snapshot folder itself.
+    let files = resolve_model_in("HuggingFaceTB/SmolLM2-360M", hash, tmp.path(), true).unwrap();
+    assert!(files.dir.ends_with(hash), "{}", files.dir.display());
+    // An unknown commit or branch is not found (and, offline, not downloaded).
+    let other = "fedcba9876543210fedcba9876543210fedcba98";
+    assert!(resolve_model_in("HuggingFaceTB/SmolLM2-360M", other, tmp.path(), true).is_err());
+    assert!(resolve_model_in("HuggingFaceTB/SmolLM2-360M", "v2", tmp.path(), true).is_err());
+    // A tag written in refs/ resolves like main.
+    let refs = tmp.path().join("models--HuggingFaceTB--SmolLM2-360M/refs");
+    std::fs::write(refs.join("v1.0"), format!("{hash}\n")).unwrap();
+    assert!(resolve_model_in("HuggingFaceTB/SmolLM2-360M", "v1.0", tmp.path(), true).is_ok());
+}
+
+#[test]
+fn the_token_is_found_as_huggingface_hub_finds_it() {
+    use kto_train::hub::hub_token;
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("hf-home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("token"), "hf_from_file\n").unwrap();
+    let env = |vars: Vec<(&'static str, String)>| {
+        move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    };
+    let h = home.display().to_string();
+    // HF_TOKEN first, then the login file under HF_HOME, then HF_TOKEN_PATH's file.
+    assert_eq!(
+        hub_token(env(vec![
+            ("HF_TOKEN", "hf_env".into()),
+            ("HF_HOME", h.clone())
+        ])),
+        Some("hf_env".into())
+    );
+    assert_eq!(
+        hub_token(env(vec![("HF_HOME", h.clone())])),
+        Some("hf_from_file".into())
+    );
+    let other = tmp.path().join("elsewhere");
+    std::fs::write(&other, "hf_path").unwrap();
+    assert_eq!(
+        hub_token(env(vec![
+            ("HF_HOME", h),
+            ("HF_TOKEN_PATH", other.display().to_string())
+        ])),
+        Some("hf_path".into())
+    );
+    assert_eq!(hub_token(env(vec![("HOME", "/nonexistent".into())])), None);
+}

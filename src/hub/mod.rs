@@ -1,7 +1,8 @@
 //! Finding a model's files: a local Hugging Face folder, a llama.cpp GGUF file ([`gguf`]), or a
-//! hub id resolved through the Hugging Face cache exactly as Python does it (downloaded there with
-//! hf-hub as a last resort, unless HF_HUB_OFFLINE is set), and the few config.json fields that
-//! more than one reader needs.
+//! hub id resolved through the Hugging Face cache exactly as Python does it (a branch, tag or
+//! commit hash revision; downloaded there with hf-hub as a last resort, unless HF_HUB_OFFLINE is
+//! set, from `HF_ENDPOINT` with `HF_TOKEN` or the login token), and the few config.json fields
+//! that more than one reader needs.
 pub mod gguf;
 
 use anyhow::{bail, Context, Result};
@@ -43,6 +44,69 @@ pub fn hf_cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_default();
     home.join(".cache").join("huggingface").join("hub")
+}
+
+/// The access token, as Python's huggingface_hub finds it: `HF_TOKEN`, else the token file
+/// (`HF_TOKEN_PATH`, else `$HF_HOME/token`, else `~/.cache/huggingface/token`) that
+/// `huggingface-cli login` writes. `env` reads an environment variable.
+pub fn hub_token(env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    if let Some(t) = var("HF_TOKEN") {
+        return Some(t.trim().to_string());
+    }
+    let file = var("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| {
+        var("HF_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(var("HOME").unwrap_or_default())
+                    .join(".cache")
+                    .join("huggingface")
+            })
+            .join("token")
+    });
+    let t = std::fs::read_to_string(file).ok()?;
+    let t = t.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+/// The hub client: `HF_ENDPOINT` (a mirror) when set, the token of [`hub_token`].
+fn hub_api(cache_dir: &Path) -> Result<hf_hub::api::sync::Api> {
+    let env = |k: &str| std::env::var(k).ok();
+    let mut b =
+        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))
+            .with_token(hub_token(env))
+            .with_progress(true);
+    if let Some(e) = env("HF_ENDPOINT").filter(|e| !e.trim().is_empty()) {
+        b = b.with_endpoint(e.trim_end_matches('/').to_string());
+    }
+    Ok(b.build()?)
+}
+
+/// A full commit hash (40 hex digits), which names a snapshot folder directly.
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A model's snapshot folder in the cache, as Python's huggingface_hub finds it: a commit hash
+/// revision is the folder's name; a branch or tag names the commit in refs/<revision>.
+fn cached_snapshot(cache_dir: &Path, name: &str, revision: &str) -> Option<PathBuf> {
+    let repo_dir = cache_dir.join(format!("models--{}", name.replace('/', "--")));
+    let commit = if is_commit(revision) {
+        revision.to_string()
+    } else {
+        std::fs::read_to_string(repo_dir.join("refs").join(revision))
+            .ok()?
+            .trim()
+            .to_string()
+    };
+    let dir = repo_dir.join("snapshots").join(commit);
+    dir.is_dir().then_some(dir)
+}
+
+/// A file of a cached snapshot, when it is there.
+fn cached_file(snapshot: &Option<PathBuf>, file: &str) -> Option<PathBuf> {
+    let p = snapshot.as_ref()?.join(file);
+    p.exists().then_some(p)
 }
 
 fn offline() -> bool {
@@ -184,19 +248,20 @@ pub fn resolve_model_in(
         hf_hub::RepoType::Model,
         revision.to_string(),
     );
-    let cache = hf_hub::Cache::new(cache_dir.clone()).repo(repo.clone());
-    if let Some(config) = cache.get("config.json") {
+    let snapshot = cached_snapshot(&cache_dir, name_or_path, revision);
+    let cached = |f: &str| cached_file(&snapshot, f);
+    if let Some(config) = cached("config.json") {
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-        let weights = if let Some(index) = cache.get("model.safetensors.index.json") {
+        let weights = if let Some(index) = cached("model.safetensors.index.json") {
             shards_from_index(&index, |f| {
-                cache.get(f).with_context(|| {
+                cached(f).with_context(|| {
                     format!(
                         "shard {f} of {name_or_path} is not in the cache at {}",
                         dir.display()
                     )
                 })
             })?
-        } else if let Some(w) = cache.get("model.safetensors") {
+        } else if let Some(w) = cached("model.safetensors") {
             vec![w]
         } else {
             bail!(
@@ -210,7 +275,7 @@ pub fn resolve_model_in(
             format: WeightFormat::Safetensors,
             config,
             weights,
-            tokenizer: cache.get("tokenizer.json"),
+            tokenizer: cached("tokenizer.json"),
             name: name_or_path.to_string(),
         });
     }
@@ -250,11 +315,10 @@ pub(crate) fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<Pa
         hf_hub::RepoType::Model,
         revision.to_string(),
     );
-    let cache = hf_hub::Cache::new(cache_dir.clone()).repo(repo.clone());
+    let snapshot = cached_snapshot(&cache_dir, name_or_path, revision);
     let wanted = ["config.json", "tokenizer.json"];
-    if let Some(c) = cache
-        .get("config.json")
-        .filter(|_| cache.get("tokenizer.json").is_some())
+    if let Some(c) = cached_file(&snapshot, "config.json")
+        .filter(|_| cached_file(&snapshot, "tokenizer.json").is_some())
     {
         return Ok(c.parent().map(Path::to_path_buf).unwrap_or_default());
     }
@@ -266,9 +330,7 @@ pub(crate) fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<Pa
             where_.display()
         );
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
-        .build()?
-        .repo(repo);
+    let api = hub_api(&cache_dir)?.repo(repo);
     let mut dir = PathBuf::new();
     for f in wanted {
         let path = api
@@ -281,11 +343,7 @@ pub(crate) fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<Pa
 }
 
 fn download(name: &str, repo: &hf_hub::Repo, cache_dir: &Path) -> Result<ModelFiles> {
-    let api =
-        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))
-            .with_progress(true)
-            .build()?
-            .repo(repo.clone());
+    let api = hub_api(cache_dir)?.repo(repo.clone());
     let config = api.get("config.json")?;
     let weights = match api.get("model.safetensors.index.json") {
         Ok(index) => shards_from_index(&index, |f| Ok(api.get(f)?))?,
