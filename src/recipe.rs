@@ -322,13 +322,7 @@ impl<'a> Run<'a> {
             self.validate(state, 0.0)?;
         }
         while state.step < self.plan.total_steps {
-            let batches = epoch_batches(
-                &data.train,
-                t.batch_size,
-                t.seed,
-                state.epoch,
-                self.plan.min_batch,
-            );
+            let batches = epoch_batches(&data.train, t, state.epoch, self.plan.min_batch);
             let groups: Vec<&[Vec<&KtoExample>]> = batches.chunks(t.grad_accum).collect();
             if state.next_group >= groups.len() {
                 state.epoch += 1;
@@ -836,7 +830,7 @@ fn check_init_from(
 fn plan(cfg: &Config, train: &[KtoExample], head: &LossHead) -> Result<Plan> {
     let t = &cfg.train;
     let min_batch = if head.needs_kl() { 2 } else { 1 };
-    let batches_per_epoch = epoch_batches(train, t.batch_size, t.seed, 0, min_batch).len();
+    let batches_per_epoch = epoch_batches(train, t, 0, min_batch).len();
     if batches_per_epoch == 0 {
         bail!(
             "{} training examples make no micro-batch of size {} (the KL pairs need at least 2)",
@@ -863,16 +857,16 @@ fn plan(cfg: &Config, train: &[KtoExample], head: &LossHead) -> Result<Plan> {
     })
 }
 
-/// Micro-batches of one epoch, in `data::epoch_order`; a trailing micro-batch too small for the
-/// KL pairs is dropped (as a DataLoader with drop_last would).
-pub fn epoch_batches(
-    examples: &[KtoExample],
-    batch_size: usize,
-    seed: u64,
+/// Micro-batches of one epoch, in the order `train.data_order` asks for; a trailing micro-batch
+/// too small for the KL pairs is dropped (as a DataLoader with drop_last would).
+pub fn epoch_batches<'e>(
+    examples: &'e [KtoExample],
+    t: &crate::config::TrainConfig,
     epoch: u64,
     min_batch: usize,
-) -> Vec<Vec<&KtoExample>> {
-    let order = data::epoch_order(examples, batch_size, seed, epoch);
+) -> Vec<Vec<&'e KtoExample>> {
+    let batch_size = t.batch_size;
+    let order = data::order::epoch_order_for(t.data_order, examples, batch_size, t.seed, epoch);
     order
         .chunks(batch_size)
         .filter(|c| c.len() >= min_batch)

@@ -1638,3 +1638,36 @@ columns = { prompt = "q" }
     let err = format!("{:#}", Config::from_toml_str(&text).unwrap_err());
     assert!(err.contains("columns: unknown field `promt`"), "{err}");
 }
+
+#[test]
+fn data_order_options() {
+    use kto_train::config::DataOrder;
+    use kto_train::data::order::epoch_order_for;
+    let p = run(&config(vec![source(SourceKind::HhRlhf, &[repo(HH)])]), 512);
+    let ex = &p.train;
+    let n = ex.len();
+    // sequential: the prepared order, every epoch (TRL's SequentialSampler).
+    let seq = epoch_order_for(DataOrder::Sequential, ex, 2, 42, 3);
+    assert_eq!(seq, (0..n).collect::<Vec<_>>());
+    // shuffled: a seeded permutation, new each epoch, no batch constraints applied.
+    let sh = epoch_order_for(DataOrder::Shuffled, ex, 2, 42, 0);
+    let mut sorted = sh.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+    assert_ne!(sh, seq);
+    assert_ne!(sh, epoch_order_for(DataOrder::Shuffled, ex, 2, 42, 1));
+    // balanced is the default and the constrained order.
+    assert_eq!(
+        epoch_order_for(DataOrder::Balanced, ex, 2, 42, 0),
+        epoch_order(ex, 2, 42, 0)
+    );
+    let c = Config::from_toml_str(
+        "[model]\nname_or_path = \"x\"\n[train]\ndata_order = \"sequential\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.train.data_order, DataOrder::Sequential);
+    assert_eq!(
+        kto_train::config::TrainConfig::default().data_order,
+        DataOrder::Balanced
+    );
+}

@@ -13,6 +13,22 @@ pub enum LrSchedule {
     Cosine,
 }
 
+/// `train.data_order`: the order in which an epoch feeds examples into micro-batches.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataOrder {
+    /// A seeded shuffle, each micro-batch then filled so that its KL completions come from other
+    /// prompts and, where the data allows, both labels are present (data/order.rs).
+    #[default]
+    Balanced,
+    /// A seeded shuffle and nothing else (TRL 1.16's sampler with transformers >= 5.2: a
+    /// RandomSampler; the permutation is kto-train's own, not torch's).
+    Shuffled,
+    /// The training split in its prepared order every epoch (TRL 1.16's KTO sampler with a KL
+    /// term under transformers < 5.2: a SequentialSampler).
+    Sequential,
+}
+
 /// `train.reference_cache`: where reference log-probs are cached on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ReferenceCache {
@@ -117,6 +133,10 @@ pub struct TrainConfig {
     /// Most new tokens of each sample.
     #[serde(default = "d_sample_tokens")]
     pub sample_max_new_tokens: usize,
+    /// How each epoch orders the examples: `balanced` (default), `shuffled` or `sequential`
+    /// (TRL 1.16's KTO sampler; see [`DataOrder`]).
+    #[serde(default)]
+    pub data_order: DataOrder,
     /// Stop (with a checkpoint and the adapter, as at the end) after this many evaluations in a
     /// row without a lower validation loss than the best so far (transformers'
     /// EarlyStoppingCallback on eval_loss). Unset: never.

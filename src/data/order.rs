@@ -12,6 +12,26 @@ pub fn rng_for(seed: u64, what: &str, n: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(splitmix64(splitmix64(seed ^ fnv1a(what.as_bytes())) ^ n))
 }
 
+/// An epoch's order under `train.data_order` ([`epoch_order`] for `balanced`).
+pub fn epoch_order_for(
+    order: crate::config::DataOrder,
+    examples: &[KtoExample],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<usize> {
+    use crate::config::DataOrder;
+    match order {
+        DataOrder::Balanced => epoch_order(examples, batch_size, seed, epoch),
+        DataOrder::Shuffled => {
+            let mut perm: Vec<usize> = (0..examples.len()).collect();
+            perm.shuffle(&mut rng_for(seed, "epoch_order", epoch));
+            perm
+        }
+        DataOrder::Sequential => (0..examples.len()).collect(),
+    }
+}
+
 /// The order in which one epoch feeds examples into micro-batches of `batch_size`.
 ///
 /// Start from a seeded permutation, then fill each micro-batch greedily from the front of the
