@@ -169,3 +169,21 @@ fn command_line_paths_are_relative_to_the_current_folder() {
     .unwrap();
     assert_eq!(c.data.sources[0].files, vec![cwd.join("data/a.jsonl")]);
 }
+
+#[test]
+fn trl_formats_config_reads_every_layout() {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/trl-formats.toml");
+    let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    // The tiny model (no chat template: message lists fall back to raw text) instead of the
+    // real one, which CI may not have.
+    let cfg = Config::load(&p, &[format!("model.name_or_path={}", tiny.display())]).unwrap();
+    assert_eq!(cfg.train.lr, 2e-4, "TRL's learning_rate");
+    assert_eq!(cfg.train.grad_accum, 4, "TRL's gradient_accumulation_steps");
+    let (data, _) = kto_train::data::prepare_for_run(&cfg, true).unwrap();
+    let sources = data.summary_json["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 6);
+    for s in sources {
+        assert!(s["records_read"].as_u64().unwrap() > 0, "{s}");
+        assert_eq!(s["examples"].as_u64(), Some(16), "{}", s["name"]);
+    }
+}
