@@ -836,3 +836,72 @@ fn early_stopping_ends_the_run_with_its_adapter() {
     );
     assert!(out.join("adapter/adapter_model.safetensors").is_file());
 }
+
+/// A checkpoint's adapter folder loads in Python PEFT onto the base and gives our logits, when a
+/// Python with torch, transformers and peft is at hand (`KTO_TRAIN_TEST_PYTHON`); skipped with a
+/// notice otherwise.
+#[test]
+fn a_checkpoint_adapter_loads_in_peft() {
+    let Ok(python) = std::env::var("KTO_TRAIN_TEST_PYTHON") else {
+        eprintln!(
+            "NOTE: KTO_TRAIN_TEST_PYTHON not set: PEFT loading of a checkpoint adapter not checked"
+        );
+        return;
+    };
+    let has_peft = std::process::Command::new(&python)
+        .args(["-c", "import peft, transformers, torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_peft {
+        eprintln!("NOTE: {python} has no peft/transformers/torch: PEFT loading not checked");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    assert_ok(&run(smoke(&out, &["--set", "train.max_steps=2"])));
+    let ck = kto_train::train::checkpoint::list(&out.join("checkpoints")).unwrap()[0]
+        .1
+        .join("adapter");
+    let ids: Vec<u32> = vec![504, 3575, 282, 4649, 314, 7042, 30];
+    let script = "import sys, json, torch\n\
+        from transformers import AutoModelForCausalLM\n\
+        from peft import PeftModel\n\
+        base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n\
+        m = PeftModel.from_pretrained(base, sys.argv[2]).eval()\n\
+        ids = torch.tensor([json.loads(sys.argv[3])])\n\
+        with torch.no_grad(): print(json.dumps(m(ids).logits[0].tolist()))\n";
+    let o = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(repo().join("tests/fixtures/tiny-llama"))
+        .arg(&ck)
+        .arg(serde_json::to_string(&ids).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let peft: Vec<Vec<f64>> = serde_json::from_slice(&o.stdout).unwrap();
+    let files =
+        kto_train::hub::local_model_files(&repo().join("tests/fixtures/tiny-llama"), "tiny")
+            .unwrap();
+    let model = kto_train::model::load_with_adapter(
+        &files,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        Some(&ck),
+    )
+    .unwrap();
+    let x = candle_core::Tensor::from_vec(ids.clone(), (1, ids.len()), &candle_core::Device::Cpu)
+        .unwrap();
+    let h = model
+        .hidden_states(&x, kto_train::model::PassMode::POLICY_EVAL)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let ours: Vec<Vec<f32>> = model.logits(&h).unwrap().to_vec2().unwrap();
+    let worst = ours
+        .iter()
+        .flatten()
+        .zip(peft.iter().flatten())
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-4, "PEFT vs kto-train logits: {worst}");
+}
