@@ -30,7 +30,12 @@ impl DeviceSpec {
         self.check_build()?;
         Ok(match self {
             DeviceSpec::Cpu => candle_core::Device::Cpu,
-            DeviceSpec::Cuda(i) => candle_core::Device::new_cuda(i)?,
+            DeviceSpec::Cuda(i) => candle_core::Device::new_cuda(i).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open CUDA device {i} ({e}); is there an NVIDIA GPU with its driver \
+                     here (nvidia-smi)? device = \"cpu\" runs without one"
+                )
+            })?,
         })
     }
 }

@@ -90,7 +90,7 @@ impl CustomOp3 for Checkpoint {
         _anchor: &candle_core::CudaStorage,
         _la: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
+        use candle_core::backend::{BackendDevice, BackendStorage};
         let mut out = y.device().zeros_impl(ly.shape(), y.dtype())?;
         y.copy_strided_src(&mut out, 0, ly)?;
         Ok((out, ly.shape().clone()))
