@@ -17,9 +17,19 @@ pub fn load_st(p: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(p), &Device::Cpu).unwrap()
 }
 
+/// The device the fidelity suite runs on: `KTO_TRAIN_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`;
+/// default cpu), so that a GPU machine runs the same tests at the same tolerances.
+pub fn test_device() -> Device {
+    let spec: kto_train::config::DeviceSpec = std::env::var("KTO_TRAIN_TEST_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .unwrap_or_else(|e| panic!("KTO_TRAIN_TEST_DEVICE: {e}"));
+    spec.open().unwrap()
+}
+
 pub fn tiny(dtype: DType, lora: Option<&LoraSpec>) -> Llama {
     let files = local_model_files(&fixture("tiny-llama"), "tiny-llama").unwrap();
-    load_llama(&files, dtype, &Device::Cpu, lora).unwrap()
+    load_llama(&files, dtype, &test_device(), lora).unwrap()
 }
 
 /// The fixture adapter's spec, and the model with its weights in the LoRA layers.
@@ -35,7 +45,7 @@ pub fn tiny_with_peft_dropout(dtype: DType, dropout: Option<f64>) -> Llama {
         spec.dropout = p;
     }
     let files = local_model_files(&fixture("tiny-llama"), "tiny-llama").unwrap();
-    kto_train::model::load_adapted(&files, dtype, &Device::Cpu, &dir, &spec).unwrap()
+    kto_train::model::load_adapted(&files, dtype, &test_device(), &dir, &spec).unwrap()
 }
 
 /// `model` computing with `f` applied to its kernel settings (the LoRA weights stay shared).
