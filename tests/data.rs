@@ -84,6 +84,22 @@ fn files(list: &[(&str, &str)]) -> (tempfile::TempDir, Vec<PathBuf>) {
     (dir, paths)
 }
 
+/// (line, field, reason) of every bad record a source summary reports.
+fn issues_of(s: &Value) -> Vec<(u64, String, String)> {
+    s["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["line"].as_u64().unwrap(),
+                i["field"].as_str().unwrap().to_string(),
+                i["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn hh_line(chosen: &str, rejected: &str) -> String {
     serde_json::json!({"chosen": chosen, "rejected": rejected}).to_string()
 }
@@ -894,18 +910,7 @@ fn bad_input_is_reported_counted_and_skipped() {
     assert_eq!(count(s, "skipped", "wrong_type"), 1);
     assert_eq!(count(s, "skipped", "empty_completion"), 2);
     assert_eq!(all(&p).len(), 4, "the two good records are kept");
-    let issues: Vec<(u64, String, String)> = s["issues"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["line"].as_u64().unwrap(),
-                i["field"].as_str().unwrap().to_string(),
-                i["reason"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let issues = issues_of(s);
     let want = [
         (2, "(line)", "malformed_record"),
         (3, "rejected", "missing_field"),
@@ -1594,18 +1599,7 @@ fn columns_rename_fields_and_messages_records_split_at_the_last_reply() {
     assert!(!chat[0].label);
     assert_eq!(dec(&chat[0].completion_ids), " Yo<|endoftext|>");
     let s = src_summary(&p, 0);
-    let issues: Vec<(u64, String, String)> = s["issues"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["line"].as_u64().unwrap(),
-                i["field"].as_str().unwrap().to_string(),
-                i["reason"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let issues = issues_of(s);
     let want: Vec<(u64, String, String)> = [
         (3, "answer", "missing_field"),
         (5, "conversation", "bad_value"),
