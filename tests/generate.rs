@@ -154,6 +154,8 @@ fn sample_prompts_are_completed_at_each_evaluation() {
         .arg(repo().join("configs/smoke.toml"))
         .args(["--set", &format!("output.dir={}", out.display())])
         .args(["--set", "train.max_steps=4", "--set", "train.eval_every=2"])
+        // f32 products, as `generate` computes.
+        .args(["--set", "train.gemm=f32"])
         .args(["--set", "train.sample_prompts=[\"Hello there\", \"a\"]"])
         .args([
             "--set",

@@ -166,7 +166,8 @@ pub struct TrainConfig {
     /// still records `lora.dropout` as PEFT would. false: `lora.dropout` applies.
     #[serde(default = "d_true")]
     pub disable_dropout: bool,
-    /// Matrix products: `auto` (`$KTO_TRAIN_GEMM`, else `f32`), `candle`, `f32` or `bf16` (bf16
+    /// Matrix products: `auto` (`$KTO_TRAIN_GEMM`, else `bf16` on a CPU with native bf16
+    /// products, as TRL's default bf16 = true, and `f32` elsewhere), `candle`, `f32` or `bf16` (bf16
     /// operands, f32 accumulation; the frozen weights are then kept in bf16). Every build runs
     /// all of them (src/kernels/gemm).
     #[serde(default)]

@@ -76,10 +76,15 @@ pub const LIBRARY_ENV: &str = "KTO_TRAIN_BLAS";
 /// Environment variable that picks the engine: `gemmkit` or `library` (see [`engine`]).
 pub const ENGINE_ENV: &str = "KTO_TRAIN_GEMM_ENGINE";
 
-/// The mode a `train.gemm` setting asks for: `auto` = `$KTO_TRAIN_GEMM`, else `f32` (a pure
-/// speed-up with candle's precision).
+/// The mode a `train.gemm` setting asks for: `auto` = `$KTO_TRAIN_GEMM`, else bf16 operands
+/// with f32 accumulation where the CPU multiplies bf16 natively (AMX, AVX-512 BF16; TRL's
+/// default precision is bf16 too), f32 elsewhere.
 pub(crate) fn requested_mode(setting: GemmSetting) -> GemmMode {
-    let default = GemmMode::F32;
+    let default = if native::bf16_native() {
+        GemmMode::Bf16
+    } else {
+        GemmMode::F32
+    };
     match setting {
         GemmSetting::Candle => GemmMode::Candle,
         GemmSetting::F32 => GemmMode::F32,
@@ -147,7 +152,9 @@ pub fn startup_line(mode: GemmMode) -> String {
             engine_name()
         ),
         GemmMode::Bf16 => format!(
-            "matrix products: bf16 operands, f32 accumulation, on {} ({bf16_kernel})",
+            "matrix products: bf16 operands, f32 accumulation, on {} ({bf16_kernel}); \
+             train.gemm = \"f32\" keeps f32 operands (about 1.6x slower per step on real data \
+             on an AMX CPU)",
             if library().is_some() {
                 engine_name()
             } else {

@@ -150,6 +150,18 @@ pub(super) fn packs_rhs() -> bool {
     }
 }
 
+/// Whether this CPU multiplies bf16 natively (AMX tiles or AVX-512 BF16).
+pub(super) fn bf16_native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        packs_rhs() || dpbf16::supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Which instructions this machine's bf16 products run on.
 pub(super) fn bf16_kernel_name() -> &'static str {
     #[cfg(target_arch = "x86_64")]
