@@ -14,7 +14,7 @@ use crate::hub::ModelFiles;
 use crate::kernels::{gemm, KernelSettings};
 use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
 use crate::model::adapter::{adapter_files, read_adapter_spec, tokenizer_files};
-use crate::model::{load_adapted, load_llama, Llama, LoraSpec};
+use crate::model::{load_adapted, load_llama_frozen_in, Llama, LoraSpec};
 use crate::train::batch::build_micro_batch;
 use crate::train::checkpoint::{self, Checkpoint, TrainState};
 use crate::train::optim::{clip_grads, global_norm, AdamW, AdamWParams, AdamWState};
@@ -767,7 +767,16 @@ pub fn build_policy(
         }
         None => {
             let spec = LoraSpec::from_config(&cfg.lora, cfg.train.seed);
-            (load_llama(files, dt, dev, Some(&spec))?, spec)
+            // bf16 products keep the frozen weights in bf16 only (Llama::with_kernels): read
+            // them so, without an f32 copy of the network at load.
+            let bf16 = gemm::resolve(cfg.train.gemm) == gemm::GemmMode::Bf16
+                && dev.is_cpu()
+                && dt == candle_core::DType::F32;
+            let frozen = if bf16 { candle_core::DType::BF16 } else { dt };
+            (
+                load_llama_frozen_in(files, dt, frozen, dev, Some(&spec))?,
+                spec,
+            )
         }
     };
     let kernels = KernelSettings {

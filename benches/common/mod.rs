@@ -10,7 +10,7 @@ use kto_train::kernels::gemm::{self, GemmMode};
 use kto_train::kernels::KernelSettings;
 use kto_train::loss::LossHead;
 use kto_train::model::logprobs::Sequence;
-use kto_train::model::{load_llama, Llama, LlamaConfig, LoraSpec};
+use kto_train::model::{Llama, LlamaConfig, LoraSpec};
 use kto_train::train::batch::MicroBatch;
 use kto_train::train::optim::{AdamW, AdamWParams};
 use kto_train::train::step::{run_micro_batch, MicroBatchMode};
@@ -71,12 +71,25 @@ impl WorkUnit {
             use_rslora: false,
             seed: 42,
         };
-        let base = load_llama(&files, DType::F32, &Device::Cpu, Some(&spec))?;
         let kernels = KernelSettings {
             fused_ops: true,
             activation_checkpointing: checkpointing,
             gemm: gemm::resolve(GemmSetting::Auto),
         };
+        // As a training run loads (recipe::build_policy): frozen weights straight into bf16 for
+        // bf16 products, unless the f32 network is kept for other modes.
+        let frozen = if kernels.gemm == GemmMode::Bf16 && !keep_base {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let base = kto_train::model::load_llama_frozen_in(
+            &files,
+            DType::F32,
+            frozen,
+            &Device::Cpu,
+            Some(&spec),
+        )?;
         // Without `keep_base` the f32 weights are converted in place, as in a training run, so
         // that the peak memory is a training run's.
         let (base, model) = if keep_base {

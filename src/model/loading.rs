@@ -100,6 +100,10 @@ impl Weights<'_> {
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let missing = || {
             format!(
                 "model weights ({}) have no tensor `{name}`",
@@ -121,7 +125,7 @@ impl Weights<'_> {
                 shape
             );
         }
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t.to_dtype(dtype)?)
     }
 }
 
@@ -149,11 +153,24 @@ pub fn load_llama(
     device: &Device,
     lora: Option<&LoraSpec>,
 ) -> Result<Llama> {
+    load_llama_frozen_in(files, dtype, dtype, device, lora)
+}
+
+/// [`load_llama`] with the frozen matrices (embeddings, projections, an untied lm_head) read
+/// straight into `frozen` (bf16 for bf16 products): the compute-dtype copy of the whole network
+/// never exists, which is most of a bf16 run's peak memory at load.
+pub fn load_llama_frozen_in(
+    files: &ModelFiles,
+    dtype: DType,
+    frozen: DType,
+    device: &Device,
+    lora: Option<&LoraSpec>,
+) -> Result<Llama> {
     let cfg = model_config(files)?;
     let w = Weights::open(files, &cfg, dtype, device)?;
     check_layer_count(&w.names(), &cfg, files)?;
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-    let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
+    let embed_tokens = w.get_as("model.embed_tokens.weight", &[v, h], frozen)?;
     let mut rng = lora.map(|l| ChaCha8Rng::seed_from_u64(l.seed));
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for li in 0..cfg.num_hidden_layers {
@@ -161,7 +178,7 @@ pub fn load_llama(
             let p = Projection::ALL[pi];
             let shape = cfg.projection_shape(p);
             let path = format!("model.layers.{li}.{}.{p}", p.parent());
-            let weight = w.get(&format!("{path}.weight"), &shape)?;
+            let weight = w.get_as(&format!("{path}.weight"), &shape, frozen)?;
             let bias = if cfg.biased.contains(&p) {
                 Some(w.get(&format!("{path}.bias"), &[shape[0]])?)
             } else {
@@ -219,7 +236,7 @@ pub fn load_llama(
     let lm_head = if cfg.tie_word_embeddings {
         embed_tokens.clone()
     } else {
-        w.get("lm_head.weight", &[v, h])?
+        w.get_as("lm_head.weight", &[v, h], frozen)?
     };
     Ok(Llama::from_parts(
         cfg,

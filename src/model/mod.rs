@@ -11,5 +11,5 @@ pub mod tiny;
 
 pub use config::LlamaConfig;
 pub use llama::Llama;
-pub use loading::{load_adapted, load_llama, load_with_adapter, LoraSpec};
+pub use loading::{load_adapted, load_llama, load_llama_frozen_in, load_with_adapter, LoraSpec};
 pub use pass::{DropoutKey, PassMode};
