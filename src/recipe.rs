@@ -195,6 +195,8 @@ struct Run<'a> {
     data: Rc<PreparedData>,
     tokenizer: tokenizers::Tokenizer,
     tokenizer_files: Vec<(String, Vec<u8>)>,
+    /// The chat template `train.sample_prompts` go through (None: none, or no samples asked).
+    sample_template: Option<crate::data::ModelChatTemplate>,
     benchmarks: Vec<crate::eval::tasks::TaskItems>,
     model: Llama,
     spec: LoraSpec,
@@ -213,6 +215,12 @@ impl<'a> Run<'a> {
     fn new(cfg: &'a Config, opts: &'a RunOptions, dir: RunDir, v: Validated) -> Result<Self> {
         let vars = v.model.lora_vars();
         let t = &cfg.train;
+        let sample_template = if t.sample_prompts.is_empty() {
+            None
+        } else {
+            let eos = v.model.cfg().eos_token_id.unwrap_or(0);
+            crate::data::tokenizer::chat_template_of(&v.files, &v.tokenizer, eos)?
+        };
         let adam = AdamWParams {
             beta1: t.adam_beta1,
             beta2: t.adam_beta2,
@@ -237,6 +245,7 @@ impl<'a> Run<'a> {
             data: Rc::new(v.data),
             tokenizer: v.tokenizer,
             tokenizer_files: v.tokenizer_files,
+            sample_template,
             benchmarks: v.benchmarks,
             model: v.model,
             spec: v.spec,
@@ -512,50 +521,30 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Greedy completions of `train.sample_prompts` by the model as it is, into samples.jsonl.
+    /// Greedy completions of `train.sample_prompts` by the model as it is, into samples.jsonl:
+    /// as a user message through the model's chat template when it has one (found once, at
+    /// start), else as plain text.
     fn write_samples(&mut self, step: usize) -> Result<()> {
+        use crate::eval::generate::{complete, GenerateOptions, Prompt};
         let t = &self.cfg.train;
         if t.sample_prompts.is_empty() {
             return Ok(());
         }
-        let eos = self.model.cfg().eos_token_id;
-        let template = crate::data::tokenizer::chat_template_of(
-            &self.files,
-            &self.tokenizer,
-            eos.unwrap_or(0),
-        )?;
-        let opts = crate::eval::generate::GenerateOptions {
+        let template = self.sample_template.as_ref().map(|t| &*t.template);
+        let opts = GenerateOptions {
             max_new_tokens: t.sample_max_new_tokens,
-            stop_ids: eos.into_iter().collect(),
+            stop_ids: self.model.cfg().eos_token_id.into_iter().collect(),
             ..Default::default()
         };
         let mut lines = Vec::new();
         for prompt in &t.sample_prompts {
-            let (text, special) = match &template {
-                Some(c) => (
-                    c.template
-                        .render(&[crate::data::Msg::new("user", prompt.clone())], true)?,
-                    false,
-                ),
-                None => (prompt.clone(), true),
+            let p = match template {
+                Some(_) => Prompt::Messages(vec![crate::data::Msg::new("user", prompt.clone())]),
+                None => Prompt::Text(prompt.clone()),
             };
-            let ids = self
-                .tokenizer
-                .encode(text.as_str(), special)
-                .map_err(|e| anyhow::anyhow!("cannot tokenize a sample prompt: {e}"))?
-                .get_ids()
-                .to_vec();
-            let new: Vec<u32> = crate::eval::generate::generate(&self.model, &ids, &opts)?
-                .into_iter()
-                .filter(|id| !opts.stop_ids.contains(id))
-                .collect();
-            let completion = self
-                .tokenizer
-                .decode(&new, false)
-                .map_err(|e| anyhow::anyhow!("cannot decode a sample: {e}"))?;
-            lines.push(
-                serde_json::json!({"step": step, "prompt": prompt, "completion": completion}),
-            );
+            let c = complete(&self.model, &self.tokenizer, template, &p, &opts)
+                .context("train.sample_prompts")?;
+            lines.push(serde_json::json!({"step": step, "prompt": prompt, "completion": c.text}));
         }
         self.dir.append_samples(&lines)
     }
@@ -756,6 +745,11 @@ pub fn build_policy(
     dev: &candle_core::Device,
 ) -> Result<(Llama, LoraSpec)> {
     let dt = cfg.train.dtype.to_candle();
+    let kernels = KernelSettings {
+        fused_ops: true,
+        activation_checkpointing: cfg.train.activation_checkpointing,
+        gemm: gemm::resolve(cfg.train.gemm),
+    };
     let (model, spec) = match &cfg.lora.init_from {
         Some(dir) => {
             let dir = std::path::Path::new(dir);
@@ -767,22 +761,14 @@ pub fn build_policy(
         }
         None => {
             let spec = LoraSpec::from_config(&cfg.lora, cfg.train.seed);
-            // bf16 products keep the frozen weights in bf16 only (Llama::with_kernels): read
-            // them so, without an f32 copy of the network at load.
-            let bf16 = gemm::resolve(cfg.train.gemm) == gemm::GemmMode::Bf16
-                && dev.is_cpu()
-                && dt == candle_core::DType::F32;
-            let frozen = if bf16 { candle_core::DType::BF16 } else { dt };
+            // Frozen weights read straight into the dtype the kernels hold them in: no f32
+            // copy of the network at load when the products are bf16.
+            let frozen = kernels.frozen_dtype(dt, dev);
             (
                 load_llama_frozen_in(files, dt, frozen, dev, Some(&spec))?,
                 spec,
             )
         }
-    };
-    let kernels = KernelSettings {
-        fused_ops: true,
-        activation_checkpointing: cfg.train.activation_checkpointing,
-        gemm: gemm::resolve(cfg.train.gemm),
     };
     let model = if cfg.train.disable_dropout {
         model.without_lora_dropout()

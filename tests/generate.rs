@@ -149,21 +149,11 @@ fn sample_prompts_are_completed_at_each_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let kto = || std::process::Command::new(env!("CARGO_BIN_EXE_kto-train"));
-    let o = kto()
-        .arg("--config")
-        .arg(repo().join("configs/smoke.toml"))
-        .args(["--set", &format!("output.dir={}", out.display())])
-        .args(["--set", "train.max_steps=4", "--set", "train.eval_every=2"])
+    let o = smoke_command(env!("CARGO_BIN_EXE_kto-train"), &out)
         // f32 products, as `generate` computes.
         .args(["--set", "train.gemm=f32"])
         .args(["--set", "train.sample_prompts=[\"Hello there\", \"a\"]"])
-        .args([
-            "--set",
-            "train.sample_max_new_tokens=6",
-            "--set",
-            "eval.benchmarks=[]",
-            "--quiet",
-        ])
+        .args(["--set", "train.sample_max_new_tokens=6"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -768,11 +768,18 @@ fn resume_from_a_chosen_checkpoint_and_extend_a_finished_run() {
     let mut two: Vec<&str> = constant.to_vec();
     two.extend(["--set", "train.max_steps=2"]);
     assert_ok(&run(smoke(&extended, &two)));
-    // --resume with the same config: nothing to do.
+    // --resume with the same config: nothing to do, the adapter stays as it is.
+    let before = adapter_bytes(&extended.join("adapter"));
     let mut again = two.clone();
     again.push("--resume");
     let o = run(smoke(&extended, &again));
     assert_ok(&o);
+    assert_eq!(adapter_bytes(&extended.join("adapter")), before);
+    assert_ne!(
+        before,
+        adapter_bytes(&straight.join("adapter")),
+        "2 steps are not 4"
+    );
     let mut more: Vec<&str> = constant.to_vec();
     more.push("--resume");
     let o = run(smoke(&extended, &more));

@@ -7,18 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn smoke_run(out: &Path) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kto-train"))
-        .arg("--config")
-        .arg(repo().join("configs/smoke.toml"))
-        .args(["--set", &format!("output.dir={}", out.display())])
-        .args(["--set", "train.max_steps=4", "--set", "train.eval_every=2"])
-        .args([
-            "--set",
-            "output.tensorboard=true",
-            "--set",
-            "eval.benchmarks=[]",
-            "--quiet",
-        ])
+    let o = smoke_command(env!("CARGO_BIN_EXE_kto-train"), out)
+        .args(["--set", "output.tensorboard=true"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

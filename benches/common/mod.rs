@@ -78,10 +78,10 @@ impl WorkUnit {
         };
         // As a training run loads (recipe::build_policy): frozen weights straight into bf16 for
         // bf16 products, unless the f32 network is kept for other modes.
-        let frozen = if kernels.gemm == GemmMode::Bf16 && !keep_base {
-            DType::BF16
-        } else {
+        let frozen = if keep_base {
             DType::F32
+        } else {
+            kernels.frozen_dtype(DType::F32, &Device::Cpu)
         };
         let base = kto_train::model::load_llama_frozen_in(
             &files,

@@ -148,7 +148,7 @@ fn score(a: &ScoreArgs) -> Result<()> {
 /// `kto-train generate`: one prompt to stdout, or a JSONL of prompts to JSONL.
 fn generate(a: &GenerateArgs) -> Result<()> {
     use crate::data::Msg;
-    use crate::eval::generate::{generate, GenerateOptions};
+    use crate::eval::generate::{complete, GenerateOptions, Prompt};
     let (files, model) = load_for_scoring(&a.model, &a.revision, a.adapter.as_deref(), a.device)?;
     let tok = crate::data::tokenizer::model_tokenizer(&files)?
         .with_context(|| format!("model {} has no tokenizer", files.config.display()))?;
@@ -161,13 +161,14 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         seed: a.seed,
         stop_ids: eos.into_iter().collect(),
     };
-    // Text as given (with the tokenizer's special tokens, as a transformers pipeline encodes
-    // it), or messages through the chat template (whose text already has them).
+    let template = template.as_ref().map(|t| &*t.template);
     let run = |prompt: &serde_json::Value| -> Result<(String, usize, &'static str)> {
-        let msgs: Option<Vec<Msg>> = match prompt {
-            serde_json::Value::String(s) if a.chat => Some(vec![Msg::new("user", s.clone())]),
-            serde_json::Value::String(_) => None,
-            serde_json::Value::Array(list) => Some(
+        let prompt = match prompt {
+            serde_json::Value::String(s) if a.chat => {
+                Prompt::Messages(vec![Msg::new("user", s.clone())])
+            }
+            serde_json::Value::String(s) => Prompt::Text(s.clone()),
+            serde_json::Value::Array(list) => Prompt::Messages(
                 list.iter()
                     .map(|m| {
                         let field = |k: &str| m[k].as_str().map(str::to_string);
@@ -180,35 +181,9 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             ),
             other => bail!("`prompt` must be a string or a list of messages, got {other}"),
         };
-        let (text, special) = match msgs {
-            Some(m) => {
-                let t = template
-                    .as_ref()
-                    .with_context(|| format!("{} has no chat template", files.config.display()))?;
-                (t.template.render(&m, true)?, false)
-            }
-            None => (prompt.as_str().unwrap_or_default().to_string(), true),
-        };
-        let ids = tok
-            .encode(text.as_str(), special)
-            .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
-            .get_ids()
-            .to_vec();
-        let new = generate(&model, &ids, &opts)?;
-        let stop = if new.last().is_some_and(|t| opts.stop_ids.contains(t)) {
-            "eos"
-        } else {
-            "length"
-        };
-        let shown: Vec<u32> = new
-            .iter()
-            .copied()
-            .filter(|t| !opts.stop_ids.contains(t))
-            .collect();
-        let completion = tok
-            .decode(&shown, false)
-            .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
-        Ok((completion, new.len(), stop))
+        let c = complete(&model, &tok, template, &prompt, &opts)
+            .with_context(|| format!("model {}", files.config.display()))?;
+        Ok((c.text, c.tokens, if c.stopped { "eos" } else { "length" }))
     };
     if let Some(p) = &a.prompt {
         let (completion, _, _) = run(&serde_json::Value::String(p.clone()))?;

@@ -1,6 +1,7 @@
 //! Text generation with a KV cache: greedy (temperature 0, as transformers' `do_sample=False`) or
 //! sampled with temperature and nucleus (top-p) filtering, stopping at an end-of-sequence token or
 //! after `max_new_tokens`. The prompt is run once; each new token then costs one position.
+use crate::data::{ChatTemplate, Msg};
 use crate::model::{Llama, PassMode};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -28,6 +29,59 @@ impl Default for GenerateOptions {
             stop_ids: Vec::new(),
         }
     }
+}
+
+/// A prompt as generation takes it.
+pub enum Prompt {
+    /// Encoded as it is, with the tokenizer's special tokens (as a transformers pipeline does).
+    Text(String),
+    /// Rendered with the chat template and its generation prompt; the rendered text carries its
+    /// special tokens, so it is encoded without adding any.
+    Messages(Vec<Msg>),
+}
+
+/// What [`complete`] returns.
+pub struct Completion {
+    /// The new tokens decoded, the stop token left out.
+    pub text: String,
+    /// New tokens generated, the stop token included.
+    pub tokens: usize,
+    /// A stop token ended it (else `max_new_tokens` did).
+    pub stopped: bool,
+}
+
+/// `prompt` encoded (through `template` when it is messages), completed by [`generate`], and
+/// decoded: what `kto-train generate` and `train.sample_prompts` write.
+pub fn complete(
+    model: &Llama,
+    tok: &tokenizers::Tokenizer,
+    template: Option<&ChatTemplate>,
+    prompt: &Prompt,
+    opts: &GenerateOptions,
+) -> Result<Completion> {
+    let (text, special) = match prompt {
+        Prompt::Text(t) => (t.clone(), true),
+        Prompt::Messages(m) => match template {
+            Some(t) => (t.render(m, true)?, false),
+            None => bail!("the model has no chat template to render a message-list prompt with"),
+        },
+    };
+    let ids = tok
+        .encode(text.as_str(), special)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
+        .get_ids()
+        .to_vec();
+    let new = generate(model, &ids, opts)?;
+    let stopped = new.last().is_some_and(|t| opts.stop_ids.contains(t));
+    let shown = &new[..new.len() - usize::from(stopped)];
+    let text = tok
+        .decode(shown, false)
+        .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+    Ok(Completion {
+        text,
+        tokens: new.len(),
+        stopped,
+    })
 }
 
 /// The new token ids after `prompt` (the stop token included when one ended it).

@@ -34,6 +34,24 @@ pub struct KernelSettings {
     pub gemm: GemmMode,
 }
 
+impl KernelSettings {
+    /// The dtype the frozen matrices are held in for a network computing in `dtype` on
+    /// `device`: bf16 when the products take bf16 operands on a CPU (the f32 copy would never
+    /// be read), else `dtype`.
+    pub fn frozen_dtype(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> candle_core::DType {
+        use candle_core::DType;
+        if self.gemm == gemm::GemmMode::Bf16 && device.is_cpu() && dtype == DType::F32 {
+            DType::BF16
+        } else {
+            dtype
+        }
+    }
+}
+
 impl Default for KernelSettings {
     /// Fused ops, no checkpointing, candle's GEMM: what every device and build supports.
     fn default() -> Self {

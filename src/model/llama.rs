@@ -320,8 +320,9 @@ impl Llama {
     /// memory halves).
     pub fn with_kernels(mut self, kernels: KernelSettings) -> Result<Self> {
         self.kernels = kernels;
-        if kernels.gemm == GemmMode::Bf16 && self.device.is_cpu() && self.dtype == DType::F32 {
-            self.keep_frozen_weights_in(DType::BF16)?;
+        let frozen = kernels.frozen_dtype(self.dtype, &self.device);
+        if frozen != self.dtype {
+            self.keep_frozen_weights_in(frozen)?;
         }
         Ok(self)
     }

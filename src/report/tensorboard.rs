@@ -85,14 +85,14 @@ impl EventWriter {
                 }
             }
         }
-        let train = line.get("eval").is_none();
-        for key in ["epoch", "lr", "tokens_per_second"] {
-            if let (true, Some(x)) = (train || key == "epoch", line[key].as_f64()) {
-                let name = if key == "lr" { "learning_rate" } else { key };
-                let tag = format!("{}/{name}", if train { "train" } else { "eval" });
-                if !scalars.iter().any(|(t, _)| *t == tag) {
-                    scalars.push((tag, x));
-                }
+        // The line's own fields (learning_rate is already one of a training line's metrics).
+        let (prefix, fields): (&str, &[&str]) = match line.get("eval") {
+            Some(_) => ("eval", &["epoch"]),
+            None => ("train", &["epoch", "tokens_per_second"]),
+        };
+        for key in fields {
+            if let Some(x) = line[*key].as_f64() {
+                scalars.push((format!("{prefix}/{key}"), x));
             }
         }
         self.scalars(step, &scalars)

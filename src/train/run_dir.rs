@@ -363,18 +363,19 @@ impl RunDir {
     }
 
     fn set_planned_steps(&self, steps: usize) -> Result<()> {
-        let mut manifest = self
-            .manifest()
-            .unwrap_or_else(|| json!({"tool": "kto-train"}));
-        manifest["planned_steps"] = json!(steps);
-        write_json_atomic(&self.root.join(MANIFEST), &manifest)
+        self.update_manifest(|m| m["planned_steps"] = json!(steps))
     }
 
     fn mark_unfinished(&self) -> Result<()> {
+        self.update_manifest(|m| m["finished"] = Value::Bool(false))
+    }
+
+    /// Reads the manifest (a bare one when it is missing), changes it, writes it atomically.
+    fn update_manifest(&self, change: impl FnOnce(&mut Value)) -> Result<()> {
         let mut manifest = self
             .manifest()
             .unwrap_or_else(|| json!({"tool": "kto-train"}));
-        manifest["finished"] = Value::Bool(false);
+        change(&mut manifest);
         write_json_atomic(&self.root.join(MANIFEST), &manifest)
     }
 
@@ -456,15 +457,10 @@ impl RunDir {
             .map(|(k, (a, b))| json!({"step": step, "key": k, "from": show(a), "to": show(b)}))
             .collect();
         if !changed.is_empty() {
-            let mut manifest = self
-                .manifest()
-                .unwrap_or_else(|| json!({"tool": "kto-train"}));
-            if let Some(list) = manifest["config_changes"].as_array_mut() {
-                list.extend(recorded);
-            } else {
-                manifest["config_changes"] = Value::Array(recorded);
-            }
-            write_json_atomic(&self.root.join(MANIFEST), &manifest)?;
+            self.update_manifest(|m| match m["config_changes"].as_array_mut() {
+                Some(list) => list.extend(recorded),
+                None => m["config_changes"] = Value::Array(recorded),
+            })?;
             write_atomic(&path, new_toml.as_bytes())?;
         }
         Ok(())
@@ -475,7 +471,7 @@ impl RunDir {
     pub fn open_metrics(&self, resumed_at: Option<usize>) -> Result<MetricsWriter> {
         let path = self.metrics_path();
         match resumed_at {
-            Some(step) => truncate_metrics(&path, step)?,
+            Some(step) => truncate_jsonl(&path, step)?,
             None => write_atomic(&path, b"")?,
         }
         let file = std::fs::OpenOptions::new()
@@ -491,7 +487,7 @@ impl RunDir {
 
     /// samples.jsonl cut back to the lines up to `step` (a resumed run writes the rest again).
     pub fn cut_samples(&self, step: usize) -> Result<()> {
-        truncate_metrics(&self.samples_path(), step)
+        truncate_jsonl(&self.samples_path(), step)
     }
 
     /// Appends lines to samples.jsonl.
@@ -513,11 +509,7 @@ impl RunDir {
 
     /// The last write of a run: from here on the folder counts as finished.
     pub fn mark_finished(&self) -> Result<()> {
-        let mut manifest = self
-            .manifest()
-            .unwrap_or_else(|| json!({"tool": "kto-train"}));
-        manifest["finished"] = Value::Bool(true);
-        write_json_atomic(&self.root.join(MANIFEST), &manifest)
+        self.update_manifest(|m| m["finished"] = Value::Bool(true))
     }
 }
 
@@ -586,8 +578,8 @@ impl MetricsWriter {
     }
 }
 
-/// metrics.jsonl cut back to the lines up to `step`.
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+/// A JSON-lines log (metrics.jsonl, samples.jsonl) cut back to the lines up to `step`.
+fn truncate_jsonl(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };

@@ -192,3 +192,15 @@ pub fn run_trl_step_in(model: &Llama, dir: &str) -> kto_train::train::step::Step
     let batch = kto_step_batch_in(dir, None);
     kto_train::train::step::run_micro_batch(model, &mut head, &batch, mode, None).unwrap()
 }
+
+/// The binary on configs/smoke.toml into `out`: 4 steps, an evaluation every 2, no benchmarks,
+/// quiet; callers add their own `--set`s.
+pub fn smoke_command(bin: &str, out: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(bin);
+    c.arg("--config")
+        .arg(repo().join("configs/smoke.toml"))
+        .args(["--set", &format!("output.dir={}", out.display())])
+        .args(["--set", "train.max_steps=4", "--set", "train.eval_every=2"])
+        .args(["--set", "eval.benchmarks=[]", "--quiet"]);
+    c
+}
