@@ -119,6 +119,19 @@ impl CustomOp3 for AttentionNode {
         self.value.take_cpu("causal-attention")
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _lx: &Layout,
+        _y: &candle_core::CudaStorage,
+        _ly: &Layout,
+        _z: &candle_core::CudaStorage,
+        _lz: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.take_cuda("causal-attention")
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -225,6 +238,19 @@ impl CustomOp3 for ChunkedNode {
         _lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.value.take_cpu("causal-attention-chunked")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _lx: &Layout,
+        _y: &candle_core::CudaStorage,
+        _ly: &Layout,
+        _z: &candle_core::CudaStorage,
+        _lz: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.take_cuda("causal-attention-chunked")
     }
 
     fn bwd(

@@ -1,4 +1,5 @@
-//! Fused CPU ops with hand-written backward passes (f32 and f64).
+//! Fused ops with hand-written backward passes: CPU (f32 and f64) here, CUDA (f32 and bf16
+//! storage) in [`super::cuda`] with the same contracts.
 //!
 //! Why: candle's composite forms keep every intermediate alive for backprop, and its backward
 //! allocates a full-size gradient for every constant operand of a binary op (rope tables, masks,
@@ -102,9 +103,16 @@ fn out<T: Fl>(v: Vec<T>, l: &Layout) -> (CpuStorage, Shape) {
     (T::to_cpu_storage_owned(v), l.shape().clone())
 }
 
-/// Whether the fused ops apply (CPU, f32/f64).
+/// Whether the fused ops apply: CPU in f32/f64; with the `cuda` feature, CUDA in f32/bf16
+/// (src/kernels/cuda).
 pub fn available(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    match t.device() {
+        candle_core::Device::Cpu => matches!(t.dtype(), DType::F32 | DType::F64),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => super::cuda::supports(t.dtype()),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -149,6 +157,17 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, rms_fwd, self.eps, s1, l1, s2, l2)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::rms_fwd(s1, l1, s2, l2, self.eps)
     }
     fn bwd(
         &self,
@@ -210,6 +229,19 @@ impl CustomOp3 for RmsNormBwd {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, rms_bwd, self.eps, s1, l1, s2, l2, s3, l3)
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::rms_bwd(s1, l1, s2, l2, s3, l3, self.eps)
+    }
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -269,6 +301,19 @@ impl CustomOp3 for Rope {
     ) -> Result<(CpuStorage, Shape)> {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, rope_fwd, s1, l1, s2, l2, s3, l3)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::rope(s1, l1, s2, l2, s3, l3)
     }
     // The rotation's transpose is the rotation by -angle (cos halves are equal).
     fn bwd(
@@ -343,6 +388,15 @@ impl CustomOp1 for CausalSoftmax {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s, csm_fwd, self.scale, self.t_q, self.offset, s, l)
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::causal_softmax(s, l, self.scale, self.t_q, self.offset)
+    }
     fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(p.apply_op2_no_bwd(
             &g.contiguous()?,
@@ -387,6 +441,17 @@ impl CustomOp2 for CausalSoftmaxBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, csm_bwd, self.scale, s1, l1, s2, l2)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::causal_softmax_bwd(s1, l1, s2, l2, self.scale)
     }
 }
 
@@ -449,6 +514,17 @@ impl CustomOp2 for SiluMul {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, silu_mul_fwd, s1, l1, s2, l2)
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::binary("kt_silu_mul", s1, l1, s2, l2)
+    }
     fn bwd(
         &self,
         g: &Tensor,
@@ -507,6 +583,19 @@ impl CustomOp3 for SiluMulBwdG {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, silu_mul_bwd_g, s1, l1, s2, l2, s3, l3)
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::silu_mul_bwd_g(s1, l1, s2, l2, s3, l3)
+    }
 }
 
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
@@ -541,6 +630,17 @@ impl CustomOp2 for MulConst {
     ) -> Result<(CpuStorage, Shape)> {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, mul_fwd, s1, l1, s2, l2)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::binary("kt_mul", s1, l1, s2, l2)
     }
     fn bwd(
         &self,
@@ -606,6 +706,17 @@ impl CustomOp2 for LogSoftmaxGather {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, lsg_fwd, s1, l1, s2, l2)
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::log_softmax_gather(s1, l1, s2, l2)
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -664,6 +775,19 @@ impl CustomOp3 for LogSoftmaxGatherBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let _p = crate::util::profile::phase(self.name());
         by_dtype!(s1, lsg_bwd, s1, l1, s2, l2, s3, l3)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        super::cuda::log_softmax_gather_bwd(s1, l1, s2, l2, s3, l3)
     }
 }
 

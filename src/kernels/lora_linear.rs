@@ -145,6 +145,19 @@ impl CustomOp3 for LoraNode {
         self.value.take_cpu("lora-linear")
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _lx: &Layout,
+        _y: &candle_core::CudaStorage,
+        _ly: &Layout,
+        _z: &candle_core::CudaStorage,
+        _lz: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.take_cuda("lora-linear")
+    }
+
     fn bwd(
         &self,
         x: &Tensor,

@@ -1,7 +1,8 @@
 //! Compute kernels: the differentiable ops the network is built from where candle's own are
 //! slow or keep too much memory, each with a hand-written backward, and the GEMM backends.
 //!
-//! - [`fused`]: RMSNorm, RoPE, causal softmax, SwiGLU, masks, log-softmax + gather (CPU, f32/f64);
+//! - [`fused`]: RMSNorm, RoPE, causal softmax, SwiGLU, masks, log-softmax + gather (CPU, f32/f64;
+//!   with the `cuda` feature also CUDA, f32/bf16, kernels in `cuda/fused.cu`);
 //! - [`products`]: frozen-weight products (no weight gradient) and activation products, on the
 //!   fast GEMM library when one is loaded ([`gemm`]);
 //! - [`attention`] and [`lora_linear`]: causal attention and a LoRA projection as one backprop
@@ -12,6 +13,8 @@
 //! The model chooses which of them run through [`KernelSettings`], which it carries.
 pub mod attention;
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod fused;
 pub mod gemm;
 pub mod lora_linear;
@@ -24,8 +27,9 @@ pub use gemm::GemmMode;
 /// of a pass (and its backward) runs in the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSettings {
-    /// The fused CPU ops ([`fused`], [`attention`], [`lora_linear`]); off = candle's composite
-    /// forms (other devices and dtypes, and the reference the fused ops are tested against).
+    /// The fused ops ([`fused`], [`attention`], [`lora_linear`]) where they exist (CPU f32/f64,
+    /// CUDA f32/bf16); off = candle's composite forms (the reference the fused ops are tested
+    /// against).
     pub fused_ops: bool,
     /// Keep only each decoder block's input during a gradient pass and recompute the block in
     /// the backward ([`checkpoint`]): activation memory of one block instead of all of them.
