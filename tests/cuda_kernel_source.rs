@@ -347,6 +347,25 @@ fn log_softmax_gather_forward_and_backward_match_the_cpu_op() {
     });
 }
 
+#[test]
+fn dropout_masks_are_the_cpu_stream_value_for_value() {
+    // 16,385 values: blocks of 16 with a partial last one, and more blocks than the emulator's
+    // 3 x 256 threads.
+    for (seed, p, n) in [(7u64, 0.05, 16_385usize), (9, 0.5, 1000), (11, 0.1, 5)] {
+        both(|st| {
+            let threshold = (p * (u32::MAX as f64 + 1.0)) as u64;
+            let keep = (1.0 / (1.0 - p)) as f32;
+            let args = [threshold.to_string(), format!("{keep:e}"), n.to_string()];
+            let key = fused::dropout_mask_key(seed).to_vec();
+            let Some(m) = emulate("dropout", st, &args, &[("key", Input::Targets(key))]) else {
+                return;
+            };
+            let want = st.round(&fused::dropout_mask_values(seed, p, n));
+            assert_eq!(m, want, "seed {seed} p {p} n {n} ({})", st.name());
+        });
+    }
+}
+
 /// The emulator itself must be able to fail: a kernel launched with the wrong geometry (rows
 /// of the wrong length) gives a different answer, which the comparison catches.
 #[test]

@@ -196,3 +196,15 @@ fn log_softmax_gather_on_the_device_matches_the_cpu() {
         },
     );
 }
+
+#[test]
+fn dropout_masks_on_the_device_are_the_cpu_values() {
+    let Some(dev) = device() else { return };
+    for dtype in [DType::F32, DType::BF16] {
+        let like = Tensor::zeros(1, dtype, &dev).unwrap();
+        let on = fused::dropout_mask((37, 1001), &like, 42, 0.05).unwrap();
+        let cpu = fused::dropout_mask((37, 1001), &like.to_device(&Device::Cpu).unwrap(), 42, 0.05)
+            .unwrap();
+        assert_eq!(back(&on), back(&cpu), "{dtype:?}");
+    }
+}

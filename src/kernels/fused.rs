@@ -796,3 +796,119 @@ pub fn log_softmax_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .contiguous()?
         .apply_op2(&targets.contiguous()?, LogSoftmaxGather)
 }
+
+// ---------------------------------------------------------------- Dropout masks
+
+/// Below `threshold` (p 2^32) a stream word drops its value; kept values are `keep` (1/(1-p)).
+fn mask_params(p: f64) -> (u64, f32) {
+    (
+        (p * (u32::MAX as f64 + 1.0)) as u64,
+        (1.0 / (1.0 - p)) as f32,
+    )
+}
+
+/// `n` inverted-dropout values from the ChaCha8 stream of `seed`, one 32-bit word per value
+/// (dropped when the word is below p * 2^32). Filled in parallel chunks, each seeking the stream
+/// to its first word, so the values are those of one sequential pass (tested below). The CUDA
+/// kernel (cuda/fused.cu) computes the same stream, so a mask is the same on every device.
+pub fn dropout_mask_values(seed: u64, p: f64, n: usize) -> Vec<f32> {
+    use rand::{RngCore, SeedableRng};
+    const CHUNK: usize = 1 << 14;
+    let (threshold, keep) = mask_params(p);
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rng.set_word_pos((c * CHUNK) as u128);
+        for v in out {
+            *v = if (rng.next_u32() as u64) < threshold {
+                0.0
+            } else {
+                keep
+            };
+        }
+    });
+    mask
+}
+
+/// The ChaCha8 key rand_chacha derives from `seed` (its 32-byte seed as little-endian words):
+/// what the CUDA kernel needs to produce [`dropout_mask_values`]' stream.
+pub fn dropout_mask_key(seed: u64) -> [u32; 8] {
+    use rand::SeedableRng;
+    let bytes = rand_chacha::ChaCha8Rng::seed_from_u64(seed).get_seed();
+    std::array::from_fn(|i| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()))
+}
+
+/// The inverted-dropout mask of `shape` from `seed` with drop probability `p`, in `like`'s
+/// dtype and on its device: drawn there by the CUDA kernel (no host-to-device copy), else on the
+/// CPU. The values are the same either way.
+pub fn dropout_mask(shape: (usize, usize), like: &Tensor, seed: u64, p: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if matches!(like.device(), candle_core::Device::Cuda(_)) && super::cuda::supports(like.dtype())
+    {
+        return like.apply_op1_no_bwd(&DropoutMask { seed, p, shape });
+    }
+    let mask = dropout_mask_values(seed, p, shape.0 * shape.1);
+    Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())
+}
+
+/// Draws a mask on the device of the tensor it is applied to (whose values it ignores).
+#[cfg(feature = "cuda")]
+struct DropoutMask {
+    seed: u64,
+    p: f64,
+    shape: (usize, usize),
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp1 for DropoutMask {
+    fn name(&self) -> &'static str {
+        "dropout-mask"
+    }
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("dropout-mask: the CPU draws masks with dropout_mask_values")
+    }
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let _p = crate::util::profile::phase(self.name());
+        let (threshold, keep) = mask_params(self.p);
+        super::cuda::dropout_mask(
+            s.device(),
+            s.dtype(),
+            dropout_mask_key(self.seed),
+            threshold,
+            keep,
+            Shape::from(self.shape),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The parallel fill equals one sequential pass over the stream (two values per u64 draw,
+    /// low half first), for sizes that split unevenly into chunks.
+    #[test]
+    fn parallel_masks_equal_one_sequential_pass() {
+        for (seed, p, n) in [(7u64, 0.05, 1usize), (8, 0.05, 16_385), (9, 0.5, 100_003)] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let keep = (1.0 / (1.0 - p)) as f32;
+            let threshold = (p * (u32::MAX as f64 + 1.0)) as u64;
+            let mut want = Vec::with_capacity(n);
+            while want.len() < n {
+                let r: u64 = rng.random();
+                for half in [r as u32, (r >> 32) as u32] {
+                    if want.len() < n {
+                        want.push(if (half as u64) < threshold { 0.0 } else { keep });
+                    }
+                }
+            }
+            assert_eq!(dropout_mask_values(seed, p, n), want, "seed {seed} n {n}");
+        }
+    }
+}

@@ -113,6 +113,15 @@ static int run(const std::string& op, char** a, int n, const std::string& dir, b
         emu_launch((K)k, u(0), KT_BLOCK, (const T*)x.data(), (const unsigned int*)t.data(), (const T*)g.data(),
                    dx.data(), u(1));
         save(dir, dx);
+    } else if (op == "dropout") {  // threshold keep n; key.bin: 8 u32 words
+        auto key = load<unsigned int>(dir, "key");
+        unsigned long long n = std::strtoull(a[2], nullptr, 10);
+        std::vector<T> out(n);
+        using K = void (*)(const unsigned int*, unsigned long long, float, T*, unsigned long long);
+        auto k = bf16 ? (void*)kt_dropout_mask_bf16 : (void*)kt_dropout_mask_f32;
+        emu_launch((K)k, element_grid((n + 15) / 16), KT_BLOCK, (const unsigned int*)key.data(),
+                   std::strtoull(a[0], nullptr, 10), f(1), out.data(), n);
+        save(dir, out);
     } else {
         std::fprintf(stderr, "unknown op %s\n", op.c_str());
         return 2;

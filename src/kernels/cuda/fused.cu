@@ -10,7 +10,8 @@
 //
 // Launch geometry (src/kernels/cuda/mod.rs follows it):
 // - row kernels (one block of KT_BLOCK threads per row): kt_rms_*, kt_csm_*, kt_lsg_*;
-// - element kernels (grid-stride loops, any grid, KT_BLOCK threads): kt_rope, kt_silu_*, kt_mul.
+// - element kernels (grid-stride loops, any grid, KT_BLOCK threads): kt_rope, kt_silu_*, kt_mul,
+//   kt_dropout_mask (its elements are blocks of 16 values).
 
 #define KT_BLOCK 256
 
@@ -213,6 +214,41 @@ __device__ void lsg_bwd(const T* x, const unsigned int* target, const T* g, T* d
     }
 }
 
+// ------------------------------------------------------------------ dropout masks
+// The inverted-dropout mask of src/model/lora.rs, value for value: word i of the ChaCha8 stream
+// (key = the 32-byte seed rand_chacha derives from the mask's u64 seed, stream 0, 64-bit block
+// counter) gives 0 when below `threshold` (p 2^32), else `keep` (1 / (1 - p)). One thread per
+// 64-byte block of the stream, i.e. 16 values.
+#define KT_ROTL(x, n) (((x) << (n)) | ((x) >> (32 - (n))))
+#define KT_QR(a, b, c, d)                                                                            \
+    a += b; d ^= a; d = KT_ROTL(d, 16);                                                              \
+    c += d; b ^= c; b = KT_ROTL(b, 12);                                                              \
+    a += b; d ^= a; d = KT_ROTL(d, 8);                                                               \
+    c += d; b ^= c; b = KT_ROTL(b, 7);
+
+template <typename T>
+__device__ void dropout_mask(const unsigned int* key, unsigned long long threshold, float keep, T* out,
+                             unsigned long long n) {
+    unsigned long long blocks = (n + 15) / 16;
+    for (unsigned long long blk = kt_first(); blk < blocks; blk += kt_stride()) {
+        unsigned int s[16] = {0x61707865u, 0x3320646eu, 0x79622d32u, 0x6b206574u,
+                              key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+                              (unsigned int)blk, (unsigned int)(blk >> 32), 0u, 0u};
+        unsigned int x[16];
+        for (int i = 0; i < 16; i++) x[i] = s[i];
+        for (int r = 0; r < 4; r++) {  // ChaCha8: four double rounds
+            KT_QR(x[0], x[4], x[8], x[12]) KT_QR(x[1], x[5], x[9], x[13])
+            KT_QR(x[2], x[6], x[10], x[14]) KT_QR(x[3], x[7], x[11], x[15])
+            KT_QR(x[0], x[5], x[10], x[15]) KT_QR(x[1], x[6], x[11], x[12])
+            KT_QR(x[2], x[7], x[8], x[13]) KT_QR(x[3], x[4], x[9], x[14])
+        }
+        for (int j = 0; j < 16; j++) {
+            unsigned long long i = blk * 16 + j;
+            if (i < n) kt_st(out, i, (unsigned long long)(x[j] + s[j]) < threshold ? 0.0f : keep);
+        }
+    }
+}
+
 // ------------------------------------------------------------------ entry points, per dtype
 #define KT_ENTRY_POINTS(T, SUF)                                                                      \
     extern "C" __global__ void kt_rms_fwd_##SUF(const T* x, const T* w, T* y, unsigned int h,       \
@@ -254,6 +290,11 @@ __device__ void lsg_bwd(const T* x, const unsigned int* target, const T* g, T* d
     extern "C" __global__ void kt_lsg_bwd_##SUF(const T* x, const unsigned int* target, const T* g, \
                                                 T* dx, unsigned int v) {                             \
         lsg_bwd<T>(x, target, g, dx, v);                                                             \
+    }                                                                                                \
+    extern "C" __global__ void kt_dropout_mask_##SUF(const unsigned int* key,                        \
+                                                     unsigned long long threshold, float keep, T* out,  \
+                                                     unsigned long long n) {                         \
+        dropout_mask<T>(key, threshold, keep, out, n);                                               \
     }
 
 KT_ENTRY_POINTS(float, f32)

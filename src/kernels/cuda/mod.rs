@@ -473,3 +473,40 @@ pub fn log_softmax_gather_bwd(
     }
     by_dtype!(x.dtype(), "log-softmax-gather-bwd", go, x, lx, t, lt, g, lg)
 }
+
+// ---------------------------------------------------------------- dropout masks
+
+/// A mask of `shape` (see `dropout_mask` in fused.cu): one thread per 16 values.
+pub fn dropout_mask(
+    dev: &CudaDevice,
+    dtype: DType,
+    key: [u32; 8],
+    threshold: u64,
+    keep: f32,
+    shape: Shape,
+) -> Result<(CudaStorage, Shape)> {
+    fn go<T: Elem>(
+        dev: &CudaDevice,
+        key: [u32; 8],
+        threshold: u64,
+        keep: f32,
+        shape: Shape,
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = shape.elem_count();
+        let key = dev.clone_htod(&key[..])?;
+        let out = output::<T>(dev, n)?;
+        let n64 = n as u64;
+        launch!(
+            dev,
+            format!("kt_dropout_mask_{}", T::SUFFIX),
+            element_launch(n.div_ceil(16)),
+            &key,
+            &threshold,
+            &keep,
+            &out,
+            &n64
+        );
+        Ok(wrap(out, dev, shape))
+    }
+    by_dtype!(dtype, "dropout-mask", go, dev, key, threshold, keep, shape)
+}
