@@ -241,7 +241,12 @@ fn steps() -> anyhow::Result<()> {
     let rank = arg("--rank", 16);
     // As in training, bf16 mode holds the frozen weights in bf16 (converted at each switch,
     // outside the timed step).
-    let mut unit = WorkUnit::new(pl, cl, rank, arg("--checkpointing", 0) == 1, true)?;
+    let place = common::Placement {
+        device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
+        batch: 2,
+    };
+    let mut unit = WorkUnit::new(pl, cl, rank, arg("--checkpointing", 0) == 1, true, &place)?;
     let modes = paths();
     let mut step = |path: Path| -> anyhow::Result<f64> {
         unit.set_gemm_mode(path.select())?;

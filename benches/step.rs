@@ -3,8 +3,9 @@
 //!
 //!     cargo bench --bench step -- [--steps 3] [--warmup 1] [--prompt 256] [--completion 256] [--rank 16]
 //!         [--checkpointing 0|1 (default 1, as the configs)] [--json]
+//!         [--device cpu|cuda (default cpu)] [--dtype f32|bf16 (default f32)] [--batch 2]
 mod common;
-use common::{arg, WorkUnit};
+use common::{arg, Placement, WorkUnit};
 
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -29,7 +30,8 @@ fn main() -> anyhow::Result<()> {
     let rank = arg("--rank", 16);
     let json = std::env::args().any(|a| a == "--json");
     let ckpt = arg("--checkpointing", 1) == 1;
-    let mut unit = WorkUnit::new(pl, cl, rank, ckpt, false)?;
+    let place = Placement::from_args()?;
+    let mut unit = WorkUnit::new(pl, cl, rank, ckpt, false, &place)?;
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         let (dt, loss) = unit.step()?;
@@ -40,13 +42,14 @@ fn main() -> anyhow::Result<()> {
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let med = times[times.len() / 2];
-    let tokens = 2 * (pl + cl);
+    let tokens = place.batch * (pl + cl);
     let rss = peak_rss_mb();
     if json {
         println!(
             "{}",
             serde_json::json!({"s_per_step": med, "tokens_per_s": tokens as f64 / med, "peak_rss_mb": rss,
-                "prompt": pl, "completion": cl, "rank": rank, "steps": steps,
+                "prompt": pl, "completion": cl, "rank": rank, "steps": steps, "batch": place.batch,
+                "device": format!("{:?}", place.device.location()), "dtype": format!("{:?}", place.dtype),
                 "checkpointing": ckpt})
         );
     } else {

@@ -7,6 +7,8 @@
 # at run time). Recipe: the workplace's cuda-build probe (candle 0.11.1, proven on this machine).
 #
 #   scripts/build-cuda.sh             # -> target/cuda/release/kto-train
+#   scripts/build-cuda.sh -- CMD...   # CMD in the same environment instead (e.g. cargo test
+#                                     # --release --features cuda --target-dir target/cuda --no-run)
 #   CUDA_COMPUTE_CAP=90 (default: sm_90a, H100/H200); WORK (default .cache/cuda-build)
 #
 # A cuda binary needs libcuda.so.1 (the driver) to start: it cannot run here, only build.
@@ -54,5 +56,9 @@ gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CH/lib/libcuda.so" "$CH/libcuda_
 # 3. The build, in its own target folder (the default build's stays as it is).
 export PATH="$CH/bin:$PATH" CUDA_HOME="$CH" CUDA_PATH="$CH" CUDA_ROOT="$CH"
 export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
+if [ "${1:-}" = "--" ]; then
+    shift
+    exec "$@"
+fi
 cargo build --release --features cuda --target-dir target/cuda "$@"
 ls -la target/cuda/release/kto-train

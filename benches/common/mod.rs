@@ -26,6 +26,40 @@ pub fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Where the unit runs and how big its batch is: `--device cpu|cuda|cuda:N` (default cpu),
+/// `--dtype f32|bf16` (default f32), `--batch N` (default 2; the configs' micro-batch).
+pub struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+    pub batch: usize,
+}
+
+impl Placement {
+    pub fn from_args() -> anyhow::Result<Self> {
+        let args: Vec<String> = std::env::args().collect();
+        let named = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        let device: kto_train::config::DeviceSpec = named("--device")
+            .unwrap_or_else(|| "cpu".into())
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?;
+        let dtype = match named("--dtype").as_deref() {
+            None | Some("f32") => DType::F32,
+            Some("bf16") => DType::BF16,
+            Some(d) => anyhow::bail!("--dtype {d}: f32 or bf16"),
+        };
+        Ok(Self {
+            device: device.open()?,
+            dtype,
+            batch: arg("--batch", 2).max(1),
+        })
+    }
+}
+
 pub struct WorkUnit {
     /// The network as loaded (f32 frozen weights), kept only when the GEMM mode will change
     /// (benches/gemm.rs); `model` is it with the current kernels.
@@ -34,6 +68,7 @@ pub struct WorkUnit {
     pub opt: AdamW,
     pub head: LossHead,
     pub batch: MicroBatch,
+    device: Device,
     steps_done: u64,
 }
 
@@ -48,7 +83,9 @@ impl WorkUnit {
         rank: usize,
         checkpointing: bool,
         keep_base: bool,
+        place: &Placement,
     ) -> anyhow::Result<Self> {
+        let (device, dtype) = (&place.device, place.dtype);
         let dir = std::env::temp_dir().join("kto-train-bench-smollm2-360m");
         if !dir.join("model.safetensors").exists() {
             eprintln!(
@@ -79,17 +116,12 @@ impl WorkUnit {
         // As a training run loads (recipe::build_policy): frozen weights straight into bf16 for
         // bf16 products, unless the f32 network is kept for other modes.
         let frozen = if keep_base {
-            DType::F32
+            dtype
         } else {
-            kernels.frozen_dtype(DType::F32, &Device::Cpu)
+            kernels.frozen_dtype(dtype, device)
         };
-        let base = kto_train::model::load_llama_frozen_in(
-            &files,
-            DType::F32,
-            frozen,
-            &Device::Cpu,
-            Some(&spec),
-        )?;
+        let base =
+            kto_train::model::load_llama_frozen_in(&files, dtype, frozen, device, Some(&spec))?;
         // Without `keep_base` the f32 weights are converted in place, as in a training run, so
         // that the peak memory is a training run's.
         let (base, model) = if keep_base {
@@ -112,20 +144,25 @@ impl WorkUnit {
                 .map(|_| rng.random_range(3..49152u32))
                 .collect()
         };
-        let (a, b) = (seq(), seq());
+        let rows: Vec<Vec<u32>> = (0..place.batch).map(|_| seq()).collect();
         let mk = |x: &Vec<u32>| Sequence {
             tokens: x.clone(),
             prompt_len: prompt,
         };
-        // KL pairs: prompt i with completion i-1.
-        let kl = |p: &Vec<u32>, c: &Vec<u32>| Sequence {
-            tokens: p[..prompt].iter().chain(&c[prompt..]).copied().collect(),
+        // KL pairs: prompt i with the completion of the next row (cyclic), labels alternating.
+        let n = rows.len();
+        let kl = |i: usize| Sequence {
+            tokens: rows[i][..prompt]
+                .iter()
+                .chain(&rows[(i + 1) % n][prompt..])
+                .copied()
+                .collect(),
             prompt_len: prompt,
         };
         let batch = MicroBatch {
-            seqs: vec![mk(&a), mk(&b)],
-            kl_seqs: Some(vec![kl(&a, &b), kl(&b, &a)]),
-            labels: vec![true, false],
+            seqs: rows.iter().map(mk).collect(),
+            kl_seqs: Some((0..n).map(kl).collect()),
+            labels: (0..n).map(|i| i % 2 == 0).collect(),
         };
         Ok(Self {
             base,
@@ -133,6 +170,7 @@ impl WorkUnit {
             opt,
             head: LossHead::new(&LossConfig::default()),
             batch,
+            device: device.clone(),
             steps_done: 0,
         })
     }
@@ -161,6 +199,8 @@ impl WorkUnit {
         let out = run_micro_batch(&self.model, &mut self.head, &self.batch, mode, None)?;
         let grads = out.grads.expect("training step").into_vec();
         self.opt.step(&grads, 2e-4)?;
+        // A GPU queues work: the step is over when the device has done it.
+        self.device.synchronize()?;
         self.steps_done += 1;
         Ok((t0.elapsed().as_secs_f64(), out.loss.loss))
     }

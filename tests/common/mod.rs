@@ -5,8 +5,12 @@ use kto_train::model::{load_llama, Llama, LoraSpec};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// The repository root: where the tests were built, or `KTO_TRAIN_REPO` for a test executable
+/// that runs elsewhere (scripts/gpu-check.sh on a GPU machine).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("KTO_TRAIN_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn fixture(p: &str) -> PathBuf {
