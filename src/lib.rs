@@ -18,6 +18,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod hub;
 pub mod kernels;

@@ -15,14 +15,14 @@ use crate::kernels::{gemm, KernelSettings};
 use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
 use crate::model::adapter::{adapter_files, read_adapter_spec, tokenizer_files};
 use crate::model::{load_adapted, load_llama_frozen_in, Llama, LoraSpec};
-use crate::train::batch::build_micro_batch;
+use crate::train::batch::{build_micro_batch, shard_rows};
 use crate::train::checkpoint::{self, Checkpoint, TrainState};
 use crate::train::optim::{clip_grads, global_norm, AdamW, AdamWParams, AdamWState};
 use crate::train::progress::Progress;
 use crate::train::refcache::{self, RefCache};
 use crate::train::run_dir::{MetricsWriter, RunDir, Start, StartRequest};
 use crate::train::schedule::Schedule;
-use crate::train::step::{run_micro_batch, MicroBatchMode};
+use crate::train::step::{run_micro_batch_shard, MicroBatchMode};
 use crate::train::{signals, validation, Stopped};
 use crate::util::atomic::write_json_atomic;
 use crate::util::metric_sums::MetricSums;
@@ -52,6 +52,52 @@ pub struct RunSummary {
 }
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
+    let world = crate::dist::world_ref();
+    if world.size() == 1 {
+        return train_in(cfg, opts, world, None);
+    }
+    // Only rank 0 writes the run folder; the others write into a scratch folder of their own
+    // (removed at the end) and take rank 0's decision of how the run starts.
+    let scratch = std::env::temp_dir().join(format!(
+        "kto-train-rank{}-{}",
+        world.rank(),
+        std::process::id()
+    ));
+    let result = if world.rank() == 0 {
+        train_in(cfg, opts, world, None)
+    } else {
+        let mut own = cfg.clone();
+        own.output.dir = scratch.clone();
+        let mut own_opts = opts.clone();
+        own_opts.quiet = true;
+        own_opts.start = crate::train::run_dir::StartRequest {
+            overwrite: true,
+            ..Default::default()
+        };
+        train_in(&own, &own_opts, world, Some(cfg.output.dir.clone()))
+    };
+    if world.rank() > 0 {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    result
+}
+
+/// How rank 0 starts the run, for the others.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum StartNote {
+    Fresh,
+    Resume(PathBuf),
+    AlreadyFinished,
+}
+
+/// [`train`] on one rank of `world`; `shared_dir` (ranks above 0) is rank 0's run folder, whose
+/// checkpoints a resumed run continues from.
+fn train_in(
+    cfg: &Config,
+    opts: &RunOptions,
+    world: &'static dyn crate::dist::Comm,
+    shared_dir: Option<PathBuf>,
+) -> Result<RunSummary> {
     let dir = RunDir::lock(&cfg.output.dir)?;
     // Everything is read and checked before the folder changes: a typo in a path, a bad data
     // file or benchmark file costs nothing.
@@ -59,13 +105,31 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let start = dir.begin(&opts.start, &cfg.to_toml(), &v.data, v.plan.total_steps)?;
         Ok((v, start))
     });
-    let (validated, start) = match checked {
+    let (validated, mut start) = match checked {
         Ok(ok) => ok,
         Err(e) => {
             dir.abandon();
             return Err(e);
         }
     };
+    if world.size() > 1 {
+        let note = match &start {
+            Start::Fresh => StartNote::Fresh,
+            Start::Resume(p) => StartNote::Resume(p.clone()),
+            Start::AlreadyFinished => StartNote::AlreadyFinished,
+        };
+        let note: StartNote = crate::dist::decode(&world.broadcast(&crate::dist::encode(&note)?)?)?;
+        start = match note {
+            StartNote::Fresh => Start::Fresh,
+            StartNote::AlreadyFinished => Start::AlreadyFinished,
+            // Rank 0's checkpoint: its run folder must be visible here (one machine, or a
+            // shared file system).
+            StartNote::Resume(p) => Start::Resume(match &shared_dir {
+                Some(_) if p.is_relative() => std::env::current_dir()?.join(p),
+                _ => p,
+            }),
+        };
+    }
     let resume_from = match start {
         Start::Fresh => None,
         Start::Resume(checkpoint) => Some(checkpoint),
@@ -84,7 +148,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             });
         }
     };
-    let mut run = Run::new(cfg, opts, dir, validated)?;
+    let mut run = Run::new(cfg, opts, dir, validated, world)?;
     let mut state = run.start(resume_from)?;
     let last_metrics = run.train_loop(&mut state)?;
     run.finish(state, last_metrics)
@@ -209,10 +273,20 @@ struct Run<'a> {
     tensorboard: Option<crate::report::tensorboard::EventWriter>,
     progress: Progress,
     clock: Instant,
+    /// The processes of the run (a world of one without MPI).
+    world: &'static dyn crate::dist::Comm,
+    /// The training config with `batch_size` the global micro-batch: per-rank batch x ranks.
+    global: crate::config::TrainConfig,
 }
 
 impl<'a> Run<'a> {
-    fn new(cfg: &'a Config, opts: &'a RunOptions, dir: RunDir, v: Validated) -> Result<Self> {
+    fn new(
+        cfg: &'a Config,
+        opts: &'a RunOptions,
+        dir: RunDir,
+        v: Validated,
+        world: &'static dyn crate::dist::Comm,
+    ) -> Result<Self> {
         let vars = v.model.lora_vars();
         let t = &cfg.train;
         let sample_template = if t.sample_prompts.is_empty() {
@@ -258,16 +332,22 @@ impl<'a> Run<'a> {
             tensorboard: None,
             progress: Progress::new(0, 0, true),
             clock: Instant::now(),
+            world,
+            global: global_train_config(&cfg.train, world.size()),
         })
     }
 
     /// The state to continue from: a checkpoint's, or a fresh one.
     fn start(&mut self, resume_from: Option<PathBuf>) -> Result<TrainState> {
-        let state = match &resume_from {
+        let mut state = match &resume_from {
             Some(dir) => self.restore(dir)?,
             None => TrainState::fresh(self.head.state()),
         };
-        let resumed_at = resume_from.is_some().then_some(state.step);
+        if resume_from.is_some() && state.world_size != self.world.size() {
+            self.regroup(&mut state);
+        }
+        // Ranks above 0 write their logs into a fresh scratch folder of their own.
+        let resumed_at = (resume_from.is_some() && self.world.rank() == 0).then_some(state.step);
         self.metrics = Some(self.dir.open_metrics(resumed_at)?);
         self.dir.cut_samples(resumed_at.unwrap_or(0))?;
         if self.cfg.output.tensorboard {
@@ -281,6 +361,45 @@ impl<'a> Run<'a> {
         self.progress = Progress::new(self.plan.total_steps, state.step, self.opts.quiet);
         self.clock = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_seconds);
         Ok(state)
+    }
+
+    /// A checkpoint of a run with another number of ranks: its position in the epoch counted
+    /// groups of that run's global micro-batches. This run continues after as many examples
+    /// (rounded up to its own groups), and its step count becomes the equivalent one, so that
+    /// the plan and the learning-rate schedule (made for this run's global batch) continue
+    /// from the same point of the data. With `data_order = "balanced"` the epoch's order
+    /// depends on the batch size, so the rest of the epoch is not exactly the examples the
+    /// other run had left.
+    fn regroup(&mut self, state: &mut TrainState) {
+        let t = &self.cfg.train;
+        let per_group = |ranks: usize| t.batch_size * t.grad_accum * ranks;
+        let examples = state.next_group * per_group(state.world_size);
+        let groups_now = epoch_batches(
+            &self.data.train,
+            &self.global,
+            state.epoch,
+            self.plan.min_batch,
+        )
+        .len()
+        .div_ceil(t.grad_accum);
+        let next_group = examples.div_ceil(per_group(self.world.size()));
+        let step = state.epoch as usize * groups_now + next_group.min(groups_now);
+        if !self.opts.quiet {
+            eprintln!(
+                "the checkpoint was written by {} rank(s), this run has {}: the global batch \
+                 changes from {} to {} examples; continuing after example {examples} of epoch {} \
+                 (step {} becomes step {step})",
+                state.world_size,
+                self.world.size(),
+                per_group(state.world_size),
+                per_group(self.world.size()),
+                state.epoch,
+                state.step
+            );
+        }
+        state.next_group = next_group;
+        state.step = step;
+        state.world_size = self.world.size();
     }
 
     /// Weights, optimizer moments and loss-head state of the checkpoint in `dir`.
@@ -331,7 +450,8 @@ impl<'a> Run<'a> {
             self.validate(state, 0.0)?;
         }
         while state.step < self.plan.total_steps {
-            let batches = epoch_batches(&data.train, t, state.epoch, self.plan.min_batch);
+            let batches =
+                epoch_batches(&data.train, &self.global, state.epoch, self.plan.min_batch);
             let groups: Vec<&[Vec<&KtoExample>]> = batches.chunks(t.grad_accum).collect();
             if state.next_group >= groups.len() {
                 state.epoch += 1;
@@ -381,16 +501,23 @@ impl<'a> Run<'a> {
         let mut sum: Option<Vec<Tensor>> = None;
         let mut step_metrics = MetricSums::new();
         for (mi, examples) in group.iter().enumerate() {
+            // The global micro-batch (KL pairs formed over all of it, as one process would),
+            // of which this rank runs its rows.
             let batch = build_micro_batch(examples, t.max_length, self.head.needs_kl());
-            // Dropout masks are a function of (seed, pass): resumable without generator state.
-            let pass = ((step * t.grad_accum + mi) as u64) * 2;
+            let (rank, ranks) = (self.world.rank(), self.world.size());
+            let mine = shard_rows(batch.len(), rank, ranks);
+            // Dropout masks are a function of (seed, pass): resumable without generator state;
+            // each rank draws its own (a world of one draws what it always did).
+            let pass = (((step * t.grad_accum + mi) * ranks + rank) as u64) * 2;
             let mode = MicroBatchMode::training(t.seed, pass, step as u64);
-            let out = run_micro_batch(
+            let out = run_micro_batch_shard(
                 &self.model,
                 &mut self.head,
                 &batch,
+                mine,
                 mode,
                 self.refcache.as_mut(),
+                self.world,
             )?;
             state.interval_tokens += batch.n_tokens();
             step_metrics.merge(&out.loss.metrics);
@@ -403,6 +530,10 @@ impl<'a> Run<'a> {
             sum = Some(accumulate(sum, grads, scale)?);
         }
         let mut grads = sum.expect("non-empty group");
+        if self.world.size() > 1 {
+            let _p = profile::phase("gradient all-reduce");
+            grads = all_reduce_grads(self.world, grads)?;
+        }
         if forced_nonfinite(step) {
             grads[0] = (&grads[0] * f64::NAN)?;
         }
@@ -486,10 +617,16 @@ impl<'a> Run<'a> {
 
     /// The validation loss; a new lowest one writes `best/`.
     fn validate(&mut self, state: &mut TrainState, epoch: f64) -> Result<()> {
-        self.write_samples(state.step)?;
+        if self.world.rank() == 0 {
+            self.write_samples(state.step)?;
+        }
         let t = &self.cfg.train;
-        let eval_batch_size = t.eval_batch_size.unwrap_or(t.batch_size);
-        let Some(m) = validation::evaluate(
+        let eval_batch_size = self
+            .global
+            .eval_batch_size
+            .unwrap_or(self.global.batch_size);
+        let Some(m) = validation::evaluate_in(
+            self.world,
             &self.model,
             &mut self.head,
             &self.data.validation,
@@ -553,7 +690,7 @@ impl<'a> Run<'a> {
     /// stops the run.
     fn checkpoint_if_due(&mut self, state: &mut TrainState, last: bool) -> Result<()> {
         let save_every = self.cfg.train.save_every;
-        let signal = signals::received();
+        let signal = self.agreed_signal()?;
         if !((save_every > 0 && state.step.is_multiple_of(save_every)) || last || signal.is_some())
         {
             return Ok(());
@@ -573,9 +710,25 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// The signal any rank received (all ranks stop after the same step; rank 0 checkpoints).
+    fn agreed_signal(&self) -> Result<Option<i32>> {
+        let mine = signals::received();
+        if self.world.size() == 1 {
+            return Ok(mine);
+        }
+        let all = self.world.all_gather(&crate::dist::encode(&mine)?)?;
+        for b in all {
+            if let Some(s) = crate::dist::decode::<Option<i32>>(&b)? {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+
     fn save_checkpoint(&self, state: &mut TrainState) -> Result<PathBuf> {
         state.elapsed_seconds = self.clock.elapsed().as_secs_f64();
         state.loss_state = self.head.state();
+        state.world_size = self.world.size();
         let opt = self.opt.state();
         state.adam_t = opt.t;
         let checkpoint = Checkpoint {
@@ -655,6 +808,15 @@ impl<'a> Run<'a> {
         self.write_adapter(&adapter_dir)?;
         fault_pause("KTO_TRAIN_FAULT_FINISH_PAUSE_MS");
         let mut problems = Vec::new();
+        if self.world.rank() > 0 {
+            // Rank 0 scores the benchmarks and writes the run folder's reports.
+            return Ok(RunSummary {
+                output_dir: self.dir.root().to_path_buf(),
+                adapter_dir,
+                steps: state.step,
+                final_metrics: last_metrics,
+            });
+        }
         if !self.benchmarks.is_empty() {
             let (results, invalid) = crate::eval::score_benchmarks(
                 &self.cfg.eval,
@@ -823,7 +985,8 @@ fn check_init_from(
 
 /// Steps per epoch, total steps and the learning-rate schedule.
 fn plan(cfg: &Config, train: &[KtoExample], head: &LossHead) -> Result<Plan> {
-    let t = &cfg.train;
+    // Over several processes an epoch is made of global micro-batches (batch x ranks).
+    let t = &global_train_config(&cfg.train, crate::dist::world_ref().size());
     let min_batch = if head.needs_kl() { 2 } else { 1 };
     let batches_per_epoch = epoch_batches(train, t, 0, min_batch).len();
     if batches_per_epoch == 0 {
@@ -866,6 +1029,41 @@ pub fn epoch_batches<'e>(
         .chunks(batch_size)
         .filter(|c| c.len() >= min_batch)
         .map(|c| c.iter().map(|&i| &examples[i]).collect())
+        .collect()
+}
+
+/// `t` with `batch_size` the global micro-batch of `ranks` processes (per-rank batch x ranks):
+/// what the epoch's micro-batches and the plan are made of. One process with that batch size
+/// trains the same model.
+fn global_train_config(t: &crate::config::TrainConfig, ranks: usize) -> crate::config::TrainConfig {
+    let mut g = t.clone();
+    g.batch_size = t.batch_size * ranks;
+    g.eval_batch_size = t.eval_batch_size.map(|b| b * ranks);
+    g
+}
+
+/// The LoRA gradients summed over the ranks (f64 sums, so that the order of the ranks costs
+/// nothing measurable), back in each tensor's dtype and shape.
+fn all_reduce_grads(world: &dyn crate::dist::Comm, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let mut flat = Vec::new();
+    for g in &grads {
+        flat.extend(
+            g.flatten_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1::<f64>()?,
+        );
+    }
+    world.all_reduce_sum(&mut flat)?;
+    let mut at = 0;
+    grads
+        .iter()
+        .map(|g| {
+            let n = g.elem_count();
+            let t = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?
+                .to_dtype(g.dtype())?;
+            at += n;
+            Ok(t)
+        })
         .collect()
 }
 

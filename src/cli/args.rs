@@ -10,10 +10,11 @@ fn long_version() -> &'static str {
     TEXT.get_or_init(|| {
         let on = |b: bool| if b { "on" } else { "off" };
         format!(
-            "{}\nfeatures: cuda {}, fast-gemm {}\nmatrix products on this machine: {}",
+            "{}\nfeatures: cuda {}, fast-gemm {}, mpi {}\nmatrix products on this machine: {}",
             env!("CARGO_PKG_VERSION"),
             on(cfg!(feature = "cuda")),
             on(cfg!(feature = "fast-gemm")),
+            on(cfg!(feature = "mpi")),
             crate::kernels::gemm::machine_summary()
         )
     })

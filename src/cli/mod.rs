@@ -27,6 +27,14 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     }
 }
 
+/// A stop all ranks of a run reach together (a signal, after the same step).
+pub fn is_agreed_stop(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<crate::train::Stopped>(),
+        Some(crate::train::Stopped::Interrupted { .. })
+    )
+}
+
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -55,6 +63,15 @@ fn train(a: &TrainArgs) -> Result<()> {
     };
     if !(a.allow_config_change.is_empty() || a.resume || a.resume_from.is_some()) {
         bail!("--allow-config-change applies to a resumed run: add --resume or --resume-from");
+    }
+    // Under mpirun/srun: join the other processes of the run (src/dist).
+    let world = crate::dist::init()?;
+    if world.size() > 1 && world.rank() == 0 && !a.quiet {
+        eprintln!(
+            "{}: each rank runs its share of every global micro-batch (batch_size x ranks); \
+             rank 0 writes the run folder",
+            world.describe()
+        );
     }
     let cfg = Config::load(config, &a.set)?;
     let options = RunOptions {

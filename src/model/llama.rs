@@ -549,6 +549,15 @@ impl Llama {
             grads,
         })
     }
+
+    /// Zero gradients for every LoRA weight (a rank with no rows in a micro-batch).
+    pub fn zero_lora_gradients(&self) -> Result<LoraGradients> {
+        let vars = self.lora_vars();
+        Ok(LoraGradients {
+            ids: vars.iter().map(|v| v.as_tensor().id()).collect(),
+            grads: vars.iter().map(|v| v.zeros_like()).collect::<Result<_>>()?,
+        })
+    }
 }
 
 /// d loss / d each LoRA weight of a model, in [`Llama::lora_vars`] order.

@@ -21,6 +21,16 @@ impl MicroBatch {
         self.labels.is_empty()
     }
 
+    /// Rows `r` (sequences, their KL pairs and labels): one rank's share of a global micro-batch
+    /// whose KL pairs were formed over the whole of it.
+    pub fn rows(&self, r: std::ops::Range<usize>) -> MicroBatch {
+        MicroBatch {
+            seqs: self.seqs[r.clone()].to_vec(),
+            kl_seqs: self.kl_seqs.as_ref().map(|k| k[r.clone()].to_vec()),
+            labels: self.labels[r].to_vec(),
+        }
+    }
+
     /// Prompt + completion tokens of the main sequences (what one policy pass processes).
     pub fn n_tokens(&self) -> usize {
         self.seqs.iter().map(|s| s.tokens.len()).sum()
@@ -35,6 +45,14 @@ pub fn join_truncated(prompt: &[u32], completion: &[u32], max_length: usize) -> 
         prompt_len: prompt.len().min(tokens.len()),
         tokens,
     }
+}
+
+/// Rank `rank`'s rows of a micro-batch of `n` rows over `size` ranks: contiguous, as equal as
+/// possible, the first ranks one longer (so rows keep their order across the ranks).
+pub fn shard_rows(n: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
+    let (q, r) = (n / size, n % size);
+    let start = rank * q + rank.min(r);
+    start..start + q + usize::from(rank < r)
 }
 
 pub fn build_micro_batch(examples: &[&KtoExample], max_length: usize, with_kl: bool) -> MicroBatch {

@@ -31,6 +31,14 @@ pub struct TrainState {
     pub elapsed_seconds: f64,
     /// Optimizer steps taken by AdamW (differs from `step` when steps were skipped).
     pub adam_t: u64,
+    /// Processes of the run that wrote it: `next_group` and `step` count global micro-batches
+    /// of that many ranks.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainState {
@@ -49,6 +57,7 @@ impl TrainState {
             evals_since_best: 0,
             elapsed_seconds: 0.0,
             adam_t: 0,
+            world_size: 1,
         }
     }
 }

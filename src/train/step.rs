@@ -129,7 +129,7 @@ pub fn reference_logps(
     Ok((main.into_iter().map(|v| v.expect("filled")).collect(), kl))
 }
 
-/// Runs one micro-batch in `mode`.
+/// Runs one micro-batch in `mode` (a world of one).
 pub fn run_micro_batch(
     model: &Llama,
     head: &mut LossHead,
@@ -137,11 +137,158 @@ pub fn run_micro_batch(
     mode: MicroBatchMode,
     cache: Option<&mut RefCache>,
 ) -> Result<StepResult> {
+    run_micro_batch_shard(
+        model,
+        head,
+        batch,
+        0..batch.len(),
+        mode,
+        cache,
+        &crate::dist::Solo,
+    )
+}
+
+/// What one rank sends the others about its rows of a micro-batch: the loss head's inputs, the
+/// rows' logit sums (TRL's `logits/chosen` metric) and their token count.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct ShardLogps {
+    logps: SequenceLogps,
+    logit_sums: Option<Vec<f64>>,
+    counts: Vec<usize>,
+}
+
+/// Runs rows `mine` of the global micro-batch `batch` on this rank; the other ranks of `comm`
+/// run the other rows at the same time. Every rank then computes the loss head on the whole
+/// micro-batch (TRL gathers the KL log-ratios of all processes before z, and the BCO baseline
+/// takes in every rank's rewards), so the loss, its metrics and the loss-head state are the
+/// same on every rank and equal to one process's over the same micro-batch; the gradient is of
+/// this rank's rows only, and summing it over the ranks gives that process's gradient.
+pub fn run_micro_batch_shard(
+    model: &Llama,
+    head: &mut LossHead,
+    batch: &MicroBatch,
+    mine: std::ops::Range<usize>,
+    mode: MicroBatchMode,
+    mut cache: Option<&mut RefCache>,
+    comm: &dyn crate::dist::Comm,
+) -> Result<StepResult> {
+    let local = batch.rows(mine.clone());
+    let (shard, policy) = if local.is_empty() {
+        (ShardLogps::default(), None)
+    } else {
+        let (shard, policy) = local_logps(model, head, &local, mode, cache.as_deref_mut())?;
+        (shard, Some(policy))
+    };
+    let all: Vec<ShardLogps> = if comm.size() == 1 {
+        vec![shard]
+    } else {
+        comm.all_gather(&crate::dist::encode(&shard)?)?
+            .iter()
+            .map(|b| crate::dist::decode(b))
+            .collect::<Result<_>>()?
+    };
+    let has_kl = batch.kl_seqs.is_some();
+    let logps = concat_logps(
+        all.iter().map(|s| &s.logps),
+        has_kl && head.needs_kl(),
+        has_kl,
+    );
+    // Every rank's reference log-probs into this rank's cache: filled in parallel, then shared.
+    if let (Some(c), true) = (cache, comm.size() > 1) {
+        let key = |s: &Sequence| sequence_key(&s.tokens, s.prompt_len);
+        for (s, v) in batch.seqs.iter().zip(&logps.reference) {
+            c.insert(key(s), *v);
+        }
+        if let (Some(kl), Some(v)) = (&batch.kl_seqs, &logps.reference_kl) {
+            for (s, v) in kl.iter().zip(v) {
+                c.insert(key(s), *v);
+            }
+        }
+    }
+    let p = profile::phase("loss head");
+    let mut loss = if mode.train {
+        head.train_batch(&logps, mode.step)?
+    } else {
+        head.eval_batch(&logps, mode.step)?
+    };
+    let vocab = model.cfg().vocab_size as f64;
+    let mut row = 0;
+    for s in &all {
+        if let Some(sums) = &s.logit_sums {
+            for (i, v) in sums.iter().enumerate() {
+                let side = if logps.labels[row + i] {
+                    "chosen"
+                } else {
+                    "rejected"
+                };
+                loss.metrics
+                    .add(&format!("logits/{side}"), *v, s.counts[i] as f64 * vocab);
+            }
+        }
+        row += s.logps.labels.len();
+    }
+    drop(p);
+    let grads = if mode.train {
+        let _p = profile::phase("backward");
+        Some(match &policy {
+            Some(sums) => {
+                let g = &loss.grad[mine];
+                let g = Tensor::from_vec(g.to_vec(), g.len(), model.device())?
+                    .to_dtype(model.dtype())?;
+                let surrogate = (sums * &g)?.sum_all()?;
+                model.lora_gradients(&surrogate)?
+            }
+            // No rows here (a micro-batch smaller than the world): nothing to add.
+            None => model.zero_lora_gradients()?,
+        })
+    } else {
+        None
+    };
+    Ok(StepResult { loss, grads, logps })
+}
+
+/// The ranks' rows in rank order, concatenated; the KL fields are present as one process
+/// would have them (the policy's when the loss needs z, the reference's when the batch has KL
+/// pairs).
+fn concat_logps<'a>(
+    parts: impl Iterator<Item = &'a SequenceLogps>,
+    policy_kl: bool,
+    reference_kl: bool,
+) -> SequenceLogps {
+    let mut out = SequenceLogps {
+        policy_kl: policy_kl.then(Vec::new),
+        reference_kl: reference_kl.then(Vec::new),
+        ..Default::default()
+    };
+    for p in parts {
+        out.labels.extend(&p.labels);
+        out.policy.extend(&p.policy);
+        out.reference.extend(&p.reference);
+        out.completion_tokens.extend(&p.completion_tokens);
+        if let (Some(o), Some(v)) = (&mut out.policy_kl, &p.policy_kl) {
+            o.extend(v);
+        }
+        if let (Some(o), Some(v)) = (&mut out.reference_kl, &p.reference_kl) {
+            o.extend(v);
+        }
+    }
+    out
+}
+
+/// The reference, policy and KL passes over `batch` (this rank's rows): the loss head's inputs
+/// and the policy's log-prob sums attached to the graph.
+fn local_logps(
+    model: &Llama,
+    head: &LossHead,
+    batch: &MicroBatch,
+    mode: MicroBatchMode,
+    cache: Option<&mut RefCache>,
+) -> Result<(ShardLogps, Tensor)> {
     let MicroBatchMode {
         policy: fwd,
         kl: kl_fwd,
-        step,
         train,
+        ..
     } = mode;
     // The reference passes run first so that their memory is free before the policy pass
     // builds its graph. The policy's KL pass runs after the policy pass: it reuses that pass's
@@ -173,7 +320,6 @@ pub fn run_micro_batch(
             )
         }
     };
-    let p = profile::phase("loss head");
     let logps = SequenceLogps {
         labels: batch.labels.clone(),
         policy: to_f64(&policy.sums)?,
@@ -182,35 +328,10 @@ pub fn run_micro_batch(
         reference_kl,
         completion_tokens: policy.counts.iter().map(|&c| c as f64).collect(),
     };
-    let mut loss = if train {
-        head.train_batch(&logps, step)?
-    } else {
-        head.eval_batch(&logps, step)?
+    let shard = ShardLogps {
+        logps,
+        logit_sums: policy.logit_sums.clone(),
+        counts: policy.counts.clone(),
     };
-    if let Some(sums) = &policy.logit_sums {
-        let vocab = model.cfg().vocab_size as f64;
-        for (i, s) in sums.iter().enumerate() {
-            let side = if batch.labels[i] {
-                "chosen"
-            } else {
-                "rejected"
-            };
-            loss.metrics.add(
-                &format!("logits/{side}"),
-                *s,
-                policy.counts[i] as f64 * vocab,
-            );
-        }
-    }
-    drop(p);
-    let grads = if train {
-        let _p = profile::phase("backward");
-        let g = Tensor::from_vec(loss.grad.clone(), loss.grad.len(), model.device())?
-            .to_dtype(model.dtype())?;
-        let surrogate = (&policy.sums * &g)?.sum_all()?;
-        Some(model.lora_gradients(&surrogate)?)
-    } else {
-        None
-    };
-    Ok(StepResult { loss, grads, logps })
+    Ok((shard, policy.sums))
 }

@@ -7,8 +7,9 @@
 //! desirable against undesirable. The standard errors are clustered by prompt, because the
 //! comparisons of one prompt share completions and are not independent.
 use super::batch::build_micro_batch;
+use super::batch::shard_rows;
 use super::refcache::RefCache;
-use super::step::{run_micro_batch, MicroBatchMode};
+use super::step::{run_micro_batch_shard, MicroBatchMode};
 use crate::data::KtoExample;
 use crate::loss::{finalize_metrics, LossHead};
 use crate::model::Llama;
@@ -25,6 +26,25 @@ pub fn evaluate(
     batch_size: usize,
     max_length: usize,
     step: usize,
+    cache: Option<&mut RefCache>,
+) -> Result<Option<BTreeMap<String, f64>>> {
+    let solo = crate::dist::Solo;
+    evaluate_in(
+        &solo, model, head, examples, batch_size, max_length, step, cache,
+    )
+}
+
+/// [`evaluate`] over the ranks of `comm`: `batch_size` is the global micro-batch, of which each
+/// rank runs its rows; every rank gets the same metrics.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_in(
+    comm: &dyn crate::dist::Comm,
+    model: &Llama,
+    head: &mut LossHead,
+    examples: &[KtoExample],
+    batch_size: usize,
+    max_length: usize,
+    step: usize,
     mut cache: Option<&mut RefCache>,
 ) -> Result<Option<BTreeMap<String, f64>>> {
     let min_batch = if head.needs_kl() { 2 } else { 1 };
@@ -34,7 +54,8 @@ pub fn evaluate(
         let refs: Vec<&KtoExample> = batch.iter().collect();
         let mb = build_micro_batch(&refs, max_length, head.needs_kl());
         let mode = MicroBatchMode::evaluation(step as u64);
-        let out = run_micro_batch(model, head, &mb, mode, cache.as_deref_mut())?;
+        let mine = shard_rows(mb.len(), comm.rank(), comm.size());
+        let out = run_micro_batch_shard(model, head, &mb, mine, mode, cache.as_deref_mut(), comm)?;
         m.merge(&out.loss.metrics);
         let l = &out.logps;
         for (i, e) in batch.iter().enumerate() {

@@ -1,0 +1,121 @@
+//! Several processes as one run: data parallelism over MPI (`mpirun -n N kto-train ...`, `srun`),
+//! with the semantics TRL has under accelerate. Without MPI a run is a world of one ([`Solo`]).
+//!
+//! What the training loop asks of the world is small: who am I ([`Comm::rank`], [`Comm::size`]),
+//! everyone's bytes ([`Comm::all_gather`]: per-sequence log-probs and metrics, so that every rank
+//! computes the loss head on the whole global micro-batch, as TRL gathers the KL log-ratios
+//! before its mean), a sum of numbers ([`Comm::all_reduce_sum`]: the LoRA gradients), and the
+//! same bytes as rank 0 ([`Comm::broadcast`]: the resume decision, stop requests).
+use anyhow::{bail, Result};
+use std::sync::OnceLock;
+
+#[cfg(feature = "mpi")]
+mod mpi_world;
+
+pub trait Comm: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Every rank's `mine`, in rank order.
+    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// Elementwise sum over the ranks, in place.
+    fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()>;
+    /// Rank 0's bytes on every rank (`buf` is ignored elsewhere).
+    fn broadcast(&self, buf: &[u8]) -> Result<Vec<u8>>;
+    /// What to call this world in messages ("MPI, 2 ranks").
+    fn describe(&self) -> String;
+    /// Ends every rank's process with `code` (MPI_Abort): an error on one rank must not leave
+    /// the others waiting in a collective.
+    fn abort(&self, code: i32) -> !;
+}
+
+/// A world of one process: every collective is the identity.
+pub struct Solo;
+
+impl Comm for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![mine.to_vec()])
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, buf: &[u8]) -> Result<Vec<u8>> {
+        Ok(buf.to_vec())
+    }
+    fn describe(&self) -> String {
+        "one process".into()
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+static WORLD: OnceLock<Box<dyn Comm>> = OnceLock::new();
+
+/// The ranks the launcher started, from its environment: Open MPI's mpirun, MPICH/Hydra's
+/// mpiexec (PMI), and srun (a job step: SLURM_STEP_NUM_TASKS; SLURM_NTASKS alone is also set for
+/// a batch script's single process).
+pub fn launched_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// Joins the world the process was launched into: MPI under mpirun/srun with the `mpi` feature,
+/// else a world of one. Launched as one of several ranks without the feature, it refuses (N
+/// copies of the same run would write the same folder).
+pub fn init() -> Result<&'static dyn Comm> {
+    if let Some(w) = WORLD.get() {
+        return Ok(w.as_ref());
+    }
+    let launched = launched_size();
+    // Under a launcher an MPI build always joins MPI (a world of one too); a build without MPI
+    // can only be a world of one.
+    let use_mpi = matches!(launched, Some(n) if n > 1 || cfg!(feature = "mpi"));
+    let world: Box<dyn Comm> = if use_mpi {
+        #[cfg(feature = "mpi")]
+        {
+            Box::new(mpi_world::MpiWorld::init()?)
+        }
+        #[cfg(not(feature = "mpi"))]
+        bail!(
+            "launched as one of {} processes, but this build has no MPI: build it with \
+             `cargo build --release --features mpi` (needs an MPI library: Debian's \
+             libopenmpi-dev openmpi-bin and libclang-dev)",
+            launched.unwrap_or(1)
+        )
+    } else {
+        Box::new(Solo)
+    };
+    let _ = WORLD.set(world);
+    Ok(world_ref())
+}
+
+/// The world joined by [`init`] (a world of one before it).
+pub fn world_ref() -> &'static dyn Comm {
+    static SOLO: Solo = Solo;
+    WORLD.get().map(|w| w.as_ref()).unwrap_or(&SOLO)
+}
+
+/// Leaves the world (MPI_Finalize); call before the process exits, also on errors.
+pub fn finalize() {
+    #[cfg(feature = "mpi")]
+    mpi_world::finalize();
+}
+
+/// Serializes `v` for a collective (JSON: f64 values round-trip exactly).
+pub fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(v)?)
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
+    match serde_json::from_slice(b) {
+        Ok(v) => Ok(v),
+        Err(e) => bail!("a message from another rank does not decode: {e}"),
+    }
+}
