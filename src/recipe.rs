@@ -10,12 +10,13 @@
 //! 5. finish: the PEFT adapter, the benchmarks, plots and the model card.
 use crate::config::Config;
 use crate::data::{self, KtoExample, PreparedData};
+use crate::dist::shard_rows;
 use crate::hub::ModelFiles;
 use crate::kernels::{gemm, KernelSettings};
 use crate::loss::{finalize_metrics, weight_ratio_warning, LossHead};
 use crate::model::adapter::{adapter_files, read_adapter_spec, tokenizer_files};
 use crate::model::{load_adapted, load_llama_frozen_in, Llama, LoraSpec};
-use crate::train::batch::{build_micro_batch, shard_rows};
+use crate::train::batch::build_micro_batch;
 use crate::train::checkpoint::{self, Checkpoint, TrainState};
 use crate::train::optim::{clip_grads, global_norm, AdamW, AdamWParams, AdamWState};
 use crate::train::progress::Progress;
@@ -808,8 +809,20 @@ impl<'a> Run<'a> {
         self.write_adapter(&adapter_dir)?;
         fault_pause("KTO_TRAIN_FAULT_FINISH_PAUSE_MS");
         let mut problems = Vec::new();
+        // Every rank scores its share of the benchmarks; rank 0 writes the reports.
+        let scored = if self.benchmarks.is_empty() {
+            None
+        } else {
+            Some(crate::eval::score_benchmarks_in(
+                self.world,
+                &self.cfg.eval,
+                &self.benchmarks,
+                &self.model,
+                &self.tokenizer,
+                quiet,
+            )?)
+        };
         if self.world.rank() > 0 {
-            // Rank 0 scores the benchmarks and writes the run folder's reports.
             return Ok(RunSummary {
                 output_dir: self.dir.root().to_path_buf(),
                 adapter_dir,
@@ -817,14 +830,7 @@ impl<'a> Run<'a> {
                 final_metrics: last_metrics,
             });
         }
-        if !self.benchmarks.is_empty() {
-            let (results, invalid) = crate::eval::score_benchmarks(
-                &self.cfg.eval,
-                &self.benchmarks,
-                &self.model,
-                &self.tokenizer,
-                quiet,
-            )?;
+        if let Some((results, invalid)) = scored {
             write_json_atomic(&self.dir.eval_results_path(), &results)?;
             problems = invalid;
         }

@@ -195,6 +195,21 @@ fn two_ranks_train_what_one_process_trains_with_the_global_batch() {
         }
     }
     assert!(compared > 50, "only {compared} metric values compared");
+    // The benchmark scores (each rank scored half of the continuations).
+    let results = |root: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(root.join("eval_results.json")).unwrap())
+            .unwrap()
+    };
+    let (r1, r2) = (results(&one), results(&two));
+    let (r1, r2) = (
+        r1["results"].as_array().unwrap(),
+        r2["results"].as_array().unwrap(),
+    );
+    assert!(!r1.is_empty() && r1.len() == r2.len(), "benchmark rows");
+    for (a, b) in r1.iter().zip(r2) {
+        let (x, y) = (a["value"].as_f64().unwrap(), b["value"].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-9, "{}: {x} vs {y}", a["task"]);
+    }
     // The BCO baseline in every step's checkpoint.
     for step in 1..=6 {
         let state = |root: &Path| -> serde_json::Value {
@@ -297,9 +312,16 @@ fn a_killed_rank_ends_the_run_and_it_resumes_with_one_or_two_ranks() {
     let mut child = c.spawn().unwrap();
     wait_for(&run.join("checkpoints/step-00000003"), &mut child);
     let pid = rank_pid(child.id(), 1).expect("rank 1's process");
+    let survivor = rank_pid(child.id(), 0).expect("rank 0's process");
     let killed = Instant::now();
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let out = child.wait_with_output().unwrap();
+    // Rank 0 itself is gone too (not left waiting for rank 1 in a collective).
+    while Path::new(&format!("/proc/{survivor}")).exists()
+        && killed.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let took = killed.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the run went on after a rank died");

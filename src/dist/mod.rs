@@ -55,6 +55,14 @@ impl Comm for Solo {
     }
 }
 
+/// Rank `rank`'s share of `n` rows (a micro-batch, benchmark requests) over `size` ranks: contiguous, as equal as
+/// possible, the first ranks one longer (so rows keep their order across the ranks).
+pub fn shard_rows(n: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
+    let (q, r) = (n / size, n % size);
+    let start = rank * q + rank.min(r);
+    start..start + q + usize::from(rank < r)
+}
+
 static WORLD: OnceLock<Box<dyn Comm>> = OnceLock::new();
 
 /// The ranks the launcher started, from its environment: Open MPI's mpirun, MPICH/Hydra's
@@ -108,7 +116,26 @@ pub fn finalize() {
     mpi_world::finalize();
 }
 
-/// Serializes `v` for a collective (JSON: f64 values round-trip exactly).
+/// f64 values as bytes for a collective, bit for bit (NaN and infinities included, which JSON
+/// cannot carry).
+pub fn encode_f64s(v: &[f64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn decode_f64s(b: &[u8]) -> Result<Vec<f64>> {
+    if !b.len().is_multiple_of(8) {
+        bail!(
+            "a message of {} bytes from another rank is not a list of f64",
+            b.len()
+        );
+    }
+    Ok(b.chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Serializes `v` for a collective (JSON, for values without NaN or infinities: f64 values
+/// round-trip exactly).
 pub fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
     Ok(serde_json::to_vec(v)?)
 }

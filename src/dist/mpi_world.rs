@@ -32,8 +32,33 @@ impl MpiWorld {
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         *UNIVERSE.lock().unwrap() = Some(universe);
+        if size > 1 {
+            watch_launcher(rank, size);
+        }
         Ok(Self { world, rank, size })
     }
+}
+
+/// When a rank dies, the launcher (mpirun, or the node's daemon) ends the job and exits; a rank
+/// waiting in a collective for the dead one, or one that took the launcher's SIGTERM as a stop
+/// request to finish its step, would wait forever. So every rank watches its parent process and
+/// ends itself, within a second, once the launcher is gone.
+fn watch_launcher(rank: usize, size: usize) {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // SAFETY: as above.
+        if unsafe { libc::getppid() } != parent {
+            eprintln!(
+                "error: rank {rank} of {size}: the launcher that started this rank (pid {parent}) \
+                 has ended the job, so another rank has stopped (the launcher's message names it); \
+                 this rank stops too (a --resume continues from the last checkpoint)"
+            );
+            // SAFETY: ends the process at once, without the exit handlers that could wait on MPI.
+            unsafe { libc::_exit(1) };
+        }
+    });
 }
 
 pub fn finalize() {

@@ -37,6 +37,19 @@ pub fn score_benchmarks(
     tok: &tokenizers::Tokenizer,
     quiet: bool,
 ) -> Result<(serde_json::Value, Vec<String>)> {
+    score_benchmarks_in(&crate::dist::Solo, cfg, benchmarks, model, tok, quiet)
+}
+
+/// [`score_benchmarks`] with the scoring shared by the ranks of `world` (every rank gets the
+/// same results).
+pub fn score_benchmarks_in(
+    world: &dyn crate::dist::Comm,
+    cfg: &EvalConfig,
+    benchmarks: &[tasks::TaskItems],
+    model: &Llama,
+    tok: &tokenizers::Tokenizer,
+    quiet: bool,
+) -> Result<(serde_json::Value, Vec<String>)> {
     let mut rows = Vec::new();
     let mut reports = Vec::new();
     let mut problems = Vec::new();
@@ -46,7 +59,7 @@ pub fn score_benchmarks(
             pass: PassMode::POLICY_EVAL,
             progress: !quiet,
         };
-        let report = runner::evaluate(model, tok, task, &eval_options)?;
+        let report = runner::evaluate_in(world, model, tok, task, &eval_options)?;
         if let Some(why) = report.invalid_reason() {
             rows.push(serde_json::json!({
                 "task": task.kind.display_name(), "shots": report.shots, "metric": null,

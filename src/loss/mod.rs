@@ -23,7 +23,7 @@ use crate::util::metric_sums::MetricSums;
 use anyhow::Result;
 
 /// Per-sequence inputs of one micro-batch.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct SequenceLogps {
     pub labels: Vec<bool>,
     pub policy: Vec<f64>,

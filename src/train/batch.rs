@@ -47,14 +47,6 @@ pub fn join_truncated(prompt: &[u32], completion: &[u32], max_length: usize) -> 
     }
 }
 
-/// Rank `rank`'s rows of a micro-batch of `n` rows over `size` ranks: contiguous, as equal as
-/// possible, the first ranks one longer (so rows keep their order across the ranks).
-pub fn shard_rows(n: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
-    let (q, r) = (n / size, n % size);
-    let start = rank * q + rank.min(r);
-    start..start + q + usize::from(rank < r)
-}
-
 pub fn build_micro_batch(examples: &[&KtoExample], max_length: usize, with_kl: bool) -> MicroBatch {
     let n = examples.len();
     let seqs = examples

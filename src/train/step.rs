@@ -150,11 +150,72 @@ pub fn run_micro_batch(
 
 /// What one rank sends the others about its rows of a micro-batch: the loss head's inputs, the
 /// rows' logit sums (TRL's `logits/chosen` metric) and their token count.
-#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[derive(Default)]
 struct ShardLogps {
     logps: SequenceLogps,
     logit_sums: Option<Vec<f64>>,
     counts: Vec<usize>,
+}
+
+impl ShardLogps {
+    /// As f64 values (bit for bit: a non-finite log-prob must reach the other ranks as it is):
+    /// the row count and which optional fields follow, then each field's n values.
+    fn encode(&self) -> Vec<u8> {
+        let l = &self.logps;
+        let n = l.labels.len();
+        let flag = |o: bool| if o { 1.0 } else { 0.0 };
+        let mut v = vec![
+            n as f64,
+            flag(l.policy_kl.is_some()),
+            flag(l.reference_kl.is_some()),
+            flag(self.logit_sums.is_some()),
+        ];
+        v.extend(l.labels.iter().map(|&b| flag(b)));
+        v.extend(&l.policy);
+        v.extend(&l.reference);
+        v.extend(l.policy_kl.iter().flatten());
+        v.extend(l.reference_kl.iter().flatten());
+        v.extend(&l.completion_tokens);
+        v.extend(self.logit_sums.iter().flatten());
+        v.extend(self.counts.iter().map(|&c| c as f64));
+        crate::dist::encode_f64s(&v)
+    }
+
+    fn decode(b: &[u8]) -> Result<Self> {
+        let v = crate::dist::decode_f64s(b)?;
+        let bad = || anyhow::anyhow!("a rank's log-probs message is malformed");
+        let head = v.get(..4).ok_or_else(bad)?;
+        let n = head[0] as usize;
+        let mut rest = &v[4..];
+        let mut take = |present: bool| -> Result<Option<Vec<f64>>> {
+            if !present {
+                return Ok(None);
+            }
+            let (a, b) = (rest.get(..n).ok_or_else(bad)?, &rest[n..]);
+            rest = b;
+            Ok(Some(a.to_vec()))
+        };
+        let labels = take(true)?.expect("present");
+        let policy = take(true)?.expect("present");
+        let reference = take(true)?.expect("present");
+        let policy_kl = take(head[1] == 1.0)?;
+        let reference_kl = take(head[2] == 1.0)?;
+        let completion_tokens = take(true)?.expect("present");
+        let logit_sums = take(head[3] == 1.0)?;
+        let counts = take(true)?.expect("present");
+        Ok(Self {
+            logps: SequenceLogps {
+                labels: labels.iter().map(|&x| x == 1.0).collect(),
+                policy,
+                reference,
+                policy_kl,
+                reference_kl,
+                completion_tokens,
+            },
+            logit_sums,
+            counts: counts.iter().map(|&c| c as usize).collect(),
+        })
+    }
 }
 
 /// Runs rows `mine` of the global micro-batch `batch` on this rank; the other ranks of `comm`
@@ -182,9 +243,9 @@ pub fn run_micro_batch_shard(
     let all: Vec<ShardLogps> = if comm.size() == 1 {
         vec![shard]
     } else {
-        comm.all_gather(&crate::dist::encode(&shard)?)?
+        comm.all_gather(&shard.encode())?
             .iter()
-            .map(|b| crate::dist::decode(b))
+            .map(|b| ShardLogps::decode(b))
             .collect::<Result<_>>()?
     };
     let has_kl = batch.kl_seqs.is_some();
@@ -334,4 +395,39 @@ fn local_logps(
         counts: policy.counts.clone(),
     };
     Ok((shard, policy.sums))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rank's message comes back bit for bit, non-finite values and absent fields included.
+    #[test]
+    fn shard_messages_round_trip() {
+        for with_kl in [false, true] {
+            let s = ShardLogps {
+                logps: SequenceLogps {
+                    labels: vec![true, false, true],
+                    policy: vec![-1.5, f64::NAN, f64::NEG_INFINITY],
+                    reference: vec![-0.1, -2.0, 1e-300],
+                    policy_kl: with_kl.then(|| vec![1.0, 2.0, f64::INFINITY]),
+                    reference_kl: Some(vec![0.5, -0.25, 3.0]),
+                    completion_tokens: vec![3.0, 7.0, 1.0],
+                },
+                logit_sums: with_kl.then(|| vec![10.0, -4.5, 0.0]),
+                counts: vec![3, 7, 1],
+            };
+            let d = ShardLogps::decode(&s.encode()).unwrap();
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(d.logps.labels, s.logps.labels);
+            assert_eq!(bits(&d.logps.policy), bits(&s.logps.policy));
+            assert_eq!(bits(&d.logps.reference), bits(&s.logps.reference));
+            assert_eq!(d.logps.policy_kl.is_some(), with_kl);
+            assert_eq!(d.logps.reference_kl, s.logps.reference_kl);
+            assert_eq!(d.logps.completion_tokens, s.logps.completion_tokens);
+            assert_eq!(d.logit_sums, s.logit_sums);
+            assert_eq!(d.counts, s.counts);
+        }
+        assert!(ShardLogps::decode(&crate::dist::encode_f64s(&[5.0, 0.0, 0.0, 0.0, 1.0])).is_err());
+    }
 }

@@ -7,10 +7,10 @@
 //! desirable against undesirable. The standard errors are clustered by prompt, because the
 //! comparisons of one prompt share completions and are not independent.
 use super::batch::build_micro_batch;
-use super::batch::shard_rows;
 use super::refcache::RefCache;
 use super::step::{run_micro_batch_shard, MicroBatchMode};
 use crate::data::KtoExample;
+use crate::dist::shard_rows;
 use crate::loss::{finalize_metrics, LossHead};
 use crate::model::Llama;
 use crate::util::metric_sums::MetricSums;

@@ -306,8 +306,22 @@ pub fn evaluate(
     task: &TaskItems,
     opts: &EvalOptions,
 ) -> Result<EvalReport> {
+    evaluate_in(&crate::dist::Solo, model, tok, task, opts)
+}
+
+/// [`evaluate`] over the ranks of `world`: each scores its share of the continuations, and
+/// every rank gets all the log-likelihoods (in order) and the same report.
+pub fn evaluate_in(
+    world: &dyn crate::dist::Comm,
+    model: &Llama,
+    tok: &Tokenizer,
+    task: &TaskItems,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
     let prefix = model.cfg().bos_token_id.or(model.cfg().eos_token_id);
-    let reqs = item_requests(tok, &task.items, prefix)?;
+    let all_reqs = item_requests(tok, &task.items, prefix)?;
+    let mine = crate::dist::shard_rows(all_reqs.len(), world.rank(), world.size());
+    let reqs = &all_reqs[mine];
     let bar = {
         use std::io::IsTerminal;
         (opts.progress && std::io::stderr().is_terminal()).then(|| {
@@ -322,7 +336,7 @@ pub fn evaluate(
             b
         })
     };
-    let flat = loglikelihoods(model, &reqs, opts.pass, opts.batch_size, &mut |done| {
+    let flat = loglikelihoods(model, reqs, opts.pass, opts.batch_size, &mut |done| {
         if let Some(b) = &bar {
             b.set_position(done as u64);
         }
@@ -330,6 +344,16 @@ pub fn evaluate(
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    let flat: Vec<f64> = if world.size() == 1 {
+        flat
+    } else {
+        let parts = world.all_gather(&crate::dist::encode_f64s(&flat))?;
+        let mut all = Vec::with_capacity(all_reqs.len());
+        for p in parts {
+            all.extend(crate::dist::decode_f64s(&p)?);
+        }
+        all
+    };
     let mut it = flat.into_iter();
     let lls: Vec<Vec<f64>> = task
         .items
