@@ -7,6 +7,7 @@
 # at run time). Recipe: the workplace's cuda-build probe (candle 0.11.1, proven on this machine).
 #
 #   scripts/build-cuda.sh             # -> target/cuda/release/kto-train
+#   scripts/build-cuda.sh --features nccl   # with MPI + NCCL (one rank per GPU; needs Open MPI)
 #   scripts/build-cuda.sh -- CMD...   # CMD in the same environment instead (e.g. cargo test
 #                                     # --release --features cuda --target-dir target/cuda --no-run)
 #   CUDA_COMPUTE_CAP=90 (default: sm_90a, H100/H200); WORK (default .cache/cuda-build)
@@ -29,6 +30,10 @@ fi
     "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-nvvm==13.0.88" \
     "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" \
     "nvidia-cuda-nvrtc==13.0.88" "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35"
+# NCCL (305 MB) only for a build of the `nccl` feature (scripts/build-cuda.sh --features nccl).
+case " $* " in *nccl*)
+    "$VENV/bin/python" -m pip install --quiet "nvidia-nccl-cu13==2.32.3" ;;
+esac
 CU13=$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
 [ -x "$CU13/bin/nvcc" ] || { echo "no nvcc in $CU13/bin" >&2; exit 1; }
 
@@ -38,7 +43,9 @@ rm -rf "$CH"
 mkdir -p "$CH/lib"
 for d in bin include nvvm; do ln -s "$CU13/$d" "$CH/$d"; done
 ln -s lib "$CH/lib64"
-for f in "$CU13"/lib/lib*.so.*; do
+NCCL_LIB=$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "nccl", "lib"))')
+for f in "$CU13"/lib/lib*.so.* "$NCCL_LIB"/lib*.so.*; do
+    [ -e "$f" ] || continue
     b=$(basename "$f")
     ln -sf "$f" "$CH/lib/$b"
     ln -sf "$f" "$CH/lib/${b%%.so.*}.so"

@@ -1051,6 +1051,10 @@ fn global_train_config(t: &crate::config::TrainConfig, ranks: usize) -> crate::c
 /// The LoRA gradients summed over the ranks (f64 sums, so that the order of the ranks costs
 /// nothing measurable), back in each tensor's dtype and shape.
 fn all_reduce_grads(world: &dyn crate::dist::Comm, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    #[cfg(feature = "nccl")]
+    if let Some(summed) = crate::dist::nccl::all_reduce(world, &grads)? {
+        return Ok(summed);
+    }
     let mut flat = Vec::new();
     for g in &grads {
         flat.extend(

@@ -10,11 +10,12 @@ fn long_version() -> &'static str {
     TEXT.get_or_init(|| {
         let on = |b: bool| if b { "on" } else { "off" };
         format!(
-            "{}\nfeatures: cuda {}, fast-gemm {}, mpi {}\nmatrix products on this machine: {}",
+            "{}\nfeatures: cuda {}, fast-gemm {}, mpi {}, nccl {}\nmatrix products on this machine: {}",
             env!("CARGO_PKG_VERSION"),
             on(cfg!(feature = "cuda")),
             on(cfg!(feature = "fast-gemm")),
             on(cfg!(feature = "mpi")),
+            on(cfg!(feature = "nccl")),
             crate::kernels::gemm::machine_summary()
         )
     })

@@ -25,12 +25,20 @@ impl DeviceSpec {
         Ok(())
     }
 
-    /// Opens the device.
+    /// Opens the device. One rank per GPU: in a run of several processes, `cuda:N` is GPU
+    /// N + the rank's local rank on its node (`cuda` = `cuda:0`: rank r of a node takes GPU r).
     pub fn open(self) -> anyhow::Result<candle_core::Device> {
         self.check_build()?;
+        let ranks = crate::dist::launched_size().unwrap_or(1);
+        let local = if ranks > 1 {
+            crate::dist::local_rank()
+        } else {
+            0
+        };
         Ok(match self {
             DeviceSpec::Cpu => candle_core::Device::Cpu,
-            DeviceSpec::Cuda(i) => candle_core::Device::new_cuda(i).map_err(|e| {
+            DeviceSpec::Cuda(i) => candle_core::Device::new_cuda(i + local).map_err(|e| {
+                let i = i + local;
                 anyhow::anyhow!(
                     "cannot open CUDA device {i} ({e}); is there an NVIDIA GPU with its driver \
                      here (nvidia-smi)? device = \"cpu\" runs without one"

@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 
 #[cfg(feature = "mpi")]
 mod mpi_world;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 pub trait Comm: Send + Sync {
     fn rank(&self) -> usize;
@@ -72,6 +74,19 @@ pub fn launched_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
         .iter()
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// This process's rank among the ranks of its node (Open MPI, MPICH, Slurm), 0 without a
+/// launcher: which GPU it takes.
+pub fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(0)
 }
 
 /// Joins the world the process was launched into: MPI under mpirun/srun with the `mpi` feature,

@@ -3,6 +3,8 @@
 //! (scripts/gpu-pack.sh), and one executable instead of nine keeps the bundle small.
 //! scripts/gpu-check.sh runs it with `KTO_TRAIN_TEST_DEVICE=cuda`. Each module is the test file of
 //! the same name, unchanged: the CPU runs them as separate test targets.
+// Each test file declares its own `mod common;`, so the helpers are compiled once per module.
+#![allow(clippy::duplicate_mod)]
 #[path = "../attention.rs"]
 mod attention;
 #[path = "../bf16_step.rs"]
