@@ -2,8 +2,7 @@
 //! global batch, a rank killed mid-run, SIGINT to mpirun, resuming with 1 or 2 ranks.
 //!
 //! Needs a kto-train built with the `mpi` feature and Open MPI's `mpirun` (.ci/run: `cargo test
-//! --release --features mpi --target-dir target/mpi --test distributed`); otherwise the tests say
-//! so and pass.
+//! --release --features mpi --test distributed`); otherwise the tests say so and pass.
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
