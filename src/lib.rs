@@ -4,6 +4,7 @@
 //! tests/architecture.rs checks this):
 //!
 //! 1. [`util`]: atomic writes, safetensors serialization, pooled metric sums, stable hashes;
+//!    [`dist`]: the processes of a run (MPI, or a world of one) and their collectives;
 //! 2. [`config`]: the TOML run description, validated before any work starts;
 //! 3. [`hub`]: finding a model's files (local folder, Hugging Face cache, download);
 //! 4. [`kernels`]: differentiable ops with hand-written backward passes, GEMM backends,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules by layer: a module may use only modules of lower layers.
 const LAYERS: [&[&str]; 9] = [
-    &["util"],
+    &["util", "dist"],
     &["config"],
     &["hub"],
     &["kernels"],
