@@ -55,7 +55,7 @@ pub struct RunSummary {
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let world = crate::dist::world_ref();
     if world.size() == 1 {
-        return train_in(cfg, opts, world, None);
+        return train_in(cfg, opts, world);
     }
     // Only rank 0 writes the run folder; the others write into a scratch folder of their own
     // (removed at the end) and take rank 0's decision of how the run starts.
@@ -65,7 +65,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         std::process::id()
     ));
     let result = if world.rank() == 0 {
-        train_in(cfg, opts, world, None)
+        train_in(cfg, opts, world)
     } else {
         let mut own = cfg.clone();
         own.output.dir = scratch.clone();
@@ -75,7 +75,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             overwrite: true,
             ..Default::default()
         };
-        train_in(&own, &own_opts, world, Some(cfg.output.dir.clone()))
+        train_in(&own, &own_opts, world)
     };
     if world.rank() > 0 {
         let _ = std::fs::remove_dir_all(&scratch);
@@ -91,13 +91,11 @@ enum StartNote {
     AlreadyFinished,
 }
 
-/// [`train`] on one rank of `world`; `shared_dir` (ranks above 0) is rank 0's run folder, whose
-/// checkpoints a resumed run continues from.
+/// [`train`] on one rank of `world` (ranks above 0: with their scratch folder as output.dir).
 fn train_in(
     cfg: &Config,
     opts: &RunOptions,
     world: &'static dyn crate::dist::Comm,
-    shared_dir: Option<PathBuf>,
 ) -> Result<RunSummary> {
     let dir = RunDir::lock(&cfg.output.dir)?;
     // Everything is read and checked before the folder changes: a typo in a path, a bad data
@@ -124,11 +122,8 @@ fn train_in(
             StartNote::Fresh => Start::Fresh,
             StartNote::AlreadyFinished => Start::AlreadyFinished,
             // Rank 0's checkpoint: its run folder must be visible here (one machine, or a
-            // shared file system).
-            StartNote::Resume(p) => Start::Resume(match &shared_dir {
-                Some(_) if p.is_relative() => std::env::current_dir()?.join(p),
-                _ => p,
-            }),
+            // shared file system), at the same path (mpirun starts every rank in its folder).
+            StartNote::Resume(p) => Start::Resume(p),
         };
     }
     let resume_from = match start {
@@ -1048,8 +1043,9 @@ fn global_train_config(t: &crate::config::TrainConfig, ranks: usize) -> crate::c
     g
 }
 
-/// The LoRA gradients summed over the ranks (f64 sums, so that the order of the ranks costs
-/// nothing measurable), back in each tensor's dtype and shape.
+/// The LoRA gradients summed over the ranks, back in each tensor's dtype and shape: over MPI as
+/// f64 sums (the order of the ranks then costs nothing measurable); with the `nccl` feature and
+/// gradients on GPUs, by NCCL on the devices in their dtype.
 fn all_reduce_grads(world: &dyn crate::dist::Comm, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
     #[cfg(feature = "nccl")]
     if let Some(summed) = crate::dist::nccl::all_reduce(world, &grads)? {
