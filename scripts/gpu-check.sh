@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should show about kto-train's CUDA path, in one unattended run of at
-# most 8 minutes (each stage has its own time limit, and a failed stage is reported, not fatal):
+# most 8 minutes (a 450 s budget; each stage has its own time limit within what is left, and a
+# failed or skipped stage is reported, not fatal):
 #
 #   1. the fidelity suite on the GPU (tests/gpu_suite with KTO_TRAIN_TEST_DEVICE=cuda: model
 #      logits, the TRL KTO step with its 28 LoRA gradients, gradient checks, prefix reuse,
@@ -21,12 +22,17 @@
 #   DEVICE=cpu scripts/gpu-check.sh    a dry run of this script on a machine without a GPU: the
 #                                      default build's binaries, tiny step shapes, TRL on the CPU
 #   STAGES="fidelity synthetic real"   (default: all three)
+#   BUDGET=450                         seconds for the whole run (default 450: the device tool's
+#                                      8 minutes less start-up); a stage gets what is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DEVICE=${DEVICE:-cuda}
 BUNDLE=${BUNDLE:-.gpu}
 STAGES=${STAGES:-fidelity synthetic real}
+# The dry run on a CPU (DEVICE=cpu) is many times slower than a GPU: longer limits and budget.
+if [ "$DEVICE" = cuda ]; then SLOW=1; else SLOW=8; fi
+BUDGET=${BUDGET:-$((450 * SLOW))}
 OUT=${OUT:-$ROOT/runs/gpu-check}
 mkdir -p "$OUT"
 W=$(mktemp -d)
@@ -81,9 +87,30 @@ HAVE_TRL=1
 TRL_DEV=(--device "$DEVICE")
 
 # ---- GPU memory: peak of memory.used while a command runs, above the level before it.
+# Seconds a stage may take: its own limit, or what is left of the budget (less 15 s for the
+# table); 0 when too little is left to start it.
+allowed() {
+    local want=$(($1 * SLOW)) left=$((BUDGET - SECONDS - 15))
+    if [ "$left" -lt 20 ]; then echo 0; elif [ "$want" -lt "$left" ]; then echo "$want"; else echo "$left"; fi
+}
+limited() { # seconds cmd...: timeout within the budget (timeout 0 would mean no limit at all)
+    local l
+    l=$(allowed "$1")
+    shift
+    if [ "$l" = 0 ]; then
+        log "skipped: the ${BUDGET} s budget is spent"
+        return 124
+    fi
+    timeout "$l" "$@"
+}
 measure() { # name timeout cmd... -> runs it, prints its last JSON line with gpu_peak_gb added
-    local name=$1 limit=$2
+    local name=$1 limit
+    limit=$(allowed "$2")
     shift 2
+    if [ "$limit" = 0 ]; then
+        log "$name skipped: the ${BUDGET} s budget is spent"
+        return
+    fi
     local mem="$W/$name.mem" logf="$OUT/$name.log"
     if [ "$DEVICE" = cuda ]; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$mem" 2>/dev/null &
@@ -113,7 +140,7 @@ measure() { # name timeout cmd... -> runs it, prints its last JSON line with gpu
 if [[ " $STAGES " == *" fidelity "* ]]; then
     if [ -n "$SUITE" ]; then
         log "fidelity suite on $DEVICE"
-        KTO_TRAIN_TEST_DEVICE=cuda KTO_TRAIN_REPO=$ROOT timeout 240 "$SUITE" --test-threads 1 \
+        limited 150 env KTO_TRAIN_TEST_DEVICE=cuda KTO_TRAIN_REPO="$ROOT" "$SUITE" --test-threads 1 \
             >"$OUT/fidelity.log" 2>&1
         echo "fidelity exit $?" >>"$OUT/fidelity.log"
         grep -E '^test result|FAILED|panicked' "$OUT/fidelity.log" | head -20 >&2
@@ -126,17 +153,18 @@ fi
 if [[ " $STAGES " == *" synthetic "* ]]; then
     if [ "$HAVE_TRL" = 1 ] && [ "$DEVICE" = cuda ]; then
         log "random SmolLM2-360M-shaped model for TRL"
-        "$PY" benches/trl/trl_gpu_bench.py make-model "$W/m360" --shape 360m >"$OUT/make-360m.log" 2>&1
+        limited 60 "$PY" benches/trl/trl_gpu_bench.py make-model "$W/m360" --shape 360m \
+            >"$OUT/make-360m.log" 2>&1
     fi
     IFS=, read -ra shapes <<<"$SHAPES"
     for s in "${shapes[@]}"; do
         read -r b p c <<<"$s"
         log "synthetic $b x ($p + $p): kto-train"
-        measure "kto-synthetic-$b-$p" 150 "$STEP" --device "$DEVICE" --dtype "$DT" --batch "$b" \
+        measure "kto-synthetic-$b-$p" 45 "$STEP" --device "$DEVICE" --dtype "$DT" --batch "$b" \
             --prompt "$p" --completion "$c" --steps 3 --warmup 1 --checkpointing 1 --json
         if [ "$HAVE_TRL" = 1 ] && [ -d "$W/m360" ]; then
             log "synthetic $b x ($p + $p): TRL"
-            measure "trl-synthetic-$b-$p" 180 "$PY" benches/trl/trl_gpu_bench.py "${TRL_DEV[@]}" \
+            measure "trl-synthetic-$b-$p" 60 "$PY" benches/trl/trl_gpu_bench.py "${TRL_DEV[@]}" \
                 synthetic "$W/m360" --batch "$b" --prompt-len "$p" --completion-len "$c" --steps 3 --warmup 1
         fi
     done
@@ -145,7 +173,7 @@ fi
 # ---- 3. real-data unit
 if [[ " $STAGES " == *" real "* ]]; then
     log "random SmolLM2-135M-shaped model with the real tokenizer"
-    "$PY" benches/trl/trl_gpu_bench.py make-model "$W/m135" --shape 135m \
+    limited 60 "$PY" benches/trl/trl_gpu_bench.py make-model "$W/m135" --shape 135m \
         --tokenizer data/samples/smollm2 >"$OUT/make-135m.log" 2>&1 ||
         { log "could not make the model (no torch?)"; tail -3 "$OUT/make-135m.log" >&2; }
     if [ -f "$W/m135/model.safetensors" ]; then
@@ -153,7 +181,7 @@ if [[ " $STAGES " == *" real "* ]]; then
             -e "s|@OUT@|$W/real-run|; s|@DEVICE@|$DEVICE|; s|@DTYPE@|$DT|" \
             benches/trl/real-unit-gpu.toml >"$W/real.toml"
         log "real unit: kto-train"
-        measure kto-real 240 bash -c '
+        measure kto-real 60 bash -c '
             "$1" --config "$2" --overwrite --quiet >&2 || exit 1
             python3 - "$3/metrics.jsonl" <<"PY"
 import json, sys
@@ -164,7 +192,7 @@ print(json.dumps(dict(unit="real", system="kto-train", steps=len(rows), examples
 PY' _ "$KTO" "$W/real.toml" "$W/real-run"
         if [ "$HAVE_TRL" = 1 ]; then
             log "real unit: TRL"
-            measure trl-real 240 "$PY" benches/trl/trl_gpu_bench.py "${TRL_DEV[@]}" real "$W/m135" \
+            measure trl-real 60 "$PY" benches/trl/trl_gpu_bench.py "${TRL_DEV[@]}" real "$W/m135" \
                 benches/trl/real-unit-64.jsonl
         fi
     fi
