@@ -94,12 +94,16 @@ macro_rules! by_dtype {
 /// Loads `$name` from the module (once per device) and launches it with `$args` in order.
 macro_rules! launch {
     ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let f = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
-        let mut b = f.builder();
-        $( b.arg($arg); )+
-        // SAFETY: the arguments match the kernel's signature in fused.cu, and element counts
-        // come from the layouts of the buffers passed.
-        unsafe { b.launch($cfg) }.w()?;
+        let cfg: LaunchConfig = $cfg;
+        // No rows, no work (and a grid of 0 blocks is a launch error).
+        if cfg.grid_dim.0 > 0 {
+            let f = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
+            let mut b = f.builder();
+            $( b.arg($arg); )+
+            // SAFETY: the arguments match the kernel's signature in fused.cu, and element
+            // counts come from the layouts of the buffers passed.
+            unsafe { b.launch(cfg) }.w()?;
+        }
     }};
 }
 
