@@ -20,13 +20,9 @@ sets=(--set "model.name_or_path=\"$gguf\"" --set 'data.sources=[{kind="unpaired"
     --set train.grad_accum=1 --set "train.max_steps=$STEPS" --set train.eval_every=0
     --set train.eval_on_start=false --set train.save_every=0 --set 'train.reference_cache="off"'
     --set train.activation_checkpointing=true --set train.max_length=512 --set eval.benchmarks=[])
-rate() { # metrics.jsonl -> examples/s after the first step
-    python3 - "$1" "$2" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if '"eval":true' not in l and "elapsed_seconds" in l]
-t = rows[-1]["elapsed_seconds"] - rows[0]["elapsed_seconds"]
-print(f"{int(sys.argv[2]) * (len(rows) - 1) / t:.3f}")
-PY
+rate() { # metrics.jsonl batch -> examples/s after the first step
+    scripts/examples-per-second.py "$1" "$2" |
+        python3 -c 'import json, sys; print("%.3f" % json.load(sys.stdin)["examples_per_s"])'
 }
 echo "== 1 process x 2 threads, batch 4" >&2
 RAYON_NUM_THREADS=2 /usr/bin/time -v "$bin" --config configs/smoke.toml "${sets[@]}" \

@@ -128,14 +128,8 @@ EOF
             echo "per-phase profile, real unit, $be:" >&2
             sed -n '/^profile (/,/^| total/p' "$log" | tee -a "$OUT/profile-$be.md" >&2
         fi
-        python3 - "$work/real-run/metrics.jsonl" "$be" "$(peak_gb "$log")" >>"$results" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if '"eval":true' not in l]
-rows = [r for r in rows if "elapsed_seconds" in r]
-t = rows[-1]["elapsed_seconds"] - rows[0]["elapsed_seconds"]
-print(json.dumps(dict(unit="real", system="kto-train", backend=sys.argv[2], steps=len(rows),
-                      examples_per_s=round(2 * (len(rows) - 1) / t, 3), peak_rss_gb=float(sys.argv[3]))))
-PY
+        scripts/examples-per-second.py "$work/real-run/metrics.jsonl" 2 unit=real \
+            system=kto-train "backend=$be" "peak_rss_gb=$(peak_gb "$log")" >>"$results"
         tail -1 "$results" >&2
     done
     if [ -n "${TRL_PYTHON:-}" ]; then

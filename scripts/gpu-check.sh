@@ -181,15 +181,9 @@ if [[ " $STAGES " == *" real "* ]]; then
             -e "s|@OUT@|$W/real-run|; s|@DEVICE@|$DEVICE|; s|@DTYPE@|$DT|" \
             benches/trl/real-unit-gpu.toml >"$W/real.toml"
         log "real unit: kto-train"
-        measure kto-real 60 bash -c '
-            "$1" --config "$2" --overwrite --quiet >&2 || exit 1
-            python3 - "$3/metrics.jsonl" <<"PY"
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if "\"eval\":true" not in l]
-rows = [r for r in rows if "elapsed_seconds" in r]
-t = rows[-1]["elapsed_seconds"] - rows[0]["elapsed_seconds"]
-print(json.dumps(dict(unit="real", system="kto-train", steps=len(rows), examples_per_s=round(2 * (len(rows) - 1) / t, 3))))
-PY' _ "$KTO" "$W/real.toml" "$W/real-run"
+        measure kto-real 60 bash -c '"$1" --config "$2" --overwrite --quiet >&2 &&
+            scripts/examples-per-second.py "$3/metrics.jsonl" 2 unit=real system=kto-train' \
+            _ "$KTO" "$W/real.toml" "$W/real-run"
         if [ "$HAVE_TRL" = 1 ]; then
             log "real unit: TRL"
             measure trl-real 60 "$PY" benches/trl/trl_gpu_bench.py "${TRL_DEV[@]}" real "$W/m135" \

@@ -83,14 +83,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     result
 }
 
-/// How rank 0 starts the run, for the others.
-#[derive(serde::Serialize, serde::Deserialize)]
-enum StartNote {
-    Fresh,
-    Resume(PathBuf),
-    AlreadyFinished,
-}
-
 /// [`train`] on one rank of `world` (ranks above 0: with their scratch folder as output.dir).
 fn train_in(
     cfg: &Config,
@@ -112,19 +104,9 @@ fn train_in(
         }
     };
     if world.size() > 1 {
-        let note = match &start {
-            Start::Fresh => StartNote::Fresh,
-            Start::Resume(p) => StartNote::Resume(p.clone()),
-            Start::AlreadyFinished => StartNote::AlreadyFinished,
-        };
-        let note: StartNote = crate::dist::decode(&world.broadcast(&crate::dist::encode(&note)?)?)?;
-        start = match note {
-            StartNote::Fresh => Start::Fresh,
-            StartNote::AlreadyFinished => Start::AlreadyFinished,
-            // Rank 0's checkpoint: its run folder must be visible here (one machine, or a
-            // shared file system), at the same path (mpirun starts every rank in its folder).
-            StartNote::Resume(p) => Start::Resume(p),
-        };
+        // Rank 0's decision for every rank. A checkpoint is in rank 0's run folder, which must
+        // be visible to the others at the same path (one machine, or a shared file system).
+        start = crate::dist::decode(&world.broadcast(&crate::dist::encode(&start)?)?)?;
     }
     let resume_from = match start {
         Start::Fresh => None,
@@ -621,7 +603,7 @@ impl<'a> Run<'a> {
             .global
             .eval_batch_size
             .unwrap_or(self.global.batch_size);
-        let Some(m) = validation::evaluate_in(
+        let Some(m) = validation::evaluate(
             self.world,
             &self.model,
             &mut self.head,
@@ -808,7 +790,7 @@ impl<'a> Run<'a> {
         let scored = if self.benchmarks.is_empty() {
             None
         } else {
-            Some(crate::eval::score_benchmarks_in(
+            Some(crate::eval::score_benchmarks(
                 self.world,
                 &self.cfg.eval,
                 &self.benchmarks,

@@ -129,6 +129,14 @@ fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
+/// d sum(y * upstream) / dx through the CPU op's own backward: what a backward kernel must give
+/// for the incoming gradient `upstream`.
+fn grad_through(y: &Tensor, upstream: &[f32], x: &Var) -> Vec<f32> {
+    let g = Tensor::from_vec(upstream.to_vec(), y.shape(), &Device::Cpu).unwrap();
+    let grads = (y * g).unwrap().sum_all().unwrap().backward().unwrap();
+    flat(grads.get(x.as_tensor()).unwrap())
+}
+
 /// |got - want| <= tol (|want| + floor) elementwise; f32 tolerances are f32 rounding, bf16's the
 /// one rounding of the stored result (2^-9 relative) with margin.
 fn assert_close(what: &str, st: St, got: &[f32], want: &[f32], floor: f32) {
@@ -172,13 +180,7 @@ fn rms_norm_forward_and_backward_match_the_cpu_op() {
             let want = fused::rms_norm(xv.as_tensor(), &t(&w, &[h]), eps as f64).unwrap();
             assert_close("rms_fwd", st, &y, &flat(&want), 1e-3);
             let dx = emulate("rms_bwd", st, &args, &ins).unwrap();
-            let grads = (want * t(&g, &[rows, h]))
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let want_dx = flat(grads.get(xv.as_tensor()).unwrap());
+            let want_dx = grad_through(&want, &g, &xv);
             assert_close("rms_bwd", st, &dx, &want_dx, 1e-2);
         });
     }
@@ -288,19 +290,7 @@ fn swiglu_and_mask_products_match_the_cpu_ops() {
         let want = fused::silu_mul(gv.as_tensor(), &t(&u, &[n])).unwrap();
         assert_close("silu_mul", st, &y, &flat(&want), 1e-3);
         let dg = emulate("silu_mul_bwd", st, &[], &ins).unwrap();
-        let grads = (want * t(&o, &[n]))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert_close(
-            "silu_mul_bwd",
-            st,
-            &dg,
-            &flat(grads.get(gv.as_tensor()).unwrap()),
-            1e-3,
-        );
+        assert_close("silu_mul_bwd", st, &dg, &grad_through(&want, &o, &gv), 1e-3);
         let m = emulate("mul", st, &[], &ins).unwrap();
         let want = fused::mul_const(&t(&g, &[n]), &t(&u, &[n])).unwrap();
         // A product of two bf16 values is exact in f32, so the stored result is that product
@@ -331,19 +321,7 @@ fn log_softmax_gather_forward_and_backward_match_the_cpu_op() {
         let want = fused::log_softmax_gather(xv.as_tensor(), &targets).unwrap();
         assert_close("lsg_fwd", st, &y, &flat(&want), 1.0);
         let dx = emulate("lsg_bwd", st, &args, &ins).unwrap();
-        let grads = (want * t(&g, &[rows]))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert_close(
-            "lsg_bwd",
-            st,
-            &dx,
-            &flat(grads.get(xv.as_tensor()).unwrap()),
-            1e-3,
-        );
+        assert_close("lsg_bwd", st, &dx, &grad_through(&want, &g, &xv), 1e-3);
     });
 }
 

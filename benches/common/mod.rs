@@ -17,11 +17,17 @@ use kto_train::train::step::{run_micro_batch, MicroBatchMode};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
-pub fn arg(name: &str, default: usize) -> usize {
+/// The value after `name` on the command line.
+pub fn arg_str(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+pub fn arg(name: &str, default: usize) -> usize {
+    arg_str(name)
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
@@ -36,18 +42,11 @@ pub struct Placement {
 
 impl Placement {
     pub fn from_args() -> anyhow::Result<Self> {
-        let args: Vec<String> = std::env::args().collect();
-        let named = |name: &str| {
-            args.iter()
-                .position(|a| a == name)
-                .and_then(|i| args.get(i + 1))
-                .cloned()
-        };
-        let device: kto_train::config::DeviceSpec = named("--device")
+        let device: kto_train::config::DeviceSpec = arg_str("--device")
             .unwrap_or_else(|| "cpu".into())
             .parse()
             .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?;
-        let dtype = match named("--dtype").as_deref() {
+        let dtype = match arg_str("--dtype").as_deref() {
             None | Some("f32") => DType::F32,
             Some("bf16") => DType::BF16,
             Some(d) => anyhow::bail!("--dtype {d}: f32 or bf16"),

@@ -4,8 +4,8 @@
 //! What the training loop asks of the world is small: who am I ([`Comm::rank`], [`Comm::size`]),
 //! everyone's bytes ([`Comm::all_gather`]: per-sequence log-probs and metrics, so that every rank
 //! computes the loss head on the whole global micro-batch, as TRL gathers the KL log-ratios
-//! before its mean), a sum of numbers ([`Comm::all_reduce_sum`]: the LoRA gradients), and the
-//! same bytes as rank 0 ([`Comm::broadcast`]: the resume decision, stop requests).
+//! before its mean; the ranks' stop requests), a sum of numbers ([`Comm::all_reduce_sum`]: the
+//! LoRA gradients), and the same bytes as rank 0 ([`Comm::broadcast`]: how the run starts).
 use anyhow::{bail, Result};
 use std::sync::OnceLock;
 
@@ -57,8 +57,9 @@ impl Comm for Solo {
     }
 }
 
-/// Rank `rank`'s share of `n` rows (a micro-batch, benchmark requests) over `size` ranks: contiguous, as equal as
-/// possible, the first ranks one longer (so rows keep their order across the ranks).
+/// Rank `rank`'s share of `n` rows (a micro-batch, benchmark requests) over `size` ranks:
+/// contiguous, as equal as possible, the first ranks one longer (so rows keep their order
+/// across the ranks).
 pub fn shard_rows(n: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
     let (q, r) = (n / size, n % size);
     let start = rank * q + rank.min(r);
@@ -159,5 +160,47 @@ pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
     match serde_json::from_slice(b) {
         Ok(v) => Ok(v),
         Err(e) => bail!("a message from another rank does not decode: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shares cover 0..n once, in rank order, and differ in length by at most one.
+    #[test]
+    fn shards_cover_every_row_once_in_order() {
+        for size in 1..6 {
+            for n in 0..20 {
+                let shares: Vec<_> = (0..size).map(|r| shard_rows(n, r, size)).collect();
+                let mut next = 0;
+                for s in &shares {
+                    assert_eq!(s.start, next, "n {n} size {size}: {shares:?}");
+                    next = s.end;
+                }
+                assert_eq!(next, n, "n {n} size {size}: {shares:?}");
+                let (lo, hi) = (
+                    shares.iter().map(|s| s.len()).min().unwrap(),
+                    shares.iter().map(|s| s.len()).max().unwrap(),
+                );
+                assert!(hi - lo <= 1, "n {n} size {size}: {shares:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn f64_messages_keep_every_bit() {
+        let v = [
+            0.0,
+            -0.0,
+            1.5,
+            f64::NAN,
+            f64::INFINITY,
+            f64::MIN_POSITIVE / 2.0,
+        ];
+        let back = decode_f64s(&encode_f64s(&v)).unwrap();
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back), bits(&v));
+        assert!(decode_f64s(&[0u8; 7]).is_err());
     }
 }

@@ -30,19 +30,8 @@ pub fn load_benchmarks(cfg: &EvalConfig) -> Result<Vec<tasks::TaskItems>> {
 /// The run's benchmarks scored with the trained model (adapter on, no dropout), as
 /// eval_results.json holds them; the table is printed unless `quiet`. A task with a non-finite
 /// log-likelihood has no score: its row says why, and it is in the returned list of problems.
+/// The ranks of `world` share the scoring, and every rank gets the same results.
 pub fn score_benchmarks(
-    cfg: &EvalConfig,
-    benchmarks: &[tasks::TaskItems],
-    model: &Llama,
-    tok: &tokenizers::Tokenizer,
-    quiet: bool,
-) -> Result<(serde_json::Value, Vec<String>)> {
-    score_benchmarks_in(&crate::dist::Solo, cfg, benchmarks, model, tok, quiet)
-}
-
-/// [`score_benchmarks`] with the scoring shared by the ranks of `world` (every rank gets the
-/// same results).
-pub fn score_benchmarks_in(
     world: &dyn crate::dist::Comm,
     cfg: &EvalConfig,
     benchmarks: &[tasks::TaskItems],

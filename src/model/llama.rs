@@ -536,10 +536,23 @@ impl Llama {
     /// a weight the loss does not reach), including those of checkpointed blocks.
     pub fn lora_gradients(&self, loss: &Tensor) -> Result<LoraGradients> {
         let store = checkpoint::backward(loss)?;
+        self.gradients_from(Some(&store))
+    }
+
+    /// Zero gradients for every LoRA weight (a rank with no rows in a micro-batch).
+    pub fn zero_lora_gradients(&self) -> Result<LoraGradients> {
+        self.gradients_from(None)
+    }
+
+    /// Each LoRA weight's gradient in `store`, zeros where it has none.
+    fn gradients_from(
+        &self,
+        store: Option<&candle_core::backprop::GradStore>,
+    ) -> Result<LoraGradients> {
         let vars = self.lora_vars();
         let grads = vars
             .iter()
-            .map(|v| match store.get(v.as_tensor()) {
+            .map(|v| match store.and_then(|s| s.get(v.as_tensor())) {
                 Some(g) => Ok(g.clone()),
                 None => v.zeros_like(),
             })
@@ -547,15 +560,6 @@ impl Llama {
         Ok(LoraGradients {
             ids: vars.iter().map(|v| v.as_tensor().id()).collect(),
             grads,
-        })
-    }
-
-    /// Zero gradients for every LoRA weight (a rank with no rows in a micro-batch).
-    pub fn zero_lora_gradients(&self) -> Result<LoraGradients> {
-        let vars = self.lora_vars();
-        Ok(LoraGradients {
-            ids: vars.iter().map(|v| v.as_tensor().id()).collect(),
-            grads: vars.iter().map(|v| v.zeros_like()).collect::<Result<_>>()?,
         })
     }
 }

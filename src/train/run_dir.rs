@@ -70,8 +70,8 @@ pub struct StartRequest {
     pub allow_config_change: Vec<String>,
 }
 
-/// How a run starts in its folder.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a run starts in its folder (rank 0 sends it to the other ranks of a run).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Start {
     Fresh,
     /// From this checkpoint.

@@ -233,7 +233,12 @@ pub fn run_micro_batch_shard(
     mut cache: Option<&mut RefCache>,
     comm: &dyn crate::dist::Comm,
 ) -> Result<StepResult> {
-    let local = batch.rows(mine.clone());
+    // A world of one runs the micro-batch as it is (no copy of its sequences).
+    let local = if mine == (0..batch.len()) {
+        std::borrow::Cow::Borrowed(batch)
+    } else {
+        std::borrow::Cow::Owned(batch.rows(mine.clone()))
+    };
     let (shard, policy) = if local.is_empty() {
         (ShardLogps::default(), None)
     } else {
@@ -254,15 +259,17 @@ pub fn run_micro_batch_shard(
         has_kl && head.needs_kl(),
         has_kl,
     );
-    // Every rank's reference log-probs into this rank's cache: filled in parallel, then shared.
+    // The other ranks' reference log-probs into this rank's cache (its own rows are there
+    // already): filled in parallel, then shared.
     if let (Some(c), true) = (cache, comm.size() > 1) {
         let key = |s: &Sequence| sequence_key(&s.tokens, s.prompt_len);
-        for (s, v) in batch.seqs.iter().zip(&logps.reference) {
-            c.insert(key(s), *v);
+        let others = |i: &usize| !mine.contains(i);
+        for i in (0..batch.len()).filter(others) {
+            c.insert(key(&batch.seqs[i]), logps.reference[i]);
         }
         if let (Some(kl), Some(v)) = (&batch.kl_seqs, &logps.reference_kl) {
-            for (s, v) in kl.iter().zip(v) {
-                c.insert(key(s), *v);
+            for i in (0..kl.len()).filter(others) {
+                c.insert(key(&kl[i]), v[i]);
             }
         }
     }

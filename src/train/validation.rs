@@ -17,27 +17,11 @@ use crate::util::metric_sums::MetricSums;
 use anyhow::Result;
 use std::collections::BTreeMap;
 
-/// Evaluation over the whole validation split at optimizer step `step`; None when the split
-/// makes no micro-batch.
-pub fn evaluate(
-    model: &Llama,
-    head: &mut LossHead,
-    examples: &[KtoExample],
-    batch_size: usize,
-    max_length: usize,
-    step: usize,
-    cache: Option<&mut RefCache>,
-) -> Result<Option<BTreeMap<String, f64>>> {
-    let solo = crate::dist::Solo;
-    evaluate_in(
-        &solo, model, head, examples, batch_size, max_length, step, cache,
-    )
-}
-
-/// [`evaluate`] over the ranks of `comm`: `batch_size` is the global micro-batch, of which each
-/// rank runs its rows; every rank gets the same metrics.
+/// Evaluation over the whole validation split at optimizer step `step`, shared by the ranks of
+/// `comm` (`batch_size` is the global micro-batch, of which each rank runs its rows; every rank
+/// gets the same metrics); None when the split makes no micro-batch.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate_in(
+pub fn evaluate(
     comm: &dyn crate::dist::Comm,
     model: &Llama,
     head: &mut LossHead,
