@@ -506,6 +506,14 @@ fn raw_products_match_f64_on_odd_shapes() {
         (25, 65, 385),
         (97, 257, 129),
         (12, 32, 1000),
+        // One dimension of at most 16 (LoRA's rank; src/kernels/gemm/skinny.rs): n (row
+        // blocks of 8 and a remainder, several tasks), m, k.
+        (45, 13, 300),
+        (130, 16, 77),
+        (16, 200, 77),
+        (9, 1000, 3),
+        (70, 150, 16),
+        (33, 47, 5),
         // A B above the tile kernel's 16 MiB packed size, where its tasks go by B columns:
         // one orientation, the frozen-weight one (x @ w^T), to keep the f64 reference short.
         (37, 131_101, 70),

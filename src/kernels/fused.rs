@@ -17,14 +17,20 @@ trait Fl: Float + WithDType + Send + Sync + std::ops::AddAssign + std::ops::MulA
     /// e^x for the ops' inner loops: f64 uses libm; f32 [`exp_f32`], which the compiler can
     /// vectorize (a libm call per element was 40% of the non-GEMM time of a real-data step).
     fn fast_exp(self) -> Self;
+    /// Whether the reductions run in [`LANES`] partial sums (f32) or as one running sum (f64:
+    /// the reference precision that tests compare against, and whose runs on N processes must
+    /// reproduce one process's bit for bit; its order is the one the project always had).
+    const LANED: bool;
 }
 impl Fl for f32 {
+    const LANED: bool = true;
     #[inline(always)]
     fn fast_exp(self) -> f32 {
         exp_f32(self)
     }
 }
 impl Fl for f64 {
+    const LANED: bool = false;
     #[inline(always)]
     fn fast_exp(self) -> f64 {
         self.exp()
@@ -114,14 +120,17 @@ fn combine<T: Copy + std::ops::Add<Output = T>>(mut acc: [T; LANES]) -> T {
     acc[0]
 }
 
-/// sum_i f(a_i, b_i) in [`LANES`] partial sums.
+/// sum_i f(a_i, b_i) in [`LANES`] partial sums (in order where `T::LANED` is false).
 #[inline(always)]
-fn lane_sum<T: Copy, S: Copy + std::ops::Add<Output = S>>(
+fn lane_sum<T: Fl, S: Copy + std::ops::Add<Output = S>>(
     a: &[T],
     b: &[T],
     zero: S,
     f: impl Fn(T, T) -> S,
 ) -> S {
+    if !T::LANED {
+        return a.iter().zip(b).fold(zero, |acc, (&x, &y)| acc + f(x, y));
+    }
     let mut acc = [zero; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -136,11 +145,15 @@ fn lane_sum<T: Copy, S: Copy + std::ops::Add<Output = S>>(
     combine(acc)
 }
 
-/// sum_i f(a_i, b_i, c_i) in f64, in [`LANES`] partial sums.
+/// sum_i f(a_i, b_i, c_i) in f64, in [`LANES`] partial sums (in order where `T::LANED` is
+/// false).
 #[inline(always)]
-fn lane_sum3<T: Copy>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> f64) -> f64 {
-    let mut acc = [0.0; LANES];
+fn lane_sum3<T: Fl>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> f64) -> f64 {
     let n = a.len().min(b.len()).min(c.len());
+    if !T::LANED {
+        return (0..n).fold(0.0, |acc, i| acc + f(a[i], b[i], c[i]));
+    }
+    let mut acc = [0.0; LANES];
     let full = n / LANES * LANES;
     let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
     for ((xa, xb), xc) in a[..full]

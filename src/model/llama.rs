@@ -54,6 +54,10 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+/// `KTO_TRAIN_PACK`: `0` runs one pass per sequence where [`Llama::can_pack`] would pack them
+/// (for comparisons), `1` packs also where the products' rounding depends on the rows' grouping.
+pub const PACK_ENV: &str = "KTO_TRAIN_PACK";
+
 /// Keys and values [B, kv_heads, T, head_dim] of one layer.
 pub type LayerKv = (Tensor, Tensor);
 
@@ -76,6 +80,9 @@ pub struct BlockContext {
     pub mask: Option<Tensor>,
     pub use_fused: bool,
     pub gemm: GemmMode,
+    /// Lengths of the sequences packed one after another into this pass's single row (B = 1,
+    /// fused path, no prefix): each attends only to itself, from position 0. Empty: none.
+    pub segments: Vec<usize>,
 }
 
 impl Attention {
@@ -115,7 +122,9 @@ impl Attention {
             Some((pk, pv)) => (Tensor::cat(&[pk, &kh], 2)?, Tensor::cat(&[pv, &vh], 2)?),
             None => (kh, vh),
         };
-        let y = if ctx.use_fused {
+        let y = if ctx.use_fused && !ctx.segments.is_empty() {
+            packed_attention(&qh, &kh, &vh, ctx)?
+        } else if ctx.use_fused {
             // Query heads of one key/value head are stacked as rows: no repeated k/v.
             let qh = qh.reshape((b, nkv, (nh / nkv) * t, hd))?;
             let scale = 1.0 / (hd as f64).sqrt();
@@ -127,6 +136,29 @@ impl Attention {
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&y, pass, ctx.gemm)
     }
+}
+
+/// Attention of a packed pass (`ctx.segments`): each sequence's queries over its own keys only,
+/// as if it ran alone. q [1, heads, T, d], k and v [1, kv_heads, T, d] -> [1, heads, T, d].
+fn packed_attention(qh: &Tensor, kh: &Tensor, vh: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+    let (t, hd) = (ctx.t, ctx.head_dim);
+    let (nkv, group) = (ctx.kv_heads, ctx.heads / ctx.kv_heads);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let q = qh.reshape((1, nkv, group, t, hd))?;
+    let mut parts = Vec::with_capacity(ctx.segments.len());
+    let mut start = 0;
+    for &len in &ctx.segments {
+        let qs = q
+            .narrow(3, start, len)?
+            .contiguous()?
+            .reshape((1, nkv, group * len, hd))?;
+        let ks = kh.narrow(2, start, len)?.contiguous()?;
+        let vs = vh.narrow(2, start, len)?.contiguous()?;
+        let y = attention::causal_attention(&qs, &ks, &vs, scale, len, 0, ctx.gemm)?;
+        parts.push(y.reshape((1, nkv, group, len, hd))?);
+        start += len;
+    }
+    Tensor::cat(&parts, 3)?.reshape((1, ctx.heads, t, hd))
 }
 
 /// softmax(q k^T / sqrt(d) + mask) v with candle's ops, k/v repeated per query head.
@@ -384,7 +416,7 @@ impl Llama {
 
     /// Final-norm hidden states [B, T, hidden] for right-padded token ids [B, T].
     pub fn hidden_states(&self, ids: &Tensor, pass: PassMode) -> Result<Tensor> {
-        self.run_layers(ids, pass, None, None)
+        self.run_layers(ids, pass, None, None, &[])
     }
 
     /// [`Llama::hidden_states`], also returning every layer's keys and values
@@ -395,7 +427,65 @@ impl Llama {
         pass: PassMode,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let mut kv = Vec::with_capacity(self.layers.len());
-        let h = self.run_layers(ids, pass, None, Some(&mut kv))?;
+        let h = self.run_layers(ids, pass, None, Some(&mut kv), &[])?;
+        Ok((h, kv))
+    }
+
+    /// Whether [`Llama::hidden_states_packed`] applies to a pass in `pass`: the fused CPU path
+    /// (it attends per sequence), RoPE frequencies that do not depend on the pass's length, no
+    /// LoRA dropout in the pass (a mask is drawn per pass over all its rows: packed, the second
+    /// sequence would get other masks than in a pass of its own), and frozen-weight products
+    /// that round each row the same whatever rows share the product
+    /// ([`crate::kernels::gemm::rows_independent`]: the bf16 kernels), so that packing never
+    /// changes a sequence's frozen products (in f64 with gemmkit it would, in the last bits, and
+    /// a run on N ranks would no longer reproduce one process's). `KTO_TRAIN_PACK=0` never
+    /// packs; `KTO_TRAIN_PACK=1` packs wherever the rest allows (tests/packing.rs in f64).
+    pub fn can_pack(&self, pass: PassMode) -> bool {
+        static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+        let setting = *SETTING.get_or_init(|| match std::env::var(PACK_ENV).as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            _ => None,
+        });
+        let rows_independent = match setting {
+            Some(false) => return false,
+            Some(true) => true,
+            None => crate::kernels::gemm::rows_independent(self.kernels.gemm, self.dtype),
+        };
+        let dropout = pass.lora
+            && pass.dropout.is_some()
+            && self
+                .lora_layers()
+                .iter()
+                .any(|(_, l)| l.lora.as_ref().is_some_and(|lora| lora.dropout > 0.0));
+        rows_independent
+            && self.device.is_cpu()
+            && self.kernels.fused_ops
+            && matches!(self.dtype, DType::F32 | DType::F64)
+            && !self.cfg.rope_scaling.depends_on_length()
+            && !dropout
+    }
+
+    /// Final-norm hidden states [1, T, hidden] of sequences of `lengths` packed one after
+    /// another into `ids` [1, T] (T = the lengths' sum): each sequence's states equal those of
+    /// a pass over it alone (same positions, attention within itself), with every product run
+    /// once over all T rows instead of once per sequence. With `capture`, also every layer's
+    /// keys and values [1, kv_heads, T, head_dim] (detached). Only where [`Llama::can_pack`].
+    pub fn hidden_states_packed(
+        &self,
+        ids: &Tensor,
+        pass: PassMode,
+        lengths: &[usize],
+        capture: bool,
+    ) -> Result<(Tensor, Option<Vec<LayerKv>>)> {
+        if !self.can_pack(pass)
+            || ids.dim(0)? != 1
+            || lengths.iter().sum::<usize>() != ids.dim(1)?
+        {
+            candle_core::bail!("hidden_states_packed: not packable here, or lengths != ids");
+        }
+        let mut kv = capture.then(|| Vec::with_capacity(self.layers.len()));
+        let h = self.run_layers(ids, pass, None, kv.as_mut(), lengths)?;
         Ok((h, kv))
     }
 
@@ -416,7 +506,7 @@ impl Llama {
                 self.layers.len()
             );
         }
-        self.run_layers(ids, pass, Some(prefix), None)
+        self.run_layers(ids, pass, Some(prefix), None, &[])
     }
 
     /// [`Llama::hidden_states_after`] that also returns each layer's keys and values for all
@@ -429,9 +519,9 @@ impl Llama {
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let mut new = Vec::with_capacity(self.layers.len());
         let h = if prefix.is_empty() {
-            self.run_layers(ids, pass, None, Some(&mut new))?
+            self.run_layers(ids, pass, None, Some(&mut new), &[])?
         } else {
-            self.run_layers(ids, pass, Some(prefix), Some(&mut new))?
+            self.run_layers(ids, pass, Some(prefix), Some(&mut new), &[])?
         };
         if prefix.is_empty() {
             return Ok((h, new));
@@ -444,8 +534,24 @@ impl Llama {
         Ok((h, kv))
     }
 
-    fn block_context(&self, b: usize, t: usize, offset: usize, x: &Tensor) -> Result<BlockContext> {
-        let (cos, sin) = self.rope_tables(offset, t)?;
+    fn block_context(
+        &self,
+        b: usize,
+        t: usize,
+        offset: usize,
+        x: &Tensor,
+        segments: &[usize],
+    ) -> Result<BlockContext> {
+        let (cos, sin) = if segments.is_empty() {
+            self.rope_tables(offset, t)?
+        } else {
+            // Each packed sequence from position 0: rows of one table up to the longest.
+            let longest = segments.iter().copied().max().unwrap_or(0);
+            let (cos, sin) = self.rope_tables(0, longest)?;
+            let pos: Vec<u32> = segments.iter().flat_map(|&n| 0..n as u32).collect();
+            let pos = Tensor::from_vec(pos, t, &self.device)?;
+            (cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?)
+        };
         let use_fused = self.kernels.fused_ops && fused::available(x);
         let mask = if use_fused {
             None
@@ -465,6 +571,7 @@ impl Llama {
             mask,
             use_fused,
             gemm: self.kernels.gemm,
+            segments: segments.to_vec(),
         })
     }
 
@@ -474,6 +581,7 @@ impl Llama {
         pass: PassMode,
         prefix: Option<&[LayerKv]>,
         mut capture: Option<&mut Vec<LayerKv>>,
+        segments: &[usize],
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = match prefix {
@@ -483,7 +591,10 @@ impl Llama {
         let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
             .forward(ids)?;
         let mut x = x.to_dtype(self.dtype)?;
-        let ctx = Arc::new(self.block_context(b, t, offset, &x)?);
+        let ctx = Arc::new(self.block_context(b, t, offset, &x, segments)?);
+        if !segments.is_empty() && !ctx.use_fused {
+            candle_core::bail!("packed sequences need the fused attention path");
+        }
         let checkpoint = self.kernels.activation_checkpointing && pass.grad && prefix.is_none();
         for (i, layer) in self.layers.iter().enumerate() {
             let cap = capture.as_deref_mut();
