@@ -454,10 +454,12 @@ impl Llama {
         };
         let dropout = pass.lora
             && pass.dropout.is_some()
-            && self
-                .lora_layers()
-                .iter()
-                .any(|(_, l)| l.lora.as_ref().is_some_and(|lora| lora.dropout > 0.0));
+            && self.layers.iter().any(|layer| {
+                layer
+                    .projections()
+                    .iter()
+                    .any(|(_, l)| l.lora.as_ref().is_some_and(|lora| lora.dropout > 0.0))
+            });
         rows_independent
             && self.device.is_cpu()
             && self.kernels.fused_ops

@@ -632,8 +632,9 @@ mod amx {
         // The order of the tasks (rayon hands each thread a contiguous range): by default a
         // thread's consecutive tasks share their A rows; for a B much larger than L2 (the
         // lm_head: 56 MB at SmolLM2-135M) they share their B columns instead, so that B is read
-        // from memory about once instead of once per row block (1.3-1.4x there; the other
-        // order is faster at the projections' shapes: benches/gemm.rs). Not for a long k (the
+        // from memory about once instead of once per row block (1.2-1.4x there in a test that
+        // ran both orders interleaved, which also found the default order faster at the k/v and
+        // down projections' shapes). Not for a long k (the
         // lm_head's input gradient), where a block's B panels alone outgrow L2.
         let b_outer = pb.len() * 4 > B_OUTER_BYTES && k <= 4096;
         (0..row_blocks * col_tasks).into_par_iter().for_each(|t| {
