@@ -424,6 +424,7 @@ impl<'a> Run<'a> {
         let mut last_metrics = BTreeMap::new();
         let mut interval_start = Instant::now();
         let data = self.data.clone();
+        let mut grace_checked = false;
         if t.eval_on_start && state.step == 0 {
             self.validate(state, 0.0)?;
         }
@@ -437,7 +438,12 @@ impl<'a> Run<'a> {
                 continue;
             }
             let lr = self.plan.schedule.lr(state.step);
+            let step_start = Instant::now();
             self.optimizer_step(state, groups[state.next_group], lr)?;
+            if !grace_checked {
+                grace_checked = true;
+                self.check_kill_grace(step_start.elapsed().as_secs_f64());
+            }
             let last = state.step == self.plan.total_steps;
             // Epochs done, as a fraction (HF Trainer's `epoch`), for training and evaluation lines.
             let epoch = state.epoch as f64 + state.next_group as f64 / groups.len() as f64;
@@ -466,6 +472,19 @@ impl<'a> Run<'a> {
         Ok(last_metrics)
     }
 
+    /// A SIGINT to mpirun must leave the ranks time to finish the step and checkpoint (README,
+    /// "Stopping"); rank 0 says so after the first step when Open MPI's grace is shorter.
+    fn check_kill_grace(&self, step_s: f64) {
+        if self.world.size() < 2 || self.world.rank() != 0 {
+            return;
+        }
+        let notice = crate::dist::launcher_kill_grace_s()
+            .and_then(|g| crate::dist::kill_grace_notice(g, step_s));
+        if let Some(n) = notice {
+            self.progress.warn(&n);
+        }
+    }
+
     /// One optimizer step over `group`: accumulate its micro-batches' gradients, then update, or
     /// skip a non-finite step (stopping after `max_consecutive_nonfinite` in a row).
     fn optimizer_step(
@@ -474,6 +493,7 @@ impl<'a> Run<'a> {
         group: &[Vec<&KtoExample>],
         lr: f64,
     ) -> Result<()> {
+        fault_pause("KTO_TRAIN_FAULT_STEP_PAUSE_MS");
         let t = &self.cfg.train;
         let step = state.step;
         let mut sum: Option<Vec<Tensor>> = None;
@@ -874,7 +894,8 @@ impl<'a> Run<'a> {
 /// a healthy run stays orders of magnitude below this; beyond it the run has diverged.
 const MAX_LORA_WEIGHT: f64 = 1e4;
 
-/// Test hook: sleeps for `$var` milliseconds, widening the window in which a kill lands.
+/// Test hook: sleeps for `$var` milliseconds, widening the window in which a kill lands (or, per
+/// step, making a tiny model's step as slow as a real one's).
 fn fault_pause(var: &str) {
     if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));

@@ -57,18 +57,24 @@ fn args(out: &Path, per_rank: usize, extra: &[&str]) -> Vec<String> {
 }
 
 fn mpirun(n: usize) -> Command {
+    mpirun_with(n, &[])
+}
+
+/// mpirun with options of its own (before the program).
+fn mpirun_with(n: usize, options: &[&str]) -> Command {
     let mut c = Command::new("mpirun");
-    c.args([
-        "--oversubscribe",
-        "-n",
-        &n.to_string(),
-        "-x",
-        "RAYON_NUM_THREADS=1",
-    ])
-    // Open MPI refuses to start as root without these (CI runs as root).
-    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    .arg(kto());
+    c.args(options)
+        .args([
+            "--oversubscribe",
+            "-n",
+            &n.to_string(),
+            "-x",
+            "RAYON_NUM_THREADS=1",
+        ])
+        // Open MPI refuses to start as root without these (CI runs as root).
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .arg(kto());
     c
 }
 
@@ -366,10 +372,33 @@ fn sigint_to_mpirun_checkpoints_once_and_the_resumed_run_is_the_uninterrupted_on
         "train.save_every=10",
         "train.eval_every=0",
     ];
-    let mut c = mpirun(2);
+    // Steps of over half a second: too long for Open MPI's default grace (mpirun kills the
+    // ranks 1 s after passing a signal on), so rank 0 says how to launch instead, once.
+    let mut c = mpirun_with(2, &["-x", "KTO_TRAIN_FAULT_STEP_PAUSE_MS=500"]);
     c.args(args(&whole, 2, &extra));
-    ok(c, "uninterrupted");
-    let mut c = mpirun(2);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "uninterrupted: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr
+            .matches("`mpirun --mca odls_base_sigkill_timeout ")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    // With a grace that fits the step, a stop in the middle of a 2 s step (which the default
+    // 1 s would cut short, losing the checkpoint) finishes the step and checkpoints. Open MPI
+    // passes the SIGINT on as SIGTERM after the grace, so the run is still going then.
+    let mut c = mpirun_with(
+        2,
+        &[
+            "--mca",
+            "odls_base_sigkill_timeout",
+            "10",
+            "-x",
+            "KTO_TRAIN_FAULT_STEP_PAUSE_MS=1200",
+        ],
+    );
     c.args(args(&cut, 2, &extra)).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     wait_for(&cut.join("checkpoints/step-00000010"), &mut child);

@@ -77,6 +77,40 @@ pub fn launched_size() -> Option<usize> {
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
+/// How long Open MPI's mpirun lets the ranks run on a SIGINT/SIGTERM (`odls_base_sigkill_timeout`,
+/// seconds, default 1; mpirun hands the value to the ranks as
+/// `OMPI_MCA_odls_base_sigkill_timeout`). Open MPI 4.1 sends the ranks SIGCONT, waits this long,
+/// sends SIGTERM, waits this long again and kills them: a rank has this long after the SIGTERM
+/// to finish its step and checkpoint. `None` under other launchers and without one.
+pub fn launcher_kill_grace_s() -> Option<f64> {
+    std::env::var_os("OMPI_COMM_WORLD_SIZE")?;
+    let set = std::env::var("OMPI_MCA_odls_base_sigkill_timeout").ok();
+    Some(kill_grace_from(set.as_deref()))
+}
+
+fn kill_grace_from(set: Option<&str>) -> f64 {
+    set.and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(1.0)
+}
+
+/// A notice for the user when a stop through the launcher cannot finish the step: the ranks
+/// would be killed mid-step and the checkpoint a stop promises would not be written.
+pub fn kill_grace_notice(grace_s: f64, step_s: f64) -> Option<String> {
+    // The step in flight plus the checkpoint must fit, with room for a slower step.
+    if step_s * 2.0 < grace_s {
+        return None;
+    }
+    // Longer is safe but delays the stop: mpirun waits this long before it passes the signal on.
+    let enough = (step_s * 3.0 + 10.0).ceil();
+    Some(format!(
+        "note: mpirun kills the ranks {grace_s} s after it passes on a SIGINT/SIGTERM \
+         (Open MPI's odls_base_sigkill_timeout) and a step here takes {step_s:.1} s, so a stop \
+         through mpirun would end the run without the checkpoint; launch with \
+         `mpirun --mca odls_base_sigkill_timeout {enough} ...`, or send the signal to the \
+         kto-train processes themselves, to stop after the step with a checkpoint"
+    ))
+}
+
 /// This process's rank among the ranks of its node (Open MPI, MPICH, Slurm), 0 without a
 /// launcher: which GPU it takes.
 pub fn local_rank() -> usize {
@@ -202,5 +236,22 @@ mod tests {
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&back), bits(&v));
         assert!(decode_f64s(&[0u8; 7]).is_err());
+    }
+
+    #[test]
+    fn the_launchers_kill_grace_is_read_and_a_short_one_is_reported() {
+        // Open MPI's default when mpirun was not given the parameter.
+        assert_eq!(kill_grace_from(None), 1.0);
+        assert_eq!(kill_grace_from(Some("600")), 600.0);
+        assert_eq!(kill_grace_from(Some("junk")), 1.0);
+        // A tiny model's millisecond steps fit in the default second; a 3 s step does not, and
+        // the notice names the parameter with a value that fits it.
+        assert!(kill_grace_notice(1.0, 0.01).is_none());
+        let n = kill_grace_notice(1.0, 3.0).unwrap();
+        assert!(n.contains("odls_base_sigkill_timeout 19 "), "{n}");
+        assert!(n.contains("3.0 s"), "{n}");
+        assert!(kill_grace_notice(19.0, 3.0).is_none());
+        let n = kill_grace_notice(60.0, 45.0).unwrap();
+        assert!(n.contains("odls_base_sigkill_timeout 145 "), "{n}");
     }
 }
