@@ -40,6 +40,10 @@ fn main() -> anyhow::Result<()> {
             times.push(dt);
         }
     }
+    // KTO_TRAIN_PROFILE=1: where the steps' time went (the warm-up included), per step.
+    if let Some(table) = kto_train::util::profile::report((warmup + steps) as u64) {
+        eprintln!("{table}");
+    }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let med = times[times.len() / 2];
     let tokens = place.batch * (pl + cl);

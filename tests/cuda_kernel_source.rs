@@ -263,9 +263,14 @@ fn causal_softmax_forward_and_backward_match_the_cpu_op() {
                 ],
             )
             .unwrap();
-            let want_ds =
-                fused::causal_softmax_grad(&t(&pr, &[rows, tk]), &t(&g, &[rows, tk]), scale as f64)
-                    .unwrap();
+            let want_ds = fused::causal_softmax_grad(
+                &t(&pr, &[rows, tk]),
+                &t(&g, &[rows, tk]),
+                scale as f64,
+                t_q,
+                offset,
+            )
+            .unwrap();
             assert_close("csm_bwd", st, &ds, &flat(&want_ds), 1e-3);
         });
     }

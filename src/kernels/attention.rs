@@ -88,6 +88,8 @@ pub fn causal_attention_within(
         AttentionNode {
             p,
             scale,
+            t_q,
+            offset,
             gemm,
             value: PrecomputedValue::new(out),
         },
@@ -98,6 +100,9 @@ struct AttentionNode {
     /// Probabilities [.., R, T_k] (zero where masked).
     p: Tensor,
     scale: f64,
+    /// The softmax's row layout (see [`fused::causal_softmax`]).
+    t_q: usize,
+    offset: usize,
     gemm: GemmMode,
     value: PrecomputedValue,
 }
@@ -144,7 +149,7 @@ impl CustomOp3 for AttentionNode {
         let gemm = self.gemm;
         let dp = matmul(&g, &v.t()?, gemm)?;
         // dS = scale * P (dP - rowsum(dP * P)), zero where masked.
-        let ds = fused::causal_softmax_grad(&self.p, &dp, self.scale)?;
+        let ds = fused::causal_softmax_grad(&self.p, &dp, self.scale, self.t_q, self.offset)?;
         let dq = matmul(&ds, &k, gemm)?;
         let dk = matmul(&ds.t()?, &q, gemm)?;
         let dv = matmul(&self.p.t()?, &g, gemm)?;
@@ -275,7 +280,8 @@ impl CustomOp3 for ChunkedNode {
             let (qc, p) = self.plan.probs(&q, &k, span, self.scale, gemm)?;
             let gc = g.narrow(D::Minus2, span.0, span.1)?.contiguous()?;
             let dp = matmul(&gc, &vt, gemm)?;
-            let ds = fused::causal_softmax_grad(&p, &dp, self.scale)?;
+            let ds =
+                fused::causal_softmax_grad(&p, &dp, self.scale, span.1, self.plan.offset + span.2)?;
             dq.push(matmul(&ds, &k, gemm)?);
             dk = add(dk, matmul(&ds.t()?, &qc, gemm)?)?;
             dv = add(dv, matmul(&p.t()?, &gc, gemm)?)?;

@@ -12,6 +12,7 @@ use candle_core::{
 };
 use num_traits::Float;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 trait Fl: Float + WithDType + Send + Sync + std::ops::AddAssign + std::ops::MulAssign {
     /// e^x for the ops' inner loops: f64 uses libm; f32 [`exp_f32`], which the compiler can
@@ -60,7 +61,8 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // 2^k as two factors, so that k = 128 (x near 88.7) does not overflow the exponent field.
-    let k = k as i32;
+    // SAFETY: k is an integer in [-127, 128] (x was clamped).
+    let k: i32 = unsafe { k.to_int_unchecked() };
     let h = k >> 1;
     let two_h = f32::from_bits(((h + 127) as u32) << 23);
     let two_rest = f32::from_bits((((k - h) + 127) as u32) << 23);
@@ -172,21 +174,31 @@ fn lane_sum3<T: Fl>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> f64) -> f6
     combine(acc)
 }
 
-/// The largest element (NaNs ignored unless all are NaN, as `Float::max`).
+/// The largest element; NaNs are skipped (all NaN: -inf, and the NaNs then propagate through
+/// the exponentials of the callers). A plain comparison, not `Float::max`: its NaN handling
+/// added a compare and a blend to every step of the dependent chain.
 #[inline(always)]
 fn lane_max<T: Fl>(v: &[T]) -> T {
+    #[inline(always)]
+    fn max<T: Fl>(m: T, x: T) -> T {
+        if x > m {
+            x
+        } else {
+            m
+        }
+    }
     let mut acc = [T::neg_infinity(); LANES];
     let c = v.chunks_exact(LANES);
     let r = c.remainder();
     for x in c {
         for l in 0..LANES {
-            acc[l] = Float::max(acc[l], x[l]);
+            acc[l] = max(acc[l], x[l]);
         }
     }
     for (l, &x) in r.iter().enumerate() {
-        acc[l] = Float::max(acc[l], x);
+        acc[l] = max(acc[l], x);
     }
-    acc.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v))
+    acc.iter().fold(T::neg_infinity(), |m, &v| max(m, v))
 }
 
 fn to_t<T: Fl>(x: f64) -> T {
@@ -223,6 +235,38 @@ fn out<T: Fl>(v: Vec<T>, l: &Layout) -> (CpuStorage, Shape) {
     (T::to_cpu_storage_owned(v), l.shape().clone())
 }
 
+/// An output of `len` elements made in parallel chunks of `chunk` by `fill(chunk index, chunk)`,
+/// without zero-filling it first: with glibc's mmap off (src/util/alloc.rs) `vec![0; len]` is a
+/// memset, a whole extra pass over the step's largest tensors (the attention probabilities).
+///
+/// # Safety
+/// `fill` writes every element of each chunk it is given.
+unsafe fn par_out<T: Fl>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
+    let mut v: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { v.set_len(len) };
+    v.par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: every element is written (the caller's contract) and MaybeUninit<T> has T's
+    // layout; the allocation moves into the new Vec.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+}
+
+/// `s` as initialized values, once every element has been written.
+///
+/// # Safety
+/// Every element of `s` is initialized.
+unsafe fn written<T>(s: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: the caller's contract; same layout.
+    unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
 /// Whether the fused ops apply: CPU in f32/f64; with the `cuda` feature, CUDA in f32/bf16
 /// (src/kernels/cuda).
 pub fn available(t: &Tensor) -> bool {
@@ -253,19 +297,21 @@ fn rms_fwd<T: Fl>(
 ) -> Result<(CpuStorage, Shape)> {
     let (x, w) = (contig::<T>(xs, xl)?, contig::<T>(ws, wl)?);
     let h = last_dim(xl);
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+    let fill = |row: usize, y: &mut [MaybeUninit<T>]| {
+        let x = &x[row * h..(row + 1) * h];
         wide(
             #[inline(always)]
             || {
                 let ss = lane_sum(x, x, 0.0, |v, _| to64(v) * to64(v));
                 let r = to_t::<T>(1.0 / (ss / h as f64 + eps).sqrt());
-                for i in 0..h {
-                    y[i] = x[i] * r * w[i];
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    y.write(x * r * w);
                 }
             },
         )
-    });
+    };
+    // SAFETY: rows of h, each written whole (w has h elements: the norm's weight).
+    let y = unsafe { par_out(x.len(), h, fill) };
     Ok(out(y, xl))
 }
 
@@ -322,24 +368,24 @@ fn rms_bwd<T: Fl>(
         contig::<T>(gs, gl)?,
     );
     let h = last_dim(xl);
-    let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(h)
-        .zip(x.par_chunks(h).zip(g.par_chunks(h)))
-        .for_each(|(dx, (x, g))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let ss = lane_sum(x, x, 0.0, |v, _| to64(v) * to64(v));
-                    let r = 1.0 / (ss / h as f64 + eps).sqrt();
-                    let dot = lane_sum3(g, w, x, |g, w, x| to64(g * w * x));
-                    let c = to_t::<T>(dot * r * r * r / h as f64);
-                    let r = to_t::<T>(r);
-                    for i in 0..h {
-                        dx[i] = g[i] * w[i] * r - x[i] * c;
-                    }
-                },
-            )
-        });
+    let fill = |row: usize, dx: &mut [MaybeUninit<T>]| {
+        let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
+        wide(
+            #[inline(always)]
+            || {
+                let ss = lane_sum(x, x, 0.0, |v, _| to64(v) * to64(v));
+                let r = 1.0 / (ss / h as f64 + eps).sqrt();
+                let dot = lane_sum3(g, w, x, |g, w, x| to64(g * w * x));
+                let c = to_t::<T>(dot * r * r * r / h as f64);
+                let r = to_t::<T>(r);
+                for (dx, ((&g, &w), &x)) in dx.iter_mut().zip(g.iter().zip(w).zip(x)) {
+                    dx.write(g * w * r - x * c);
+                }
+            },
+        )
+    };
+    // SAFETY: rows of h, each written whole.
+    let dx = unsafe { par_out(x.len(), h, fill) };
     Ok(out(dx, xl))
 }
 
@@ -399,25 +445,29 @@ fn rope_fwd<T: Fl>(
     let dims = xl.dims();
     let d = dims[dims.len() - 1];
     let t = dims[dims.len() - 2];
+    if !d.is_multiple_of(2) {
+        candle_core::bail!("fused rope: the head dimension {d} is odd");
+    }
     let half = d / 2;
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(t * d)
-        .zip(x.par_chunks(t * d))
-        .for_each(|(y, x)| {
-            wide(
-                #[inline(always)]
-                || {
-                    for p in 0..t {
-                        let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
-                        let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-                        for i in 0..half {
-                            yr[i] = xr[i] * c[i] - xr[i + half] * s[i];
-                            yr[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
-                        }
+    let fill = |block: usize, y: &mut [MaybeUninit<T>]| {
+        let x = &x[block * t * d..(block + 1) * t * d];
+        wide(
+            #[inline(always)]
+            || {
+                for p in 0..t {
+                    let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                    let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
+                    for i in 0..half {
+                        yr[i].write(xr[i] * c[i] - xr[i + half] * s[i]);
+                        yr[i + half].write(xr[i + half] * c[i + half] + xr[i] * s[i + half]);
                     }
-                },
-            )
-        });
+                }
+            },
+        )
+    };
+    // SAFETY: blocks of t rows of d = 2 * half, every element of each row written (the
+    // rotation needs an even head dimension, as every Llama has).
+    let y = unsafe { par_out(x.len(), t * d, fill) };
     Ok(out(y, xl))
 }
 
@@ -481,6 +531,15 @@ struct CausalSoftmax {
 }
 struct CausalSoftmaxBwd {
     scale: f64,
+    /// The forward's row layout: only a row's first keys can have a probability.
+    t_q: usize,
+    offset: usize,
+}
+
+/// How many keys row `row` of a causal softmax sees (see [`CausalSoftmax`] for the layout).
+#[inline(always)]
+fn causal_len(row: usize, t_q: usize, offset: usize, t: usize) -> usize {
+    (offset + row % t_q.max(1) + 1).min(t)
 }
 
 fn csm_fwd<T: Fl>(
@@ -493,35 +552,39 @@ fn csm_fwd<T: Fl>(
     let s = contig::<T>(ss, sl)?;
     let t = last_dim(sl);
     let scale = to_t::<T>(scale);
-    let mut p = vec![T::zero(); s.len()];
-    p.par_chunks_mut(t)
-        .zip(s.par_chunks(t))
-        .enumerate()
-        .for_each(|(row, (p, s))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let n = (offset + row % t_q + 1).min(t);
-                    // max(s) * scale = max(s * scale) for a positive scale (rounding is monotone).
-                    let m = if scale > T::zero() {
-                        lane_max(&s[..n]) * scale
-                    } else {
-                        s[..n]
-                            .iter()
-                            .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale))
-                    };
-                    // Exponentials in one loop (it vectorizes), then the sum in order.
-                    for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
-                        *p = (s * scale - m).fast_exp();
-                    }
-                    let sum = lane_sum(&p[..n], &p[..n], T::zero(), |e, _| e);
-                    let inv = T::one() / sum;
-                    for v in &mut p[..n] {
-                        *v *= inv;
-                    }
-                },
-            )
-        });
+    let fill = |row: usize, p: &mut [MaybeUninit<T>]| {
+        let s = &s[row * t..(row + 1) * t];
+        wide(
+            #[inline(always)]
+            || {
+                let n = causal_len(row, t_q, offset, t);
+                // max(s) * scale = max(s * scale) for a positive scale (rounding is monotone).
+                let m = if scale > T::zero() {
+                    lane_max(&s[..n]) * scale
+                } else {
+                    s[..n]
+                        .iter()
+                        .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale))
+                };
+                // Exponentials in one loop (it vectorizes), then the sum.
+                for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
+                    p.write((s * scale - m).fast_exp());
+                }
+                for p in &mut p[n..] {
+                    p.write(T::zero());
+                }
+                // SAFETY: the row's n exponentials and t - n zeros were just written.
+                let p = unsafe { written(p) };
+                let sum = lane_sum(&p[..n], &p[..n], T::zero(), |e, _| e);
+                let inv = T::one() / sum;
+                for v in &mut p[..n] {
+                    *v *= inv;
+                }
+            },
+        )
+    };
+    // SAFETY: rows of t, each written whole.
+    let p = unsafe { par_out(s.len(), t, fill) };
     Ok(out(p, sl))
 }
 
@@ -545,14 +608,19 @@ impl CustomOp1 for CausalSoftmax {
     fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(p.apply_op2_no_bwd(
             &g.contiguous()?,
-            &CausalSoftmaxBwd { scale: self.scale },
+            &CausalSoftmaxBwd {
+                scale: self.scale,
+                t_q: self.t_q,
+                offset: self.offset,
+            },
         )?))
     }
 }
 
-// ds = scale * p (g - sum_j g_j p_j); masked entries have p = 0.
+// ds = scale * p (g - sum_j g_j p_j); masked entries have p = 0, so ds = 0 there and the sum
+// runs over the keys the row sees.
 fn csm_bwd<T: Fl>(
-    scale: f64,
+    op: &CausalSoftmaxBwd,
     ps: &CpuStorage,
     pl: &Layout,
     gs: &CpuStorage,
@@ -560,21 +628,25 @@ fn csm_bwd<T: Fl>(
 ) -> Result<(CpuStorage, Shape)> {
     let (p, g) = (contig::<T>(ps, pl)?, contig::<T>(gs, gl)?);
     let t = last_dim(pl);
-    let scale = to_t::<T>(scale);
-    let mut ds = vec![T::zero(); p.len()];
-    ds.par_chunks_mut(t)
-        .zip(p.par_chunks(t).zip(g.par_chunks(t)))
-        .for_each(|(ds, (p, g))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let dot = lane_sum(p, g, T::zero(), |p, g| p * g);
-                    for j in 0..t {
-                        ds[j] = scale * p[j] * (g[j] - dot);
-                    }
-                },
-            )
-        });
+    let scale = to_t::<T>(op.scale);
+    let fill = |row: usize, ds: &mut [MaybeUninit<T>]| {
+        let (p, g) = (&p[row * t..(row + 1) * t], &g[row * t..(row + 1) * t]);
+        wide(
+            #[inline(always)]
+            || {
+                let n = causal_len(row, op.t_q, op.offset, t);
+                let dot = lane_sum(&p[..n], &g[..n], T::zero(), |p, g| p * g);
+                for (ds, (&p, &g)) in ds[..n].iter_mut().zip(p.iter().zip(g)) {
+                    ds.write(scale * p * (g - dot));
+                }
+                for ds in &mut ds[n..] {
+                    ds.write(T::zero());
+                }
+            },
+        )
+    };
+    // SAFETY: rows of t, each written whole.
+    let ds = unsafe { par_out(p.len(), t, fill) };
     Ok(out(ds, pl))
 }
 
@@ -590,7 +662,7 @@ impl CustomOp2 for CausalSoftmaxBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let _p = crate::util::profile::phase(self.name());
-        by_dtype!(s1, csm_bwd, self.scale, s1, l1, s2, l2)
+        by_dtype!(s1, csm_bwd, self, s1, l1, s2, l2)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -614,14 +686,24 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, t_q: usize, offset: usize) ->
         .apply_op1(CausalSoftmax { scale, t_q, offset })
 }
 
-/// The gradient of the pre-scale scores from the probabilities `p` of [`causal_softmax`] and the
-/// probabilities' gradient `dp`: scale * p (dp - sum_j dp_j p_j).
-pub fn causal_softmax_grad(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+/// The gradient of the pre-scale scores from the probabilities `p` of
+/// [`causal_softmax`]`(.., scale, t_q, offset)` and the probabilities' gradient `dp`:
+/// scale * p (dp - sum_j dp_j p_j), zero where masked.
+pub fn causal_softmax_grad(
+    p: &Tensor,
+    dp: &Tensor,
+    scale: f64,
+    t_q: usize,
+    offset: usize,
+) -> Result<Tensor> {
     p.contiguous()?
-        .apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxBwd { scale })
+        .apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxBwd { scale, t_q, offset })
 }
 
 // ---------------------------------------------------------------- SwiGLU
+
+/// Elements per parallel task of the element-wise ops.
+const CHUNK: usize = 4096;
 
 /// silu(g) * u.
 struct SiluMul;
@@ -640,19 +722,27 @@ fn silu_mul_fwd<T: Fl>(
     ul: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
     let (g, u) = (contig::<T>(gs, gl)?, contig::<T>(us, ul)?);
-    let mut y = vec![T::zero(); g.len()];
-    y.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-        .for_each(|(y, (g, u))| {
-            wide(
-                #[inline(always)]
-                || {
-                    for (y, (&g, &u)) in y.iter_mut().zip(g.iter().zip(u)) {
-                        *y = g * sigmoid(g) * u;
-                    }
-                },
-            )
-        });
+    if u.len() != g.len() {
+        candle_core::bail!(
+            "fused silu-mul: {} gate and {} up elements",
+            g.len(),
+            u.len()
+        );
+    }
+    let fill = |i: usize, y: &mut [MaybeUninit<T>]| {
+        let r = i * CHUNK..i * CHUNK + y.len();
+        let (g, u) = (&g[r.clone()], &u[r]);
+        wide(
+            #[inline(always)]
+            || {
+                for (y, (&g, &u)) in y.iter_mut().zip(g.iter().zip(u)) {
+                    y.write(g * sigmoid(g) * u);
+                }
+            },
+        )
+    };
+    // SAFETY: each chunk's elements are written, from inputs of the output's length.
+    let y = unsafe { par_out(g.len(), CHUNK, fill) };
     Ok(out(y, gl))
 }
 
@@ -708,23 +798,29 @@ fn silu_mul_bwd_g<T: Fl>(
         contig::<T>(us, ul)?,
         contig::<T>(os, ol)?,
     );
-    let mut dg = vec![T::zero(); g.len()];
-    dg.par_chunks_mut(4096)
-        .zip(
-            g.par_chunks(4096)
-                .zip(u.par_chunks(4096).zip(o.par_chunks(4096))),
+    if u.len() != g.len() || o.len() != g.len() {
+        candle_core::bail!(
+            "fused silu-mul backward: {} gate, {} up, {} gradient elements",
+            g.len(),
+            u.len(),
+            o.len()
+        );
+    }
+    let fill = |i: usize, dg: &mut [MaybeUninit<T>]| {
+        let r = i * CHUNK..i * CHUNK + dg.len();
+        let (g, u, o) = (&g[r.clone()], &u[r.clone()], &o[r]);
+        wide(
+            #[inline(always)]
+            || {
+                for (dg, ((&g, &u), &o)) in dg.iter_mut().zip(g.iter().zip(u).zip(o)) {
+                    let s = sigmoid(g);
+                    dg.write(o * u * s * (T::one() + g * (T::one() - s)));
+                }
+            },
         )
-        .for_each(|(dg, (g, (u, o)))| {
-            wide(
-                #[inline(always)]
-                || {
-                    for (dg, ((&g, &u), &o)) in dg.iter_mut().zip(g.iter().zip(u).zip(o)) {
-                        let s = sigmoid(g);
-                        *dg = o * u * s * (T::one() + g * (T::one() - s));
-                    }
-                },
-            )
-        });
+    };
+    // SAFETY: each chunk's elements are written, from inputs of the output's length.
+    let dg = unsafe { par_out(g.len(), CHUNK, fill) };
     Ok(out(dg, gl))
 }
 
@@ -907,22 +1003,23 @@ fn lsg_bwd<T: Fl>(
         contig::<T>(gs, gl)?,
     );
     let v = last_dim(ll);
-    let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(v)
-        .zip(x.par_chunks(v))
-        .enumerate()
-        .for_each(|(i, (d, row))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let l = lse(row);
-                    for (d, &x) in d.iter_mut().zip(row) {
-                        *d = -g[i] * (x - l).fast_exp();
-                    }
-                    d[t[i] as usize] += g[i];
-                },
-            )
-        });
+    let fill = |i: usize, d: &mut [MaybeUninit<T>]| {
+        let row = &x[i * v..(i + 1) * v];
+        wide(
+            #[inline(always)]
+            || {
+                let l = lse(row);
+                for (d, &x) in d.iter_mut().zip(row) {
+                    d.write(-g[i] * (x - l).fast_exp());
+                }
+                // SAFETY: the whole row was just written.
+                let d = unsafe { written(d) };
+                d[t[i] as usize] += g[i];
+            },
+        )
+    };
+    // SAFETY: rows of v, each written whole.
+    let dx = unsafe { par_out(x.len(), v, fill) };
     Ok(out(dx, ll))
 }
 
