@@ -38,9 +38,15 @@ struct Phase {
     gemm_calls: u64,
 }
 
+/// Products of one (n, k), all phases together: (seconds, FLOPs, calls, rows).
+type ShapeTotals = std::collections::HashMap<(usize, usize), (f64, f64, u64, u64)>;
+
 #[derive(Default)]
 struct Profile {
     phases: Vec<Phase>,
+    /// Which products the GEMM time goes to: n and k name the product (a projection, a LoRA
+    /// factor, attention), m is the rows of the call.
+    shapes: ShapeTotals,
     /// Open phases: (index, start of the current own-time slice).
     stack: Vec<(usize, Instant)>,
 }
@@ -120,6 +126,11 @@ pub fn gemm<R>(m: usize, n: usize, k: usize, f: impl FnOnce() -> R) -> R {
         ph.gemm_secs += secs;
         ph.gemm_flops += flops;
         ph.gemm_calls += 1;
+        let sh = p.shapes.entry((n, k)).or_default();
+        sh.0 += secs;
+        sh.1 += flops;
+        sh.2 += 1;
+        sh.3 += m as u64;
     });
     r
 }
@@ -166,6 +177,20 @@ pub fn report(per: u64) -> Option<String> {
     }
     let calls: f64 = phases.iter().map(|p| p.gemm_calls as f64).sum();
     out += &row("total", total, gemm, flops, calls);
+    let mut shapes: Vec<_> = with(|p| p.shapes.clone()).into_iter().collect();
+    shapes.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    out += "\nproducts by shape (n x k, all phases; the 12 that take longest), per step:\n\
+            | n x k | s | share of GEMM | GFLOP/s | calls | mean rows |\n|---|---|---|---|---|---|\n";
+    for ((n, k), (secs, fl, calls, rows)) in shapes.into_iter().take(12) {
+        out += &format!(
+            "| {n} x {k} | {:.3} | {:.0}% | {:.0} | {:.0} | {:.0} |\n",
+            secs / per,
+            100.0 * secs / gemm.max(1e-12),
+            fl / secs.max(1e-12) / 1e9,
+            calls as f64 / per,
+            rows as f64 / calls.max(1) as f64
+        );
+    }
     Some(out)
 }
 
