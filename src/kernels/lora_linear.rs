@@ -86,12 +86,14 @@ fn lora_node(
     let (a, b) = (lora.a.detach(), lora.b.detach());
     // The bias is a constant of the value; the backward does not depend on it.
     let base = with_bias(frozen_linear(&xv, w, gemm)?, bias)?;
-    let y = add_branch(base, &xd, &a, &b, lora.scale, gemm)?.reshape(out_dims)?;
+    let h = matmul(&xd, &a.t()?, gemm)?;
+    let y = add_product(base, &h.affine(lora.scale, 0.0)?, &b, gemm)?.reshape(out_dims)?;
     let node = LoraNode {
         w: w.clone(),
         gemm,
         scale: lora.scale,
         mask,
+        h,
         value: PrecomputedValue::new(y),
     };
     x.apply_op3(lora.a, lora.b, node)
@@ -125,6 +127,9 @@ struct LoraNode {
     gemm: GemmMode,
     scale: f64,
     mask: Option<Tensor>,
+    /// (m * x) A^T [M, r], unscaled: B's gradient needs it, and keeping it costs r values per
+    /// row where recomputing it was one more product per projection in every backward.
+    h: Tensor,
     value: PrecomputedValue,
 }
 
@@ -174,20 +179,19 @@ impl CustomOp3 for LoraNode {
         let x_dims = x.dims().to_vec();
         let (x, a, b) = (x.detach().reshape((m, k))?, a.detach(), b.detach());
         let g = g.contiguous()?.reshape((m, n))?;
-        let gb = matmul(&g, &b, gemm)?; // [M, r]
-        let dxd = matmul(&gb, &a, gemm)?.affine(self.scale, 0.0)?;
-        let xd = match &self.mask {
-            Some(mask) => apply_mask(&x, mask)?,
-            None => x,
+        let gbs = matmul(&g, &b, gemm)?.affine(self.scale, 0.0)?; // s g B [M, r]
+        let base = frozen_linear_input_grad(&g, &self.w, gemm)?;
+        let (dx, xd) = match &self.mask {
+            Some(mask) => {
+                let dxd = apply_mask(&matmul(&gbs, &a, gemm)?, mask)?;
+                ((base + dxd)?, apply_mask(&x, mask)?)
+            }
+            // s g B A accumulated into the frozen product's buffer (no [M, K] temporary).
+            None => (add_product(base, &gbs, &a.t()?, gemm)?, x),
         };
-        let dxd = match &self.mask {
-            Some(mask) => apply_mask(&dxd, mask)?,
-            None => dxd,
-        };
-        let dx = (frozen_linear_input_grad(&g, &self.w, gemm)? + dxd)?.reshape(x_dims)?;
-        let h = matmul(&xd, &a.t()?, gemm)?; // [M, r]
-        let da = matmul(&gb.t()?, &xd, gemm)?.affine(self.scale, 0.0)?;
-        let db = matmul(&g.t()?, &h, gemm)?.affine(self.scale, 0.0)?;
+        let dx = dx.reshape(x_dims)?;
+        let da = matmul(&gbs.t()?, &xd, gemm)?;
+        let db = matmul(&g.t()?, &self.h, gemm)?.affine(self.scale, 0.0)?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
