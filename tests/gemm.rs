@@ -506,8 +506,7 @@ fn raw_products_match_f64_on_odd_shapes() {
         (25, 65, 385),
         (97, 257, 129),
         (12, 32, 1000),
-        // One dimension of at most 16 (LoRA's rank; src/kernels/gemm/skinny.rs): n (row
-        // blocks of 8 and a remainder, several tasks), m, k.
+        // One dimension of at most 16 (LoRA's rank): n, m, k.
         (45, 13, 300),
         (130, 16, 77),
         (16, 200, 77),
