@@ -81,3 +81,16 @@ fn exp_f32_matches_f64_exp() {
     assert!(exp_f32(f32::NAN).is_nan());
     println!("exp_f32 worst relative error {worst:.2e}");
 }
+
+/// The fused ops write their outputs without zero-filling them first, so an input that would
+/// leave part of a row unwritten must be refused, not read back as garbage.
+#[test]
+fn rms_norm_refuses_a_weight_that_does_not_cover_the_row() {
+    let dev = candle_core::Device::Cpu;
+    let x = candle_core::Tensor::ones((3, 8), candle_core::DType::F32, &dev).unwrap();
+    let short = candle_core::Tensor::ones(5, candle_core::DType::F32, &dev).unwrap();
+    let err = kto_train::kernels::fused::rms_norm(&x, &short, 1e-6).unwrap_err();
+    assert!(err.to_string().contains("weight of 5"), "{err}");
+    let w = candle_core::Tensor::ones(8, candle_core::DType::F32, &dev).unwrap();
+    assert!(kto_train::kernels::fused::rms_norm(&x, &w, 1e-6).is_ok());
+}

@@ -200,8 +200,15 @@ impl Chunks {
     ) -> Result<(Tensor, Tensor)> {
         let qc = q.narrow(D::Minus2, r0, n)?.contiguous()?;
         let scores = matmul(&qc, &k.t()?, gemm)?;
-        let p = fused::causal_softmax(&scores, scale, n, self.offset + j0)?;
+        let (t_q, offset) = self.softmax_rows((r0, n, j0));
+        let p = fused::causal_softmax(&scores, scale, t_q, offset)?;
         Ok((qc, p))
+    }
+
+    /// The chunk's row layout for [`fused::causal_softmax`] and its gradient: n rows, the
+    /// first at key position offset + j0.
+    fn softmax_rows(&self, (_, n, j0): (usize, usize, usize)) -> (usize, usize) {
+        (n, self.offset + j0)
     }
 
     fn forward(
@@ -280,8 +287,8 @@ impl CustomOp3 for ChunkedNode {
             let (qc, p) = self.plan.probs(&q, &k, span, self.scale, gemm)?;
             let gc = g.narrow(D::Minus2, span.0, span.1)?.contiguous()?;
             let dp = matmul(&gc, &vt, gemm)?;
-            let ds =
-                fused::causal_softmax_grad(&p, &dp, self.scale, span.1, self.plan.offset + span.2)?;
+            let (t_q, offset) = self.plan.softmax_rows(span);
+            let ds = fused::causal_softmax_grad(&p, &dp, self.scale, t_q, offset)?;
             dq.push(matmul(&ds, &k, gemm)?);
             dk = add(dk, matmul(&ds.t()?, &qc, gemm)?)?;
             dv = add(dv, matmul(&p.t()?, &gc, gemm)?)?;

@@ -61,7 +61,8 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // 2^k as two factors, so that k = 128 (x near 88.7) does not overflow the exponent field.
-    // SAFETY: k is an integer in [-127, 128] (x was clamped).
+    // Not `as`: its saturating conversion keeps LLVM from vectorizing the loops (2.0 against
+    // 0.75 ns per element). SAFETY: k is an integer in [-127, 128] (x was clamped).
     let k: i32 = unsafe { k.to_int_unchecked() };
     let h = k >> 1;
     let two_h = f32::from_bits(((h + 127) as u32) << 23);
@@ -297,6 +298,7 @@ fn rms_fwd<T: Fl>(
 ) -> Result<(CpuStorage, Shape)> {
     let (x, w) = (contig::<T>(xs, xl)?, contig::<T>(ws, wl)?);
     let h = last_dim(xl);
+    rms_weight_fits(w, h)?;
     let fill = |row: usize, y: &mut [MaybeUninit<T>]| {
         let x = &x[row * h..(row + 1) * h];
         wide(
@@ -310,7 +312,7 @@ fn rms_fwd<T: Fl>(
             },
         )
     };
-    // SAFETY: rows of h, each written whole (w has h elements: the norm's weight).
+    // SAFETY: rows of h, each written whole (w has h elements, checked above).
     let y = unsafe { par_out(x.len(), h, fill) };
     Ok(out(y, xl))
 }
@@ -352,6 +354,15 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
+/// Every output element is written from the weight's element of its column (the output buffers
+/// are not zero-filled first: [`par_out`]), so the weight must cover the whole row.
+fn rms_weight_fits<T>(w: &[T], h: usize) -> Result<()> {
+    if w.len() != h {
+        candle_core::bail!("fused rms-norm: weight of {} for rows of {h}", w.len());
+    }
+    Ok(())
+}
+
 // dx_j = g_j w_j r - x_j (r^3 / H) sum_i g_i w_i x_i, with r = (mean x^2 + eps)^-1/2.
 fn rms_bwd<T: Fl>(
     eps: f64,
@@ -368,6 +379,7 @@ fn rms_bwd<T: Fl>(
         contig::<T>(gs, gl)?,
     );
     let h = last_dim(xl);
+    rms_weight_fits(w, h)?;
     let fill = |row: usize, dx: &mut [MaybeUninit<T>]| {
         let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
         wide(
@@ -384,7 +396,7 @@ fn rms_bwd<T: Fl>(
             },
         )
     };
-    // SAFETY: rows of h, each written whole.
+    // SAFETY: rows of h, each written whole (w has h elements, checked above).
     let dx = unsafe { par_out(x.len(), h, fill) };
     Ok(out(dx, xl))
 }

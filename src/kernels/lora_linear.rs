@@ -54,7 +54,9 @@ pub fn lora_linear(
         None => x2.clone(),
     };
     let base = with_bias(frozen_linear(&x2, w, gemm)?, bias)?;
-    add_branch(base, &xd, &a, &b, lora.scale, gemm)?.reshape(out_dims)
+    add_branch(base, &xd, &a, &b, lora.scale, gemm)?
+        .0
+        .reshape(out_dims)
 }
 
 fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -86,8 +88,8 @@ fn lora_node(
     let (a, b) = (lora.a.detach(), lora.b.detach());
     // The bias is a constant of the value; the backward does not depend on it.
     let base = with_bias(frozen_linear(&xv, w, gemm)?, bias)?;
-    let h = matmul(&xd, &a.t()?, gemm)?;
-    let y = add_product(base, &h.affine(lora.scale, 0.0)?, &b, gemm)?.reshape(out_dims)?;
+    let (y, h) = add_branch(base, &xd, &a, &b, lora.scale, gemm)?;
+    let y = y.reshape(out_dims)?;
     let node = LoraNode {
         w: w.clone(),
         gemm,
@@ -99,8 +101,9 @@ fn lora_node(
     x.apply_op3(lora.a, lora.b, node)
 }
 
-/// base + scale * (xd A^T) B^T: the scale goes on the rank-wide factor, and the last product
-/// accumulates into `base` where it can ([`add_product`]).
+/// base + scale * (xd A^T) B^T, and xd A^T (unscaled, which B's gradient needs): the scale goes
+/// on the rank-wide factor, and the last product accumulates into `base` where it can
+/// ([`add_product`]).
 fn add_branch(
     base: Tensor,
     xd: &Tensor,
@@ -108,9 +111,10 @@ fn add_branch(
     b: &Tensor,
     scale: f64,
     gemm: GemmMode,
-) -> Result<Tensor> {
-    let h = matmul(xd, &a.t()?, gemm)?.affine(scale, 0.0)?;
-    add_product(base, &h, b, gemm)
+) -> Result<(Tensor, Tensor)> {
+    let h = matmul(xd, &a.t()?, gemm)?;
+    let y = add_product(base, &h.affine(scale, 0.0)?, b, gemm)?;
+    Ok((y, h))
 }
 
 fn apply_mask(x: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -263,14 +263,7 @@ fn run_padded(
     } else {
         (model.hidden_states(&ids, pass)?, None)
     };
-    let out = finish(
-        model,
-        &hidden.reshape((b * t, hidden.dim(D::Minus1)?))?,
-        rows,
-        targets,
-        counts,
-        want_logit_sums,
-    )?;
+    let out = finish(model, &hidden, rows, targets, counts, want_logit_sums)?;
     Ok((out, kv))
 }
 
@@ -294,8 +287,8 @@ fn scored_rows(
 }
 
 /// Each sequence's completion log-probs (their sum attached to the graph) from the pass's hidden
-/// states `hidden` [N, h], where the sequences' scored tokens are `targets`, predicted at rows
-/// `rows`, `counts` of them per sequence in order.
+/// states `hidden` [.., h] (its rows in order), where the sequences' scored tokens are
+/// `targets`, predicted at rows `rows`, `counts` of them per sequence in order.
 fn finish(
     model: &Llama,
     hidden: &Tensor,
@@ -316,7 +309,8 @@ fn finish(
         };
         return Ok(out);
     }
-    let (logits, token_logps) = token_logps(model, hidden, rows, targets)?;
+    let hidden = hidden.reshape(((), hidden.dim(D::Minus1)?))?;
+    let (logits, token_logps) = token_logps(model, &hidden, rows, targets)?;
     let logit_sums = if want_logit_sums {
         let per_row: Vec<f64> = logits
             .detach()
@@ -394,14 +388,6 @@ fn run_packed(
                 .collect::<Result<Vec<_>>>()?,
         ),
     };
-    let h = hidden.dim(D::Minus1)?;
-    let out = finish(
-        model,
-        &hidden.reshape((total, h))?,
-        rows,
-        targets,
-        counts,
-        want_logit_sums,
-    )?;
+    let out = finish(model, &hidden, rows, targets, counts, want_logit_sums)?;
     Ok((out, kv))
 }
