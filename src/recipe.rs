@@ -493,7 +493,7 @@ impl<'a> Run<'a> {
         group: &[Vec<&KtoExample>],
         lr: f64,
     ) -> Result<()> {
-        fault_pause("KTO_TRAIN_FAULT_STEP_PAUSE_MS");
+        crate::util::fault::pause("KTO_TRAIN_FAULT_STEP_PAUSE_MS");
         let t = &self.cfg.train;
         let step = state.step;
         let mut sum: Option<Vec<Tensor>> = None;
@@ -804,7 +804,7 @@ impl<'a> Run<'a> {
         }
         let adapter_dir = self.dir.adapter_dir();
         self.write_adapter(&adapter_dir)?;
-        fault_pause("KTO_TRAIN_FAULT_FINISH_PAUSE_MS");
+        crate::util::fault::pause("KTO_TRAIN_FAULT_FINISH_PAUSE_MS");
         let mut problems = Vec::new();
         // Every rank scores its share of the benchmarks; rank 0 writes the reports.
         let scored = if self.benchmarks.is_empty() {
@@ -893,14 +893,6 @@ impl<'a> Run<'a> {
 /// Largest LoRA weight magnitude a run may end with. Adam moves a weight by about lr per step, so
 /// a healthy run stays orders of magnitude below this; beyond it the run has diverged.
 const MAX_LORA_WEIGHT: f64 = 1e4;
-
-/// Test hook: sleeps for `$var` milliseconds, widening the window in which a kill lands (or, per
-/// step, making a tiny model's step as slow as a real one's).
-fn fault_pause(var: &str) {
-    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
-}
 
 /// The policy: fresh PEFT init, or the weights of `lora.init_from`, computing with the kernels
 /// the config asks for, its LoRA dropout off under `train.disable_dropout` (the returned spec

@@ -1,7 +1,7 @@
 //! Kills at random moments: whatever instant a run dies at (starting up, mid-step, mid-checkpoint,
-//! mid-evaluation, during the final writes), the folder it leaves either resumes to exactly the
-//! files of an uninterrupted run, or says why not; and no kill leaves a folder that claims to be
-//! finished while it is wrong.
+//! mid-evaluation, while an old checkpoint is removed, during the final writes), the folder it
+//! leaves either resumes to exactly the files of an uninterrupted run, or says why not; and no
+//! kill leaves a folder that claims to be finished while it is wrong.
 mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -101,6 +101,8 @@ enum Moment {
     InCheckpoint,
     /// During the final writes: the adapter exists, the finished mark does not.
     InFinish,
+    /// While an old checkpoint is being removed (it has been moved aside, its files not yet gone).
+    InRemoval,
 }
 
 /// Waits for `moment` (or the run's end) and kills the run; returns whether it was killed.
@@ -113,6 +115,10 @@ fn kill_at(child: &mut Child, out: &Path, moment: &Moment) -> bool {
                 .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-step-"))
         }),
         Moment::InFinish => out.join("adapter/adapter_model.safetensors").is_file(),
+        Moment::InRemoval => std::fs::read_dir(out.join("checkpoints")).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".removing-"))
+        }),
     };
     while !reached() {
         if child.try_wait().unwrap().is_some() {
@@ -153,14 +159,18 @@ fn killed_at_random_moments_runs_resume_to_the_uninterrupted_files() {
             attempt += 1;
             assert!(attempt < 30, "sequence {seq} never finished");
             // Up to five kills per sequence, then one run left alone to finish.
-            let moment = (attempt <= 5).then(|| match rng.random_range(0..4) {
+            let moment = (attempt <= 5).then(|| match rng.random_range(0..5) {
                 0 => Moment::InCheckpoint,
                 1 => Moment::InFinish,
+                2 => Moment::InRemoval,
                 _ => Moment::After(duration.mul_f64(rng.random_range(0.05..0.95))),
             });
             let env = match &moment {
                 Some(Moment::InCheckpoint) => {
                     vec![("KTO_TRAIN_FAULT_CHECKPOINT_PAUSE_MS", "300".to_string())]
+                }
+                Some(Moment::InRemoval) => {
+                    vec![("KTO_TRAIN_FAULT_REMOVE_PAUSE_MS", "300".to_string())]
                 }
                 Some(Moment::InFinish) => {
                     vec![(
@@ -180,6 +190,7 @@ fn killed_at_random_moments_runs_resume_to_the_uninterrupted_files() {
                 let what = match &moment {
                     Some(Moment::After(d)) => format!("after {:.2} s", d.as_secs_f64()),
                     Some(Moment::InCheckpoint) => "during a checkpoint write".into(),
+                    Some(Moment::InRemoval) => "while an old checkpoint was removed".into(),
                     _ => "during the final writes".into(),
                 };
                 log.push(format!("seq {seq} attempt {attempt}: killed {what}"));
@@ -191,7 +202,11 @@ fn killed_at_random_moments_runs_resume_to_the_uninterrupted_files() {
                         "seq {seq}: finished but wrong after a kill"
                     );
                 }
-                assert!(checkpoints_complete(&out), "seq {seq}: a torn checkpoint");
+                assert!(
+                    checkpoints_complete(&out),
+                    "seq {seq}: a torn checkpoint\n{}",
+                    log.join("\n")
+                );
                 continue;
             }
             let o = child.wait_with_output().unwrap();

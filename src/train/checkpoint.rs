@@ -138,16 +138,10 @@ pub fn save(root: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
             write_atomic(&dir.join(name), bytes)?;
         }
     }
-    // Test hook: widen the window in which a kill lands mid-write.
-    if let Some(ms) = std::env::var("KTO_TRAIN_FAULT_CHECKPOINT_PAUSE_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
+    crate::util::fault::pause("KTO_TRAIN_FAULT_CHECKPOINT_PAUSE_MS");
     write_json_atomic(&tmp.join(STATE), &serde_json::to_value(&ck.state)?)?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
+        remove(&final_dir)?;
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
@@ -155,18 +149,40 @@ pub fn save(root: &Path, ck: &Checkpoint, keep: usize) -> Result<PathBuf> {
     let all = list(root)?;
     if keep > 0 && all.len() > keep {
         for (_, old) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(old).ok();
+            remove(old).ok();
         }
     }
-    // Leftovers of writes that were killed midway.
+    // Leftovers of writes and removals that were killed midway.
     if let Ok(rd) = std::fs::read_dir(root) {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".tmp-step-") && e.path() != tmp {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let leftover = name.starts_with(".tmp-step-") || name.starts_with(TRASH_PREFIX);
+            if leftover && e.path() != tmp {
                 std::fs::remove_dir_all(e.path()).ok();
             }
         }
     }
     Ok(final_dir)
+}
+
+/// Folders being removed: a checkpoint is renamed to this prefix first, because removing its
+/// files one by one can be killed halfway and leave a `step-` folder with a state.json but no
+/// tensors, which `list` would offer to a resume.
+const TRASH_PREFIX: &str = ".removing-";
+
+/// Removes a checkpoint folder so that a kill at any instant leaves it either whole or gone.
+pub fn remove(dir: &Path) -> Result<()> {
+    let root = dir.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let trash = root.join(format!("{TRASH_PREFIX}{name}-{}", std::process::id()));
+    if trash.exists() {
+        std::fs::remove_dir_all(&trash)?;
+    }
+    std::fs::rename(dir, &trash)
+        .with_context(|| format!("cannot move {} aside to remove it", dir.display()))?;
+    sync_dir(root)?;
+    crate::util::fault::pause("KTO_TRAIN_FAULT_REMOVE_PAUSE_MS");
+    std::fs::remove_dir_all(&trash).with_context(|| format!("cannot remove {}", trash.display()))
 }
 
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {

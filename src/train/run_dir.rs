@@ -348,7 +348,7 @@ impl RunDir {
         self.set_planned_steps(total_steps)?;
         for (later, d) in list.iter().filter(|(s, _)| *s > step) {
             eprintln!("--resume-from: removing the later checkpoint of step {later}");
-            std::fs::remove_dir_all(d).with_context(|| format!("cannot remove {}", d.display()))?;
+            checkpoint::remove(d)?;
         }
         self.mark_unfinished()?;
         Ok(Start::Resume(dir))
