@@ -3,7 +3,12 @@
 //! output; the time includes rounding the activation to bf16, the weight's bf16 copy is cached as
 //! in training), and in a `fast-gemm` build with oneDNN or MKL found, the library's f32 and bf16.
 //!
-//!     cargo bench --bench gemm [--features fast-gemm] -- [--m 1024] [--reps 5] [--json]
+//!     cargo bench --bench gemm [--features fast-gemm] -- [--m 1024] [--reps 5] [--weights 1]
+//!         [--json]
+//!
+//! `--weights N` gives each shape N distinct weights, used in turn, so that a product reads its
+//! weight from memory as in training (where the layers' weights outgrow the caches); with 1 the
+//! weight stays cached between runs.
 //!
 //! PassMode: `x[m, k] @ w[n, k]^T`; backward: `grad[m, n] @ w[n, k]`. (n, k) are the q/o, k/v,
 //! gate/up, down projections and the tied lm_head. Then the products of two activations
@@ -99,6 +104,7 @@ fn main() -> anyhow::Result<()> {
     }
     let m = arg("--m", 1024);
     let reps = arg("--reps", 5).max(1);
+    let weights = arg("--weights", 1).max(1);
     let json = std::env::args().any(|a| a == "--json");
     let dev = Device::Cpu;
     let modes = paths();
@@ -117,25 +123,35 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for dir in ["fwd", "bwd"] {
         for &(name, n, k) in &shapes {
-            let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+            // Distinct weights, taken in turn: with enough of them each product reads its
+            // weight from memory, as training does (30+ layers' weights outgrow the caches).
+            let count = if n * k > 10_000_000 { 1 } else { weights };
+            let ws = (0..count)
+                .map(|_| Tensor::randn(0f32, 0.05, (n, k), &dev))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let next = std::cell::Cell::new(0usize);
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let g = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
             let flop = 2.0 * m as f64 * n as f64 * k as f64;
             let run = |path: Path| -> anyhow::Result<f64> {
                 let mode = path.select();
+                let w = &ws[next.get() % ws.len()];
+                next.set(next.get() + 1);
                 let t0 = Instant::now();
                 let y = if dir == "fwd" {
-                    frozen_linear(&x, &w, mode)?
+                    frozen_linear(&x, w, mode)?
                 } else {
-                    frozen_linear_input_grad(&g, &w, mode)?
+                    frozen_linear_input_grad(&g, w, mode)?
                 };
                 // Make sure the product is done (candle ops are eager on CPU; this is cheap).
                 let _ = y.dims();
                 Ok(t0.elapsed().as_secs_f64())
             };
-            // Warm-up: page in the buffers, make the bf16 weight copy, start library threads.
-            for &mode in &modes {
-                run(mode)?;
+            // Warm-up: page in the buffers, make the bf16 weight copies, start library threads.
+            for _ in 0..count {
+                for &mode in &modes {
+                    run(mode)?;
+                }
             }
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
             let r = if n > 10_000 {
