@@ -486,10 +486,15 @@ impl FastMatmul {
             return Ok(None);
         };
         let (oa, ob) = (batch_offsets(la), batch_offsets(lb));
-        let mut out = vec![0f32; bn * m * n];
+        if bn * m * n == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        // Written by the products without a zero-fill first; its length is set once all are.
+        let mut out: Vec<f32> = Vec::with_capacity(bn * m * n);
         let mut a16 = Vec::new();
         let mut b16 = Vec::new();
-        for ((&oa, &ob), c) in oa.iter().zip(&ob).zip(out.chunks_mut(m * n)) {
+        let chunks = out.spare_capacity_mut()[..bn * m * n].chunks_mut(m * n);
+        for ((&oa, &ob), c) in oa.iter().zip(&ob).zip(chunks) {
             let (ra, ca) = if ta { (k, m) } else { (m, k) };
             let (rb, cb) = if tb { (n, k) } else { (k, n) };
             let span = |rows: usize, cols: usize, ld: usize| {
@@ -517,7 +522,7 @@ impl FastMatmul {
                         trans: tb,
                         ld: ldb,
                     };
-                    gemm::sgemm(m, n, k, pa, pb, c)?;
+                    gemm::sgemm_uninit(m, n, k, pa, pb, c)?;
                 }
                 GemmMode::Bf16 => {
                     // Rounded densely (leading dim = stored cols), orientation kept.
@@ -538,10 +543,12 @@ impl FastMatmul {
                         trans: tb,
                         ld: cb.max(1),
                     };
-                    gemm::gemm_bf16(m, n, k, pa, pb, c)?;
+                    gemm::gemm_bf16_uninit(m, n, k, pa, pb, c)?;
                 }
             }
         }
+        // SAFETY: each of the bn chunks of m * n values was written by its product.
+        unsafe { out.set_len(bn * m * n) };
         Ok(Some(out))
     }
 }

@@ -19,6 +19,7 @@ use crate::util::profile;
 use candle_core::{bail, CpuStorage, Result, Tensor, TensorId};
 use half::bf16;
 use std::collections::{HashMap, VecDeque};
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, OnceLock};
 
 #[cfg(feature = "fast-gemm")]
@@ -391,15 +392,37 @@ fn product_into<T: Operand>(
     b: MatRef<'_, T>,
     c: &mut [f32],
 ) -> Result<()> {
-    if !check_into(m, n, k, &a, &b, c)? {
+    // SAFETY: f32 and MaybeUninit<f32> share their layout, and only f32 values are written.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    product_uninit(m, n, k, a, b, c)
+}
+
+/// The product into `c[..m * n]`, which need not be initialized: on success every one of its
+/// values was written. With beta = 0 BLAS never reads C, so outputs need not be zeroed first (a
+/// memset of every output, or a page-fault storm for fresh pages, saved).
+fn product_uninit<T: Operand>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    c: &mut [MaybeUninit<f32>],
+) -> Result<()> {
+    check(m, n, k, &a, &b)?;
+    if c.len() < m * n {
+        bail!("gemm: output too small");
+    }
+    if m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
-        c[..m * n].fill(0.0);
+        c[..m * n].fill(MaybeUninit::new(0.0));
         return Ok(());
     }
-    // SAFETY: checked above.
-    profile::gemm(m, n, k, || unsafe { T::run(m, n, k, a, b, c.as_mut_ptr()) })
+    // SAFETY: the operands were checked against (m, n, k) and `c` holds m * n values.
+    profile::gemm(m, n, k, || unsafe {
+        T::run(m, n, k, a, b, c.as_mut_ptr().cast())
+    })
 }
 
 fn product_new<T: Operand>(
@@ -409,20 +432,35 @@ fn product_new<T: Operand>(
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
 ) -> Result<Vec<f32>> {
-    check(m, n, k, &a, &b)?;
-    if m == 0 || n == 0 || k == 0 {
-        return Ok(vec![0.0; m * n]);
-    }
-    // With beta = 0 BLAS never reads C, so the output need not be zeroed first (a memset of
-    // every output, or a page fault storm for fresh pages, saved).
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: checked above; the capacity is m * n; on success every element was written.
-    unsafe {
-        let out = c.spare_capacity_mut().as_mut_ptr().cast();
-        profile::gemm(m, n, k, || T::run(m, n, k, a, b, out))?;
-        c.set_len(m * n);
-    }
+    product_uninit(m, n, k, a, b, c.spare_capacity_mut())?;
+    // SAFETY: on success the product wrote all m * n values.
+    unsafe { c.set_len(m * n) };
     Ok(c)
+}
+
+/// [`sgemm`] into `c[..m * n]`, which need not be initialized (all of it is written on success).
+pub(crate) fn sgemm_uninit(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    c: &mut [MaybeUninit<f32>],
+) -> Result<()> {
+    product_uninit(m, n, k, a, b, c)
+}
+
+/// [`gemm_bf16`] into `c[..m * n]`, which need not be initialized.
+pub(crate) fn gemm_bf16_uninit(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, bf16>,
+    b: MatRef<'_, bf16>,
+    c: &mut [MaybeUninit<f32>],
+) -> Result<()> {
+    product_uninit(m, n, k, a, b, c)
 }
 
 /// `c[m, n] = op(a)[m, k] @ op(b)[k, n]` in f32 with the fast engine (`c` row-major, dense,
