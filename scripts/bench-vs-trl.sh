@@ -20,7 +20,9 @@
 # onednn==2026.1.0; KTO_TRAIN_BLAS=... to name it), skipped when none loads.
 # TRL_PYTHON: a Python with torch, transformers, peft, trl, datasets, accelerate, gguf
 # (benches/trl/README.md); without it only kto-train runs. UNITS: "real synthetic" (default).
-# STEPS (synthetic, measured steps; default 3). PROFILE=1: the real unit's kto-train runs also
+# STEPS (synthetic, measured steps; default 3). ROUNDS (default 1): each unit's runs (every
+# backend, then TRL) repeated this many times in turn, each round's ratios printed and their
+# median, so that a drift during one run shows instead of passing for a speed-up. PROFILE=1: the real unit's kto-train runs also
 # print the per-phase profile of a step (KTO_TRAIN_PROFILE, src/util/profile.rs; it adds a
 # little overhead, so take speed figures from a run without it). Results: one JSON line per run
 # in $OUT (default runs/bench-vs-trl/results.jsonl), then a table.
@@ -29,6 +31,7 @@ cd "$(dirname "$0")/.."
 BACKENDS=${BACKENDS:-f32 bf16}
 UNITS=${UNITS:-real synthetic}
 STEPS=${STEPS:-3}
+ROUNDS=${ROUNDS:-1}
 OUT=${OUT:-runs/bench-vs-trl}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -108,105 +111,124 @@ reference_cache = "off"
 [output]
 dir = "$work/real-run"
 EOF
-    for be in $BACKENDS; do
-        read -r exe mode engine <<<"$(backend "$be" "$work/kto")"
-        [ -x "$exe" ] || continue
-        echo "== real, kto-train $be" >&2
-        log="$work/real-$be.log"
-        if ! KTO_TRAIN_GEMM="$mode" KTO_TRAIN_GEMM_ENGINE="$engine" KTO_TRAIN_GEMM_VERBOSE=1 \
-            KTO_TRAIN_PROFILE="${PROFILE:-0}" /usr/bin/time -v "$exe" --config "$work/real.toml" \
-            --overwrite --quiet >"$log" 2>&1; then
-            tail -20 "$log" >&2
-            echo "kto-train $be failed on the real unit" >&2
-            continue
-        fi
-        if [ "$engine" = library ] && lib_missing "$log"; then
-            echo "skipping $be: no oneDNN or MKL library" >&2
-            continue
-        fi
-        if [ "${PROFILE:-0}" != 0 ]; then
-            echo "per-phase profile, real unit, $be:" >&2
-            sed -n '/^profile (/,/^| total/p' "$log" | tee -a "$OUT/profile-$be.md" >&2
-        fi
-        scripts/examples-per-second.py "$work/real-run/metrics.jsonl" 2 unit=real \
-            system=kto-train "backend=$be" "peak_rss_gb=$(peak_gb "$log")" >>"$results"
-        tail -1 "$results" >&2
-    done
-    if [ -n "${TRL_PYTHON:-}" ]; then
-        hf=.cache/real-model/hf
-        if [ ! -f "$hf/model.safetensors" ]; then
-            echo "== converting the GGUF to a Hugging Face folder for TRL ($hf)" >&2
-            "$TRL_PYTHON" benches/trl/gguf2hf.py "$hf" >&2
-        fi
-        echo "== real, TRL bf16" >&2
-        log="$work/real-trl.log"
-        OMP_NUM_THREADS=2 /usr/bin/time -v "$TRL_PYTHON" benches/trl/trl_real_bench.py "$hf" \
-            benches/trl/real-unit-64.jsonl bf16 >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
-        grep '^{' "$log" | tail -1 | python3 -c '
+    if [ -n "${TRL_PYTHON:-}" ] && [ ! -f .cache/real-model/hf/model.safetensors ]; then
+        echo "== converting the GGUF to a Hugging Face folder for TRL (.cache/real-model/hf)" >&2
+        "$TRL_PYTHON" benches/trl/gguf2hf.py .cache/real-model/hf >&2
+    fi
+    for round in $(seq "$ROUNDS"); do
+        for be in $BACKENDS; do
+            read -r exe mode engine <<<"$(backend "$be" "$work/kto")"
+            [ -x "$exe" ] || continue
+            echo "== real, kto-train $be" >&2
+            log="$work/real-$be.log"
+            if ! KTO_TRAIN_GEMM="$mode" KTO_TRAIN_GEMM_ENGINE="$engine" KTO_TRAIN_GEMM_VERBOSE=1 \
+                KTO_TRAIN_PROFILE="${PROFILE:-0}" /usr/bin/time -v "$exe" --config "$work/real.toml" \
+                --overwrite --quiet >"$log" 2>&1; then
+                tail -20 "$log" >&2
+                echo "kto-train $be failed on the real unit" >&2
+                continue
+            fi
+            if [ "$engine" = library ] && lib_missing "$log"; then
+                echo "skipping $be: no oneDNN or MKL library" >&2
+                continue
+            fi
+            if [ "${PROFILE:-0}" != 0 ]; then
+                echo "per-phase profile, real unit, $be:" >&2
+                sed -n '/^profile (/,/^| total/p' "$log" | tee -a "$OUT/profile-$be.md" >&2
+            fi
+            scripts/examples-per-second.py "$work/real-run/metrics.jsonl" 2 unit=real \
+                system=kto-train "backend=$be" "peak_rss_gb=$(peak_gb "$log")" "round=$round" \
+                >>"$results"
+            tail -1 "$results" >&2
+        done
+        if [ -n "${TRL_PYTHON:-}" ]; then
+            hf=.cache/real-model/hf
+            echo "== real, TRL bf16" >&2
+            log="$work/real-trl.log"
+            OMP_NUM_THREADS=2 /usr/bin/time -v "$TRL_PYTHON" benches/trl/trl_real_bench.py "$hf" \
+                benches/trl/real-unit-64.jsonl bf16 >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
+            grep '^{' "$log" | tail -1 | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
 print(json.dumps(dict(unit="real", system="trl", backend="bf16 weights", steps=r["steps"],
-                      examples_per_s=r["examples_per_s"], peak_rss_gb=r["peak_rss_gb"])))' >>"$results"
-        tail -1 "$results" >&2
-    fi
+                      examples_per_s=r["examples_per_s"], peak_rss_gb=r["peak_rss_gb"],
+                      round=int(sys.argv[1]))))' "$round" >>"$results"
+            tail -1 "$results" >&2
+        fi
+    done
 fi
 
 if [[ " $UNITS " == *" synthetic "* ]]; then
-    for be in $BACKENDS; do
-        read -r exe mode engine <<<"$(backend "$be" "$work/step")"
-        [ -x "$exe" ] || continue
-        echo "== synthetic, kto-train $be" >&2
-        log="$work/syn-$be.log"
-        if ! KTO_TRAIN_GEMM="$mode" KTO_TRAIN_GEMM_ENGINE="$engine" KTO_TRAIN_GEMM_VERBOSE=1 \
-            "$exe" --json --steps "$STEPS" --warmup 1 --checkpointing 1 >"$work/syn.json" 2>"$log"; then
-            tail -20 "$log" >&2
-            continue
-        fi
-        if [ "$engine" = library ] && lib_missing "$log"; then
-            echo "skipping $be: no oneDNN or MKL library" >&2
-            continue
-        fi
-        tail -1 "$work/syn.json" | python3 -c '
+    model="$work/smollm2-360m-random"
+    if [ -n "${TRL_PYTHON:-}" ]; then
+        "$TRL_PYTHON" benches/trl/make_random_smollm2.py "$model" \
+            --tokenizer-json data/samples/smollm2/tokenizer.json >&2
+    fi
+    for round in $(seq "$ROUNDS"); do
+        for be in $BACKENDS; do
+            read -r exe mode engine <<<"$(backend "$be" "$work/step")"
+            [ -x "$exe" ] || continue
+            echo "== synthetic, kto-train $be" >&2
+            log="$work/syn-$be.log"
+            if ! KTO_TRAIN_GEMM="$mode" KTO_TRAIN_GEMM_ENGINE="$engine" KTO_TRAIN_GEMM_VERBOSE=1 \
+                "$exe" --json --steps "$STEPS" --warmup 1 --checkpointing 1 >"$work/syn.json" 2>"$log"; then
+                tail -20 "$log" >&2
+                continue
+            fi
+            if [ "$engine" = library ] && lib_missing "$log"; then
+                echo "skipping $be: no oneDNN or MKL library" >&2
+                continue
+            fi
+            tail -1 "$work/syn.json" | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
 print(json.dumps(dict(unit="synthetic", system="kto-train", backend=sys.argv[1],
-                      s_per_step=r["s_per_step"], peak_rss_gb=round(r["peak_rss_mb"] / 1024, 2))))' "$be" >>"$results"
-        tail -1 "$results" >&2
-    done
-    if [ -n "${TRL_PYTHON:-}" ]; then
-        model="$work/smollm2-360m-random"
-        "$TRL_PYTHON" benches/trl/make_random_smollm2.py "$model" \
-            --tokenizer-json data/samples/smollm2/tokenizer.json >&2
-        echo "== synthetic, TRL bf16" >&2
-        OMP_NUM_THREADS=2 "$TRL_PYTHON" benches/trl/trl_kto_bench.py --model-dir "$model" \
-            --precision bf16 --targets all --steps "$STEPS" --warmup 1 --json "$work/trl.json" >&2
-        tail -1 "$work/trl.json" | python3 -c '
+                      s_per_step=r["s_per_step"], peak_rss_gb=round(r["peak_rss_mb"] / 1024, 2),
+                      round=int(sys.argv[2]))))' "$be" "$round" >>"$results"
+            tail -1 "$results" >&2
+        done
+        if [ -n "${TRL_PYTHON:-}" ]; then
+            echo "== synthetic, TRL bf16" >&2
+            OMP_NUM_THREADS=2 "$TRL_PYTHON" benches/trl/trl_kto_bench.py --model-dir "$model" \
+                --precision bf16 --targets all --steps "$STEPS" --warmup 1 --json "$work/trl.json" >&2
+            tail -1 "$work/trl.json" | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
 s = r["sec_per_step_median"]
 rss = r["peak_rss_mb"] / 1024
 print(json.dumps(dict(unit="synthetic", system="trl", backend="bf16 weights", s_per_step=s,
-                      peak_rss_gb=round(rss, 2))))' >>"$results"
-        tail -1 "$results" >&2
-    fi
+                      peak_rss_gb=round(rss, 2), round=int(sys.argv[1]))))' "$round" >>"$results"
+            tail -1 "$results" >&2
+        fi
+    done
 fi
 
 python3 - "$results" <<'PY'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for unit, key, better in (("real", "examples_per_s", "higher"), ("synthetic", "s_per_step", "lower")):
     rs = [r for r in rows if r["unit"] == unit]
     if not rs:
         continue
-    trl = next((r for r in rs if r["system"] == "trl"), None)
+    rounds = sorted({r.get("round", 1) for r in rs})
     print(f"\n{unit} unit ({key}, {better} is better)")
-    print(f"| system | backend | {key} | vs TRL | peak RSS |")
-    print("|---|---|---|---|---|")
-    for r in rs:
-        if trl:
-            ratio = r[key] / trl[key] if key == "examples_per_s" else trl[key] / r[key]
-            vs = f"{ratio:.2f}x"
-        else:
-            vs = "-"
-        print(f"| {r['system']} | {r['backend']} | {r[key]:.3f} | {vs} | {r['peak_rss_gb']:.2f} GB |")
+    print(f"| system | backend | round | {key} | vs TRL | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    ratios = {}
+    for rnd in rounds:
+        this = [r for r in rs if r.get("round", 1) == rnd]
+        trl = next((r for r in this if r["system"] == "trl"), None)
+        for r in this:
+            if trl:
+                ratio = r[key] / trl[key] if key == "examples_per_s" else trl[key] / r[key]
+                ratios.setdefault((r["system"], r["backend"]), []).append(ratio)
+                vs = f"{ratio:.2f}x"
+            else:
+                vs = "-"
+            print(f"| {r['system']} | {r['backend']} | {int(rnd)} | {r[key]:.3f} | {vs} | {r['peak_rss_gb']:.2f} GB |")
+    if len(rounds) > 1:
+        for (system, backend), rr in ratios.items():
+            if system != "trl":
+                print(f"{system} {backend} vs TRL over {len(rr)} rounds: median "
+                      f"{statistics.median(rr):.2f}x (each: {', '.join(f'{x:.2f}' for x in rr)})")
 PY
