@@ -10,6 +10,8 @@ use super::gemm::GemmMode;
 use super::precomputed::PrecomputedValue;
 use super::products::{add_product, frozen_linear, frozen_linear_input_grad, matmul};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The trainable branch of one projection.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +46,18 @@ pub fn lora_linear(
     if grad && fused::available(x) {
         return lora_node(x, &x2, w, bias, lora, mask, gemm, &out_dims);
     }
+    if !grad && mask.is_none() && recording() {
+        let (y, h) = add_branch(
+            with_bias(frozen_linear(&x2, w, gemm)?, bias)?,
+            &x2,
+            &lora.a.detach(),
+            &lora.b.detach(),
+            lora.scale,
+            gemm,
+        )?;
+        keep(&y, &h);
+        return y.reshape(out_dims);
+    }
     let (a, b) = if grad {
         (lora.a.clone(), lora.b.clone())
     } else {
@@ -57,6 +71,137 @@ pub fn lora_linear(
     add_branch(base, &xd, &a, &b, lora.scale, gemm)?
         .0
         .reshape(out_dims)
+}
+
+/// Selective recomputation: a checkpointed block's forward ([`record`]) keeps each
+/// projection's output and its x A^T, and the block's recomputation in the backward
+/// ([`replay`]) takes them instead of running the products again, so that the recomputation
+/// runs only what is cheap (norms, RoPE, attention, SwiGLU). The values are the ones the
+/// recomputation would compute (same inputs, same ops), so gradients do not change. What is kept
+/// is bounded by `KTO_TRAIN_CHECKPOINT_KEEP_MB` (default 256) over all blocks alive at once; past
+/// it a block keeps nothing and recomputes as before. Projections with a dropout mask are always
+/// recomputed.
+#[derive(Default)]
+pub struct Kept {
+    outputs: std::collections::VecDeque<(Tensor, Tensor)>,
+    bytes: usize,
+    /// The budget ran out during this block: it keeps nothing.
+    refused: bool,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        KEPT_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes held by every live [`Kept`].
+static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The budget in bytes; `usize::MAX` until first read (then `KTO_TRAIN_CHECKPOINT_KEEP_MB`).
+static BUDGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+fn keep_budget() -> usize {
+    let b = BUDGET.load(Ordering::Relaxed);
+    if b != usize::MAX {
+        return b;
+    }
+    let mb = std::env::var("KTO_TRAIN_CHECKPOINT_KEEP_MB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(256);
+    BUDGET.store(mb << 20, Ordering::Relaxed);
+    mb << 20
+}
+
+/// Sets the budget of kept projection outputs for this process (0: recompute everything), as
+/// `KTO_TRAIN_CHECKPOINT_KEEP_MB` does at start.
+pub fn set_keep_budget_mb(mb: usize) {
+    BUDGET.store(mb << 20, Ordering::Relaxed);
+}
+
+/// Projections whose output a recomputation took from [`record`] instead of computing, so far.
+pub fn replays() -> usize {
+    REPLAYS.load(Ordering::Relaxed)
+}
+
+static REPLAYS: AtomicUsize = AtomicUsize::new(0);
+
+enum Memo {
+    Off,
+    Recording(Kept),
+    Replaying(Kept),
+}
+
+thread_local! {
+    static MEMO: RefCell<Memo> = const { RefCell::new(Memo::Off) };
+}
+
+/// Runs `f` (a checkpointed block's forward without a graph) keeping its projections' outputs
+/// for [`replay`], within the budget.
+pub fn record<R>(f: impl FnOnce() -> R) -> (R, Kept) {
+    MEMO.with(|m| *m.borrow_mut() = Memo::Recording(Kept::default()));
+    let r = f();
+    let kept = match MEMO.with(|m| std::mem::replace(&mut *m.borrow_mut(), Memo::Off)) {
+        Memo::Recording(k) => k,
+        _ => Kept::default(),
+    };
+    (r, kept)
+}
+
+/// Runs `f` (the same block's recomputation) with the outputs [`record`] kept.
+pub fn replay<R>(kept: Kept, f: impl FnOnce() -> R) -> R {
+    MEMO.with(|m| *m.borrow_mut() = Memo::Replaying(kept));
+    let r = f();
+    MEMO.with(|m| *m.borrow_mut() = Memo::Off);
+    r
+}
+
+fn recording() -> bool {
+    MEMO.with(|m| matches!(*m.borrow(), Memo::Recording(_)))
+}
+
+fn keep(y: &Tensor, h: &Tensor) {
+    let bytes = (y.elem_count() + h.elem_count()) * y.dtype().size_in_bytes();
+    MEMO.with(|m| {
+        let mut m = m.borrow_mut();
+        let Memo::Recording(kept) = &mut *m else {
+            return;
+        };
+        if kept.refused {
+            return;
+        }
+        if KEPT_BYTES.load(Ordering::Relaxed) + bytes > keep_budget() {
+            // Replay goes by order: with one projection missing the block keeps none.
+            kept.refused = true;
+            kept.outputs.clear();
+            KEPT_BYTES.fetch_sub(kept.bytes, Ordering::Relaxed);
+            kept.bytes = 0;
+            return;
+        }
+        KEPT_BYTES.fetch_add(bytes, Ordering::Relaxed);
+        kept.bytes += bytes;
+        kept.outputs.push_back((y.clone(), h.clone()));
+    });
+}
+
+/// The next kept (output [m, n], x A^T [m, r]) during a replay, if its shapes are these; a
+/// mismatch (never expected) drops what is left, and the projections are computed.
+fn replayed(m: usize, n: usize, r: usize) -> Option<(Tensor, Tensor)> {
+    MEMO.with(|memo| {
+        let mut memo = memo.borrow_mut();
+        let Memo::Replaying(kept) = &mut *memo else {
+            return None;
+        };
+        let (y, h) = kept.outputs.pop_front()?;
+        if y.dims() == [m, n] && h.dims() == [m, r] {
+            REPLAYS.fetch_add(1, Ordering::Relaxed);
+            Some((y, h))
+        } else {
+            kept.outputs.clear();
+            None
+        }
+    })
 }
 
 fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -86,9 +231,18 @@ fn lora_node(
         None => xv.clone(),
     };
     let (a, b) = (lora.a.detach(), lora.b.detach());
-    // The bias is a constant of the value; the backward does not depend on it.
-    let base = with_bias(frozen_linear(&xv, w, gemm)?, bias)?;
-    let (y, h) = add_branch(base, &xd, &a, &b, lora.scale, gemm)?;
+    let kept = match &mask {
+        None => replayed(xv.dim(0)?, w.dim(0)?, a.dim(0)?),
+        Some(_) => None,
+    };
+    let (y, h) = match kept {
+        Some(yh) => yh,
+        None => {
+            // The bias is a constant of the value; the backward does not depend on it.
+            let base = with_bias(frozen_linear(&xv, w, gemm)?, bias)?;
+            add_branch(base, &xd, &a, &b, lora.scale, gemm)?
+        }
+    };
     let y = y.reshape(out_dims)?;
     let node = LoraNode {
         w: w.clone(),

@@ -7,7 +7,7 @@ use super::lora::Linear;
 use super::pass::PassMode;
 use crate::config::Projection;
 use crate::kernels::gemm::GemmMode;
-use crate::kernels::{attention, checkpoint, fused, products, KernelSettings};
+use crate::kernels::{attention, checkpoint, fused, lora_linear, products, KernelSettings};
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId, Var, D};
 use std::sync::Arc;
 
@@ -272,9 +272,18 @@ impl Block {
         if params.is_empty() {
             return self.forward_with_prefix(x, pass, ctx, None, capture);
         }
-        let y = self.forward_with_prefix(&x.detach(), pass.with_grad(false), ctx, None, capture)?;
+        let (y, kept) = lora_linear::record(|| {
+            self.forward_with_prefix(&x.detach(), pass.with_grad(false), ctx, None, capture)
+        });
+        let y = y?;
         let (block, ctx) = (self.clone(), ctx.clone());
-        let recompute: checkpoint::Recompute = Arc::new(move |x| block.forward(x, pass, &ctx));
+        // The projections' outputs kept by the forward, taken by the (single) recomputation.
+        let kept = std::sync::Mutex::new(Some(kept));
+        let recompute: checkpoint::Recompute =
+            Arc::new(move |x| match kept.lock().ok().and_then(|mut k| k.take()) {
+                Some(k) => lora_linear::replay(k, || block.forward(x, pass, &ctx)),
+                None => block.forward(x, pass, &ctx),
+            });
         checkpoint::checkpointed(x, &y, params, recompute)?
             .ok_or_else(|| candle_core::Error::Msg("checkpoint: block without parameters".into()))
     }
