@@ -46,18 +46,6 @@ pub fn lora_linear(
     if grad && fused::available(x) {
         return lora_node(x, &x2, w, bias, lora, mask, gemm, &out_dims);
     }
-    if !grad && mask.is_none() && recording() {
-        let (y, h) = add_branch(
-            with_bias(frozen_linear(&x2, w, gemm)?, bias)?,
-            &x2,
-            &lora.a.detach(),
-            &lora.b.detach(),
-            lora.scale,
-            gemm,
-        )?;
-        keep(&y, &h);
-        return y.reshape(out_dims);
-    }
     let (a, b) = if grad {
         (lora.a.clone(), lora.b.clone())
     } else {
@@ -68,9 +56,12 @@ pub fn lora_linear(
         None => x2.clone(),
     };
     let base = with_bias(frozen_linear(&x2, w, gemm)?, bias)?;
-    add_branch(base, &xd, &a, &b, lora.scale, gemm)?
-        .0
-        .reshape(out_dims)
+    let (y, h) = add_branch(base, &xd, &a, &b, lora.scale, gemm)?;
+    if !grad && mask.is_none() {
+        // A checkpointed block's forward ([`record`]); a no-op otherwise.
+        keep(&y, &h);
+    }
+    y.reshape(out_dims)
 }
 
 /// Selective recomputation: a checkpointed block's forward ([`record`]) keeps each
@@ -155,10 +146,6 @@ pub fn replay<R>(kept: Kept, f: impl FnOnce() -> R) -> R {
     let r = f();
     MEMO.with(|m| *m.borrow_mut() = Memo::Off);
     r
-}
-
-fn recording() -> bool {
-    MEMO.with(|m| matches!(*m.borrow(), Memo::Recording(_)))
 }
 
 fn keep(y: &Tensor, h: &Tensor) {
