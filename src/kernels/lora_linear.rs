@@ -5,10 +5,11 @@
 //! scale, add), and candle's backward zero-fills and adds a gradient buffer for every node. The
 //! node computes its value with the same ops as the composite form, keeps only what its backward
 //! needs, and computes dx, dA and dB by hand.
+use super::frozen::FrozenWeight;
 use super::fused;
 use super::gemm::GemmMode;
 use super::precomputed::PrecomputedValue;
-use super::products::{add_product, frozen_linear, frozen_linear_input_grad, matmul};
+use super::products::{add_product, matmul};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,7 +31,7 @@ pub struct LoraBranch<'a> {
 /// recorded, so a pass whose result is detached anyway frees its intermediates at once.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &FrozenWeight,
     bias: Option<&Tensor>,
     lora: LoraBranch<'_>,
     mask: Option<Tensor>,
@@ -41,7 +42,7 @@ pub fn lora_linear(
     let k = dims[dims.len() - 1];
     let m = x.elem_count() / k;
     let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(w.dim(0)?);
+    out_dims.push(w.dims2().0);
     let x2 = x.reshape((m, k))?;
     if grad && fused::available(x) {
         return lora_node(x, &x2, w, bias, lora, mask, gemm, &out_dims);
@@ -55,7 +56,7 @@ pub fn lora_linear(
         Some(mask) => apply_mask(&x2, mask)?,
         None => x2.clone(),
     };
-    let base = with_bias(frozen_linear(&x2, w, gemm)?, bias)?;
+    let base = with_bias(w.forward(&x2, gemm)?, bias)?;
     let (y, h) = add_branch(base, &xd, &a, &b, lora.scale, gemm)?;
     if !grad && mask.is_none() {
         // A checkpointed block's forward ([`record`]); a no-op otherwise.
@@ -205,7 +206,7 @@ fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 fn lora_node(
     x: &Tensor,
     x2: &Tensor,
-    w: &Tensor,
+    w: &FrozenWeight,
     bias: Option<&Tensor>,
     lora: LoraBranch<'_>,
     mask: Option<Tensor>,
@@ -219,14 +220,14 @@ fn lora_node(
     };
     let (a, b) = (lora.a.detach(), lora.b.detach());
     let kept = match &mask {
-        None => replayed(xv.dim(0)?, w.dim(0)?, a.dim(0)?),
+        None => replayed(xv.dim(0)?, w.dims2().0, a.dim(0)?),
         Some(_) => None,
     };
     let (y, h) = match kept {
         Some(yh) => yh,
         None => {
             // The bias is a constant of the value; the backward does not depend on it.
-            let base = with_bias(frozen_linear(&xv, w, gemm)?, bias)?;
+            let base = with_bias(w.forward(&xv, gemm)?, bias)?;
             add_branch(base, &xd, &a, &b, lora.scale, gemm)?
         }
     };
@@ -268,7 +269,7 @@ fn apply_mask(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 
 /// y = x W^T + s (m * x) A^T B^T for x [M, K], A [r, K], B [N, r], frozen W and dropout mask m.
 struct LoraNode {
-    w: Tensor,
+    w: FrozenWeight,
     gemm: GemmMode,
     scale: f64,
     mask: Option<Tensor>,
@@ -325,7 +326,7 @@ impl CustomOp3 for LoraNode {
         let (x, a, b) = (x.detach().reshape((m, k))?, a.detach(), b.detach());
         let g = g.contiguous()?.reshape((m, n))?;
         let gbs = matmul(&g, &b, gemm)?.affine(self.scale, 0.0)?; // s g B [M, r]
-        let base = frozen_linear_input_grad(&g, &self.w, gemm)?;
+        let base = self.w.input_grad(&g, gemm)?;
         let (dx, xd) = match &self.mask {
             Some(mask) => {
                 let dxd = apply_mask(&matmul(&gbs, &a, gemm)?, mask)?;

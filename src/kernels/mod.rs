@@ -15,6 +15,7 @@ pub mod attention;
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+pub mod frozen;
 pub mod fused;
 pub mod gemm;
 pub mod lora_linear;

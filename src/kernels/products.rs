@@ -197,6 +197,34 @@ fn fast_product(
     Ok(Some(out))
 }
 
+/// `x [m, k] @ B` for a packed B [k, n] (a weight held only packed, `super::frozen`): `x` rounded
+/// to bf16 here, f32 accumulation, as every bf16 product.
+pub(super) fn packed_product(x: &CpuStorage, l: &Layout, b: &PackedB) -> Result<CpuStorage> {
+    let (m, k) = l.shape().dims2()?;
+    if k != b.k() {
+        candle_core::bail!("packed product: [{m}, {k}] @ [{}, {}]", b.k(), b.n());
+    }
+    let Some(x) = f32_slice(x) else {
+        candle_core::bail!(
+            "packed product: f32 activations expected, got {:?}",
+            x.dtype()
+        );
+    };
+    let mut a16 = take_scratch(0);
+    let Some((trans, ld, used)) = bf16_operand(x, l, &mut a16) else {
+        put_scratch(a16);
+        candle_core::bail!("packed product: unsupported activation layout {l:?}");
+    };
+    let pa = MatRef {
+        data: &a16[..used],
+        trans,
+        ld,
+    };
+    let out = gemm::gemm_bf16_packed_new(m, pa, b);
+    put_scratch(a16);
+    Ok(CpuStorage::F32(out?))
+}
+
 /// The frozen weight as a bf16 operand: its cached copy `w16` (dense row-major [n_w, k_w]
 /// whatever `w`'s layout was) for an f32 weight, or the bf16 storage as it is.
 fn bf16_weight_operand<'a>(

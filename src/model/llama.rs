@@ -359,11 +359,34 @@ impl Llama {
     /// matrices are then stored in bf16 only: the products round them to bf16 anyway, so no f32
     /// copy needs to exist (SmolLM2's published weights are bf16: nothing is lost, and their
     /// memory halves).
+    ///
+    /// Where those bf16 products run on the tile kernel, each projection's weight is then held
+    /// only in the kernel's packed form ([`crate::kernels::frozen::FrozenWeight::packed`]), which holds the same values:
+    /// the bf16 tensor is dropped. Other kernels get tensors back.
     pub fn with_kernels(mut self, kernels: KernelSettings) -> Result<Self> {
         self.kernels = kernels;
         let frozen = kernels.frozen_dtype(self.dtype, &self.device);
         if frozen != self.dtype {
             self.keep_frozen_weights_in(frozen)?;
+        }
+        let packs = frozen == DType::BF16 && self.dtype == DType::F32;
+        for layer in &mut self.layers {
+            for lin in layer.projections_mut() {
+                let w = lin.weight.clone();
+                lin.weight = if packs { w.packed()? } else { w.unpacked()? };
+            }
+        }
+        Ok(self)
+    }
+
+    /// The same network with every projection's weight held as a tensor again, as
+    /// [`Llama::with_kernels`] leaves it outside bf16 products (for comparisons: products then
+    /// read the bf16 tensor's cached packed copies, the path before weights were held packed).
+    pub fn with_unpacked_projections(mut self) -> Result<Self> {
+        for layer in &mut self.layers {
+            for lin in layer.projections_mut() {
+                lin.weight = lin.weight.clone().unpacked()?;
+            }
         }
         Ok(self)
     }

@@ -7,6 +7,7 @@ use super::lora::{init_lora, Linear, Lora};
 use crate::config::Projection;
 use crate::hub::gguf::Gguf;
 use crate::hub::{ModelFiles, WeightFormat};
+use crate::kernels::frozen::FrozenWeight;
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -197,7 +198,7 @@ pub fn load_llama_frozen_in(
                 _ => None,
             };
             Ok(Linear {
-                weight,
+                weight: FrozenWeight::Dense(weight),
                 bias,
                 lora,
                 module_index: (li * 7 + pi) as u64,

@@ -2,10 +2,10 @@
 //! compute is [`crate::kernels::lora_linear`]; this file holds the weights, PEFT's init and the
 //! dropout masks.
 use super::pass::{DropoutKey, PassMode};
+use crate::kernels::frozen::FrozenWeight;
 use crate::kernels::fused;
 use crate::kernels::gemm::GemmMode;
 use crate::kernels::lora_linear::{lora_linear, LoraBranch};
-use crate::kernels::products::frozen_linear;
 use crate::util::hash::splitmix64;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::Rng;
@@ -24,8 +24,8 @@ pub struct Lora {
 /// A projection with an optional LoRA branch.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// [out_features, in_features], frozen.
-    pub weight: Tensor,
+    /// [out_features, in_features], frozen (a tensor, or only packed for bf16 products).
+    pub weight: FrozenWeight,
     /// [out_features], frozen (LoRA leaves a projection's bias as it is, as PEFT does).
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
@@ -35,17 +35,17 @@ pub struct Linear {
 
 impl Linear {
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims2().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims2().0
     }
 
     /// `x W^T`, plus the LoRA branch when `pass` runs the policy.
     pub fn forward(&self, x: &Tensor, pass: PassMode, gemm: GemmMode) -> Result<Tensor> {
         let Some(lora) = self.lora.as_ref().filter(|_| pass.lora) else {
-            let y = frozen_linear(x, &self.weight, gemm)?;
+            let y = self.weight.forward(x, gemm)?;
             return match &self.bias {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),

@@ -586,11 +586,18 @@ static PACKED: Mutex<Option<PackedCache>> = Mutex::new(None);
 static PACKED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The packed form of `w` [rows, cols] as the B operand: W^T (`transposed`, the forward x @ W^T)
-/// or W (the input gradient g @ W). `None` when the products do not use packed operands here
-/// (another engine, or a CPU without the tile kernel), or the cache is full.
+/// or W (the input gradient g @ W; with `KTO_TRAIN_PACK_INPUT_GRAD=0` not cached but moved out
+/// of the forward's form at each call). `None` when the products do not use packed operands
+/// here (another engine, or a CPU without the tile kernel), or the cache is full.
 pub fn packed_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>>> {
-    if library().is_some() || !native::packs_rhs() || (!transposed && !packs_input_grad()) {
+    if library().is_some() || !native::packs_rhs() {
         return Ok(None);
+    }
+    if !transposed && !packs_input_grad() {
+        // Only the forward's form is kept: this one is moved out of it for the call.
+        let fwd = packed_weight(w, true)?;
+        let _p = profile::phase("op: repack input-gradient operand");
+        return Ok(fwd.map(|p| Arc::new(p.transposed())));
     }
     let key = (w.id(), transposed);
     if let Some(hit) = PACKED
@@ -606,6 +613,26 @@ pub fn packed_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>
     if used + rows * cols * 2 > cache_budget() {
         return Ok(None);
     }
+    let Some(packed) = pack_weight(w, transposed)?.map(Arc::new) else {
+        return Ok(None);
+    };
+    PACKED_BYTES.fetch_add(packed.bytes(), std::sync::atomic::Ordering::Relaxed);
+    PACKED
+        .lock()
+        .expect("packed cache poisoned")
+        .get_or_insert_with(HashMap::new)
+        .insert(key, packed.clone());
+    Ok(Some(packed))
+}
+
+/// `w` [rows, cols] packed as the B operand, W^T (`transposed`) or W, without the cache: for
+/// weights held only in packed form (see `kernels::frozen`). `None` where products do not use
+/// packed operands here.
+pub fn pack_weight(w: &Tensor, transposed: bool) -> Result<Option<PackedB>> {
+    if library().is_some() || !native::packs_rhs() {
+        return Ok(None);
+    }
+    let (rows, cols) = w.dims2()?;
     let pack = |data: &[bf16]| {
         let b = MatRef {
             data,
@@ -619,27 +646,21 @@ pub fn packed_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>
         };
         native::pack_rhs(&b, k, n)
     };
-    let packed = {
-        let (storage, layout) = w.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => pack(&v[a..b]),
-            _ => {
-                drop(storage);
-                // A rounded copy only for packing: the packed forms replace the bf16 cache.
-                pack(&Bf16Matrix::from_tensor(w)?.data)
-            }
+    let (storage, layout) = w.storage_and_layout();
+    Ok(match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => pack(&v[a..b]),
+        _ => {
+            drop(storage);
+            // A rounded copy only for packing.
+            pack(&Bf16Matrix::from_tensor(w)?.data)
         }
-    };
-    let Some(packed) = packed.map(Arc::new) else {
-        return Ok(None);
-    };
-    PACKED_BYTES.fetch_add(packed.bytes(), std::sync::atomic::Ordering::Relaxed);
-    PACKED
-        .lock()
-        .expect("packed cache poisoned")
-        .get_or_insert_with(HashMap::new)
-        .insert(key, packed.clone());
-    Ok(Some(packed))
+    })
+}
+
+/// The packed form of B^T for a packed B [k, n]: the other orientation of the same weight,
+/// from the packed values alone (the input gradient's operand when only the forward's is held).
+pub fn repack_transposed(p: &PackedB) -> PackedB {
+    p.transposed()
 }
 
 /// [`gemm_bf16`] into a new [m, n] vector with a packed B.
@@ -761,7 +782,7 @@ static CACHE: Mutex<Option<WeightCache>> = Mutex::new(None);
 
 /// Whether the input gradient's orientation (W) is packed too (`KTO_TRAIN_PACK_INPUT_GRAD`, default
 /// on); off, it is packed per call.
-fn packs_input_grad() -> bool {
+pub(crate) fn packs_input_grad() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("KTO_TRAIN_PACK_INPUT_GRAD").map_or(true, |v| v != "0"))
 }

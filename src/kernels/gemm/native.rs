@@ -120,6 +120,7 @@ pub(super) unsafe fn gemm_bf16(
 }
 
 /// A frozen operand B [k, n] packed once for the tile kernel (see [`amx`]), reused at every call.
+#[derive(Clone)]
 pub struct PackedB {
     data: Vec<u32>,
     k: usize,
@@ -135,6 +136,68 @@ impl PackedB {
     }
     pub fn n(&self) -> usize {
         self.n
+    }
+
+    /// The packed form of B^T [n, k], moved straight from this one (no dense copy in between).
+    ///
+    /// Both forms pad k and n to 32 with zeros, so they cover the same 2 x 2 units of B: unit
+    /// (A, R) = B[2R..2R + 2][2A..2A + 2] (R a pair of k, A a pair of n). Here the unit is two
+    /// words of panel A / 8, row R: (B[2R][2A], B[2R + 1][2A]) and the same for column 2A + 1;
+    /// in B^T's form it is two words of panel R / 8, row A: (B[2R][2A], B[2R][2A + 1]) and the
+    /// same for row 2R + 1. So the move transposes units and swaps their two middle values.
+    pub fn transposed(&self) -> PackedB {
+        use rayon::prelude::*;
+        let (kp, np) = (self.k.div_ceil(32) * 32, self.n.div_ceil(32) * 32);
+        // Rows (pairs) per panel here and in the result.
+        let (pairs, pairs_t) = (kp / 2, np / 2);
+        let len = kp * pairs_t;
+        // Every word is written below (the units cover both forms whole), so no zero-fill.
+        let mut out: Vec<u32> = Vec::with_capacity(len);
+        if len > 0 {
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(pairs_t * 16)
+                .enumerate()
+                .for_each(|(panel_t, chunk)| {
+                    for a in 0..np / 2 {
+                        let src = &self.data[(a / 8) * pairs * 16 + (a % 8) * 2..];
+                        let dst = &mut chunk[a * 16..a * 16 + 16];
+                        for (rr, d) in dst.chunks_exact_mut(2).enumerate() {
+                            let at = (panel_t * 8 + rr) * 16;
+                            let (w0, w1) = (src[at], src[at + 1]);
+                            d[0].write((w0 & 0xffff) | (w1 << 16));
+                            d[1].write((w0 >> 16) | (w1 & 0xffff_0000));
+                        }
+                    }
+                });
+            // SAFETY: all `len` words were written above.
+            unsafe { out.set_len(len) };
+        }
+        PackedB {
+            data: out,
+            k: self.n,
+            n: self.k,
+        }
+    }
+
+    /// The operand back as dense row-major [k, n] bf16 values (the packing only moves them).
+    pub fn unpack(&self) -> Vec<bf16> {
+        use rayon::prelude::*;
+        let (k, n) = (self.k, self.n);
+        if k == 0 || n == 0 {
+            return Vec::new();
+        }
+        // Each panel of 16 columns holds kp / 2 rows of 16 pairs, k padded to 32 (see
+        // `amx::pack_b`).
+        let pairs = k.div_ceil(32) * 16;
+        let mut out = vec![bf16::ZERO; k * n];
+        out.par_chunks_mut(n).enumerate().for_each(|(kk, row)| {
+            let (p, half) = (kk / 2, 16 * (kk % 2));
+            for (j, v) in row.iter_mut().enumerate() {
+                let word = self.data[(j / 16) * pairs * 16 + p * 16 + j % 16];
+                *v = bf16::from_bits((word >> half) as u16);
+            }
+        });
+        out
     }
 }
 

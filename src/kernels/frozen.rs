@@ -1,0 +1,222 @@
+//! A frozen projection matrix W [out, in]: a tensor, or, for bf16 products on the tile kernel,
+//! only its packed forms.
+//!
+//! The tile kernel reads frozen weights packed (`gemm::PackedB`), once per orientation: W^T for
+//! the forward x W^T and W for the input gradient g W. Next to the bf16 tensor that is three
+//! copies of every weight, most of a run's memory (1.9 GB of SmolLM2-360M's 3.2 GB peak at
+//! 2 x 512 tokens). Packing only moves values, so the packed forward form holds the weight
+//! exactly: the tensor is dropped, and the input gradient's form is either kept too (the
+//! default) or repacked from the forward's at each backward (`KTO_TRAIN_PACK_INPUT_GRAD=0`,
+//! one copy in all). Any other path (candle's GEMM, f32 products, another device) gets the
+//! tensor back, unpacked, at each call: correct, not fast.
+use super::gemm::{self, GemmMode, PackedB};
+use super::products::{self, packed_product};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Packed(Arc<PackedWeight>),
+}
+
+/// W held only as the tile kernel's operands.
+pub struct PackedWeight {
+    /// W^T [in, out], the forward's operand.
+    forward: PackedB,
+    /// W [out, in], the input gradient's; `None`: repacked from `forward` per call.
+    input_grad: Option<PackedB>,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedWeight([{}, {}], input gradient {})",
+            self.forward.n(),
+            self.forward.k(),
+            if self.input_grad.is_some() {
+                "packed"
+            } else {
+                "repacked per call"
+            }
+        )
+    }
+}
+
+impl PackedWeight {
+    fn input_grad_operand(&self) -> Result<std::borrow::Cow<'_, PackedB>> {
+        if let Some(p) = &self.input_grad {
+            return Ok(std::borrow::Cow::Borrowed(p));
+        }
+        let _p = crate::util::profile::phase("op: repack input-gradient operand");
+        Ok(std::borrow::Cow::Owned(gemm::repack_transposed(
+            &self.forward,
+        )))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.forward.bytes() + self.input_grad.as_ref().map_or(0, PackedB::bytes)
+    }
+}
+
+impl FrozenWeight {
+    /// [out, in].
+    pub fn dims2(&self) -> (usize, usize) {
+        match self {
+            FrozenWeight::Dense(t) => {
+                let d = t.dims();
+                (d[0], d[1])
+            }
+            FrozenWeight::Packed(p) => (p.forward.n(), p.forward.k()),
+        }
+    }
+
+    /// The weight as a tensor (bf16, unpacked, when held packed).
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => Ok(t.clone()),
+            FrozenWeight::Packed(p) => {
+                let (out, inp) = self.dims2();
+                let wt =
+                    Tensor::from_vec(p.forward.unpack(), (inp, out), &candle_core::Device::Cpu)?;
+                wt.t()?.contiguous()
+            }
+        }
+    }
+
+    /// The weight stored in `dtype` (a packed weight holds bf16 values: it stays as it is for
+    /// bf16, and becomes a tensor otherwise).
+    pub fn to_dtype(&self, dtype: DType) -> Result<FrozenWeight> {
+        match self {
+            FrozenWeight::Dense(t) => Ok(FrozenWeight::Dense(t.to_dtype(dtype)?)),
+            FrozenWeight::Packed(_) if dtype == DType::BF16 => Ok(self.clone()),
+            FrozenWeight::Packed(_) => Ok(FrozenWeight::Dense(self.tensor()?.to_dtype(dtype)?)),
+        }
+    }
+
+    /// The weight held only packed, where bf16 products run on the tile kernel here (else
+    /// unchanged). Its values are rounded to bf16 as every bf16 product rounds them. The input
+    /// gradient's orientation is packed too unless `KTO_TRAIN_PACK_INPUT_GRAD=0`.
+    pub fn packed(self) -> Result<FrozenWeight> {
+        self.packed_with(gemm::packs_input_grad())
+    }
+
+    /// [`FrozenWeight::packed`], keeping the input gradient's orientation packed or not.
+    pub fn packed_with(self, input_grad: bool) -> Result<FrozenWeight> {
+        let FrozenWeight::Dense(t) = &self else {
+            return Ok(self);
+        };
+        if !t.device().is_cpu() || !gemm::packs_weights() {
+            return Ok(self);
+        }
+        let Some(forward) = gemm::pack_weight(t, true)? else {
+            return Ok(self);
+        };
+        let input_grad = if input_grad {
+            gemm::pack_weight(t, false)?
+        } else {
+            None
+        };
+        Ok(FrozenWeight::Packed(Arc::new(PackedWeight {
+            forward,
+            input_grad,
+        })))
+    }
+
+    /// The weight as a tensor again (after [`FrozenWeight::packed`]).
+    pub fn unpacked(self) -> Result<FrozenWeight> {
+        match self {
+            FrozenWeight::Dense(_) => Ok(self),
+            FrozenWeight::Packed(_) => Ok(FrozenWeight::Dense(self.tensor()?)),
+        }
+    }
+
+    /// Whether a product with activation `x` in `mode` reads the packed operands.
+    fn packed_for(&self, x: &Tensor, mode: GemmMode) -> Option<&Arc<PackedWeight>> {
+        match self {
+            FrozenWeight::Packed(p)
+                if x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && gemm::effective_mode(mode) == GemmMode::Bf16 =>
+            {
+                Some(p)
+            }
+            _ => None,
+        }
+    }
+
+    /// `x @ W^T` over the last dim of `x`, no gradient for W ([`products::frozen_linear`]).
+    pub fn forward(&self, x: &Tensor, mode: GemmMode) -> Result<Tensor> {
+        let Some(p) = self.packed_for(x, mode) else {
+            return match self {
+                FrozenWeight::Dense(t) => products::frozen_linear(x, t, mode),
+                FrozenWeight::Packed(_) => products::frozen_linear(x, &self.tensor()?, mode),
+            };
+        };
+        let dims = x.dims();
+        let k = *dims.last().expect("non-scalar input");
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let y = x
+            .reshape((m, k))?
+            .apply_op1(PackedMatmul { w: p.clone() })?;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(p.forward.n());
+        y.reshape(out_dims)
+    }
+
+    /// `grad [m, out] @ W`, the input gradient of [`FrozenWeight::forward`].
+    pub fn input_grad(&self, grad: &Tensor, mode: GemmMode) -> Result<Tensor> {
+        match (self.packed_for(grad, mode), self) {
+            (Some(p), _) => grad.apply_op1_no_bwd(&PackedInputGrad { w: p.clone() }),
+            (None, FrozenWeight::Dense(t)) => products::frozen_linear_input_grad(grad, t, mode),
+            (None, FrozenWeight::Packed(_)) => {
+                products::frozen_linear_input_grad(grad, &self.tensor()?, mode)
+            }
+        }
+    }
+}
+
+/// x W^T with W packed; the backward returns only dL/dx.
+struct PackedMatmul {
+    w: Arc<PackedWeight>,
+}
+
+impl CustomOp1 for PackedMatmul {
+    fn name(&self) -> &'static str {
+        "packed-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let m = l.shape().dims2()?.0;
+        let out = packed_product(s, l, &self.w.forward)?;
+        Ok((out, Shape::from((m, self.w.forward.n()))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(grad.apply_op1_no_bwd(&PackedInputGrad {
+            w: self.w.clone(),
+        })?))
+    }
+}
+
+/// grad W with W packed (never differentiated again).
+struct PackedInputGrad {
+    w: Arc<PackedWeight>,
+}
+
+impl CustomOp1 for PackedInputGrad {
+    fn name(&self) -> &'static str {
+        "packed-frozen-matmul-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let m = l.shape().dims2()?.0;
+        let b = self.w.input_grad_operand()?;
+        let out = packed_product(s, l, &b)?;
+        Ok((out, Shape::from((m, b.n()))))
+    }
+}
