@@ -2,13 +2,13 @@
 //! only its packed forms.
 //!
 //! The tile kernel reads frozen weights packed (`gemm::PackedB`), once per orientation: W^T for
-//! the forward x W^T and W for the input gradient g W. Next to the bf16 tensor that is three
-//! copies of every weight, most of a run's memory (1.9 GB of SmolLM2-360M's 3.2 GB peak at
-//! 2 x 512 tokens). Packing only moves values, so the packed forward form holds the weight
-//! exactly: the tensor is dropped, and the input gradient's form is either kept too (the
-//! default) or repacked from the forward's at each backward (`KTO_TRAIN_PACK_INPUT_GRAD=0`,
-//! one copy in all). Any other path (candle's GEMM, f32 products, another device) gets the
-//! tensor back, unpacked, at each call: correct, not fast.
+//! the forward x W^T and W for the input gradient g W. Next to the bf16 tensor that made three
+//! copies of every weight. Packing only moves values, so the packed forward form holds the
+//! weight exactly: the tensor is dropped, and the input gradient's form is either kept too (the
+//! default) or moved out of the forward's at each backward (`KTO_TRAIN_PACK_INPUT_GRAD=0`, one
+//! copy in all). At SmolLM2-360M's shapes and 2 x 512 tokens that took the peak from 3.26 GB to
+//! 2.67 GB, and to 1.98 GB with one copy (README, "Speed"). Any other path (candle's GEMM, f32
+//! products, another device) gets the tensor back, unpacked, at each call: correct, not fast.
 use super::gemm::{self, GemmMode, PackedB};
 use super::products::{self, packed_product};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -51,14 +51,7 @@ impl PackedWeight {
             return Ok(std::borrow::Cow::Borrowed(p));
         }
         let _p = crate::util::profile::phase("op: repack input-gradient operand");
-        Ok(std::borrow::Cow::Owned(gemm::repack_transposed(
-            &self.forward,
-        )))
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.forward.bytes() + self.input_grad.as_ref().map_or(0, PackedB::bytes)
+        Ok(std::borrow::Cow::Owned(self.forward.transposed()))
     }
 }
 

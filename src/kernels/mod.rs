@@ -5,6 +5,8 @@
 //!   with the `cuda` feature also CUDA, f32/bf16, kernels in `cuda/fused.cu`);
 //! - [`products`]: frozen-weight products (no weight gradient) and activation products, on the
 //!   fast GEMM library when one is loaded ([`gemm`]);
+//! - [`frozen`]: a projection's frozen weight, as a tensor or only as the tile kernel's packed
+//!   operands, with its products;
 //! - [`attention`] and [`lora_linear`]: causal attention and a LoRA projection as one backprop
 //!   node each;
 //! - [`checkpoint`]: activation checkpointing (recompute in the backward) and the one backward

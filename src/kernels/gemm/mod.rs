@@ -657,12 +657,6 @@ pub fn pack_weight(w: &Tensor, transposed: bool) -> Result<Option<PackedB>> {
     })
 }
 
-/// The packed form of B^T for a packed B [k, n]: the other orientation of the same weight,
-/// from the packed values alone (the input gradient's operand when only the forward's is held).
-pub fn repack_transposed(p: &PackedB) -> PackedB {
-    p.transposed()
-}
-
 /// [`gemm_bf16`] into a new [m, n] vector with a packed B.
 pub(crate) fn gemm_bf16_packed_new(m: usize, a: MatRef<'_, bf16>, b: &PackedB) -> Result<Vec<f32>> {
     let (k, n) = (b.k(), b.n());
