@@ -6,33 +6,15 @@
 mod common;
 use candle_core::DType;
 use common::*;
-use kto_train::config::LossConfig;
-use kto_train::loss::LossHead;
 use kto_train::model::llama::LoraGradients;
-use kto_train::model::{DropoutKey, Llama, PassMode};
-use kto_train::train::step::{run_micro_batch, MicroBatchMode};
-
-fn step(model: &Llama, loss_toml: &str) -> (f64, LoraGradients) {
-    let cfg: LossConfig = toml::from_str(loss_toml).unwrap();
-    let mut head = LossHead::new(&cfg);
-    let batch = kto_step_batch(None);
-    let fwd = PassMode::train(DropoutKey { seed: 7, pass: 3 });
-    let mode = MicroBatchMode {
-        policy: fwd,
-        kl: fwd,
-        step: 0,
-        train: true,
-    };
-    let out = run_micro_batch(model, &mut head, &batch, mode, None).unwrap();
-    (out.loss.loss, out.grads.unwrap())
-}
+use kto_train::model::Llama;
 
 fn compare(loss_toml: &str) {
     let model = tiny_with_peft_dropout(DType::F64, Some(0.1));
     let plain = with_kernels(&model, |k| k.activation_checkpointing = false);
-    let (loss_plain, g_plain) = step(&plain, loss_toml);
+    let (loss_plain, g_plain) = dropout_step(&plain, loss_toml);
     let checkpointed = with_kernels(&model, |k| k.activation_checkpointing = true);
-    let (loss_ckpt, g_ckpt) = step(&checkpointed, loss_toml);
+    let (loss_ckpt, g_ckpt) = dropout_step(&checkpointed, loss_toml);
     assert!(
         (loss_plain - loss_ckpt).abs() <= 1e-12 * loss_plain.abs().max(1.0),
         "loss {loss_plain} vs {loss_ckpt}"
@@ -89,10 +71,10 @@ fn kept_projection_outputs_give_the_recomputed_gradients() {
     let model = tiny_with_peft_dropout(DType::F64, Some(0.0));
     let checkpointed = with_kernels(&model, |k| k.activation_checkpointing = true);
     lora_linear::set_keep_budget_mb(0);
-    let (loss_recomputed, g_recomputed) = step(&checkpointed, loss);
+    let (loss_recomputed, g_recomputed) = dropout_step(&checkpointed, loss);
     let before = lora_linear::replays();
     lora_linear::set_keep_budget_mb(1024);
-    let (loss_kept, g_kept) = step(&checkpointed, loss);
+    let (loss_kept, g_kept) = dropout_step(&checkpointed, loss);
     let replayed = lora_linear::replays() - before;
     lora_linear::set_keep_budget_mb(256);
     // Every adapted projection of every block took its kept output (other tests in this binary
@@ -104,7 +86,7 @@ fn kept_projection_outputs_give_the_recomputed_gradients() {
     );
     assert_eq!(loss_recomputed, loss_kept);
     let plain = with_kernels(&model, |k| k.activation_checkpointing = false);
-    let (_, g_plain) = step(&plain, loss);
+    let (_, g_plain) = dropout_step(&plain, loss);
     let (a, b, p) = (
         grads_of(&model, &g_recomputed),
         grads_of(&model, &g_kept),

@@ -8,13 +8,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use kto_train::config::LossConfig;
 use kto_train::kernels::frozen::FrozenWeight;
 use kto_train::kernels::gemm::{self, GemmMode};
 use kto_train::kernels::products::{frozen_linear, frozen_linear_input_grad};
-use kto_train::loss::LossHead;
-use kto_train::model::{DropoutKey, Llama, PassMode};
-use kto_train::train::step::{run_micro_batch, MicroBatchMode};
+use kto_train::model::Llama;
 use rand::{Rng, SeedableRng};
 
 fn tile_kernel_here() -> bool {
@@ -170,18 +167,8 @@ fn packed_model_equals_tensor_model() {
         .flat_map(|b| b.projections())
         .all(|(_, lin)| matches!(lin.weight, FrozenWeight::Dense(_))));
     let step = |m: &Llama| {
-        let cfg: LossConfig = toml::from_str("loss_type = \"enhanced_kto\"\nbeta = 0.1").unwrap();
-        let mut head = LossHead::new(&cfg);
-        let batch = common::kto_step_batch(None);
-        let fwd = PassMode::train(DropoutKey { seed: 7, pass: 3 });
-        let mode = MicroBatchMode {
-            policy: fwd,
-            kl: fwd,
-            step: 0,
-            train: true,
-        };
-        let out = run_micro_batch(m, &mut head, &batch, mode, None).unwrap();
-        (out.loss.loss, out.grads.unwrap().into_vec())
+        let (loss, grads) = common::dropout_step(m, "loss_type = \"enhanced_kto\"\nbeta = 0.1");
+        (loss, grads.into_vec())
     };
     let (l1, g1) = step(&model);
     let (l2, g2) = step(&dense);

@@ -208,3 +208,25 @@ pub fn smoke_command(bin: &str, out: &std::path::Path) -> std::process::Command 
         .args(["--set", "eval.benchmarks=[]", "--quiet"]);
     c
 }
+
+/// One KTO micro-batch of the TRL step fixture through `model` with the loss `loss_toml`, dropout
+/// keyed (seed 7, pass 3) in the policy and KL passes: the loss and every LoRA gradient.
+pub fn dropout_step(
+    model: &Llama,
+    loss_toml: &str,
+) -> (f64, kto_train::model::llama::LoraGradients) {
+    use kto_train::model::{DropoutKey, PassMode};
+    use kto_train::train::step::{run_micro_batch, MicroBatchMode};
+    let cfg: kto_train::config::LossConfig = toml::from_str(loss_toml).unwrap();
+    let mut head = kto_train::loss::LossHead::new(&cfg);
+    let batch = kto_step_batch(None);
+    let fwd = PassMode::train(DropoutKey { seed: 7, pass: 3 });
+    let mode = MicroBatchMode {
+        policy: fwd,
+        kl: fwd,
+        step: 0,
+        train: true,
+    };
+    let out = run_micro_batch(model, &mut head, &batch, mode, None).unwrap();
+    (out.loss.loss, out.grads.unwrap())
+}
