@@ -6,9 +6,9 @@
 //! copies of every weight. Packing only moves values, so the packed forward form holds the
 //! weight exactly: the tensor is dropped, and the input gradient's form is either kept too (the
 //! default) or moved out of the forward's at each backward (`KTO_TRAIN_PACK_INPUT_GRAD=0`, one
-//! copy in all). At SmolLM2-360M's shapes and 2 x 512 tokens that took the peak from 3.26 GB to
-//! 2.67 GB, and to 1.98 GB with one copy (README, "Speed"). Any other path (candle's GEMM, f32
-//! products, another device) gets the tensor back, unpacked, at each call: correct, not fast.
+//! copy in all). At SmolLM2-360M's shapes and 2 x 512 tokens that took benches/step's peak_rss_mb
+//! from 3258 to 2672, and to 1975 with one copy (README, "Speed"). Any other path (candle's GEMM,
+//! f32 products, another device) gets the tensor back, unpacked, at each call: correct, not fast.
 use super::gemm::{self, GemmMode, PackedB};
 use super::products::{self, packed_product};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -102,9 +102,10 @@ impl FrozenWeight {
         let FrozenWeight::Dense(t) = &self else {
             return Ok(self);
         };
-        if !t.device().is_cpu() || !gemm::packs_weights() {
+        if !t.device().is_cpu() {
             return Ok(self);
         }
+        // None where no packed operands are read here (another engine, no tile kernel).
         let Some(forward) = gemm::pack_weight(t, true)? else {
             return Ok(self);
         };
@@ -152,9 +153,10 @@ impl FrozenWeight {
         let dims = x.dims();
         let k = *dims.last().expect("non-scalar input");
         let m: usize = dims[..dims.len() - 1].iter().product();
-        let y = x
-            .reshape((m, k))?
-            .apply_op1(PackedMatmul { w: p.clone() })?;
+        let y = x.reshape((m, k))?.apply_op1(PackedMatmul {
+            w: p.clone(),
+            input_grad: false,
+        })?;
         let mut out_dims = dims[..dims.len() - 1].to_vec();
         out_dims.push(p.forward.n());
         y.reshape(out_dims)
@@ -163,7 +165,10 @@ impl FrozenWeight {
     /// `grad [m, out] @ W`, the input gradient of [`FrozenWeight::forward`].
     pub fn input_grad(&self, grad: &Tensor, mode: GemmMode) -> Result<Tensor> {
         match (self.packed_for(grad, mode), self) {
-            (Some(p), _) => grad.apply_op1_no_bwd(&PackedInputGrad { w: p.clone() }),
+            (Some(p), _) => grad.apply_op1_no_bwd(&PackedMatmul {
+                w: p.clone(),
+                input_grad: true,
+            }),
             (None, FrozenWeight::Dense(t)) => products::frozen_linear_input_grad(grad, t, mode),
             (None, FrozenWeight::Packed(_)) => {
                 products::frozen_linear_input_grad(grad, &self.tensor()?, mode)
@@ -172,44 +177,38 @@ impl FrozenWeight {
     }
 }
 
-/// x W^T with W packed; the backward returns only dL/dx.
+/// x W^T with W packed (the backward returns only dL/dx), or, as `input_grad`, that backward's
+/// grad W (never differentiated again).
 struct PackedMatmul {
     w: Arc<PackedWeight>,
+    input_grad: bool,
 }
 
 impl CustomOp1 for PackedMatmul {
     fn name(&self) -> &'static str {
-        "packed-frozen-matmul"
+        if self.input_grad {
+            "packed-frozen-matmul-bwd"
+        } else {
+            "packed-frozen-matmul"
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let m = l.shape().dims2()?.0;
-        let out = packed_product(s, l, &self.w.forward)?;
-        Ok((out, Shape::from((m, self.w.forward.n()))))
+        let b = if self.input_grad {
+            self.w.input_grad_operand()?
+        } else {
+            std::borrow::Cow::Borrowed(&self.w.forward)
+        };
+        let out = packed_product(s, l, &b)?;
+        Ok((out, Shape::from((m, b.n()))))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(grad.apply_op1_no_bwd(&PackedInputGrad {
+        let op = PackedMatmul {
             w: self.w.clone(),
-        })?))
-    }
-}
-
-/// grad W with W packed (never differentiated again).
-struct PackedInputGrad {
-    w: Arc<PackedWeight>,
-}
-
-impl CustomOp1 for PackedInputGrad {
-    fn name(&self) -> &'static str {
-        "packed-frozen-matmul-bwd"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let m = l.shape().dims2()?.0;
-        let b = self.w.input_grad_operand()?;
-        let out = packed_product(s, l, &b)?;
-        Ok((out, Shape::from((m, b.n()))))
+            input_grad: true,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }

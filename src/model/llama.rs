@@ -361,19 +361,20 @@ impl Llama {
     /// memory halves).
     ///
     /// Where those bf16 products run on the tile kernel, each projection's weight is then held
-    /// only in the kernel's packed form ([`crate::kernels::frozen::FrozenWeight::packed`]), which holds the same values:
-    /// the bf16 tensor is dropped. Other kernels get tensors back.
+    /// only in the kernel's packed form ([`crate::kernels::frozen::FrozenWeight::packed`]),
+    /// which holds the same values: the bf16 tensor is dropped. Other kernels get tensors back.
     pub fn with_kernels(mut self, kernels: KernelSettings) -> Result<Self> {
         self.kernels = kernels;
         let frozen = kernels.frozen_dtype(self.dtype, &self.device);
         if frozen != self.dtype {
             self.keep_frozen_weights_in(frozen)?;
         }
-        let packs = frozen == DType::BF16 && self.dtype == DType::F32;
+        if frozen != DType::BF16 || self.dtype != DType::F32 {
+            return self.with_unpacked_projections();
+        }
         for layer in &mut self.layers {
             for lin in layer.projections_mut() {
-                let w = lin.weight.clone();
-                lin.weight = if packs { w.packed()? } else { w.unpacked()? };
+                lin.weight = lin.weight.clone().packed()?;
             }
         }
         Ok(self)

@@ -590,7 +590,7 @@ static PACKED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicU
 /// of the forward's form at each call). `None` when the products do not use packed operands
 /// here (another engine, or a CPU without the tile kernel), or the cache is full.
 pub fn packed_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>>> {
-    if library().is_some() || !native::packs_rhs() {
+    if !packs_weights() {
         return Ok(None);
     }
     if !transposed && !packs_input_grad() {
@@ -629,7 +629,7 @@ pub fn packed_weight(w: &Tensor, transposed: bool) -> Result<Option<Arc<PackedB>
 /// weights held only in packed form (see `kernels::frozen`). `None` where products do not use
 /// packed operands here.
 pub fn pack_weight(w: &Tensor, transposed: bool) -> Result<Option<PackedB>> {
-    if library().is_some() || !native::packs_rhs() {
+    if !packs_weights() {
         return Ok(None);
     }
     let (rows, cols) = w.dims2()?;
