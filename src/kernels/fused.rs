@@ -1072,6 +1072,16 @@ pub fn log_softmax_gather(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .apply_op2(&targets.contiguous()?, LogSoftmaxGather)
 }
 
+/// The gradient [`log_softmax_gather`]'s backward gives its logits for output gradient `g` [N]:
+/// g (onehot(target) - softmax(logits)), for callers that recompute the logits themselves.
+pub fn log_softmax_gather_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
+    logits.contiguous()?.apply_op3_no_bwd(
+        &targets.contiguous()?,
+        &g.contiguous()?,
+        &LogSoftmaxGatherBwd,
+    )
+}
+
 // ---------------------------------------------------------------- Dropout masks
 
 /// Below `threshold` (p 2^32) a stream word drops its value; kept values are `keep` (1/(1-p)).

@@ -9,6 +9,8 @@
 //!   operands, with its products;
 //! - [`attention`] and [`lora_linear`]: causal attention and a LoRA projection as one backprop
 //!   node each;
+//! - [`logits`]: token log-probs through the output layer in row chunks, the logits recomputed
+//!   in the backward instead of kept, where they are large;
 //! - [`checkpoint`]: activation checkpointing (recompute in the backward) and the one backward
 //!   call that collects the gradients of checkpointed pieces.
 //!
@@ -20,6 +22,7 @@ pub(crate) mod cuda;
 pub mod frozen;
 pub mod fused;
 pub mod gemm;
+pub mod logits;
 pub mod lora_linear;
 pub(crate) mod precomputed;
 pub mod products;

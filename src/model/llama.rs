@@ -647,6 +647,11 @@ impl Llama {
         products::frozen_linear(rows, &self.lm_head, self.kernels.gemm)
     }
 
+    /// The output layer's weight [vocab, hidden] (frozen; the embeddings when tied).
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
     /// Every LoRA layer, with its PEFT module path (`model.layers.{i}.self_attn.q_proj`).
     pub fn lora_layers(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();

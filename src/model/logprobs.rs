@@ -2,7 +2,7 @@
 //! `kto-train score` share.
 use super::pass::PassMode;
 use super::Llama;
-use crate::kernels::fused;
+use crate::kernels::{self, fused};
 use candle_core::{DType, Result, Tensor, D};
 
 /// One prompt + completion token sequence (already cut to max_length).
@@ -125,7 +125,14 @@ pub fn completion_logp_sums_after(
         let rows_t: Vec<u32> = pos.clone().map(|p| (p - 1 - reuse) as u32).collect();
         let targets: Vec<u32> = pos.map(|p| seq.tokens[p]).collect();
         let h = hidden.dim(D::Minus1)?;
-        let logps = token_logps(model, &hidden.reshape((rest.len(), h))?, rows_t, targets)?.1;
+        let logps = token_logps(
+            model,
+            &hidden.reshape((rest.len(), h))?,
+            rows_t,
+            targets,
+            false,
+        )?
+        .0;
         sums[i] = logps.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     }
     if !full.is_empty() {
@@ -142,25 +149,54 @@ pub fn completion_logp_sums_after(
     Ok(sums)
 }
 
-/// Logits [n, vocab] and log-probs [n] of `targets` at hidden rows `rows` of `hidden` [N, h].
+/// Log-probs [n] of `targets` at hidden rows `rows` of `hidden` [N, h], and with
+/// `want_logit_sums` each row's sum of logits over the vocabulary. Where the [n, vocab] logits
+/// are large, they run in row chunks and are recomputed in the backward instead of kept
+/// ([`kernels::logits`]).
 fn token_logps(
     model: &Llama,
     hidden: &Tensor,
     rows: Vec<u32>,
     targets: Vec<u32>,
-) -> Result<(Tensor, Tensor)> {
+    want_logit_sums: bool,
+) -> Result<(Tensor, Option<Vec<f64>>)> {
     let dev = model.device();
     let n = rows.len();
     let sel = hidden.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+    let targets = Tensor::from_vec(targets, n, dev)?;
+    let vocab = model.lm_head().dim(0)?;
+    if model.kernels().fused_ops {
+        if let Some(chunk) = kernels::logits::chunked_rows(&sel, n, vocab) {
+            let gemm = model.kernels().gemm;
+            return kernels::logits::token_logps(
+                &sel,
+                model.lm_head(),
+                &targets,
+                gemm,
+                chunk,
+                want_logit_sums,
+            );
+        }
+    }
     let logits = model.logits(&sel)?;
     let lp = if model.kernels().fused_ops && fused::available(&logits) {
-        fused::log_softmax_gather(&logits, &Tensor::from_vec(targets, n, dev)?)?
+        fused::log_softmax_gather(&logits, &targets)?
     } else {
         let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-        lsm.gather(&targets, 1)?.squeeze(1)?
+        lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?
     };
-    Ok((logits, lp))
+    let sums = if want_logit_sums {
+        Some(
+            logits
+                .detach()
+                .to_dtype(DType::F64)?
+                .sum(D::Minus1)?
+                .to_vec1()?,
+        )
+    } else {
+        None
+    };
+    Ok((lp, sums))
 }
 
 /// Per layer: keys and values [rows, kv_heads, T, head_dim].
@@ -310,24 +346,16 @@ fn finish(
         return Ok(out);
     }
     let hidden = hidden.reshape(((), hidden.dim(D::Minus1)?))?;
-    let (logits, token_logps) = token_logps(model, &hidden, rows, targets)?;
-    let logit_sums = if want_logit_sums {
-        let per_row: Vec<f64> = logits
-            .detach()
-            .to_dtype(DType::F64)?
-            .sum(D::Minus1)?
-            .to_vec1()?;
+    let (token_logps, per_row) = token_logps(model, &hidden, rows, targets, want_logit_sums)?;
+    let logit_sums = per_row.map(|per_row| {
         let mut out = Vec::with_capacity(b);
         let mut k = 0;
         for c in &counts {
             out.push(per_row[k..k + c].iter().sum());
             k += c;
         }
-        Some(out)
-    } else {
-        None
-    };
-    drop(logits);
+        out
+    });
     // Per-sequence sums as one small matmul with a 0/1 segment matrix (differentiable).
     let mut seg = vec![0f32; b * n];
     let mut k = 0;
