@@ -9,14 +9,6 @@ use kto_train::kernels::gemm::GemmMode;
 use kto_train::kernels::{fused, logits, products};
 use rand::{Rng, SeedableRng};
 
-fn random(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
-
 /// (log-probs, logit sums, d(sum g * logp)/dh) by the plain graph or in chunks of `chunk` rows.
 fn run(
     h: &Tensor,
@@ -53,11 +45,11 @@ fn run(
 fn chunked_rows_equal_the_plain_graph_and_closed_form() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let (n, hid, vocab) = (37, 24, 101);
-    let h = random(&mut rng, &[n, hid], 1.0);
-    let w = random(&mut rng, &[vocab, hid], 0.5);
+    let h = rand_tensor(&mut rng, &[n, hid], 1.0);
+    let w = rand_tensor(&mut rng, &[vocab, hid], 0.5);
     let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
     let t = Tensor::from_vec(targets.clone(), n, &Device::Cpu).unwrap();
-    let g = random(&mut rng, &[n], 1.0);
+    let g = rand_tensor(&mut rng, &[n], 1.0);
 
     // Closed form in f64: logp = z_t - logsumexp(z), d/dh = g (w_t - sum_j softmax_j w_j).
     let (hv, wv, gv) = (

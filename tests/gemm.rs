@@ -17,7 +17,9 @@
 //!
 //! The engine is gemmkit + our AVX-512 BF16 kernel (every build), or oneDNN/MKL in a `fast-gemm`
 //! build with `KTO_TRAIN_GEMM_ENGINE=library` (CI runs the suite both ways).
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::rand_tensor;
 use half::bf16;
 use kto_train::kernels::gemm::{self, GemmMode};
 use kto_train::kernels::products::{frozen_linear, frozen_linear_input_grad, matmul_with};
@@ -26,14 +28,6 @@ use rand::{Rng, SeedableRng};
 const F32_TOL: f64 = 1e-5;
 const BF16_WORST: f64 = 2.0 / 512.0 + 1.0 / (512.0 * 512.0);
 const BF16_FROB: f64 = 1e-2;
-
-fn rand_tensor(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
 
 fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
     rand_chacha::ChaCha8Rng::seed_from_u64(seed)

@@ -6,13 +6,13 @@
 //! the same model with bf16 tensors. Needs a CPU with AMX tiles (the only kernel that reads
 //! packed operands); elsewhere every test says so and returns.
 mod common;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use common::rand_tensor;
 use kto_train::kernels::frozen::FrozenWeight;
 use kto_train::kernels::gemm::{self, GemmMode};
 use kto_train::kernels::products::{frozen_linear, frozen_linear_input_grad};
 use kto_train::model::Llama;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 fn tile_kernel_here() -> bool {
     if gemm::packs_weights() {
@@ -20,14 +20,6 @@ fn tile_kernel_here() -> bool {
     }
     eprintln!("NOTICE: no AMX tile kernel on this CPU (or a GEMM library is loaded): packed weights are not used here, test skipped");
     false
-}
-
-fn rand_tensor(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {

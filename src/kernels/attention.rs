@@ -15,19 +15,14 @@ use super::fused;
 use super::gemm::GemmMode;
 use super::precomputed::PrecomputedValue;
 use super::products::matmul;
+use crate::util::env::MibSetting;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
-use std::sync::OnceLock;
 
 /// Probability bytes above which attention runs in query-row chunks.
+static BUDGET: MibSetting = MibSetting::new("KTO_TRAIN_ATTENTION_MB", 256);
+
 fn budget_bytes() -> usize {
-    static B: OnceLock<usize> = OnceLock::new();
-    *B.get_or_init(|| {
-        std::env::var("KTO_TRAIN_ATTENTION_MB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(256)
-            << 20
-    })
+    BUDGET.bytes()
 }
 
 /// q [.., R, d] (R = query rows: query heads of one key/value head stacked, position

@@ -14,6 +14,7 @@
 //! a row's values are the plain path's wherever a product's rows do not depend on how many rows
 //! it has (`gemm::rows_independent`), and otherwise differ only in the rounding of the sums.
 use super::{fused, products, GemmMode};
+use crate::util::env::MibSetting;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -23,26 +24,12 @@ pub const LOGITS_KEEP_ENV: &str = "KTO_TRAIN_LOGITS_KEEP_MB";
 /// The most bytes of one chunk's logits.
 const CHUNK_BYTES: usize = 32 << 20;
 
-/// The threshold in bytes; `usize::MAX` until first read (then [`LOGITS_KEEP_ENV`]).
-static KEEP: AtomicUsize = AtomicUsize::new(usize::MAX);
-
-fn keep_bytes() -> usize {
-    let b = KEEP.load(Ordering::Relaxed);
-    if b != usize::MAX {
-        return b;
-    }
-    let mb = std::env::var(LOGITS_KEEP_ENV)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(64);
-    KEEP.store(mb << 20, Ordering::Relaxed);
-    mb << 20
-}
+static KEEP: MibSetting = MibSetting::new(LOGITS_KEEP_ENV, 64);
 
 /// Sets the threshold for this process (0: every pass in chunks), as [`LOGITS_KEEP_ENV`] does
 /// at start.
 pub fn set_keep_mb(mb: usize) {
-    KEEP.store(mb << 20, Ordering::Relaxed);
+    KEEP.set_mb(mb);
 }
 
 static PASSES: AtomicUsize = AtomicUsize::new(0);
@@ -57,7 +44,7 @@ pub fn chunked_passes() -> usize {
 pub fn chunked_rows(hidden: &Tensor, n: usize, vocab: usize) -> Option<usize> {
     let applies = hidden.device().is_cpu() && hidden.dtype() == DType::F32;
     let bytes = n * vocab * 4;
-    let keep = keep_bytes();
+    let keep = KEEP.bytes();
     // Chunks of at most half the threshold (one row each at threshold 0).
     if !applies || bytes <= keep {
         return None;

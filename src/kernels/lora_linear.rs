@@ -10,6 +10,7 @@ use super::fused;
 use super::gemm::GemmMode;
 use super::precomputed::PrecomputedValue;
 use super::products::{add_product, matmul};
+use crate::util::env::MibSetting;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -90,26 +91,16 @@ impl Drop for Kept {
 /// Bytes held by every live [`Kept`].
 static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
 
-/// The budget in bytes; `usize::MAX` until first read (then `KTO_TRAIN_CHECKPOINT_KEEP_MB`).
-static BUDGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+static BUDGET: MibSetting = MibSetting::new("KTO_TRAIN_CHECKPOINT_KEEP_MB", 256);
 
 fn keep_budget() -> usize {
-    let b = BUDGET.load(Ordering::Relaxed);
-    if b != usize::MAX {
-        return b;
-    }
-    let mb = std::env::var("KTO_TRAIN_CHECKPOINT_KEEP_MB")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(256);
-    BUDGET.store(mb << 20, Ordering::Relaxed);
-    mb << 20
+    BUDGET.bytes()
 }
 
 /// Sets the budget of kept projection outputs for this process (0: recompute everything), as
 /// `KTO_TRAIN_CHECKPOINT_KEEP_MB` does at start.
 pub fn set_keep_budget_mb(mb: usize) {
-    BUDGET.store(mb << 20, Ordering::Relaxed);
+    BUDGET.set_mb(mb);
 }
 
 /// Projections whose output a recomputation took from [`record`] instead of computing, so far.

@@ -1,8 +1,9 @@
 //! Small shared helpers that know nothing of models or training: atomic file writes,
 //! safetensors serialization, pooled metric sums, allocator settings, stable hashing, JSON type
-//! names, the per-phase step profile, test hooks for fault injection.
+//! names, sizes set in MiB by environment variables, the per-phase step profile, test hooks for fault injection.
 pub mod alloc;
 pub mod atomic;
+pub mod env;
 pub mod fault;
 pub mod fs;
 pub mod hash;

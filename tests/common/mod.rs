@@ -230,3 +230,12 @@ pub fn dropout_step(
     let out = run_micro_batch(model, &mut head, &batch, mode, None).unwrap();
     (out.loss.loss, out.grads.unwrap())
 }
+
+/// A tensor of uniform values in [-scale, scale) from `rng`.
+pub fn rand_tensor(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize], scale: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand::Rng::random_range(rng, -1.0f32..1.0) * scale)
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}

@@ -15,6 +15,7 @@
 //! explicitly, so a forward and its backward always agree. `KTO_TRAIN_GEMM_VERBOSE=1` prints which
 //! engine runs.
 use crate::config::GemmSetting;
+use crate::util::env::MibSetting;
 use crate::util::profile;
 use candle_core::{bail, CpuStorage, Result, Tensor, TensorId};
 use half::bf16;
@@ -784,14 +785,8 @@ pub(crate) fn packs_input_grad() -> bool {
 /// Byte bound of the bf16 weight cache: `KTO_TRAIN_BF16_CACHE_MB`, else 8 GiB (a 4B-parameter
 /// model's weights in bf16; SmolLM2-360M needs 0.7 GiB).
 fn cache_budget() -> usize {
-    static BUDGET: OnceLock<usize> = OnceLock::new();
-    *BUDGET.get_or_init(|| {
-        std::env::var("KTO_TRAIN_BF16_CACHE_MB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map(|mb| mb << 20)
-            .unwrap_or(8 << 30)
-    })
+    static BUDGET: MibSetting = MibSetting::new("KTO_TRAIN_BF16_CACHE_MB", 8 << 10);
+    BUDGET.bytes()
 }
 
 /// The bf16 copy of `w` [n, k], made on first use and cached by tensor id: `frozen_linear` is
