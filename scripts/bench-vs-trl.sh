@@ -18,6 +18,8 @@
 # BACKENDS: f32, bf16, candle = the default build with KTO_TRAIN_GEMM=f32|bf16|candle; lib-f32,
 # lib-bf16 = a `--features fast-gemm` build with oneDNN/MKL (python3 -m pip install
 # onednn==2026.1.0; KTO_TRAIN_BLAS=... to name it), skipped when none loads.
+# TRL_PRECISION: bf16 (default: TRL's usual setting, bf16 weights) or fp32 (what a TRL user picks
+# on a CPU without native bf16, where torch's bf16 products are emulated and slow).
 # TRL_PYTHON: a Python with torch, transformers, peft, trl, datasets, accelerate, gguf
 # (benches/trl/README.md); without it only kto-train runs. UNITS: "real synthetic" (default).
 # STEPS (synthetic, measured steps; default 3). ROUNDS (default 1): each unit's runs (every
@@ -32,6 +34,7 @@ BACKENDS=${BACKENDS:-f32 bf16}
 UNITS=${UNITS:-real synthetic}
 STEPS=${STEPS:-3}
 ROUNDS=${ROUNDS:-1}
+TRL_PRECISION=${TRL_PRECISION:-bf16}
 OUT=${OUT:-runs/bench-vs-trl}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -143,16 +146,16 @@ EOF
         done
         if [ -n "${TRL_PYTHON:-}" ]; then
             hf=.cache/real-model/hf
-            echo "== real, TRL bf16" >&2
+            echo "== real, TRL $TRL_PRECISION" >&2
             log="$work/real-trl.log"
             OMP_NUM_THREADS=2 /usr/bin/time -v "$TRL_PYTHON" benches/trl/trl_real_bench.py "$hf" \
-                benches/trl/real-unit-64.jsonl bf16 >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
+                benches/trl/real-unit-64.jsonl "$TRL_PRECISION" >"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
             grep '^{' "$log" | tail -1 | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
-print(json.dumps(dict(unit="real", system="trl", backend="bf16 weights", steps=r["steps"],
+print(json.dumps(dict(unit="real", system="trl", backend=sys.argv[2] + " weights", steps=r["steps"],
                       examples_per_s=r["examples_per_s"], peak_rss_gb=r["peak_rss_gb"],
-                      round=int(sys.argv[1]))))' "$round" >>"$results"
+                      round=int(sys.argv[1]))))' "$round" "$TRL_PRECISION" >>"$results"
             tail -1 "$results" >&2
         fi
     done
@@ -188,16 +191,16 @@ print(json.dumps(dict(unit="synthetic", system="kto-train", backend=sys.argv[1],
             tail -1 "$results" >&2
         done
         if [ -n "${TRL_PYTHON:-}" ]; then
-            echo "== synthetic, TRL bf16" >&2
+            echo "== synthetic, TRL $TRL_PRECISION" >&2
             OMP_NUM_THREADS=2 "$TRL_PYTHON" benches/trl/trl_kto_bench.py --model-dir "$model" \
-                --precision bf16 --targets all --steps "$STEPS" --warmup 1 --json "$work/trl.json" >&2
+                --precision "$TRL_PRECISION" --targets all --steps "$STEPS" --warmup 1 --json "$work/trl.json" >&2
             tail -1 "$work/trl.json" | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
 s = r["sec_per_step_median"]
 rss = r["peak_rss_mb"] / 1024
-print(json.dumps(dict(unit="synthetic", system="trl", backend="bf16 weights", s_per_step=s,
-                      peak_rss_gb=round(rss, 2), round=int(sys.argv[1]))))' "$round" >>"$results"
+print(json.dumps(dict(unit="synthetic", system="trl", backend=sys.argv[2] + " weights", s_per_step=s,
+                      peak_rss_gb=round(rss, 2), round=int(sys.argv[1]))))' "$round" "$TRL_PRECISION" >>"$results"
             tail -1 "$results" >&2
         fi
     done
