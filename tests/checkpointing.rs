@@ -19,27 +19,7 @@ fn compare(loss_toml: &str) {
         (loss_plain - loss_ckpt).abs() <= 1e-12 * loss_plain.abs().max(1.0),
         "loss {loss_plain} vs {loss_ckpt}"
     );
-    let mut n = 0;
-    for (path, lin) in model.lora_layers() {
-        let lora = lin.lora.as_ref().unwrap();
-        for (which, var) in [("A", &lora.a), ("B", &lora.b)] {
-            let a = g_plain.get(var.as_tensor()).expect("plain gradient");
-            let b = g_ckpt
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{path}.lora_{which}: no gradient with checkpointing"));
-            let e = rel_l2(b, a);
-            assert!(
-                e < 1e-10,
-                "{path}.lora_{which}: relative L2 difference {e:e}"
-            );
-            assert!(
-                max_abs_diff(a, &a.zeros_like().unwrap()) > 0.0,
-                "{path}: zero gradient"
-            );
-            n += 1;
-        }
-    }
-    assert_eq!(n, 2 * model.lora_layers().len());
+    assert_lora_grads_close(&model, &g_plain, &g_ckpt, 1e-10);
 }
 
 #[test]

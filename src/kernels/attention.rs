@@ -21,10 +21,6 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 /// Probability bytes above which attention runs in query-row chunks.
 static BUDGET: MibSetting = MibSetting::new("KTO_TRAIN_ATTENTION_MB", 256);
 
-fn budget_bytes() -> usize {
-    BUDGET.bytes()
-}
-
 /// q [.., R, d] (R = query rows: query heads of one key/value head stacked, position
 /// offset + r % t_q), k and v [.., T_k, d] -> [.., R, d].
 pub fn causal_attention(
@@ -36,7 +32,7 @@ pub fn causal_attention(
     offset: usize,
     gemm: GemmMode,
 ) -> Result<Tensor> {
-    causal_attention_within(q, k, v, scale, t_q, offset, gemm, budget_bytes())
+    causal_attention_within(q, k, v, scale, t_q, offset, gemm, BUDGET.bytes())
 }
 
 /// [`causal_attention`] with an explicit probability budget in bytes (0: always chunked).

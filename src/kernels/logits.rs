@@ -64,25 +64,21 @@ pub fn token_logps(
     chunk: usize,
     logit_sums: bool,
 ) -> Result<(Tensor, Option<Vec<f64>>)> {
+    let chunk = chunk.max(1);
     let hidden = hidden.contiguous()?;
     let n = hidden.dim(0)?;
     let detached = hidden.detach();
     let mut lps = Vec::new();
     let mut sums = logit_sums.then(|| Vec::with_capacity(n));
-    for start in (0..n).step_by(chunk.max(1)) {
+    for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let logits = products::frozen_linear(&detached.narrow(0, start, len)?, w, gemm)?;
         lps.push(fused::log_softmax_gather(
             &logits,
-            &targets.narrow(0, start, len)?.contiguous()?,
+            &targets.narrow(0, start, len)?,
         )?);
         if let Some(s) = sums.as_mut() {
-            s.extend(
-                logits
-                    .to_dtype(DType::F64)?
-                    .sum(D::Minus1)?
-                    .to_vec1::<f64>()?,
-            );
+            s.extend(row_sums(&logits)?);
         }
     }
     let lp = Tensor::cat(&lps, 0)?;
@@ -90,9 +86,19 @@ pub fn token_logps(
         w: w.clone(),
         targets: targets.contiguous()?,
         gemm,
-        chunk: chunk.max(1),
+        chunk,
     };
     Ok((hidden.apply_op2(&lp, op)?, sums))
+}
+
+/// Each row's sum of `logits` [n, vocab] in f64 (detached): the metrics' logit sums, the same
+/// whether the logits are whole or a chunk of rows.
+pub fn row_sums(logits: &Tensor) -> Result<Vec<f64>> {
+    logits
+        .detach()
+        .to_dtype(DType::F64)?
+        .sum(D::Minus1)?
+        .to_vec1()
 }
 
 /// Attaches log-probs computed outside the graph to the hidden rows they came from; the
@@ -147,6 +153,7 @@ impl CustomOp2 for ChunkedLogps {
                 &self.targets.narrow(0, start, len)?,
                 &grad.narrow(0, start, len)?,
             )?;
+            // Freed before the input-gradient product: one chunk's logits live at a time.
             drop(logits);
             dh.push(products::frozen_linear_input_grad(
                 &dlogits, &self.w, self.gemm,

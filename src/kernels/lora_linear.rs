@@ -91,11 +91,8 @@ impl Drop for Kept {
 /// Bytes held by every live [`Kept`].
 static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
 
+/// The budget of kept projection outputs.
 static BUDGET: MibSetting = MibSetting::new("KTO_TRAIN_CHECKPOINT_KEEP_MB", 256);
-
-fn keep_budget() -> usize {
-    BUDGET.bytes()
-}
 
 /// Sets the budget of kept projection outputs for this process (0: recompute everything), as
 /// `KTO_TRAIN_CHECKPOINT_KEEP_MB` does at start.
@@ -150,7 +147,7 @@ fn keep(y: &Tensor, h: &Tensor) {
         if kept.refused {
             return;
         }
-        if KEPT_BYTES.load(Ordering::Relaxed) + bytes > keep_budget() {
+        if KEPT_BYTES.load(Ordering::Relaxed) + bytes > BUDGET.bytes() {
             // Replay goes by order: with one projection missing the block keeps none.
             kept.refused = true;
             kept.outputs.clear();

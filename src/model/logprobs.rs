@@ -186,13 +186,7 @@ fn token_logps(
         lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?
     };
     let sums = if want_logit_sums {
-        Some(
-            logits
-                .detach()
-                .to_dtype(DType::F64)?
-                .sum(D::Minus1)?
-                .to_vec1()?,
-        )
+        Some(kernels::logits::row_sums(&logits)?)
     } else {
         None
     };

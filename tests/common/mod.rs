@@ -239,3 +239,31 @@ pub fn rand_tensor(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize], scale: f32
         .collect();
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
+
+/// Asserts that every LoRA weight of `model` has a non-zero gradient in `want` and a gradient in
+/// `got` within relative L2 difference `tol` of it.
+pub fn assert_lora_grads_close(
+    model: &Llama,
+    want: &kto_train::model::llama::LoraGradients,
+    got: &kto_train::model::llama::LoraGradients,
+    tol: f64,
+) {
+    let mut n = 0;
+    for (path, lin) in model.lora_layers() {
+        let lora = lin.lora.as_ref().unwrap();
+        for (which, var) in [("A", &lora.a), ("B", &lora.b)] {
+            let a = want.get(var.as_tensor()).expect("reference gradient");
+            let b = got
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{path}.lora_{which}: no gradient"));
+            let e = rel_l2(b, a);
+            assert!(e < tol, "{path}.lora_{which}: relative L2 difference {e:e}");
+            assert!(
+                max_abs_diff(a, &a.zeros_like().unwrap()) > 0.0,
+                "{path}: zero gradient"
+            );
+            n += 1;
+        }
+    }
+    assert_eq!(n, 2 * model.lora_layers().len());
+}
