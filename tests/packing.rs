@@ -159,6 +159,52 @@ fn packed_pass_captures_each_sequences_own_states() {
     }
 }
 
+/// The KL passes' continuations (each sequence after its own prompt's states) run packed into
+/// one pass: every sequence's sum is that of a full pass over it alone, whether it reuses a
+/// whole prompt, part of one, or nothing, with the policy and the reference.
+#[test]
+fn packed_continuations_match_full_passes() {
+    pack_everywhere();
+    let model = with_kernels(&tiny_with_peft(DType::F64), |k| k.fused_ops = true);
+    let batch = kto_step_batch(None);
+    let main = batch.seqs.clone();
+    let mut others = batch.kl_seqs.clone().unwrap();
+    // Shares its first 5 tokens with row 0 only; then nothing shared at all.
+    let mut partial = main[0].clone();
+    partial.tokens[5] = (partial.tokens[5] + 1) % 64;
+    let mut none = main[1].clone();
+    none.tokens[0] = (none.tokens[0] + 1) % 64;
+    others.extend([partial, none]);
+    let rows: Vec<Option<usize>> = (0..others.len()).map(|i| Some(i % main.len())).collect();
+    for pass in [PassMode::REFERENCE, PassMode::POLICY_EVAL] {
+        let (_, states) = completion_logps_capturing(&model, &main, pass, false).unwrap();
+        let reused: Vec<usize> = (0..others.len())
+            .map(|i| states.reusable(i % main.len(), &others[i]))
+            .collect();
+        assert!(reused.iter().filter(|&&r| r > 0).count() >= 3, "{reused:?}");
+        assert!(reused.contains(&0), "{reused:?}");
+        let before = kto_train::model::logprobs::packed_continuations();
+        let got = kto_train::model::logprobs::completion_logp_sums_after(
+            &model, &others, pass, &states, &rows,
+        )
+        .unwrap();
+        assert_eq!(
+            kto_train::model::logprobs::packed_continuations(),
+            before + 1,
+            "the continuations did not run packed"
+        );
+        for (i, s) in others.iter().enumerate() {
+            let want = sums(&model, std::slice::from_ref(s), pass).1[0];
+            assert!(
+                (got[i] - want).abs() <= 1e-10 * want.abs().max(1.0),
+                "sequence {i} (reused {}): packed continuation {} vs a full pass {want}",
+                reused[i],
+                got[i]
+            );
+        }
+    }
+}
+
 #[test]
 fn a_pass_with_lora_dropout_does_not_pack() {
     pack_everywhere();

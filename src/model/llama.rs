@@ -55,7 +55,8 @@ pub struct Block {
 }
 
 /// `KTO_TRAIN_PACK`: `0` runs one pass per sequence where [`Llama::can_pack`] would pack them
-/// (for comparisons), `1` packs also where the products' rounding depends on the rows' grouping.
+/// (for comparisons), `1` packs also in f64 where the products' rounding depends on the rows'
+/// grouping.
 pub const PACK_ENV: &str = "KTO_TRAIN_PACK";
 
 /// Keys and values [B, kv_heads, T, head_dim] of one layer.
@@ -81,8 +82,12 @@ pub struct BlockContext {
     pub use_fused: bool,
     pub gemm: GemmMode,
     /// Lengths of the sequences packed one after another into this pass's single row (B = 1,
-    /// fused path, no prefix): each attends only to itself, from position 0. Empty: none.
+    /// fused path): each attends only to itself (and its own prefix). Empty: none.
     pub segments: Vec<usize>,
+    /// Per packed sequence, how many positions before it the pass's prefix holds (the prefixes
+    /// one after another in the prefix tensors): its tokens sit at positions offset_s ..
+    /// offset_s + len_s. Empty: every sequence from position 0, no prefix.
+    pub segment_offsets: Vec<usize>,
 }
 
 impl Attention {
@@ -118,45 +123,63 @@ impl Attention {
         if let Some(c) = capture {
             c.push((kh.detach(), vh.detach()));
         }
-        let (kh, vh) = match prefix {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &kh], 2)?, Tensor::cat(&[pv, &vh], 2)?),
-            None => (kh, vh),
-        };
         let y = if ctx.use_fused && !ctx.segments.is_empty() {
-            packed_attention(&qh, &kh, &vh, ctx)?
-        } else if ctx.use_fused {
-            // Query heads of one key/value head are stacked as rows: no repeated k/v.
-            let qh = qh.reshape((b, nkv, (nh / nkv) * t, hd))?;
-            let scale = 1.0 / (hd as f64).sqrt();
-            attention::causal_attention(&qh, &kh, &vh, scale, t, ctx.offset, ctx.gemm)?
-                .reshape((b, nh, t, hd))?
+            packed_attention(&qh, &kh, &vh, prefix, ctx)?
         } else {
-            composite_attention(&qh, &kh, &vh, ctx)?
+            let (kh, vh) = match prefix {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &kh], 2)?, Tensor::cat(&[pv, &vh], 2)?),
+                None => (kh, vh),
+            };
+            if ctx.use_fused {
+                // Query heads of one key/value head are stacked as rows: no repeated k/v.
+                let qh = qh.reshape((b, nkv, (nh / nkv) * t, hd))?;
+                let scale = 1.0 / (hd as f64).sqrt();
+                attention::causal_attention(&qh, &kh, &vh, scale, t, ctx.offset, ctx.gemm)?
+                    .reshape((b, nh, t, hd))?
+            } else {
+                composite_attention(&qh, &kh, &vh, ctx)?
+            }
         };
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&y, pass, ctx.gemm)
     }
 }
 
-/// Attention of a packed pass (`ctx.segments`): each sequence's queries over its own keys only,
-/// as if it ran alone. q [1, heads, T, d], k and v [1, kv_heads, T, d] -> [1, heads, T, d].
-fn packed_attention(qh: &Tensor, kh: &Tensor, vh: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+/// Attention of a packed pass (`ctx.segments`): each sequence's queries over its own keys only
+/// (its prefix's, `ctx.segment_offsets`, then its own), as if it ran alone. q [1, heads, T, d],
+/// k and v [1, kv_heads, T, d], the prefixes [1, kv_heads, sum of offsets, d] -> [1, heads, T, d].
+fn packed_attention(
+    qh: &Tensor,
+    kh: &Tensor,
+    vh: &Tensor,
+    prefix: Option<&LayerKv>,
+    ctx: &BlockContext,
+) -> Result<Tensor> {
     let (t, hd) = (ctx.t, ctx.head_dim);
     let (nkv, group) = (ctx.kv_heads, ctx.heads / ctx.kv_heads);
     let scale = 1.0 / (hd as f64).sqrt();
     let q = qh.reshape((1, nkv, group, t, hd))?;
     let mut parts = Vec::with_capacity(ctx.segments.len());
-    let mut start = 0;
-    for &len in &ctx.segments {
+    let (mut start, mut prefix_start) = (0, 0);
+    for (s, &len) in ctx.segments.iter().enumerate() {
+        let offset = ctx.segment_offsets.get(s).copied().unwrap_or(0);
         let qs = q
             .narrow(3, start, len)?
             .contiguous()?
             .reshape((1, nkv, group * len, hd))?;
-        let ks = kh.narrow(2, start, len)?.contiguous()?;
-        let vs = vh.narrow(2, start, len)?.contiguous()?;
-        let y = attention::causal_attention(&qs, &ks, &vs, scale, len, 0, ctx.gemm)?;
+        let (ks, vs) = (kh.narrow(2, start, len)?, vh.narrow(2, start, len)?);
+        let (ks, vs) = match (offset, prefix) {
+            (0, _) => (ks.contiguous()?, vs.contiguous()?),
+            (_, Some((pk, pv))) => (
+                Tensor::cat(&[&pk.narrow(2, prefix_start, offset)?, &ks], 2)?,
+                Tensor::cat(&[&pv.narrow(2, prefix_start, offset)?, &vs], 2)?,
+            ),
+            (_, None) => candle_core::bail!("packed attention: segment {s} has no prefix"),
+        };
+        let y = attention::causal_attention(&qs, &ks, &vs, scale, len, offset, ctx.gemm)?;
         parts.push(y.reshape((1, nkv, group, len, hd))?);
         start += len;
+        prefix_start += offset;
     }
     Tensor::cat(&parts, 3)?.reshape((1, ctx.heads, t, hd))
 }
@@ -449,7 +472,7 @@ impl Llama {
 
     /// Final-norm hidden states [B, T, hidden] for right-padded token ids [B, T].
     pub fn hidden_states(&self, ids: &Tensor, pass: PassMode) -> Result<Tensor> {
-        self.run_layers(ids, pass, None, None, &[])
+        self.run_layers(ids, pass, None, None, &[], &[])
     }
 
     /// [`Llama::hidden_states`], also returning every layer's keys and values
@@ -460,19 +483,23 @@ impl Llama {
         pass: PassMode,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let mut kv = Vec::with_capacity(self.layers.len());
-        let h = self.run_layers(ids, pass, None, Some(&mut kv), &[])?;
+        let h = self.run_layers(ids, pass, None, Some(&mut kv), &[], &[])?;
         Ok((h, kv))
     }
 
     /// Whether [`Llama::hidden_states_packed`] applies to a pass in `pass`: the fused CPU path
     /// (it attends per sequence), RoPE frequencies that do not depend on the pass's length, no
     /// LoRA dropout in the pass (a mask is drawn per pass over all its rows: packed, the second
-    /// sequence would get other masks than in a pass of its own), and frozen-weight products
-    /// that round each row the same whatever rows share the product
-    /// ([`crate::kernels::gemm::rows_independent`]: the bf16 kernels), so that packing never
-    /// changes a sequence's frozen products (in f64 with gemmkit it would, in the last bits, and
-    /// a run on N ranks would no longer reproduce one process's). `KTO_TRAIN_PACK=0` never
-    /// packs; `KTO_TRAIN_PACK=1` packs wherever the rest allows (tests/packing.rs in f64).
+    /// sequence would get other masks than in a pass of its own), and activations in f32, the
+    /// training precision. Sharing a product can change a sequence's sums in the last bits
+    /// where the GEMM's blocking follows the product's shape (gemmkit, the libraries; not the
+    /// built-in bf16 kernels, whose blocking over k is fixed): in f32 that is far below the
+    /// rounding the products carry anyway, and packing ran the real unit 1.13-1.20x faster on
+    /// an AVX2 CPU (f32 products, `KTO_TRAIN_PACK=0` vs `1` back to back). f64, the
+    /// reference precision of the tests, keeps one pass per sequence, so that its runs stay
+    /// bit-level (one process against N ranks).
+    /// `KTO_TRAIN_PACK=0` never packs; `KTO_TRAIN_PACK=1` packs wherever the rest allows
+    /// (tests/packing.rs in f64).
     pub fn can_pack(&self, pass: PassMode) -> bool {
         static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
         let setting = *SETTING.get_or_init(|| match std::env::var(PACK_ENV).as_deref() {
@@ -480,10 +507,10 @@ impl Llama {
             Ok("1") => Some(true),
             _ => None,
         });
-        let rows_independent = match setting {
+        let precision_allows = match setting {
             Some(false) => return false,
             Some(true) => true,
-            None => crate::kernels::gemm::rows_independent(self.kernels.gemm, self.dtype),
+            None => self.dtype == DType::F32,
         };
         let dropout = pass.lora
             && pass.dropout.is_some()
@@ -493,7 +520,7 @@ impl Llama {
                     .iter()
                     .any(|(_, l)| l.lora.as_ref().is_some_and(|lora| lora.dropout > 0.0))
             });
-        rows_independent
+        precision_allows
             && self.device.is_cpu()
             && self.kernels.fused_ops
             && matches!(self.dtype, DType::F32 | DType::F64)
@@ -520,8 +547,40 @@ impl Llama {
             candle_core::bail!("hidden_states_packed: not packable here, or lengths != ids");
         }
         let mut kv = capture.then(|| Vec::with_capacity(self.layers.len()));
-        let h = self.run_layers(ids, pass, None, kv.as_mut(), lengths)?;
+        let h = self.run_layers(ids, pass, None, kv.as_mut(), lengths, &[])?;
         Ok((h, kv))
+    }
+
+    /// [`Llama::hidden_states_packed`] for sequences that each continue a prefix of their own:
+    /// sequence s (`lengths[s]` tokens of `ids` [1, T]) follows `offsets[s]` positions whose
+    /// keys and values `prefix` holds (per layer [1, kv_heads, sum of offsets, head_dim], the
+    /// sequences' prefixes one after another). Each sequence's states equal those of
+    /// [`Llama::hidden_states_after`] over it alone. No gradient, no checkpointing.
+    pub fn hidden_states_packed_after(
+        &self,
+        ids: &Tensor,
+        pass: PassMode,
+        lengths: &[usize],
+        offsets: &[usize],
+        prefix: &[LayerKv],
+    ) -> Result<Tensor> {
+        let prefix_len: usize = offsets.iter().sum();
+        if !self.can_pack(pass)
+            || pass.grad
+            || ids.dim(0)? != 1
+            || lengths.iter().sum::<usize>() != ids.dim(1)?
+            || offsets.len() != lengths.len()
+            || prefix.len() != self.layers.len()
+            || prefix
+                .iter()
+                .any(|(k, _)| k.dim(2).ok() != Some(prefix_len))
+        {
+            candle_core::bail!(
+                "hidden_states_packed_after: not packable here, or lengths, offsets and prefix \
+                 disagree"
+            );
+        }
+        self.run_layers(ids, pass, Some(prefix), None, lengths, offsets)
     }
 
     /// Hidden states of tokens `ids` [B, S] that continue a sequence whose first P positions
@@ -541,7 +600,7 @@ impl Llama {
                 self.layers.len()
             );
         }
-        self.run_layers(ids, pass, Some(prefix), None, &[])
+        self.run_layers(ids, pass, Some(prefix), None, &[], &[])
     }
 
     /// [`Llama::hidden_states_after`] that also returns each layer's keys and values for all
@@ -554,9 +613,9 @@ impl Llama {
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let mut new = Vec::with_capacity(self.layers.len());
         let h = if prefix.is_empty() {
-            self.run_layers(ids, pass, None, Some(&mut new), &[])?
+            self.run_layers(ids, pass, None, Some(&mut new), &[], &[])?
         } else {
-            self.run_layers(ids, pass, Some(prefix), Some(&mut new), &[])?
+            self.run_layers(ids, pass, Some(prefix), Some(&mut new), &[], &[])?
         };
         if prefix.is_empty() {
             return Ok((h, new));
@@ -576,14 +635,18 @@ impl Llama {
         offset: usize,
         x: &Tensor,
         segments: &[usize],
+        segment_offsets: &[usize],
     ) -> Result<BlockContext> {
         let (cos, sin) = if segments.is_empty() {
             self.rope_tables(offset, t)?
         } else {
-            // Each packed sequence from position 0: rows of one table up to the longest.
-            let longest = segments.iter().copied().max().unwrap_or(0);
-            let (cos, sin) = self.rope_tables(0, longest)?;
-            let pos: Vec<u32> = segments.iter().flat_map(|&n| 0..n as u32).collect();
+            // Each packed sequence from its own offset: rows of one table up to the furthest.
+            let at = |s: usize| segment_offsets.get(s).copied().unwrap_or(0);
+            let end = (0..segments.len()).map(|s| at(s) + segments[s]).max();
+            let (cos, sin) = self.rope_tables(0, end.unwrap_or(0))?;
+            let pos: Vec<u32> = (0..segments.len())
+                .flat_map(|s| (at(s)..at(s) + segments[s]).map(|p| p as u32))
+                .collect();
             let pos = Tensor::from_vec(pos, t, &self.device)?;
             (cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?)
         };
@@ -607,6 +670,7 @@ impl Llama {
             use_fused,
             gemm: self.kernels.gemm,
             segments: segments.to_vec(),
+            segment_offsets: segment_offsets.to_vec(),
         })
     }
 
@@ -617,6 +681,7 @@ impl Llama {
         prefix: Option<&[LayerKv]>,
         mut capture: Option<&mut Vec<LayerKv>>,
         segments: &[usize],
+        segment_offsets: &[usize],
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = match prefix {
@@ -626,7 +691,7 @@ impl Llama {
         let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
             .forward(ids)?;
         let mut x = x.to_dtype(self.dtype)?;
-        let ctx = Arc::new(self.block_context(b, t, offset, &x, segments)?);
+        let ctx = Arc::new(self.block_context(b, t, offset, &x, segments, segment_offsets)?);
         if !segments.is_empty() && !ctx.use_fused {
             candle_core::bail!("packed sequences need the fused attention path");
         }

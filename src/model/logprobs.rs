@@ -101,7 +101,8 @@ pub fn completion_logp_sums_after(
 ) -> Result<Vec<f64>> {
     let mut sums = vec![0.0; seqs.len()];
     let mut full = Vec::new();
-    let dev = model.device();
+    // (sequence, prefix row, positions taken from it)
+    let mut after = Vec::new();
     for (i, seq) in seqs.iter().enumerate() {
         // With dynamic rope the frequencies depend on the pass's length: a shorter pass's states
         // are not those of the longer one.
@@ -112,28 +113,21 @@ pub fn completion_logp_sums_after(
         };
         if reuse == 0 || seq.n_scored() == 0 {
             full.push(i);
-            continue;
+        } else {
+            after.push((i, row, reuse));
         }
-        let kv = prefix.kv[row]
+    }
+    if after.len() > 1 && model.can_pack(pass) {
+        for (&(i, _, _), v) in after
             .iter()
-            .map(|(k, v)| Ok((k.narrow(2, 0, reuse)?, v.narrow(2, 0, reuse)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let rest = &seq.tokens[reuse..];
-        let ids = Tensor::from_vec(rest.to_vec(), (1, rest.len()), dev)?;
-        let hidden = model.hidden_states_after(&ids, pass, &kv)?;
-        let pos = seq.scored_positions();
-        let rows_t: Vec<u32> = pos.clone().map(|p| (p - 1 - reuse) as u32).collect();
-        let targets: Vec<u32> = pos.map(|p| seq.tokens[p]).collect();
-        let h = hidden.dim(D::Minus1)?;
-        let logps = token_logps(
-            model,
-            &hidden.reshape((rest.len(), h))?,
-            rows_t,
-            targets,
-            false,
-        )?
-        .0;
-        sums[i] = logps.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            .zip(sums_packed_after(model, seqs, pass, prefix, &after)?)
+        {
+            sums[i] = v;
+        }
+    } else {
+        for &(i, row, reuse) in &after {
+            sums[i] = sum_after(model, &seqs[i], pass, prefix, row, reuse)?;
+        }
     }
     if !full.is_empty() {
         let sub: Vec<Sequence> = full.iter().map(|&i| seqs[i].clone()).collect();
@@ -147,6 +141,98 @@ pub fn completion_logp_sums_after(
         }
     }
     Ok(sums)
+}
+
+/// The completion log-prob sum of `seq`, whose first `reuse` positions are row `row` of `prefix`.
+fn sum_after(
+    model: &Llama,
+    seq: &Sequence,
+    pass: PassMode,
+    prefix: &PrefixStates,
+    row: usize,
+    reuse: usize,
+) -> Result<f64> {
+    let kv = prefix.kv[row]
+        .iter()
+        .map(|(k, v)| Ok((k.narrow(2, 0, reuse)?, v.narrow(2, 0, reuse)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let rest = &seq.tokens[reuse..];
+    let ids = Tensor::from_vec(rest.to_vec(), (1, rest.len()), model.device())?;
+    let hidden = model.hidden_states_after(&ids, pass, &kv)?;
+    let pos = seq.scored_positions();
+    let rows: Vec<u32> = pos.clone().map(|p| (p - 1 - reuse) as u32).collect();
+    let targets: Vec<u32> = pos.map(|p| seq.tokens[p]).collect();
+    let h = hidden.dim(D::Minus1)?;
+    let logps = token_logps(
+        model,
+        &hidden.reshape((rest.len(), h))?,
+        rows,
+        targets,
+        false,
+    )?
+    .0;
+    logps.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()
+}
+
+/// [`sum_after`] for several sequences in one pass ([`Llama::hidden_states_packed_after`]): the
+/// KL passes' continuations are short (a completion each), and one product over all of them
+/// runs faster than one per sequence. `after`: (sequence, prefix row, positions reused).
+fn sums_packed_after(
+    model: &Llama,
+    seqs: &[Sequence],
+    pass: PassMode,
+    prefix: &PrefixStates,
+    after: &[(usize, usize, usize)],
+) -> Result<Vec<f64>> {
+    PACKED_CONTINUATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let layers = prefix.kv.first().map_or(0, |r| r.len());
+    let mut kv = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        for &(_, row, reuse) in after {
+            let (k, v) = &prefix.kv[row][l];
+            ks.push(k.narrow(2, 0, reuse)?);
+            vs.push(v.narrow(2, 0, reuse)?);
+        }
+        kv.push((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?));
+    }
+    let (mut ids, mut lengths, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rows, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for &(i, _, reuse) in after {
+        let seq = &seqs[i];
+        let start = ids.len();
+        let pos = seq.scored_positions();
+        counts.push(pos.len());
+        for p in pos {
+            rows.push((start + p - 1 - reuse) as u32);
+            targets.push(seq.tokens[p]);
+        }
+        ids.extend_from_slice(&seq.tokens[reuse..]);
+        lengths.push(seq.tokens.len() - reuse);
+        offsets.push(reuse);
+    }
+    let total = ids.len();
+    let ids = Tensor::from_vec(ids, (1, total), model.device())?;
+    let hidden = model.hidden_states_packed_after(&ids, pass, &lengths, &offsets, &kv)?;
+    let h = hidden.dim(D::Minus1)?;
+    let logps = token_logps(model, &hidden.reshape((total, h))?, rows, targets, false)?.0;
+    let logps: Vec<f64> = logps.to_dtype(DType::F64)?.to_vec1()?;
+    let mut out = Vec::with_capacity(counts.len());
+    let mut k = 0;
+    for c in counts {
+        out.push(logps[k..k + c].iter().sum());
+        k += c;
+    }
+    Ok(out)
+}
+
+static PACKED_CONTINUATIONS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Passes so far that ran several sequences' continuations packed into one
+/// ([`completion_logp_sums_after`]), for tests that must know the packed path ran.
+pub fn packed_continuations() -> usize {
+    PACKED_CONTINUATIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Log-probs [n] of `targets` at hidden rows `rows` of `hidden` [N, h], and with

@@ -571,19 +571,6 @@ pub(crate) fn gemm_bf16_new(
     product_new(m, n, k, a, b)
 }
 
-/// Whether the frozen-weight products in `mode`, with activations of dtype `activations`, give
-/// each row of the left operand the same bits whatever the other rows are: true for the
-/// built-in bf16 kernels (AMX tiles, AVX-512 BF16), whose blocking over k is fixed; gemmkit's
-/// and the libraries' blocking follows the whole shape. Where true, sequences can share a pass
-/// (src/model/logprobs.rs) without one changing the rounding of another's frozen products.
-pub fn rows_independent(mode: GemmMode, activations: candle_core::DType) -> bool {
-    // f64 activations take candle's f64 product whatever the mode.
-    mode == GemmMode::Bf16
-        && activations == candle_core::DType::F32
-        && library().is_none()
-        && native::bf16_native()
-}
-
 /// A frozen weight packed for the tile kernel, in one orientation.
 pub use native::PackedB;
 
