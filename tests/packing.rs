@@ -205,6 +205,51 @@ fn packed_continuations_match_full_passes() {
     }
 }
 
+/// The reference passes of a micro-batch in one: its examples and their KL sequences packed
+/// together, each KL sequence reusing, in the same pass, the states of the prompt it shares with
+/// its example. Every sum is that of a full pass over the sequence alone.
+#[test]
+fn examples_and_their_continuations_in_one_pass_match_full_passes() {
+    pack_everywhere();
+    let model = with_kernels(&tiny_with_peft(DType::F64), |k| k.fused_ops = true);
+    let batch = kto_step_batch(None);
+    let main = batch.seqs.clone();
+    let mut conts = batch.kl_seqs.clone().unwrap();
+    let mut partial = main[0].clone();
+    partial.tokens[5] = (partial.tokens[5] + 1) % 64;
+    let mut none = main[1].clone();
+    none.tokens[0] = (none.tokens[0] + 1) % 64;
+    let unpaired = main[1].clone();
+    conts.extend([partial, none, unpaired]);
+    // The last one has no row: a sequence of its own in the pass.
+    let mut rows: Vec<Option<usize>> = (0..conts.len()).map(|i| Some(i % main.len())).collect();
+    *rows.last_mut().unwrap() = None;
+    for pass in [PassMode::REFERENCE, PassMode::POLICY_EVAL] {
+        let before = kto_train::model::logprobs::packed_continuations();
+        let (got_main, got_conts) =
+            kto_train::model::logprobs::completion_logp_sums_with_continuations(
+                &model, &main, &conts, &rows, pass,
+            )
+            .unwrap();
+        assert_eq!(
+            kto_train::model::logprobs::packed_continuations(),
+            before + 1,
+            "not one packed pass"
+        );
+        let all = main
+            .iter()
+            .zip(&got_main)
+            .chain(conts.iter().zip(&got_conts));
+        for (i, (s, got)) in all.enumerate() {
+            let want = sums(&model, std::slice::from_ref(s), pass).1[0];
+            assert!(
+                (got - want).abs() <= 1e-10 * want.abs().max(1.0),
+                "sequence {i}: in the shared pass {got} vs a full pass {want}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_pass_with_lora_dropout_does_not_pack() {
     pack_everywhere();

@@ -81,13 +81,42 @@ pub struct BlockContext {
     pub mask: Option<Tensor>,
     pub use_fused: bool,
     pub gemm: GemmMode,
-    /// Lengths of the sequences packed one after another into this pass's single row (B = 1,
-    /// fused path): each attends only to itself (and its own prefix). Empty: none.
-    pub segments: Vec<usize>,
-    /// Per packed sequence, how many positions before it the pass's prefix holds (the prefixes
-    /// one after another in the prefix tensors): its tokens sit at positions offset_s ..
-    /// offset_s + len_s. Empty: every sequence from position 0, no prefix.
-    pub segment_offsets: Vec<usize>,
+    /// The sequences packed one after another into this pass's single row (B = 1, fused path):
+    /// each attends only to itself and its own prefix. Empty: not a packed pass.
+    pub segments: Vec<Segment>,
+}
+
+/// One sequence of a packed pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Its tokens in the pass.
+    pub len: usize,
+    /// Positions before its first token that it attends to; its own positions (RoPE) start
+    /// here.
+    pub offset: usize,
+    /// Where the keys and values of those `offset` positions are.
+    pub prefix: PrefixAt,
+}
+
+/// Where a packed sequence's prefix states are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixAt {
+    /// In the prefix given to the pass, from this position on.
+    Given(usize),
+    /// In this pass, from this position on: another sequence of the pass whose first `offset`
+    /// tokens are this sequence's prefix (its states, computed in the same pass, are reused).
+    InPass(usize),
+}
+
+impl Segment {
+    /// A sequence from position 0, with no prefix.
+    pub fn alone(len: usize) -> Self {
+        Self {
+            len,
+            offset: 0,
+            prefix: PrefixAt::Given(0),
+        }
+    }
 }
 
 impl Attention {
@@ -146,8 +175,8 @@ impl Attention {
 }
 
 /// Attention of a packed pass (`ctx.segments`): each sequence's queries over its own keys only
-/// (its prefix's, `ctx.segment_offsets`, then its own), as if it ran alone. q [1, heads, T, d],
-/// k and v [1, kv_heads, T, d], the prefixes [1, kv_heads, sum of offsets, d] -> [1, heads, T, d].
+/// (its prefix's, then its own), as if it ran alone. q [1, heads, T, d], k and v
+/// [1, kv_heads, T, d], the given prefix [1, kv_heads, P, d] -> [1, heads, T, d].
 fn packed_attention(
     qh: &Tensor,
     kh: &Tensor,
@@ -160,26 +189,31 @@ fn packed_attention(
     let scale = 1.0 / (hd as f64).sqrt();
     let q = qh.reshape((1, nkv, group, t, hd))?;
     let mut parts = Vec::with_capacity(ctx.segments.len());
-    let (mut start, mut prefix_start) = (0, 0);
-    for (s, &len) in ctx.segments.iter().enumerate() {
-        let offset = ctx.segment_offsets.get(s).copied().unwrap_or(0);
+    let mut start = 0;
+    for (s, seg) in ctx.segments.iter().enumerate() {
+        let (len, offset) = (seg.len, seg.offset);
         let qs = q
             .narrow(3, start, len)?
             .contiguous()?
             .reshape((1, nkv, group * len, hd))?;
         let (ks, vs) = (kh.narrow(2, start, len)?, vh.narrow(2, start, len)?);
-        let (ks, vs) = match (offset, prefix) {
-            (0, _) => (ks.contiguous()?, vs.contiguous()?),
-            (_, Some((pk, pv))) => (
-                Tensor::cat(&[&pk.narrow(2, prefix_start, offset)?, &ks], 2)?,
-                Tensor::cat(&[&pv.narrow(2, prefix_start, offset)?, &vs], 2)?,
+        let (ks, vs) = match (offset, seg.prefix, prefix) {
+            (0, _, _) => (ks.contiguous()?, vs.contiguous()?),
+            (_, PrefixAt::Given(at), Some((pk, pv))) => (
+                Tensor::cat(&[&pk.narrow(2, at, offset)?, &ks], 2)?,
+                Tensor::cat(&[&pv.narrow(2, at, offset)?, &vs], 2)?,
             ),
-            (_, None) => candle_core::bail!("packed attention: segment {s} has no prefix"),
+            (_, PrefixAt::InPass(at), _) => (
+                Tensor::cat(&[&kh.narrow(2, at, offset)?, &ks], 2)?,
+                Tensor::cat(&[&vh.narrow(2, at, offset)?, &vs], 2)?,
+            ),
+            (_, PrefixAt::Given(_), None) => {
+                candle_core::bail!("packed attention: segment {s} has no prefix")
+            }
         };
         let y = attention::causal_attention(&qs, &ks, &vs, scale, len, offset, ctx.gemm)?;
         parts.push(y.reshape((1, nkv, group, len, hd))?);
         start += len;
-        prefix_start += offset;
     }
     Tensor::cat(&parts, 3)?.reshape((1, ctx.heads, t, hd))
 }
@@ -472,7 +506,7 @@ impl Llama {
 
     /// Final-norm hidden states [B, T, hidden] for right-padded token ids [B, T].
     pub fn hidden_states(&self, ids: &Tensor, pass: PassMode) -> Result<Tensor> {
-        self.run_layers(ids, pass, None, None, &[], &[])
+        self.run_layers(ids, pass, None, None, &[])
     }
 
     /// [`Llama::hidden_states`], also returning every layer's keys and values
@@ -483,7 +517,7 @@ impl Llama {
         pass: PassMode,
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let mut kv = Vec::with_capacity(self.layers.len());
-        let h = self.run_layers(ids, pass, None, Some(&mut kv), &[], &[])?;
+        let h = self.run_layers(ids, pass, None, Some(&mut kv), &[])?;
         Ok((h, kv))
     }
 
@@ -547,40 +581,46 @@ impl Llama {
             candle_core::bail!("hidden_states_packed: not packable here, or lengths != ids");
         }
         let mut kv = capture.then(|| Vec::with_capacity(self.layers.len()));
-        let h = self.run_layers(ids, pass, None, kv.as_mut(), lengths, &[])?;
+        let segments: Vec<Segment> = lengths.iter().map(|&n| Segment::alone(n)).collect();
+        let h = self.run_layers(ids, pass, None, kv.as_mut(), &segments)?;
         Ok((h, kv))
     }
 
-    /// [`Llama::hidden_states_packed`] for sequences that each continue a prefix of their own:
-    /// sequence s (`lengths[s]` tokens of `ids` [1, T]) follows `offsets[s]` positions whose
-    /// keys and values `prefix` holds (per layer [1, kv_heads, sum of offsets, head_dim], the
-    /// sequences' prefixes one after another). Each sequence's states equal those of
-    /// [`Llama::hidden_states_after`] over it alone. No gradient, no checkpointing.
-    pub fn hidden_states_packed_after(
+    /// [`Llama::hidden_states_packed`] for sequences that may each continue a prefix of their
+    /// own ([`Segment`]): one whose states `prefix` holds (per layer [1, kv_heads, P,
+    /// head_dim]), or an earlier sequence of the same pass. Each sequence's states equal those of
+    /// [`Llama::hidden_states_after`] over it alone after its prefix. No gradient, no
+    /// checkpointing.
+    pub fn hidden_states_packed_with_prefixes(
         &self,
         ids: &Tensor,
         pass: PassMode,
-        lengths: &[usize],
-        offsets: &[usize],
-        prefix: &[LayerKv],
+        segments: &[Segment],
+        prefix: Option<&[LayerKv]>,
     ) -> Result<Tensor> {
-        let prefix_len: usize = offsets.iter().sum();
-        if !self.can_pack(pass)
-            || pass.grad
-            || ids.dim(0)? != 1
-            || lengths.iter().sum::<usize>() != ids.dim(1)?
-            || offsets.len() != lengths.len()
-            || prefix.len() != self.layers.len()
-            || prefix
-                .iter()
-                .any(|(k, _)| k.dim(2).ok() != Some(prefix_len))
-        {
+        let given = match prefix {
+            Some(p) if p.len() != self.layers.len() => None,
+            Some(p) => p.first().map(|(k, _)| k.dim(2)).transpose()?,
+            None => Some(0),
+        };
+        let mut start = 0;
+        let mut fits = given.is_some();
+        for seg in segments {
+            fits &= seg.offset == 0
+                || match seg.prefix {
+                    PrefixAt::Given(at) => at + seg.offset <= given.unwrap_or(0),
+                    PrefixAt::InPass(at) => at + seg.offset <= start,
+                };
+            start += seg.len;
+        }
+        if !self.can_pack(pass) || pass.grad || ids.dim(0)? != 1 || start != ids.dim(1)? || !fits {
             candle_core::bail!(
-                "hidden_states_packed_after: not packable here, or lengths, offsets and prefix \
-                 disagree"
+                "hidden_states_packed_with_prefixes: not packable here, or the segments do not \
+                 fit the tokens and prefixes"
             );
         }
-        self.run_layers(ids, pass, Some(prefix), None, lengths, offsets)
+        let prefix = prefix.filter(|p| !p.is_empty());
+        self.run_layers(ids, pass, prefix, None, segments)
     }
 
     /// Hidden states of tokens `ids` [B, S] that continue a sequence whose first P positions
@@ -600,7 +640,7 @@ impl Llama {
                 self.layers.len()
             );
         }
-        self.run_layers(ids, pass, Some(prefix), None, &[], &[])
+        self.run_layers(ids, pass, Some(prefix), None, &[])
     }
 
     /// [`Llama::hidden_states_after`] that also returns each layer's keys and values for all
@@ -613,9 +653,9 @@ impl Llama {
     ) -> Result<(Tensor, Vec<LayerKv>)> {
         let mut new = Vec::with_capacity(self.layers.len());
         let h = if prefix.is_empty() {
-            self.run_layers(ids, pass, None, Some(&mut new), &[], &[])?
+            self.run_layers(ids, pass, None, Some(&mut new), &[])?
         } else {
-            self.run_layers(ids, pass, Some(prefix), Some(&mut new), &[], &[])?
+            self.run_layers(ids, pass, Some(prefix), Some(&mut new), &[])?
         };
         if prefix.is_empty() {
             return Ok((h, new));
@@ -634,18 +674,17 @@ impl Llama {
         t: usize,
         offset: usize,
         x: &Tensor,
-        segments: &[usize],
-        segment_offsets: &[usize],
+        segments: &[Segment],
     ) -> Result<BlockContext> {
         let (cos, sin) = if segments.is_empty() {
             self.rope_tables(offset, t)?
         } else {
             // Each packed sequence from its own offset: rows of one table up to the furthest.
-            let at = |s: usize| segment_offsets.get(s).copied().unwrap_or(0);
-            let end = (0..segments.len()).map(|s| at(s) + segments[s]).max();
+            let end = segments.iter().map(|s| s.offset + s.len).max();
             let (cos, sin) = self.rope_tables(0, end.unwrap_or(0))?;
-            let pos: Vec<u32> = (0..segments.len())
-                .flat_map(|s| (at(s)..at(s) + segments[s]).map(|p| p as u32))
+            let pos: Vec<u32> = segments
+                .iter()
+                .flat_map(|s| (s.offset..s.offset + s.len).map(|p| p as u32))
                 .collect();
             let pos = Tensor::from_vec(pos, t, &self.device)?;
             (cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?)
@@ -670,7 +709,6 @@ impl Llama {
             use_fused,
             gemm: self.kernels.gemm,
             segments: segments.to_vec(),
-            segment_offsets: segment_offsets.to_vec(),
         })
     }
 
@@ -680,8 +718,7 @@ impl Llama {
         pass: PassMode,
         prefix: Option<&[LayerKv]>,
         mut capture: Option<&mut Vec<LayerKv>>,
-        segments: &[usize],
-        segment_offsets: &[usize],
+        segments: &[Segment],
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = match prefix {
@@ -691,7 +728,7 @@ impl Llama {
         let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
             .forward(ids)?;
         let mut x = x.to_dtype(self.dtype)?;
-        let ctx = Arc::new(self.block_context(b, t, offset, &x, segments, segment_offsets)?);
+        let ctx = Arc::new(self.block_context(b, t, offset, &x, segments)?);
         if !segments.is_empty() && !ctx.use_fused {
             candle_core::bail!("packed sequences need the fused attention path");
         }

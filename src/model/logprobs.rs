@@ -1,5 +1,6 @@
 //! Sequence log-probs over completion tokens: the one computation that training, evaluation and
 //! `kto-train score` share.
+use super::llama::{LayerKv, PrefixAt, Segment};
 use super::pass::PassMode;
 use super::Llama;
 use crate::kernels::{self, fused};
@@ -60,13 +61,19 @@ impl PrefixStates {
     /// the shared token prefix, short of the position before the first scored token (whose
     /// hidden state the logits need).
     pub fn reusable(&self, row: usize, seq: &Sequence) -> usize {
-        let shared = self.tokens[row]
-            .iter()
-            .zip(&seq.tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        shared.min(seq.scored_positions().start.saturating_sub(1))
+        reusable_prefix(&self.tokens[row], seq)
     }
+}
+
+/// Leading positions of `seq` that a pass over `tokens` computed as `seq` needs them: the shared
+/// token prefix, short of the position before the first scored token.
+fn reusable_prefix(tokens: &[u32], seq: &Sequence) -> usize {
+    let shared = tokens
+        .iter()
+        .zip(&seq.tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    shared.min(seq.scored_positions().start.saturating_sub(1))
 }
 
 /// [`completion_logps`], also returning the pass's [`PrefixStates`].
@@ -184,7 +191,6 @@ fn sums_packed_after(
     prefix: &PrefixStates,
     after: &[(usize, usize, usize)],
 ) -> Result<Vec<f64>> {
-    PACKED_CONTINUATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let layers = prefix.kv.first().map_or(0, |r| r.len());
     let mut kv = Vec::with_capacity(layers);
     for l in 0..layers {
@@ -196,43 +202,122 @@ fn sums_packed_after(
         }
         kv.push((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?));
     }
-    let (mut ids, mut lengths, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut rows, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pack = Packing::default();
+    let mut given = 0;
     for &(i, _, reuse) in after {
-        let seq = &seqs[i];
-        let start = ids.len();
-        let pos = seq.scored_positions();
-        counts.push(pos.len());
-        for p in pos {
-            rows.push((start + p - 1 - reuse) as u32);
-            targets.push(seq.tokens[p]);
-        }
-        ids.extend_from_slice(&seq.tokens[reuse..]);
-        lengths.push(seq.tokens.len() - reuse);
-        offsets.push(reuse);
+        pack.push(&seqs[i], reuse, PrefixAt::Given(given));
+        given += reuse;
     }
-    let total = ids.len();
-    let ids = Tensor::from_vec(ids, (1, total), model.device())?;
-    let hidden = model.hidden_states_packed_after(&ids, pass, &lengths, &offsets, &kv)?;
-    let h = hidden.dim(D::Minus1)?;
-    let logps = token_logps(model, &hidden.reshape((total, h))?, rows, targets, false)?.0;
-    let logps: Vec<f64> = logps.to_dtype(DType::F64)?.to_vec1()?;
-    let mut out = Vec::with_capacity(counts.len());
-    let mut k = 0;
-    for c in counts {
-        out.push(logps[k..k + c].iter().sum());
-        k += c;
-    }
-    Ok(out)
+    pack.sums(model, pass, Some(&kv[..]))
 }
 
-static PACKED_CONTINUATIONS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
+/// Sequences packed into one pass, each possibly after a prefix ([`Segment`]), with the rows
+/// that predict their scored tokens.
+#[derive(Default)]
+struct Packing {
+    ids: Vec<u32>,
+    segments: Vec<Segment>,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    counts: Vec<usize>,
+}
 
-/// Passes so far that ran several sequences' continuations packed into one
-/// ([`completion_logp_sums_after`]), for tests that must know the packed path ran.
+impl Packing {
+    /// Adds `seq`, whose first `reuse` positions are states at `prefix`; returns where its
+    /// tokens start in the pass.
+    fn push(&mut self, seq: &Sequence, reuse: usize, prefix: PrefixAt) -> usize {
+        let start = self.ids.len();
+        let pos = seq.scored_positions();
+        self.counts.push(pos.len());
+        for p in pos {
+            self.rows.push((start + p - 1 - reuse) as u32);
+            self.targets.push(seq.tokens[p]);
+        }
+        self.ids.extend_from_slice(&seq.tokens[reuse..]);
+        self.segments.push(Segment {
+            len: seq.tokens.len() - reuse,
+            offset: reuse,
+            prefix,
+        });
+        start
+    }
+
+    /// Each sequence's completion log-prob sum (f64, detached), in the order pushed.
+    fn sums(self, model: &Llama, pass: PassMode, prefix: Option<&[LayerKv]>) -> Result<Vec<f64>> {
+        PACKED_CONTINUATIONS.with(|c| c.set(c.get() + 1));
+        let total = self.ids.len();
+        let ids = Tensor::from_vec(self.ids, (1, total), model.device())?;
+        let hidden =
+            model.hidden_states_packed_with_prefixes(&ids, pass, &self.segments, prefix)?;
+        let h = hidden.dim(D::Minus1)?;
+        let hidden = hidden.reshape((total, h))?;
+        let logps = token_logps(model, &hidden, self.rows, self.targets, false)?.0;
+        let logps: Vec<f64> = logps.to_dtype(DType::F64)?.to_vec1()?;
+        let mut out = Vec::with_capacity(self.counts.len());
+        let mut k = 0;
+        for c in self.counts {
+            out.push(logps[k..k + c].iter().sum());
+            k += c;
+        }
+        Ok(out)
+    }
+}
+
+/// Completion log-prob sums (detached) of `seqs` and of `conts` under `pass` (no gradient), where
+/// continuation i shares its leading tokens (a prompt) with row `rows[i]` of `seqs`: where
+/// packing applies, in one pass, each continuation reusing that row's states for the shared
+/// positions computed in the same pass (the reference passes of a micro-batch: its examples and
+/// their KL sequences); elsewhere as [`completion_logps_capturing`] then
+/// [`completion_logp_sums_after`].
+pub fn completion_logp_sums_with_continuations(
+    model: &Llama,
+    seqs: &[Sequence],
+    conts: &[Sequence],
+    rows: &[Option<usize>],
+    pass: PassMode,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    if seqs.is_empty() && conts.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let empty = seqs.iter().chain(conts).any(|s| s.tokens.is_empty());
+    if empty || pass.grad || !model.can_pack(pass) || model.cfg().rope_scaling.depends_on_length() {
+        let f64s = |t: &Tensor| -> Result<Vec<f64>> { t.detach().to_dtype(DType::F64)?.to_vec1() };
+        if seqs.is_empty() {
+            let kl = completion_logps(model, conts, pass, false)?;
+            return Ok((Vec::new(), f64s(&kl.sums)?));
+        }
+        let (out, states) = completion_logps_capturing(model, seqs, pass, false)?;
+        let kl = if conts.is_empty() {
+            Vec::new()
+        } else {
+            completion_logp_sums_after(model, conts, pass, &states, rows)?
+        };
+        return Ok((f64s(&out.sums)?, kl));
+    }
+    let mut pack = Packing::default();
+    let starts: Vec<usize> = seqs
+        .iter()
+        .map(|s| pack.push(s, 0, PrefixAt::Given(0)))
+        .collect();
+    for (c, row) in conts.iter().zip(rows) {
+        let reuse = row.map_or(0, |r| reusable_prefix(&seqs[r].tokens, c));
+        let at = row.map_or(0, |r| starts[r]);
+        pack.push(c, reuse, PrefixAt::InPass(at));
+    }
+    let mut sums = pack.sums(model, pass, None)?;
+    let kl = sums.split_off(seqs.len());
+    Ok((sums, kl))
+}
+
+thread_local! {
+    static PACKED_CONTINUATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Passes so far on this thread that ran sequences' continuations packed into one
+/// ([`completion_logp_sums_after`], [`completion_logp_sums_with_continuations`]), for tests that
+/// must know the packed path ran (per thread: tests run side by side).
 pub fn packed_continuations() -> usize {
-    PACKED_CONTINUATIONS.load(std::sync::atomic::Ordering::Relaxed)
+    PACKED_CONTINUATIONS.with(|c| c.get())
 }
 
 /// Log-probs [n] of `targets` at hidden rows `rows` of `hidden` [N, h], and with

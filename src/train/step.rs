@@ -5,7 +5,8 @@ use super::refcache::{sequence_key, RefCache};
 use crate::loss::{LossHead, LossOutput, SequenceLogps};
 use crate::model::llama::LoraGradients;
 use crate::model::logprobs::{
-    completion_logp_sums_after, completion_logps, completion_logps_capturing, Sequence,
+    completion_logp_sums_after, completion_logp_sums_with_continuations, completion_logps,
+    completion_logps_capturing, Sequence,
 };
 use crate::model::{DropoutKey, Llama, PassMode};
 use crate::util::profile;
@@ -60,8 +61,9 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// Reference log-probs (LoRA off, no gradient) for the batch's main and KL sequences, from the
-/// cache where it has them. The others are computed: the main sequences in one pass, then the
-/// KL sequences reusing that pass's states for the prompt they share with their example.
+/// cache where it has them. The others are computed: the main sequences and the KL sequences in
+/// one pass where packing applies, each KL sequence reusing the states of the prompt it shares
+/// with its example ([`completion_logp_sums_with_continuations`]).
 pub fn reference_logps(
     model: &Llama,
     batch: &MicroBatch,
@@ -74,59 +76,47 @@ pub fn reference_logps(
             None => vec![None; seqs.len()],
         }
     };
+    let todo =
+        |v: &[Option<f64>]| -> Vec<usize> { (0..v.len()).filter(|&i| v[i].is_none()).collect() };
     let mut main = lookup(&batch.seqs, &mut cache);
-    let missing: Vec<usize> = (0..main.len()).filter(|&i| main[i].is_none()).collect();
-    let mut prefix = None;
-    if !missing.is_empty() {
-        let seqs: Vec<Sequence> = missing.iter().map(|&i| batch.seqs[i].clone()).collect();
+    let mut kl = batch.kl_seqs.as_ref().map(|s| lookup(s, &mut cache));
+    let missing = todo(&main);
+    let kl_missing = kl.as_deref().map(todo).unwrap_or_default();
+    if !missing.is_empty() || !kl_missing.is_empty() {
         let _p = profile::phase("reference passes");
-        let (out, states) = completion_logps_capturing(model, &seqs, PassMode::REFERENCE, false)?;
-        for (&i, v) in missing.iter().zip(to_f64(&out.sums)?) {
+        let seqs: Vec<Sequence> = missing.iter().map(|&i| batch.seqs[i].clone()).collect();
+        let kl_seqs = batch.kl_seqs.as_deref().unwrap_or_default();
+        let conts: Vec<Sequence> = kl_missing.iter().map(|&i| kl_seqs[i].clone()).collect();
+        // KL sequence i shares its prompt with example i, if that one is computed here.
+        let rows: Vec<Option<usize>> = kl_missing
+            .iter()
+            .map(|&i| missing.iter().position(|&j| j == i))
+            .collect();
+        let (got, got_kl) = completion_logp_sums_with_continuations(
+            model,
+            &seqs,
+            &conts,
+            &rows,
+            PassMode::REFERENCE,
+        )?;
+        for (&i, v) in missing.iter().zip(got) {
             main[i] = Some(v);
             if let Some(c) = cache.as_deref_mut() {
                 c.insert(key(&batch.seqs[i]), v);
             }
         }
-        prefix = Some((states, missing));
-    }
-    let kl = match &batch.kl_seqs {
-        None => None,
-        Some(kl_seqs) => {
-            let mut kl = lookup(kl_seqs, &mut cache);
-            let todo: Vec<usize> = (0..kl.len()).filter(|&i| kl[i].is_none()).collect();
-            if !todo.is_empty() {
-                let _p = profile::phase("reference KL passes");
-                let seqs: Vec<Sequence> = todo.iter().map(|&i| kl_seqs[i].clone()).collect();
-                // KL sequence i shares its prompt with example i, if that one was just computed.
-                let got = match &prefix {
-                    Some((states, computed)) => {
-                        let rows: Vec<Option<usize>> = todo
-                            .iter()
-                            .map(|&i| computed.iter().position(|&j| j == i))
-                            .collect();
-                        completion_logp_sums_after(
-                            model,
-                            &seqs,
-                            PassMode::REFERENCE,
-                            states,
-                            &rows,
-                        )?
-                    }
-                    None => {
-                        to_f64(&completion_logps(model, &seqs, PassMode::REFERENCE, false)?.sums)?
-                    }
-                };
-                for (&i, v) in todo.iter().zip(got) {
-                    kl[i] = Some(v);
-                    if let Some(c) = cache.as_deref_mut() {
-                        c.insert(key(&kl_seqs[i]), v);
-                    }
+        if let Some(kl) = kl.as_mut() {
+            for (&i, v) in kl_missing.iter().zip(got_kl) {
+                kl[i] = Some(v);
+                if let Some(c) = cache.as_deref_mut() {
+                    c.insert(key(&kl_seqs[i]), v);
                 }
             }
-            Some(kl.into_iter().map(|v| v.expect("filled")).collect())
         }
-    };
-    Ok((main.into_iter().map(|v| v.expect("filled")).collect(), kl))
+    }
+    let filled =
+        |v: Vec<Option<f64>>| -> Vec<f64> { v.into_iter().map(|v| v.expect("filled")).collect() };
+    Ok((filled(main), kl.map(filled)))
 }
 
 /// Runs one micro-batch in `mode` (a world of one).
