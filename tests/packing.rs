@@ -159,6 +159,21 @@ fn packed_pass_captures_each_sequences_own_states() {
     }
 }
 
+/// The TRL step fixture's examples, and sequences that continue them: their KL sequences (the
+/// whole prompt shared), one sharing only its first 5 tokens with row 0 and one sharing nothing
+/// with row 1 (continuation i goes with row i % 2).
+fn examples_and_continuations() -> (Vec<Sequence>, Vec<Sequence>) {
+    let batch = kto_step_batch(None);
+    let main = batch.seqs.clone();
+    let mut others = batch.kl_seqs.clone().unwrap();
+    let mut partial = main[0].clone();
+    partial.tokens[5] = (partial.tokens[5] + 1) % 64;
+    let mut none = main[1].clone();
+    none.tokens[0] = (none.tokens[0] + 1) % 64;
+    others.extend([partial, none]);
+    (main, others)
+}
+
 /// The KL passes' continuations (each sequence after its own prompt's states) run packed into
 /// one pass: every sequence's sum is that of a full pass over it alone, whether it reuses a
 /// whole prompt, part of one, or nothing, with the policy and the reference.
@@ -166,15 +181,7 @@ fn packed_pass_captures_each_sequences_own_states() {
 fn packed_continuations_match_full_passes() {
     pack_everywhere();
     let model = with_kernels(&tiny_with_peft(DType::F64), |k| k.fused_ops = true);
-    let batch = kto_step_batch(None);
-    let main = batch.seqs.clone();
-    let mut others = batch.kl_seqs.clone().unwrap();
-    // Shares its first 5 tokens with row 0 only; then nothing shared at all.
-    let mut partial = main[0].clone();
-    partial.tokens[5] = (partial.tokens[5] + 1) % 64;
-    let mut none = main[1].clone();
-    none.tokens[0] = (none.tokens[0] + 1) % 64;
-    others.extend([partial, none]);
+    let (main, others) = examples_and_continuations();
     let rows: Vec<Option<usize>> = (0..others.len()).map(|i| Some(i % main.len())).collect();
     for pass in [PassMode::REFERENCE, PassMode::POLICY_EVAL] {
         let (_, states) = completion_logps_capturing(&model, &main, pass, false).unwrap();
@@ -212,15 +219,8 @@ fn packed_continuations_match_full_passes() {
 fn examples_and_their_continuations_in_one_pass_match_full_passes() {
     pack_everywhere();
     let model = with_kernels(&tiny_with_peft(DType::F64), |k| k.fused_ops = true);
-    let batch = kto_step_batch(None);
-    let main = batch.seqs.clone();
-    let mut conts = batch.kl_seqs.clone().unwrap();
-    let mut partial = main[0].clone();
-    partial.tokens[5] = (partial.tokens[5] + 1) % 64;
-    let mut none = main[1].clone();
-    none.tokens[0] = (none.tokens[0] + 1) % 64;
-    let unpaired = main[1].clone();
-    conts.extend([partial, none, unpaired]);
+    let (main, mut conts) = examples_and_continuations();
+    conts.push(main[1].clone());
     // The last one has no row: a sequence of its own in the pass.
     let mut rows: Vec<Option<usize>> = (0..conts.len()).map(|i| Some(i % main.len())).collect();
     *rows.last_mut().unwrap() = None;
