@@ -4,8 +4,8 @@
 //! values (the KL passes reuse them), with and without checkpointing. With LoRA dropout in the
 //! pass, passes stay one per sequence (the masks are drawn per pass).
 //!
-//! In f64 the products run on gemmkit, where packing is off by default (its rounding depends on
-//! the rows' grouping; `Llama::can_pack`): `KTO_TRAIN_PACK=1` turns it on for these tests.
+//! Packing is off by default in f64 (the tests' precision, whose runs stay bit-level; a shared
+//! product can round differently; `Llama::can_pack`): `KTO_TRAIN_PACK=1` turns it on here.
 mod common;
 use candle_core::{DType, Tensor};
 use common::*;
