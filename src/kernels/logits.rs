@@ -12,7 +12,8 @@
 //! Every chunk runs the same ops as the plain path ([`products::frozen_linear`],
 //! [`fused::log_softmax_gather`] and its gradient, [`products::frozen_linear_input_grad`]), so
 //! a row's values are the plain path's wherever a product's rows do not depend on how many rows
-//! it has (the built-in bf16 kernels, whose blocking over k is fixed), and otherwise differ only in the rounding of the sums.
+//! it has (the built-in bf16 kernels, whose blocking over k is fixed), and otherwise differ only
+//! in the rounding of the sums.
 use super::{fused, products, GemmMode};
 use crate::util::env::MibSetting;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};

@@ -598,17 +598,20 @@ impl Llama {
         segments: &[Segment],
         prefix: Option<&[LayerKv]>,
     ) -> Result<Tensor> {
+        // Positions the given prefix holds (every layer's the same).
         let given = match prefix {
-            Some(p) if p.len() != self.layers.len() => None,
-            Some(p) => p.first().map(|(k, _)| k.dim(2)).transpose()?,
-            None => Some(0),
+            Some(p) if p.len() == self.layers.len() => {
+                p.first().map_or(Ok(0), |(k, _)| k.dim(2))?
+            }
+            Some(_) => candle_core::bail!("hidden_states_packed_with_prefixes: prefix layers"),
+            None => 0,
         };
         let mut start = 0;
-        let mut fits = given.is_some();
+        let mut fits = true;
         for seg in segments {
             fits &= seg.offset == 0
                 || match seg.prefix {
-                    PrefixAt::Given(at) => at + seg.offset <= given.unwrap_or(0),
+                    PrefixAt::Given(at) => at + seg.offset <= given,
                     PrefixAt::InPass(at) => at + seg.offset <= start,
                 };
             start += seg.len;
@@ -619,7 +622,6 @@ impl Llama {
                  fit the tokens and prefixes"
             );
         }
-        let prefix = prefix.filter(|p| !p.is_empty());
         self.run_layers(ids, pass, prefix, None, segments)
     }
 

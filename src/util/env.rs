@@ -29,17 +29,15 @@ impl MibSetting {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(self.default_mb);
-        let b = mb.saturating_mul(1 << 20).min(usize::MAX - 1);
-        self.bytes.store(b, Ordering::Relaxed);
-        b
+        self.set_mb(mb);
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Sets the size for this process, as the variable does at start.
     pub fn set_mb(&self, mb: usize) {
-        self.bytes.store(
-            mb.saturating_mul(1 << 20).min(usize::MAX - 1),
-            Ordering::Relaxed,
-        );
+        // Below usize::MAX, which marks "not read yet".
+        let b = mb.saturating_mul(1 << 20).min(usize::MAX - 1);
+        self.bytes.store(b, Ordering::Relaxed);
     }
 }
 
