@@ -14,12 +14,63 @@
 use super::fused;
 use super::gemm::GemmMode;
 use super::precomputed::PrecomputedValue;
-use super::products::matmul;
+use super::products::{matmul, matmul_with};
 use crate::util::env::MibSetting;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Probability bytes above which attention runs in query-row chunks.
 static BUDGET: MibSetting = MibSetting::new("KTO_TRAIN_ATTENTION_MB", 256);
+
+/// How the node's products and softmax run. In bf16 mode on the CPU, for long sequences, the
+/// attention products take bf16 operands with f32 accumulation, as the projections do (and as
+/// TRL's bf16 attention): q, k, v and the incoming gradient are rounded at each product, and the
+/// probabilities and their gradient are computed in f32 from f32 scores and written rounded to
+/// bf16, the form the next products read (rounding the [R, T_k] probabilities at the product
+/// instead cost what the bf16 product saved) and the node keeps (half the memory). Otherwise
+/// everything stays in the activations' dtype, with f32 products.
+///
+/// "Long": R x T_k x d of one head group's product at least [`BF16_FROM`]. Measured on an AMX
+/// CPU (2 cores; the five products timed alone, batched over the key/value heads as in
+/// training): at 1536 x 512 x 64 (SmolLM2-360M, 512 tokens) the tile kernel ran q k^T, dS k
+/// and P v 1.4-1.6x faster than the f32 engine, the transposed two even; at 510 x 170 x 64
+/// (the real unit's typical sequence) every product ran 0.6-0.9x, packing and task overhead
+/// outweighing the product; at 1000 x 330 x 64 it was mixed. So the rounding applies where it
+/// pays; below, attention is exactly the f32 computation of the other modes.
+#[derive(Debug, Clone, Copy)]
+struct Precision {
+    gemm: GemmMode,
+    bf16: bool,
+}
+
+/// Products of at least this many multiply-adds (rows x keys x head dim) run in bf16.
+pub const BF16_FROM: usize = 1 << 25;
+
+impl Precision {
+    fn of(q: &Tensor, k: &Tensor, gemm: GemmMode) -> Result<Self> {
+        let (rows, d, t_k) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?, k.dim(D::Minus2)?);
+        let bf16 = gemm == GemmMode::Bf16
+            && q.device().is_cpu()
+            && q.dtype() == DType::F32
+            && rows * t_k * d >= BF16_FROM;
+        Ok(Self { gemm, bf16 })
+    }
+
+    fn product(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.bf16 {
+            matmul_with(a, b, GemmMode::Bf16)
+        } else {
+            matmul(a, b, self.gemm)
+        }
+    }
+
+    fn softmax(self, scores: &Tensor, scale: f64, t_q: usize, offset: usize) -> Result<Tensor> {
+        if self.bf16 {
+            fused::causal_softmax_bf16(scores, scale, t_q, offset)
+        } else {
+            fused::causal_softmax(scores, scale, t_q, offset)
+        }
+    }
+}
 
 /// q [.., R, d] (R = query rows: query heads of one key/value head stacked, position
 /// offset + r % t_q), k and v [.., T_k, d] -> [.., R, d].
@@ -50,9 +101,10 @@ pub fn causal_attention_within(
     let (rows, t_k) = (q.dim(D::Minus2)?, k.dim(D::Minus2)?);
     let lead = q.elem_count() / (rows * q.dim(D::Minus1)?).max(1);
     let prob_bytes = lead * rows * t_k * q.dtype().size_in_bytes();
+    let prec = Precision::of(q, k, gemm)?;
     if prob_bytes > budget && t_q > 0 {
         let plan = Chunks::plan(lead, rows, t_q, t_k, offset, budget);
-        let out = plan.forward(&q.detach(), &k.detach(), &v.detach(), scale, gemm)?;
+        let out = plan.forward(&q.detach(), &k.detach(), &v.detach(), scale, prec)?;
         if !(q.track_op() || k.track_op() || v.track_op()) {
             return Ok(out);
         }
@@ -62,14 +114,14 @@ pub fn causal_attention_within(
             ChunkedNode {
                 plan,
                 scale,
-                gemm,
+                prec,
                 value: PrecomputedValue::new(out),
             },
         );
     }
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let p = fused::causal_softmax(&matmul(&qd, &kd.t()?, gemm)?, scale, t_q, offset)?;
-    let out = matmul(&p, &vd, gemm)?;
+    let p = prec.softmax(&prec.product(&qd, &kd.t()?)?, scale, t_q, offset)?;
+    let out = prec.product(&p, &vd)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -81,20 +133,20 @@ pub fn causal_attention_within(
             scale,
             t_q,
             offset,
-            gemm,
+            prec,
             value: PrecomputedValue::new(out),
         },
     )
 }
 
 struct AttentionNode {
-    /// Probabilities [.., R, T_k] (zero where masked).
+    /// Probabilities [.., R, T_k] (zero where masked; bf16 in bf16 mode).
     p: Tensor,
     scale: f64,
     /// The softmax's row layout (see [`fused::causal_softmax`]).
     t_q: usize,
     offset: usize,
-    gemm: GemmMode,
+    prec: Precision,
     value: PrecomputedValue,
 }
 
@@ -137,13 +189,13 @@ impl CustomOp3 for AttentionNode {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.contiguous()?);
-        let gemm = self.gemm;
-        let dp = matmul(&g, &v.t()?, gemm)?;
-        // dS = scale * P (dP - rowsum(dP * P)), zero where masked.
+        let prec = self.prec;
+        let dp = prec.product(&g, &v.t()?)?;
+        // dS = scale * P (dP - rowsum(dP * P)), zero where masked (in P's dtype).
         let ds = fused::causal_softmax_grad(&self.p, &dp, self.scale, self.t_q, self.offset)?;
-        let dq = matmul(&ds, &k, gemm)?;
-        let dk = matmul(&ds.t()?, &q, gemm)?;
-        let dv = matmul(&self.p.t()?, &g, gemm)?;
+        let dq = prec.product(&ds, &k)?;
+        let dk = prec.product(&ds.t()?, &q)?;
+        let dv = prec.product(&self.p.t()?, &g)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -187,12 +239,12 @@ impl Chunks {
         k: &Tensor,
         (r0, n, j0): (usize, usize, usize),
         scale: f64,
-        gemm: GemmMode,
+        prec: Precision,
     ) -> Result<(Tensor, Tensor)> {
         let qc = q.narrow(D::Minus2, r0, n)?.contiguous()?;
-        let scores = matmul(&qc, &k.t()?, gemm)?;
+        let scores = prec.product(&qc, &k.t()?)?;
         let (t_q, offset) = self.softmax_rows((r0, n, j0));
-        let p = fused::causal_softmax(&scores, scale, t_q, offset)?;
+        let p = prec.softmax(&scores, scale, t_q, offset)?;
         Ok((qc, p))
     }
 
@@ -208,12 +260,12 @@ impl Chunks {
         k: &Tensor,
         v: &Tensor,
         scale: f64,
-        g: GemmMode,
+        prec: Precision,
     ) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(self.spans.len());
         for &span in &self.spans {
-            let (_, p) = self.probs(q, k, span, scale, g)?;
-            outs.push(matmul(&p, v, g)?);
+            let (_, p) = self.probs(q, k, span, scale, prec)?;
+            outs.push(prec.product(&p, v)?);
         }
         Tensor::cat(&outs, q.rank() - 2)
     }
@@ -222,7 +274,7 @@ impl Chunks {
 struct ChunkedNode {
     plan: Chunks,
     scale: f64,
-    gemm: GemmMode,
+    prec: Precision,
     value: PrecomputedValue,
 }
 
@@ -265,7 +317,7 @@ impl CustomOp3 for ChunkedNode {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (gemm, vt) = (self.gemm, v.t()?);
+        let (prec, vt) = (self.prec, v.t()?);
         let mut dq = Vec::with_capacity(self.plan.spans.len());
         let (mut dk, mut dv): (Option<Tensor>, Option<Tensor>) = (None, None);
         let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
@@ -275,14 +327,14 @@ impl CustomOp3 for ChunkedNode {
             }))
         };
         for &span in &self.plan.spans {
-            let (qc, p) = self.plan.probs(&q, &k, span, self.scale, gemm)?;
+            let (qc, p) = self.plan.probs(&q, &k, span, self.scale, prec)?;
             let gc = g.narrow(D::Minus2, span.0, span.1)?.contiguous()?;
-            let dp = matmul(&gc, &vt, gemm)?;
+            let dp = prec.product(&gc, &vt)?;
             let (t_q, offset) = self.plan.softmax_rows(span);
             let ds = fused::causal_softmax_grad(&p, &dp, self.scale, t_q, offset)?;
-            dq.push(matmul(&ds, &k, gemm)?);
-            dk = add(dk, matmul(&ds.t()?, &qc, gemm)?)?;
-            dv = add(dv, matmul(&p.t()?, &gc, gemm)?)?;
+            dq.push(prec.product(&ds, &k)?);
+            dk = add(dk, prec.product(&ds.t()?, &qc)?)?;
+            dv = add(dv, prec.product(&p.t()?, &gc)?)?;
         }
         let dq = Tensor::cat(&dq, q.rank() - 2)?;
         Ok((Some(dq), dk, dv))

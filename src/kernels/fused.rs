@@ -7,9 +7,11 @@
 //! shapes that is most of the memory. Each op here keeps only its inputs and returns gradients
 //! only for the inputs that need them. Every backward is tested against finite differences and
 //! against the composite forms (tests/fused_ops.rs).
+use super::gemm::round_bf16;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
+use half::bf16;
 use num_traits::Float;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -242,7 +244,7 @@ fn out<T: Fl>(v: Vec<T>, l: &Layout) -> (CpuStorage, Shape) {
 ///
 /// # Safety
 /// `fill` writes every element of each chunk it is given.
-unsafe fn par_out<T: Fl>(
+unsafe fn par_out<T: Send>(
     len: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync + Send,
@@ -540,6 +542,8 @@ struct CausalSoftmax {
     scale: f64,
     t_q: usize,
     offset: usize,
+    /// Computed in f32 from f32 scores, written rounded to bf16 ([`causal_softmax_bf16`]).
+    bf16_out: bool,
 }
 struct CausalSoftmaxBwd {
     scale: f64,
@@ -600,12 +604,67 @@ fn csm_fwd<T: Fl>(
     Ok(out(p, sl))
 }
 
+/// [`csm_fwd`] for f32 scores with the probabilities rounded to bf16: each row's exponentials
+/// go to an f32 row buffer, and the normalized values are rounded as they are written.
+fn csm_fwd_bf16(
+    scale: f64,
+    t_q: usize,
+    offset: usize,
+    ss: &CpuStorage,
+    sl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let s = contig::<f32>(ss, sl)?;
+    let t = last_dim(sl);
+    let scale = scale as f32;
+    let fill = |row: usize, p: &mut [MaybeUninit<bf16>]| {
+        let s = &s[row * t..(row + 1) * t];
+        F32_ROW.with(|e| {
+            let mut e = e.borrow_mut();
+            e.resize(t, 0.0);
+            wide(
+                #[inline(always)]
+                || {
+                    let n = causal_len(row, t_q, offset, t);
+                    let m = if scale > 0.0 {
+                        lane_max(&s[..n]) * scale
+                    } else {
+                        s[..n]
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale))
+                    };
+                    for (e, &s) in e[..n].iter_mut().zip(&s[..n]) {
+                        *e = exp_f32(s * scale - m);
+                    }
+                    let inv = 1.0 / lane_sum(&e[..n], &e[..n], 0.0f32, |x, _| x);
+                    for (p, &e) in p[..n].iter_mut().zip(&e[..n]) {
+                        p.write(round_bf16(e * inv));
+                    }
+                    for p in &mut p[n..] {
+                        p.write(bf16::ZERO);
+                    }
+                },
+            )
+        })
+    };
+    // SAFETY: rows of t, each written whole.
+    let p = unsafe { par_out(s.len(), t, fill) };
+    Ok((CpuStorage::BF16(p), sl.shape().clone()))
+}
+
+thread_local! {
+    /// One row of f32 values for the bf16-output softmax and its gradient.
+    static F32_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "fused-causal-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _p = crate::util::profile::phase(self.name());
+        if self.bf16_out {
+            return csm_fwd_bf16(self.scale, self.t_q, self.offset, s, l);
+        }
         by_dtype!(s, csm_fwd, self.scale, self.t_q, self.offset, s, l)
     }
     #[cfg(feature = "cuda")]
@@ -627,6 +686,47 @@ impl CustomOp1 for CausalSoftmax {
             },
         )?))
     }
+}
+
+/// [`csm_bwd`] for probabilities rounded to bf16 (and f32 `dp`): computed in f32 from the
+/// rounded probabilities, the gradient rounded to bf16 as it is written (the operand of the
+/// next two products).
+fn csm_bwd_bf16(
+    op: &CausalSoftmaxBwd,
+    ps: &CpuStorage,
+    pl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (p, g) = (contig::<bf16>(ps, pl)?, contig::<f32>(gs, gl)?);
+    let t = last_dim(pl);
+    let scale = op.scale as f32;
+    let fill = |row: usize, ds: &mut [MaybeUninit<bf16>]| {
+        let (p, g) = (&p[row * t..(row + 1) * t], &g[row * t..(row + 1) * t]);
+        F32_ROW.with(|w| {
+            let mut w = w.borrow_mut();
+            w.resize(t, 0.0);
+            wide(
+                #[inline(always)]
+                || {
+                    let n = causal_len(row, op.t_q, op.offset, t);
+                    for (w, &p) in w[..n].iter_mut().zip(&p[..n]) {
+                        *w = p.to_f32();
+                    }
+                    let dot = lane_sum(&w[..n], &g[..n], 0.0f32, |p, g| p * g);
+                    for (ds, (&p, &g)) in ds[..n].iter_mut().zip(w[..n].iter().zip(g)) {
+                        ds.write(round_bf16(scale * p * (g - dot)));
+                    }
+                    for ds in &mut ds[n..] {
+                        ds.write(bf16::ZERO);
+                    }
+                },
+            )
+        })
+    };
+    // SAFETY: rows of t, each written whole.
+    let ds = unsafe { par_out(p.len(), t, fill) };
+    Ok((CpuStorage::BF16(ds), pl.shape().clone()))
 }
 
 // ds = scale * p (g - sum_j g_j p_j); masked entries have p = 0, so ds = 0 there and the sum
@@ -674,6 +774,9 @@ impl CustomOp2 for CausalSoftmaxBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let _p = crate::util::profile::phase(self.name());
+        if let CpuStorage::BF16(_) = s1 {
+            return csm_bwd_bf16(self, s1, l1, s2, l2);
+        }
         by_dtype!(s1, csm_bwd, self, s1, l1, s2, l2)
     }
     #[cfg(feature = "cuda")]
@@ -693,9 +796,36 @@ impl CustomOp2 for CausalSoftmaxBwd {
 /// over keys at positions 0.. (`offset` > 0: the first keys are a cached prompt; see
 /// [`CausalSoftmax`] for the row layout).
 pub fn causal_softmax(scores: &Tensor, scale: f64, t_q: usize, offset: usize) -> Result<Tensor> {
-    scores
-        .contiguous()?
-        .apply_op1(CausalSoftmax { scale, t_q, offset })
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        scale,
+        t_q,
+        offset,
+        bf16_out: false,
+    })
+}
+
+/// [`causal_softmax`] of f32 scores on the CPU, computed in f32 and returned rounded to bf16 (no
+/// graph: bf16-mode attention keeps these as its products' operand and computes its own
+/// backward with [`causal_softmax_grad`], which then returns bf16 too).
+pub fn causal_softmax_bf16(
+    scores: &Tensor,
+    scale: f64,
+    t_q: usize,
+    offset: usize,
+) -> Result<Tensor> {
+    if !scores.device().is_cpu() || scores.dtype() != DType::F32 {
+        candle_core::bail!(
+            "causal_softmax_bf16: f32 scores on the CPU expected, got {:?} on {:?}",
+            scores.dtype(),
+            scores.device()
+        );
+    }
+    scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax {
+        scale,
+        t_q,
+        offset,
+        bf16_out: true,
+    })
 }
 
 /// The gradient of the pre-scale scores from the probabilities `p` of

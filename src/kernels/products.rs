@@ -83,6 +83,8 @@ thread_local! {
     /// The rounded activation of the last bf16 product on this thread, kept for the next one:
     /// a fresh buffer per product would be zeroed (or page-faulted in) every time.
     static SCRATCH: std::cell::Cell<Vec<bf16>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The second operand's, for products of two activations in bf16.
+    static SCRATCH_B: std::cell::Cell<Vec<bf16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A buffer of at least `len` elements (contents arbitrary); give it back with [`put_scratch`].
@@ -500,12 +502,62 @@ fn matrix_layout(l: &Layout) -> Layout {
     )
 }
 
+/// One operand of a product of two activations: f32, or already bf16 (a bf16-mode attention's
+/// probabilities and their gradients, rounded where they were computed).
+#[derive(Clone, Copy)]
+enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Operand<'a> {
+    fn of(s: &'a CpuStorage) -> Option<Self> {
+        match s {
+            CpuStorage::F32(v) => Some(Self::F32(v)),
+            CpuStorage::BF16(v) => Some(Self::Bf16(v)),
+            _ => None,
+        }
+    }
+
+    fn get(self, r: std::ops::Range<usize>) -> Option<Self> {
+        Some(match self {
+            Self::F32(v) => Self::F32(v.get(r)?),
+            Self::Bf16(v) => Self::Bf16(v.get(r)?),
+        })
+    }
+
+    /// The stored rows x cols block (leading dim `ld`) as a bf16 operand: in place, or rounded
+    /// densely into `buf`.
+    fn as_bf16<'b>(
+        self,
+        buf: &'b mut Vec<bf16>,
+        (rows, cols, ld): (usize, usize, usize),
+        trans: bool,
+    ) -> Option<MatRef<'b, bf16>>
+    where
+        'a: 'b,
+    {
+        match self {
+            Self::Bf16(data) => Some(MatRef { data, trans, ld }),
+            Self::F32(data) => {
+                buf.resize(buf.len().max(rows * cols), bf16::ZERO);
+                round_dense(data, rows, cols, ld, buf)?;
+                Some(MatRef {
+                    data: &buf[..rows * cols],
+                    trans,
+                    ld: cols.max(1),
+                })
+            }
+        }
+    }
+}
+
 impl FastMatmul {
     fn fast(
         &self,
-        a: &[f32],
+        a: Operand<'_>,
         la: &Layout,
-        b: &[f32],
+        b: Operand<'_>,
         lb: &Layout,
         (bn, m, n, k): (usize, usize, usize, usize),
     ) -> Result<Option<Vec<f32>>> {
@@ -519,8 +571,9 @@ impl FastMatmul {
         }
         // Written by the products without a zero-fill first; its length is set once all are.
         let mut out: Vec<f32> = Vec::with_capacity(bn * m * n);
-        let mut a16 = Vec::new();
-        let mut b16 = Vec::new();
+        // Rounding buffers kept per thread (a fresh one was zero-filled at every product).
+        let mut a16 = take_scratch(0);
+        let mut b16 = SCRATCH_B.with(|s| s.take());
         let chunks = out.spare_capacity_mut()[..bn * m * n].chunks_mut(m * n);
         for ((&oa, &ob), c) in oa.iter().zip(&ob).zip(chunks) {
             let (ra, ca) = if ta { (k, m) } else { (m, k) };
@@ -537,9 +590,9 @@ impl FastMatmul {
             let (Some(sa), Some(sb)) = (sa, sb) else {
                 return Ok(None);
             };
-            match self.mode {
-                GemmMode::Candle => return Ok(None),
-                GemmMode::F32 => {
+            match (self.mode, sa, sb) {
+                (GemmMode::Candle, _, _) => return Ok(None),
+                (GemmMode::F32, Operand::F32(sa), Operand::F32(sb)) => {
                     let pa = MatRef {
                         data: sa,
                         trans: ta,
@@ -552,29 +605,22 @@ impl FastMatmul {
                     };
                     gemm::sgemm_uninit(m, n, k, pa, pb, c)?;
                 }
-                GemmMode::Bf16 => {
-                    // Rounded densely (leading dim = stored cols), orientation kept.
-                    a16.resize(a16.len().max(ra * ca), bf16::ZERO);
-                    b16.resize(b16.len().max(rb * cb), bf16::ZERO);
-                    if round_dense(sa, ra, ca, lda, &mut a16).is_none()
-                        || round_dense(sb, rb, cb, ldb, &mut b16).is_none()
-                    {
+                (GemmMode::F32, _, _) => return Ok(None),
+                (GemmMode::Bf16, sa, sb) => {
+                    // An f32 operand is rounded densely (leading dim = stored cols), orientation
+                    // kept; a bf16 one is read in place.
+                    let (Some(pa), Some(pb)) = (
+                        sa.as_bf16(&mut a16, (ra, ca, lda), ta),
+                        sb.as_bf16(&mut b16, (rb, cb, ldb), tb),
+                    ) else {
                         return Ok(None);
-                    }
-                    let pa = MatRef {
-                        data: &a16[..ra * ca],
-                        trans: ta,
-                        ld: ca.max(1),
-                    };
-                    let pb = MatRef {
-                        data: &b16[..rb * cb],
-                        trans: tb,
-                        ld: cb.max(1),
                     };
                     gemm::gemm_bf16_uninit(m, n, k, pa, pb, c)?;
                 }
             }
         }
+        put_scratch(a16);
+        SCRATCH_B.with(|s| s.set(b16));
         // SAFETY: each of the bn chunks of m * n values was written by its product.
         unsafe { out.set_len(bn * m * n) };
         Ok(Some(out))
@@ -607,10 +653,18 @@ impl CustomOp2 for FastMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (shape, bmnk) = matmul_dims(l1, l2)?;
-        if let (Some(a), Some(b)) = (f32_slice(s1), f32_slice(s2)) {
+        if let (Some(a), Some(b)) = (Operand::of(s1), Operand::of(s2)) {
             if let Some(out) = self.fast(a, l1, b, l2, bmnk)? {
                 return Ok((CpuStorage::F32(out), shape));
             }
+        }
+        if s1.dtype() != s2.dtype() {
+            candle_core::bail!(
+                "matmul: {:?} @ {:?} has no {} path",
+                s1.dtype(),
+                s2.dtype(),
+                self.mode.as_str()
+            );
         }
         let (bn, m, n, k) = bmnk;
         let out = profile::gemm(bn * m, n, k, || s1.matmul(s2, bmnk, l1, l2))?;
@@ -646,10 +700,11 @@ impl CustomOp2 for FastMatmul {
 
 /// `a @ b` like candle's `matmul` (same leading batch dims, both gradients), with the fast
 /// library's f32 GEMM whenever `gemm_mode` is not `Candle`. bf16 is not used here even in `Bf16` mode:
-/// both operands would have to be rounded at every call, and at attention and LoRA shapes that
-/// costs about what it saves (benches/gemm.rs: attention 1.2-1.3x over f32, P @ v and LoRA
-/// slower than f32). Falls back to candle's matmul when the library is unavailable, the device is
-/// not a CPU or the dtype not f32.
+/// both operands would have to be rounded at every call, and at LoRA's and short sequences'
+/// attention shapes that costs about what it saves (benches/gemm.rs: P @ v and LoRA slower than
+/// f32); long sequences' attention takes [`matmul_with`] in bf16, its probabilities already
+/// rounded where they are computed (`super::attention`). Falls back to candle's matmul when the
+/// library is unavailable, the device is not a CPU or the dtype not f32.
 pub fn matmul(a: &Tensor, b: &Tensor, gemm_mode: GemmMode) -> Result<Tensor> {
     let mode = match gemm_mode {
         GemmMode::Candle => GemmMode::Candle,
@@ -661,7 +716,11 @@ pub fn matmul(a: &Tensor, b: &Tensor, gemm_mode: GemmMode) -> Result<Tensor> {
 /// [`matmul`] with the products in exactly `mode` (bf16 operands too, for benchmarks and
 /// tests); candle's matmul when the mode is unavailable.
 pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
-    let usable = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    // bf16 operands (taken as they are) only in bf16 mode.
+    let dtype_ok = |t: &Tensor| {
+        t.dtype() == DType::F32 || (t.dtype() == DType::BF16 && mode == GemmMode::Bf16)
+    };
+    let usable = a.device().is_cpu() && dtype_ok(a) && dtype_ok(b);
     let mode = if usable {
         gemm::effective_mode(mode)
     } else {

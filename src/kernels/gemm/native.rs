@@ -498,6 +498,9 @@ mod amx {
     const NC: usize = 8 * MB;
     /// Packed B sizes above which tasks are ordered by B columns (see `gemm_packed`).
     const B_OUTER_BYTES: usize = 16 << 20;
+    /// Values per packing task at least: the attention products of short sequences pack
+    /// operands of a few thousand values, where a task per row cost more than the packing.
+    const PACK_TASK: usize = 1 << 14;
 
     /// CPU support (CPUID.7.0: EDX bit 22 AMX-BF16, bit 24 AMX-TILE) and the kernel's grant of
     /// the tile data state to this process (Linux 5.16+). `KTO_TRAIN_NO_AMX=1` turns it off.
@@ -556,8 +559,39 @@ mod amx {
         // Every value is written below (the rows, their k padding, the padding rows), so the
         // buffer is not zero-filled first.
         let mut out: Vec<bf16> = Vec::with_capacity(mp * kp);
+        if cs != 1 && rs == 1 {
+            // Stored transposed (a gradient's transpose in the attention backward, say): row i
+            // is a column of the storage, and gathering it one value per cache line cost more
+            // than the product at long k. A block of MB rows is read MB values of one stored
+            // row at a time, contiguous, and spread into the block's rows.
+            out.spare_capacity_mut()[..mp * kp]
+                .par_chunks_mut(MB * kp)
+                .enumerate()
+                .for_each(|(blk, rows)| {
+                    let i0 = blk * MB;
+                    let used = MB.min(m.saturating_sub(i0));
+                    for l in 0..k {
+                        let src = &a.data[l * cs + i0..l * cs + i0 + used];
+                        for (r, x) in src.iter().enumerate() {
+                            rows[r * kp + l].write(*x);
+                        }
+                    }
+                    for r in 0..MB {
+                        let row = &mut rows[r * kp..(r + 1) * kp];
+                        if r < used {
+                            row[k..].fill(zero);
+                        } else {
+                            row.fill(zero);
+                        }
+                    }
+                });
+            // SAFETY: all mp * kp values were written above (mp is a multiple of MB).
+            unsafe { out.set_len(mp * kp) };
+            return out;
+        }
         out.spare_capacity_mut()[..mp * kp]
             .par_chunks_mut(kp)
+            .with_min_len(PACK_TASK.div_ceil(kp))
             .enumerate()
             .for_each(|(i, row)| {
                 if i >= m {
@@ -590,8 +624,30 @@ mod amx {
         let pairs = kp / 2;
         let mut out = vec![0u32; np * pairs];
         out.par_chunks_mut(pairs * 16)
+            .with_min_len(PACK_TASK.div_ceil(pairs * 16))
             .enumerate()
             .for_each(|(panel, chunk)| {
+                let j0 = panel * 16;
+                let cols = 16.min(n.saturating_sub(j0));
+                if cols == 0 {
+                    return; // a padding panel: zeros
+                }
+                if cs == 1 {
+                    // Rows along memory (an activation, not a stored transpose): walking down
+                    // a column touched one cache line per value; two rows' 16 values at a time
+                    // read each line once.
+                    for p in 0..pairs {
+                        let row = |kk: usize| (kk < k).then(|| &b.data[kk * rs + j0..][..cols]);
+                        let (r0, r1) = (row(2 * p), row(2 * p + 1));
+                        let dst = &mut chunk[p * 16..p * 16 + cols];
+                        for (jj, d) in dst.iter_mut().enumerate() {
+                            let lo = r0.map_or(0, |r| r[jj].to_bits() as u32);
+                            let hi = r1.map_or(0, |r| r[jj].to_bits() as u32);
+                            *d = lo | (hi << 16);
+                        }
+                    }
+                    return;
+                }
                 for jj in 0..16 {
                     let j = panel * 16 + jj;
                     if j >= n {
