@@ -170,3 +170,67 @@ fn packed_model_equals_tensor_model() {
         assert_eq!(bits(a), bits(b));
     }
 }
+
+/// `KTO_TRAIN_PACK_INPUT_GRAD_MB`: the projections whose input-gradient form fits the budget,
+/// in order, hold it; the others move it out of the forward's form at each backward. A step is
+/// bit for bit the same either way.
+#[test]
+fn input_gradient_forms_kept_within_their_budget() {
+    if !tile_kernel_here() {
+        return;
+    }
+    let model = common::with_kernels(&common::tiny_with_peft(DType::F32), |k| {
+        k.gemm = GemmMode::Bf16
+    });
+    let sizes: Vec<usize> = model
+        .layers()
+        .iter()
+        .flat_map(|b| b.projections())
+        .map(|(_, lin)| lin.weight.dims2().0 * lin.weight.dims2().1 * 2)
+        .collect();
+    // The first three fit; the fourth is one byte over.
+    let budget = sizes[..3].iter().sum::<usize>() + sizes[3] - 1;
+    let partial = model
+        .clone()
+        .with_unpacked_projections()
+        .unwrap()
+        .with_packed_projections(budget)
+        .unwrap();
+    let held: Vec<bool> = partial
+        .layers()
+        .iter()
+        .flat_map(|b| b.projections())
+        .map(|(_, lin)| lin.weight.holds_input_grad_form())
+        .collect();
+    let mut want = vec![false; sizes.len()];
+    let mut left = budget;
+    for (w, &b) in want.iter_mut().zip(&sizes) {
+        if b <= left {
+            *w = true;
+            left -= b;
+        }
+    }
+    assert_eq!(&want[..3], [true; 3]);
+    assert!(!want[3], "the fourth is over the budget");
+    assert_eq!(held, want);
+    let all = model
+        .clone()
+        .with_unpacked_projections()
+        .unwrap()
+        .with_packed_projections(usize::MAX)
+        .unwrap();
+    assert!(all
+        .layers()
+        .iter()
+        .flat_map(|b| b.projections())
+        .all(|(_, lin)| lin.weight.holds_input_grad_form()));
+    let step = |m: &Llama| {
+        let (loss, grads) = common::dropout_step(m, "loss_type = \"enhanced_kto\"\nbeta = 0.1");
+        (loss, grads.into_vec())
+    };
+    let ((l1, g1), (l2, g2)) = (step(&partial), step(&all));
+    assert_eq!(l1.to_bits(), l2.to_bits(), "loss {l1} vs {l2}");
+    for (a, b) in g1.iter().zip(&g2) {
+        assert_eq!(bits(a), bits(b));
+    }
+}

@@ -4,11 +4,13 @@
 //! The tile kernel reads frozen weights packed (`gemm::PackedB`), once per orientation: W^T for
 //! the forward x W^T and W for the input gradient g W. Next to the bf16 tensor that made three
 //! copies of every weight. Packing only moves values, so the packed forward form holds the
-//! weight exactly: the tensor is dropped, and the input gradient's form is either kept too (the
-//! default) or moved out of the forward's at each backward (`KTO_TRAIN_PACK_INPUT_GRAD=0`, one
-//! copy in all). At SmolLM2-360M's shapes and 2 x 512 tokens that took benches/step's peak_rss_mb
-//! from 3258 to 2672, and to 1975 with one copy (README, "Speed"). Any other path (candle's GEMM,
-//! f32 products, another device) gets the tensor back, unpacked, at each call: correct, not fast.
+//! weight exactly: the tensor is dropped, and the input gradient's form is either kept too or
+//! moved out of the forward's at each backward (one copy in all): kept for the projections
+//! within `KTO_TRAIN_PACK_INPUT_GRAD_MB` (default 256; `gemm::input_grad_pack_budget`), moved
+//! for the rest. At SmolLM2-360M's shapes and 2 x 512 tokens holding both forms took
+//! benches/step's peak_rss_mb from 3258 to 2672, and to 1975 with one copy (README, "Speed").
+//! Any other path (candle's GEMM, f32 products, another device) gets the tensor back, unpacked,
+//! at each call: correct, not fast.
 use super::gemm::{self, GemmMode, PackedB};
 use super::products::{self, packed_product};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -67,6 +69,12 @@ impl FrozenWeight {
         }
     }
 
+    /// Whether the weight is held packed with its input gradient's form (not moved out of the
+    /// forward's at each backward).
+    pub fn holds_input_grad_form(&self) -> bool {
+        matches!(self, FrozenWeight::Packed(p) if p.input_grad.is_some())
+    }
+
     /// The weight as a tensor (bf16, unpacked, when held packed).
     pub fn tensor(&self) -> Result<Tensor> {
         match self {
@@ -91,13 +99,8 @@ impl FrozenWeight {
     }
 
     /// The weight held only packed, where bf16 products run on the tile kernel here (else
-    /// unchanged). Its values are rounded to bf16 as every bf16 product rounds them. The input
-    /// gradient's orientation is packed too unless `KTO_TRAIN_PACK_INPUT_GRAD=0`.
-    pub fn packed(self) -> Result<FrozenWeight> {
-        self.packed_with(gemm::packs_input_grad())
-    }
-
-    /// [`FrozenWeight::packed`], keeping the input gradient's orientation packed or not.
+    /// unchanged), with the input gradient's orientation packed too or not. Its values are
+    /// rounded to bf16 as every bf16 product rounds them.
     pub fn packed_with(self, input_grad: bool) -> Result<FrozenWeight> {
         let FrozenWeight::Dense(t) = &self else {
             return Ok(self);

@@ -429,9 +429,22 @@ impl Llama {
         if frozen != DType::BF16 || self.dtype != DType::F32 {
             return self.with_unpacked_projections();
         }
+        self.with_packed_projections(crate::kernels::gemm::input_grad_pack_budget())
+    }
+
+    /// Every projection's weight held only packed where the tile kernel reads packed operands
+    /// (else unchanged), the input gradient's form too for projections in order while their
+    /// bf16 bytes fit `input_grad_bytes`.
+    pub fn with_packed_projections(mut self, input_grad_bytes: usize) -> Result<Self> {
+        let mut budget = input_grad_bytes;
         for layer in &mut self.layers {
             for lin in layer.projections_mut() {
-                lin.weight = lin.weight.clone().packed()?;
+                let (out, inp) = lin.weight.dims2();
+                let keep = out * inp * 2 <= budget;
+                if keep {
+                    budget -= out * inp * 2;
+                }
+                lin.weight = lin.weight.clone().packed_with(keep)?;
             }
         }
         Ok(self)
