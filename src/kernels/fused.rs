@@ -1,5 +1,6 @@
-//! Fused ops with hand-written backward passes: CPU (f32 and f64) here, CUDA (f32 and bf16
-//! storage) in [`super::cuda`] with the same contracts.
+//! Fused ops with hand-written backward passes: CPU (f32 and f64; the causal softmax and its
+//! gradient also f32 in, bf16 out, for bf16-mode attention) here, CUDA (f32 and bf16 storage) in
+//! [`super::cuda`] with the same contracts.
 //!
 //! Why: candle's composite forms keep every intermediate alive for backprop, and its backward
 //! allocates a full-size gradient for every constant operand of a binary op (rope tables, masks,
