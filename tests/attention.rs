@@ -25,6 +25,33 @@ fn rand(dims: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
 
+/// The node's output and the gradients of q, k, v for the output gradient `g`.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    [q, k, v]: [&Var; 3],
+    g: &Tensor,
+    scale: f64,
+    t_q: usize,
+    offset: usize,
+    mode: GemmMode,
+    budget: usize,
+) -> [Tensor; 4] {
+    let out = causal_attention_within(
+        q.as_tensor(),
+        k.as_tensor(),
+        v.as_tensor(),
+        scale,
+        t_q,
+        offset,
+        mode,
+        budget,
+    )
+    .unwrap();
+    let grads = (&out * g).unwrap().sum_all().unwrap().backward().unwrap();
+    let grad = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
+    [out, grad(q), grad(k), grad(v)]
+}
+
 /// softmax(scale q k^T + causal mask) v in f64, row r of a head block at position offset + r % t_q.
 fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, t_q: usize, offset: usize) -> Tensor {
     let (q, k, v) = (
@@ -60,22 +87,7 @@ fn chunked_attention_matches_whole_matrix() {
         let v = Var::from_tensor(&rand(&[lead0, kvh, t_k, d], 3)).unwrap();
         let g = rand(&[lead0, kvh, n_rep * t_q, d], 4);
         let scale = 1.0 / (d as f64).sqrt();
-        let run = |budget: usize| {
-            let out = causal_attention_within(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                scale,
-                t_q,
-                offset,
-                GemmMode::F32,
-                budget,
-            )
-            .unwrap();
-            let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let grad = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
-            (out, grad(&q), grad(&k), grad(&v))
-        };
+        let run = |budget| run([&q, &k, &v], &g, scale, t_q, offset, GemmMode::F32, budget);
         let whole = run(usize::MAX);
         // Budget 0: chunks of 16 rows, which split each head's 40 (or 37) rows 16 + 16 + rest.
         let chunked = run(0);
@@ -87,12 +99,15 @@ fn chunked_attention_matches_whole_matrix() {
             t_q,
             offset,
         );
-        assert!(max_abs_diff(&whole.0, &want) < 1e-5, "whole forward vs f64");
+        assert!(
+            max_abs_diff(&whole[0], &want) < 1e-5,
+            "whole forward vs f64"
+        );
         for (what, a, b) in [
-            ("forward", &chunked.0, &whole.0),
-            ("dq", &chunked.1, &whole.1),
-            ("dk", &chunked.2, &whole.2),
-            ("dv", &chunked.3, &whole.3),
+            ("forward", &chunked[0], &whole[0]),
+            ("dq", &chunked[1], &whole[1]),
+            ("dk", &chunked[2], &whole[2]),
+            ("dv", &chunked[3], &whole[3]),
         ] {
             let e = max_abs_diff(a, b);
             assert!(
@@ -188,22 +203,7 @@ fn bf16_attention_rounds_like_its_f64_model() {
         );
         let g = rand(&dims_q, 14);
         let scale = 1.0 / (d as f64).sqrt();
-        let run = |budget: usize| {
-            let out = causal_attention_within(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                scale,
-                t_q,
-                offset,
-                GemmMode::Bf16,
-                budget,
-            )
-            .unwrap();
-            let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let grad = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
-            [out, grad(&q), grad(&k), grad(&v)]
-        };
+        let run = |budget| run([&q, &k, &v], &g, scale, t_q, offset, GemmMode::Bf16, budget);
         let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
         let (qv, kv, vv, gv) = (flat(&q), flat(&k), flat(&v), flat(&g));
         let shape = (lead0 * kvh, n_rep * t_q, t_k, d);

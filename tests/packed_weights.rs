@@ -32,6 +32,12 @@ fn bits(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// One Enhanced KTO step with dropout: the loss and the LoRA gradients.
+fn kto_step(m: &Llama) -> (f64, Vec<Tensor>) {
+    let (loss, grads) = common::dropout_step(m, "loss_type = \"enhanced_kto\"\nbeta = 0.1");
+    (loss, grads.into_vec())
+}
+
 /// [out, in] shapes: multiples of the 32 x 32 blocks and odd ones (padding in both packed
 /// dimensions).
 const SHAPES: [(usize, usize); 4] = [(64, 96), (37, 50), (160, 33), (17, 128)];
@@ -158,12 +164,8 @@ fn packed_model_equals_tensor_model() {
         .iter()
         .flat_map(|b| b.projections())
         .all(|(_, lin)| matches!(lin.weight, FrozenWeight::Dense(_))));
-    let step = |m: &Llama| {
-        let (loss, grads) = common::dropout_step(m, "loss_type = \"enhanced_kto\"\nbeta = 0.1");
-        (loss, grads.into_vec())
-    };
-    let (l1, g1) = step(&model);
-    let (l2, g2) = step(&dense);
+    let (l1, g1) = kto_step(&model);
+    let (l2, g2) = kto_step(&dense);
     assert_eq!(l1.to_bits(), l2.to_bits(), "loss {l1} vs {l2}");
     assert_eq!(g1.len(), g2.len());
     for (a, b) in g1.iter().zip(&g2) {
@@ -224,11 +226,7 @@ fn input_gradient_forms_kept_within_their_budget() {
         .iter()
         .flat_map(|b| b.projections())
         .all(|(_, lin)| lin.weight.holds_input_grad_form()));
-    let step = |m: &Llama| {
-        let (loss, grads) = common::dropout_step(m, "loss_type = \"enhanced_kto\"\nbeta = 0.1");
-        (loss, grads.into_vec())
-    };
-    let ((l1, g1), (l2, g2)) = (step(&partial), step(&all));
+    let ((l1, g1), (l2, g2)) = (kto_step(&partial), kto_step(&all));
     assert_eq!(l1.to_bits(), l2.to_bits(), "loss {l1} vs {l2}");
     for (a, b) in g1.iter().zip(&g2) {
         assert_eq!(bits(a), bits(b));

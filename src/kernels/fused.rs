@@ -559,6 +559,31 @@ fn causal_len(row: usize, t_q: usize, offset: usize, t: usize) -> usize {
     (offset + row % t_q.max(1) + 1).min(t)
 }
 
+/// The causal softmax of one row: its first `n` scores `s` (times `scale`) normalized into
+/// `p[..n]`, returned as written (the caller writes `p[n..]`).
+#[inline(always)]
+fn softmax_row<'a, T: Fl>(s: &[T], p: &'a mut [MaybeUninit<T>], n: usize, scale: T) -> &'a mut [T] {
+    // max(s) * scale = max(s * scale) for a positive scale (rounding is monotone).
+    let m = if scale > T::zero() {
+        lane_max(&s[..n]) * scale
+    } else {
+        s[..n]
+            .iter()
+            .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale))
+    };
+    // Exponentials in one loop (it vectorizes), then the sum.
+    for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
+        p.write((s * scale - m).fast_exp());
+    }
+    // SAFETY: the row's n exponentials were just written.
+    let p = unsafe { written(&mut p[..n]) };
+    let inv = T::one() / lane_sum(p, p, T::zero(), |e, _| e);
+    for v in p.iter_mut() {
+        *v *= inv;
+    }
+    p
+}
+
 fn csm_fwd<T: Fl>(
     scale: f64,
     t_q: usize,
@@ -575,27 +600,9 @@ fn csm_fwd<T: Fl>(
             #[inline(always)]
             || {
                 let n = causal_len(row, t_q, offset, t);
-                // max(s) * scale = max(s * scale) for a positive scale (rounding is monotone).
-                let m = if scale > T::zero() {
-                    lane_max(&s[..n]) * scale
-                } else {
-                    s[..n]
-                        .iter()
-                        .fold(T::neg_infinity(), |m, &v| Float::max(m, v * scale))
-                };
-                // Exponentials in one loop (it vectorizes), then the sum.
-                for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
-                    p.write((s * scale - m).fast_exp());
-                }
+                softmax_row(s, p, n, scale);
                 for p in &mut p[n..] {
                     p.write(T::zero());
-                }
-                // SAFETY: the row's n exponentials and t - n zeros were just written.
-                let p = unsafe { written(p) };
-                let sum = lane_sum(&p[..n], &p[..n], T::zero(), |e, _| e);
-                let inv = T::one() / sum;
-                for v in &mut p[..n] {
-                    *v *= inv;
                 }
             },
         )
@@ -605,8 +612,8 @@ fn csm_fwd<T: Fl>(
     Ok(out(p, sl))
 }
 
-/// [`csm_fwd`] for f32 scores with the probabilities rounded to bf16: each row's exponentials
-/// go to an f32 row buffer, and the normalized values are rounded as they are written.
+/// [`csm_fwd`] for f32 scores with the probabilities rounded to bf16: each row is computed in
+/// an f32 row buffer, and rounded as it is written.
 fn csm_fwd_bf16(
     scale: f64,
     t_q: usize,
@@ -621,24 +628,14 @@ fn csm_fwd_bf16(
         let s = &s[row * t..(row + 1) * t];
         F32_ROW.with(|e| {
             let mut e = e.borrow_mut();
-            e.resize(t, 0.0);
+            e.resize(t, MaybeUninit::uninit());
             wide(
                 #[inline(always)]
                 || {
                     let n = causal_len(row, t_q, offset, t);
-                    let m = if scale > 0.0 {
-                        lane_max(&s[..n]) * scale
-                    } else {
-                        s[..n]
-                            .iter()
-                            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale))
-                    };
-                    for (e, &s) in e[..n].iter_mut().zip(&s[..n]) {
-                        *e = exp_f32(s * scale - m);
-                    }
-                    let inv = 1.0 / lane_sum(&e[..n], &e[..n], 0.0f32, |x, _| x);
-                    for (p, &e) in p[..n].iter_mut().zip(&e[..n]) {
-                        p.write(round_bf16(e * inv));
+                    let probs = softmax_row(s, &mut e[..], n, scale);
+                    for (p, &v) in p[..n].iter_mut().zip(probs.iter()) {
+                        p.write(round_bf16(v));
                     }
                     for p in &mut p[n..] {
                         p.write(bf16::ZERO);
@@ -654,7 +651,8 @@ fn csm_fwd_bf16(
 
 thread_local! {
     /// One row of f32 values for the bf16-output softmax and its gradient.
-    static F32_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static F32_ROW: std::cell::RefCell<Vec<MaybeUninit<f32>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -706,16 +704,18 @@ fn csm_bwd_bf16(
         let (p, g) = (&p[row * t..(row + 1) * t], &g[row * t..(row + 1) * t]);
         F32_ROW.with(|w| {
             let mut w = w.borrow_mut();
-            w.resize(t, 0.0);
+            w.resize(t, MaybeUninit::uninit());
             wide(
                 #[inline(always)]
                 || {
                     let n = causal_len(row, op.t_q, op.offset, t);
                     for (w, &p) in w[..n].iter_mut().zip(&p[..n]) {
-                        *w = p.to_f32();
+                        w.write(p.to_f32());
                     }
-                    let dot = lane_sum(&w[..n], &g[..n], 0.0f32, |p, g| p * g);
-                    for (ds, (&p, &g)) in ds[..n].iter_mut().zip(w[..n].iter().zip(g)) {
+                    // SAFETY: the row's n values were just written.
+                    let w = unsafe { written(&mut w[..n]) };
+                    let dot = lane_sum(w, &g[..n], 0.0f32, |p, g| p * g);
+                    for (ds, (&p, &g)) in ds[..n].iter_mut().zip(w.iter().zip(g)) {
                         ds.write(round_bf16(scale * p * (g - dot)));
                     }
                     for ds in &mut ds[n..] {
