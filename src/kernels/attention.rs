@@ -31,10 +31,10 @@ static BUDGET: MibSetting = MibSetting::new("KTO_TRAIN_ATTENTION_MB", 256);
 ///
 /// "Long": R x T_k x d of one head group's product at least [`BF16_FROM`]. Measured on an AMX
 /// CPU (2 cores; the five products timed alone, batched over the key/value heads as in
-/// training): at 1536 x 512 x 64 (SmolLM2-360M, 512 tokens) the tile kernel ran q k^T, dS k
-/// and P v 1.4-1.6x faster than the f32 engine, the transposed two even; at 510 x 170 x 64
-/// (the real unit's typical sequence) every product ran 0.6-0.9x, packing and task overhead
-/// outweighing the product; at 1000 x 330 x 64 it was mixed. So the rounding applies where it
+/// training, three runs): at 1536 x 512 x 64 (SmolLM2-360M, 512 tokens) the tile kernel ran
+/// q k^T 1.2-1.5x, dS k and P v 1.4-1.7x the f32 engine's speed, the transposed two (dK, dV)
+/// 1.06-1.11x; at 510 x 170 x 64 (the real unit's typical sequence) 0.5-1.0x, packing and task
+/// overhead outweighing the product; at 1000 x 330 x 64 1.3-1.6x, but dK and dV 0.5x. So the rounding applies where it
 /// pays; below, attention is exactly the f32 computation of the other modes.
 #[derive(Debug, Clone, Copy)]
 struct Precision {

@@ -440,9 +440,10 @@ impl Llama {
         for layer in &mut self.layers {
             for lin in layer.projections_mut() {
                 let (out, inp) = lin.weight.dims2();
-                let keep = out * inp * 2 <= budget;
+                let bytes = out * inp * 2;
+                let keep = bytes <= budget;
                 if keep {
-                    budget -= out * inp * 2;
+                    budget -= bytes;
                 }
                 lin.weight = lin.weight.clone().packed_with(keep)?;
             }

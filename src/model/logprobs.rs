@@ -181,9 +181,9 @@ fn sum_after(
     logps.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()
 }
 
-/// [`sum_after`] for several sequences in one pass ([`Llama::hidden_states_packed_with_prefixes`]): the
-/// KL passes' continuations are short (a completion each), and one product over all of them
-/// runs faster than one per sequence. `after`: (sequence, prefix row, positions reused).
+/// [`sum_after`] for several sequences in one pass
+/// ([`Llama::hidden_states_packed_with_prefixes`]): the KL passes' continuations are short (a
+/// completion each), and one product over all of them runs faster than one per sequence. `after`: (sequence, prefix row, positions reused).
 fn sums_packed_after(
     model: &Llama,
     seqs: &[Sequence],
