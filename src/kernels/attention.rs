@@ -72,6 +72,12 @@ impl Precision {
     }
 }
 
+/// The probability bytes above which attention runs in query-row chunks
+/// (`KTO_TRAIN_ATTENTION_MB`).
+pub fn budget() -> usize {
+    BUDGET.bytes()
+}
+
 /// q [.., R, d] (R = query rows: query heads of one key/value head stacked, position
 /// offset + r % t_q), k and v [.., T_k, d] -> [.., R, d].
 pub fn causal_attention(
@@ -83,7 +89,7 @@ pub fn causal_attention(
     offset: usize,
     gemm: GemmMode,
 ) -> Result<Tensor> {
-    causal_attention_within(q, k, v, scale, t_q, offset, gemm, BUDGET.bytes())
+    causal_attention_within(q, k, v, scale, t_q, offset, gemm, budget())
 }
 
 /// [`causal_attention`] with an explicit probability budget in bytes (0: always chunked).
@@ -98,30 +104,8 @@ pub fn causal_attention_within(
     gemm: GemmMode,
     budget: usize,
 ) -> Result<Tensor> {
-    let (rows, t_k) = (q.dim(D::Minus2)?, k.dim(D::Minus2)?);
-    let lead = q.elem_count() / (rows * q.dim(D::Minus1)?).max(1);
-    let prob_bytes = lead * rows * t_k * q.dtype().size_in_bytes();
-    let prec = Precision::of(q, k, gemm)?;
-    if prob_bytes > budget && t_q > 0 {
-        let plan = Chunks::plan(lead, rows, t_q, t_k, offset, budget);
-        let out = plan.forward(&q.detach(), &k.detach(), &v.detach(), scale, prec)?;
-        if !(q.track_op() || k.track_op() || v.track_op()) {
-            return Ok(out);
-        }
-        return q.apply_op3(
-            k,
-            v,
-            ChunkedNode {
-                plan,
-                scale,
-                prec,
-                value: PrecomputedValue::new(out),
-            },
-        );
-    }
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let p = prec.softmax(&prec.product(&qd, &kd.t()?)?, scale, t_q, offset)?;
-    let out = prec.product(&p, &vd)?;
+    let (out, attended) = attend(&qd, &kd, &vd, scale, t_q, offset, gemm, budget)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -129,24 +113,113 @@ pub fn causal_attention_within(
         k,
         v,
         AttentionNode {
-            p,
-            scale,
-            t_q,
-            offset,
-            prec,
+            attended,
             value: PrecomputedValue::new(out),
         },
     )
 }
 
-struct AttentionNode {
-    /// Probabilities [.., R, T_k] (zero where masked; bf16 in bf16 mode).
-    p: Tensor,
+/// The attention of detached q, k, v (as [`causal_attention`]) and what its backward needs
+/// besides them: the probabilities, or within the budget's chunk plan nothing (the backward
+/// recomputes them chunk by chunk).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
     scale: f64,
-    /// The softmax's row layout (see [`fused::causal_softmax`]).
     t_q: usize,
     offset: usize,
+    gemm: GemmMode,
+    budget: usize,
+) -> Result<(Tensor, Attended)> {
+    let (rows, t_k) = (q.dim(D::Minus2)?, k.dim(D::Minus2)?);
+    let lead = q.elem_count() / (rows * q.dim(D::Minus1)?).max(1);
+    let prob_bytes = lead * rows * t_k * q.dtype().size_in_bytes();
+    let prec = Precision::of(q, k, gemm)?;
+    if prob_bytes > budget && t_q > 0 {
+        let plan = Chunks::plan(lead, rows, t_q, t_k, offset, budget);
+        let out = plan.forward(q, k, v, scale, prec)?;
+        let saved = Saved::Chunked(plan);
+        return Ok((out, Attended { saved, scale, prec }));
+    }
+    let p = prec.softmax(&prec.product(q, &k.t()?)?, scale, t_q, offset)?;
+    let out = prec.product(&p, v)?;
+    let saved = Saved::Probabilities { p, t_q, offset };
+    Ok((out, Attended { saved, scale, prec }))
+}
+
+/// What an attention's backward needs besides its inputs.
+pub(crate) struct Attended {
+    saved: Saved,
+    scale: f64,
     prec: Precision,
+}
+
+enum Saved {
+    /// Probabilities [.., R, T_k] (zero where masked; bf16 in bf16 mode) and the softmax's row
+    /// layout (see [`fused::causal_softmax`]).
+    Probabilities {
+        p: Tensor,
+        t_q: usize,
+        offset: usize,
+    },
+    /// None kept: the chunks' probabilities are recomputed.
+    Chunked(Chunks),
+}
+
+impl Attended {
+    /// dq, dk, dv of the attention of detached `q`, `k`, `v` for the output gradient `g`.
+    pub(crate) fn grads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (prec, scale) = (self.prec, self.scale);
+        let plan = match &self.saved {
+            Saved::Probabilities { p, t_q, offset } => {
+                let g = g.contiguous()?;
+                let dp = prec.product(&g, &v.t()?)?;
+                // dS = scale * P (dP - rowsum(dP * P)), zero where masked (in P's dtype).
+                let ds = fused::causal_softmax_grad(p, &dp, scale, *t_q, *offset)?;
+                let dq = prec.product(&ds, k)?;
+                let dk = prec.product(&ds.t()?, q)?;
+                let dv = prec.product(&p.t()?, &g)?;
+                return Ok((dq, dk, dv));
+            }
+            Saved::Chunked(plan) => plan,
+        };
+        let vt = v.t()?;
+        let mut dq = Vec::with_capacity(plan.spans.len());
+        let (mut dk, mut dv): (Option<Tensor>, Option<Tensor>) = (None, None);
+        let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                Some(a) => (a + x)?,
+                None => x,
+            }))
+        };
+        for &span in &plan.spans {
+            let (qc, p) = plan.probs(q, k, span, scale, prec)?;
+            let gc = g.narrow(D::Minus2, span.0, span.1)?.contiguous()?;
+            let dp = prec.product(&gc, &vt)?;
+            let (t_q, offset) = plan.softmax_rows(span);
+            let ds = fused::causal_softmax_grad(&p, &dp, scale, t_q, offset)?;
+            dq.push(prec.product(&ds, k)?);
+            dk = add(dk, prec.product(&ds.t()?, &qc)?)?;
+            dv = add(dv, prec.product(&p.t()?, &gc)?)?;
+        }
+        let dq = Tensor::cat(&dq, q.rank() - 2)?;
+        // No query rows, no gradient.
+        let dk = dk.map_or_else(|| k.zeros_like(), Ok)?;
+        let dv = dv.map_or_else(|| v.zeros_like(), Ok)?;
+        Ok((dq, dk, dv))
+    }
+}
+
+struct AttentionNode {
+    attended: Attended,
     value: PrecomputedValue,
 }
 
@@ -188,14 +261,9 @@ impl CustomOp3 for AttentionNode {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.contiguous()?);
-        let prec = self.prec;
-        let dp = prec.product(&g, &v.t()?)?;
-        // dS = scale * P (dP - rowsum(dP * P)), zero where masked (in P's dtype).
-        let ds = fused::causal_softmax_grad(&self.p, &dp, self.scale, self.t_q, self.offset)?;
-        let dq = prec.product(&ds, &k)?;
-        let dk = prec.product(&ds.t()?, &q)?;
-        let dv = prec.product(&self.p.t()?, &g)?;
+        let (dq, dk, dv) = self
+            .attended
+            .grads(&q.detach(), &k.detach(), &v.detach(), g)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -268,75 +336,5 @@ impl Chunks {
             outs.push(prec.product(&p, v)?);
         }
         Tensor::cat(&outs, q.rank() - 2)
-    }
-}
-
-struct ChunkedNode {
-    plan: Chunks,
-    scale: f64,
-    prec: Precision,
-    value: PrecomputedValue,
-}
-
-impl CustomOp3 for ChunkedNode {
-    fn name(&self) -> &'static str {
-        "causal-attention-chunked"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _q: &CpuStorage,
-        _lq: &Layout,
-        _k: &CpuStorage,
-        _lk: &Layout,
-        _v: &CpuStorage,
-        _lv: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.value.take_cpu("causal-attention-chunked")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _x: &candle_core::CudaStorage,
-        _lx: &Layout,
-        _y: &candle_core::CudaStorage,
-        _ly: &Layout,
-        _z: &candle_core::CudaStorage,
-        _lz: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.value.take_cuda("causal-attention-chunked")
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (prec, vt) = (self.prec, v.t()?);
-        let mut dq = Vec::with_capacity(self.plan.spans.len());
-        let (mut dk, mut dv): (Option<Tensor>, Option<Tensor>) = (None, None);
-        let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
-            Ok(Some(match acc {
-                Some(a) => (a + x)?,
-                None => x,
-            }))
-        };
-        for &span in &self.plan.spans {
-            let (qc, p) = self.plan.probs(&q, &k, span, self.scale, prec)?;
-            let gc = g.narrow(D::Minus2, span.0, span.1)?.contiguous()?;
-            let dp = prec.product(&gc, &vt)?;
-            let (t_q, offset) = self.plan.softmax_rows(span);
-            let ds = fused::causal_softmax_grad(&p, &dp, self.scale, t_q, offset)?;
-            dq.push(prec.product(&ds, &k)?);
-            dk = add(dk, prec.product(&ds.t()?, &qc)?)?;
-            dv = add(dv, prec.product(&p.t()?, &gc)?)?;
-        }
-        let dq = Tensor::cat(&dq, q.rank() - 2)?;
-        Ok((Some(dq), dk, dv))
     }
 }

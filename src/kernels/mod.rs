@@ -8,7 +8,8 @@
 //! - [`frozen`]: a projection's frozen weight, as a tensor or only as the tile kernel's packed
 //!   operands, with its products;
 //! - [`attention`] and [`lora_linear`]: causal attention and a LoRA projection as one backprop
-//!   node each;
+//!   node each; [`self_attention`]: a block's attention from its projections' outputs (heads,
+//!   RoPE, the sequences of a packed pass) as one node;
 //! - [`logits`]: token log-probs through the output layer in row chunks, the logits recomputed
 //!   in the backward instead of kept, where they are large;
 //! - [`checkpoint`]: activation checkpointing (recompute in the backward) and the one backward
@@ -26,6 +27,7 @@ pub mod logits;
 pub mod lora_linear;
 pub(crate) mod precomputed;
 pub mod products;
+pub mod self_attention;
 
 pub use gemm::GemmMode;
 

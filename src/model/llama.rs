@@ -7,7 +7,9 @@ use super::lora::Linear;
 use super::pass::PassMode;
 use crate::config::Projection;
 use crate::kernels::gemm::GemmMode;
-use crate::kernels::{attention, checkpoint, fused, lora_linear, products, KernelSettings};
+use crate::kernels::{
+    attention, checkpoint, fused, lora_linear, products, self_attention, KernelSettings,
+};
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId, Var, D};
 use std::sync::Arc;
 
@@ -133,6 +135,40 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, hd) = (ctx.b, ctx.t, ctx.head_dim);
         let (nh, nkv) = (ctx.heads, ctx.kv_heads);
+        if ctx.use_fused
+            && h.device().is_cpu()
+            && prefix.is_none()
+            && ctx.offset == 0
+            && ctx.segments.iter().all(|s| s.offset == 0)
+        {
+            let project = |lin: &Linear| lin.forward(h, pass, ctx.gemm);
+            let (q, k, v) = (
+                project(&self.q_proj)?,
+                project(&self.k_proj)?,
+                project(&self.v_proj)?,
+            );
+            let packed: Vec<usize> = ctx.segments.iter().map(|s| s.len).collect();
+            let shape = self_attention::Heads {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            let (y, (kh, vh)) = self_attention::self_attention(
+                &q,
+                &k,
+                &v,
+                shape,
+                &ctx.cos,
+                &ctx.sin,
+                &packed,
+                ctx.gemm,
+                attention::budget(),
+            )?;
+            if let Some(c) = capture {
+                c.push((kh, vh));
+            }
+            return self.o_proj.forward(&y, pass, ctx.gemm);
+        }
         let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
             lin.forward(h, pass, ctx.gemm)?
                 .reshape((b, t, n, hd))?
