@@ -94,3 +94,31 @@ fn rms_norm_refuses_a_weight_that_does_not_cover_the_row() {
     let w = candle_core::Tensor::ones(8, candle_core::DType::F32, &dev).unwrap();
     assert!(kto_train::kernels::fused::rms_norm(&x, &w, 1e-6).is_ok());
 }
+
+/// The residual sum outside the graph equals candle's add bit for bit (one rounding either
+/// way), over a length that leaves a partial chunk, in f32 and f64; a tracked operand keeps
+/// candle's add, so that the sum stays in the graph.
+#[test]
+fn add_outside_the_graph_equals_candles_add() {
+    use candle_core::{Device, Tensor, Var};
+    use kto_train::kernels::fused;
+    for dtype in [DType::F32, DType::F64] {
+        let n = 3 * 4096 + 17;
+        let a = Tensor::randn(0f32, 1.0, (n / 17, 17), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let b = Tensor::randn(0f32, 1.0, (n / 17, 17), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let got = fused::add(&a, &b).unwrap();
+        let want = (&a + &b).unwrap();
+        assert_eq!(max_abs_diff(&got, &want), 0.0, "{dtype:?}");
+        let v = Var::from_tensor(&a).unwrap();
+        let y = fused::add(v.as_tensor(), &b).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let ones = a.ones_like().unwrap();
+        assert_eq!(max_abs_diff(g.get(v.as_tensor()).unwrap(), &ones), 0.0);
+    }
+}

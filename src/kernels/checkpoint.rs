@@ -29,6 +29,11 @@ thread_local! {
 /// Recomputes a piece of the network with a graph, from its input.
 pub type Recompute = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
+/// A piece's backward written by hand: from its input and its output's gradient, dL/dinput
+/// and the gradients of its parameters (it recomputes what it needs itself, outside the graph).
+pub type Backward =
+    Arc<dyn Fn(&Tensor, &Tensor) -> Result<(Tensor, Vec<(Var, Tensor)>)> + Send + Sync>;
+
 /// The output `y` of a piece computed without a graph from `x` (detached), recorded so that the
 /// backward calls `recompute(x)` instead of keeping the piece's intermediates. `params` are the
 /// trainable parameters inside the piece; their gradients reach the caller of [`backward`]. With
@@ -43,7 +48,28 @@ pub fn checkpointed(
     let Some(anchor) = params.first().map(|v| v.as_tensor().clone()) else {
         return Ok(None);
     };
-    let op = Checkpoint { params, recompute };
+    let op = Checkpoint {
+        params,
+        backward: PieceBackward::Recompute(recompute),
+    };
+    Ok(Some(x.apply_op3(&y.contiguous()?, &anchor, op)?))
+}
+
+/// [`checkpointed`] for a piece whose backward is written by hand: candle's backward never sees
+/// its inside, so none of its intermediate ops costs a gradient buffer there.
+pub fn checkpointed_by_hand(
+    x: &Tensor,
+    y: &Tensor,
+    params: Vec<Var>,
+    backward: Backward,
+) -> Result<Option<Tensor>> {
+    let Some(anchor) = params.first().map(|v| v.as_tensor().clone()) else {
+        return Ok(None);
+    };
+    let op = Checkpoint {
+        params,
+        backward: PieceBackward::ByHand(backward),
+    };
     Ok(Some(x.apply_op3(&y.contiguous()?, &anchor, op)?))
 }
 
@@ -60,7 +86,12 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
 
 struct Checkpoint {
     params: Vec<Var>,
-    recompute: Recompute,
+    backward: PieceBackward,
+}
+
+enum PieceBackward {
+    Recompute(Recompute),
+    ByHand(Backward),
 }
 
 impl CustomOp3 for Checkpoint {
@@ -104,10 +135,22 @@ impl CustomOp3 for Checkpoint {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let recompute = match &self.backward {
+            PieceBackward::Recompute(r) => r,
+            PieceBackward::ByHand(backward) => {
+                let (dx, grads) = backward(&x.detach(), &grad_res.detach())?;
+                let mut params = GradStore::default();
+                for (p, g) in grads {
+                    params.insert(p.as_tensor(), g);
+                }
+                PARAM_GRADS.with(|s| s.borrow_mut().extend(params))?;
+                return Ok((Some(dx), None, None));
+            }
+        };
         let xv = Var::from_tensor(&x.detach())?;
         let y = {
             let _p = crate::util::profile::phase("recomputation (checkpointed blocks)");
-            (self.recompute)(xv.as_tensor())?
+            recompute(xv.as_tensor())?
         };
         let mut grads = (y * grad_res.detach())?.sum_all()?.backward()?;
         let dx = grads.remove(xv.as_tensor());

@@ -201,11 +201,60 @@ fn lora_node(
     gemm: GemmMode,
     out_dims: &[usize],
 ) -> Result<Tensor> {
-    let xv = x2.detach();
-    let xd = match &mask {
-        Some(mask) => apply_mask(&xv, mask)?,
-        None => xv.clone(),
+    let LoraForward { y, h, mask } = forward_parts(x2, w, bias, lora, mask, gemm)?;
+    let node = LoraNode {
+        w: w.clone(),
+        gemm,
+        scale: lora.scale,
+        mask,
+        h,
+        value: PrecomputedValue::new(y.reshape(out_dims)?),
     };
+    x.apply_op3(lora.a, lora.b, node)
+}
+
+/// A LoRA projection's value computed outside the graph, with what its backward reads.
+pub struct LoraForward {
+    /// The output, in the input's leading dims.
+    pub y: Tensor,
+    /// (m * x) A^T [M, r], unscaled: B's gradient needs it, and keeping it costs r values per
+    /// row where recomputing it was one more product per projection in every backward.
+    h: Tensor,
+    mask: Option<Tensor>,
+}
+
+/// The projection's value without a graph node, for a backward written by hand
+/// ([`lora_grads`]); in a replay ([`replay`]) it takes the kept outputs as the node form does.
+pub fn lora_forward(
+    x: &Tensor,
+    w: &FrozenWeight,
+    bias: Option<&Tensor>,
+    lora: LoraBranch<'_>,
+    mask: Option<Tensor>,
+    gemm: GemmMode,
+) -> Result<LoraForward> {
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let m = x.elem_count() / k;
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(w.dims2().0);
+    let f = forward_parts(&x.reshape((m, k))?, w, bias, lora, mask, gemm)?;
+    Ok(LoraForward {
+        y: f.y.reshape(out_dims)?,
+        ..f
+    })
+}
+
+/// [`lora_forward`] on the [M, K] view (output [M, N]).
+fn forward_parts(
+    x2: &Tensor,
+    w: &FrozenWeight,
+    bias: Option<&Tensor>,
+    lora: LoraBranch<'_>,
+    mask: Option<Tensor>,
+    gemm: GemmMode,
+) -> Result<LoraForward> {
+    let xv = x2.detach();
     let (a, b) = (lora.a.detach(), lora.b.detach());
     let kept = match &mask {
         None => replayed(xv.dim(0)?, w.dims2().0, a.dim(0)?),
@@ -214,21 +263,65 @@ fn lora_node(
     let (y, h) = match kept {
         Some(yh) => yh,
         None => {
+            let xd = match &mask {
+                Some(mask) => apply_mask(&xv, mask)?,
+                None => xv.clone(),
+            };
             // The bias is a constant of the value; the backward does not depend on it.
             let base = with_bias(w.forward(&xv, gemm)?, bias)?;
             add_branch(base, &xd, &a, &b, lora.scale, gemm)?
         }
     };
-    let y = y.reshape(out_dims)?;
-    let node = LoraNode {
-        w: w.clone(),
-        gemm,
-        scale: lora.scale,
-        mask,
-        h,
-        value: PrecomputedValue::new(y),
+    Ok(LoraForward { y, h, mask })
+}
+
+/// dx (in x's shape), dA and dB of the projection whose forward gave `f`, for the output's
+/// gradient `g`; x, A and B as the forward had them.
+pub fn lora_grads(
+    x: &Tensor,
+    w: &FrozenWeight,
+    lora: LoraBranch<'_>,
+    f: &LoraForward,
+    g: &Tensor,
+    gemm: GemmMode,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    grads(x, w, lora, f.mask.as_ref(), &f.h, g, gemm)
+}
+
+/// The node's backward: computed on [M, K] / [M, N] views, dx returned in x's own shape.
+fn grads(
+    x: &Tensor,
+    w: &FrozenWeight,
+    lora: LoraBranch<'_>,
+    mask: Option<&Tensor>,
+    h: &Tensor,
+    g: &Tensor,
+    gemm: GemmMode,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let k = x.dim(D::Minus1)?;
+    let n = g.dim(D::Minus1)?;
+    let m = x.elem_count() / k;
+    let x_dims = x.dims().to_vec();
+    let (x, a, b) = (
+        x.detach().reshape((m, k))?,
+        lora.a.detach(),
+        lora.b.detach(),
+    );
+    let g = g.contiguous()?.reshape((m, n))?;
+    let gbs = matmul(&g, &b, gemm)?.affine(lora.scale, 0.0)?; // s g B [M, r]
+    let base = w.input_grad(&g, gemm)?;
+    let (dx, xd) = match mask {
+        Some(mask) => {
+            let dxd = apply_mask(&matmul(&gbs, &a, gemm)?, mask)?;
+            ((base + dxd)?, apply_mask(&x, mask)?)
+        }
+        // s g B A accumulated into the frozen product's buffer (no [M, K] temporary).
+        None => (add_product(base, &gbs, &a.t()?, gemm)?, x),
     };
-    x.apply_op3(lora.a, lora.b, node)
+    let dx = dx.reshape(x_dims)?;
+    let da = matmul(&gbs.t()?, &xd, gemm)?;
+    let db = matmul(&g.t()?, h, gemm)?.affine(lora.scale, 0.0)?;
+    Ok((dx, da, db))
 }
 
 /// base + scale * (xd A^T) B^T, and xd A^T (unscaled, which B's gradient needs): the scale goes
@@ -305,27 +398,12 @@ impl CustomOp3 for LoraNode {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Computed on [M, K] / [M, N] views; dx is returned in x's own shape.
-        let gemm = self.gemm;
-        let k = x.dim(D::Minus1)?;
-        let n = g.dim(D::Minus1)?;
-        let m = x.elem_count() / k;
-        let x_dims = x.dims().to_vec();
-        let (x, a, b) = (x.detach().reshape((m, k))?, a.detach(), b.detach());
-        let g = g.contiguous()?.reshape((m, n))?;
-        let gbs = matmul(&g, &b, gemm)?.affine(self.scale, 0.0)?; // s g B [M, r]
-        let base = self.w.input_grad(&g, gemm)?;
-        let (dx, xd) = match &self.mask {
-            Some(mask) => {
-                let dxd = apply_mask(&matmul(&gbs, &a, gemm)?, mask)?;
-                ((base + dxd)?, apply_mask(&x, mask)?)
-            }
-            // s g B A accumulated into the frozen product's buffer (no [M, K] temporary).
-            None => (add_product(base, &gbs, &a.t()?, gemm)?, x),
+        let lora = LoraBranch {
+            a,
+            b,
+            scale: self.scale,
         };
-        let dx = dx.reshape(x_dims)?;
-        let da = matmul(&gbs.t()?, &xd, gemm)?;
-        let db = matmul(&g.t()?, &self.h, gemm)?.affine(self.scale, 0.0)?;
+        let (dx, da, db) = grads(x, &self.w, lora, self.mask.as_ref(), &self.h, g, self.gemm)?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }

@@ -44,6 +44,31 @@ pub fn self_attention(
     gemm: GemmMode,
     budget: usize,
 ) -> Result<(Tensor, (Tensor, Tensor))> {
+    let (out, kv, saved) = attention_outside_graph(q, k, v, shape, cos, sin, packed, gemm, budget)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok((out, kv));
+    }
+    let node = SelfAttentionNode {
+        saved,
+        value: PrecomputedValue::new(out),
+    };
+    Ok((q.apply_op3(k, v, node)?, kv))
+}
+
+/// [`self_attention`] without a graph node: the output, the keys and values, and what the
+/// backward needs ([`SelfAttention::grads`]), for a backward written by hand.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_outside_graph(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: Heads,
+    cos: &Tensor,
+    sin: &Tensor,
+    packed: &[usize],
+    gemm: GemmMode,
+    budget: usize,
+) -> Result<(Tensor, (Tensor, Tensor), SelfAttention)> {
     let (b, t, _) = q.dims3()?;
     let Heads {
         heads: nh,
@@ -106,18 +131,14 @@ pub fn self_attention(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, t, nh * hd))?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok((out, (kh, vh)));
-    }
-    let node = SelfAttentionNode {
+    let saved = SelfAttention {
         parts,
         packed: packed.to_vec(),
         dims: (b, t, nkv, group, hd),
         cos: cos.clone(),
         sin: sin.clone(),
-        value: PrecomputedValue::new(out),
     };
-    Ok((q.apply_op3(k, v, node)?, (kh, vh)))
+    Ok((out, (kh, vh), saved))
 }
 
 /// One attention of the pass: its inputs as the attention saw them, and its saved state.
@@ -128,7 +149,8 @@ struct Part {
     attended: Attended,
 }
 
-struct SelfAttentionNode {
+/// What the attention's backward reads.
+pub struct SelfAttention {
     /// One per packed sequence, or one for the whole batch.
     parts: Vec<Part>,
     packed: Vec<usize>,
@@ -136,11 +158,16 @@ struct SelfAttentionNode {
     dims: (usize, usize, usize, usize, usize),
     cos: Tensor,
     sin: Tensor,
+}
+
+struct SelfAttentionNode {
+    saved: SelfAttention,
     value: PrecomputedValue,
 }
 
-impl SelfAttentionNode {
-    fn grads(&self, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+impl SelfAttention {
+    /// dq, dk, dv (in the projections' layout) for the output's gradient `g`.
+    pub fn grads(&self, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, nkv, group, hd) = self.dims;
         let nh = nkv * group;
         let gh = g.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
@@ -212,7 +239,7 @@ impl CustomOp3 for SelfAttentionNode {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self.grads(&g.detach())?;
+        let (dq, dk, dv) = self.saved.grads(&g.detach())?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

@@ -61,6 +61,33 @@ pub struct Block {
 /// grouping.
 pub const PACK_ENV: &str = "KTO_TRAIN_PACK";
 
+/// `KTO_TRAIN_GRAPH_BACKWARD=1`: checkpointed blocks back-propagate through candle's graph of
+/// their recomputation instead of by hand (`block_grad`), for comparisons.
+pub const GRAPH_BACKWARD_ENV: &str = "KTO_TRAIN_GRAPH_BACKWARD";
+
+/// 0: not read yet, 1: by hand, 2: candle's graph.
+static GRAPH_BACKWARD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether checkpointed blocks back-propagate through candle's graph ([`GRAPH_BACKWARD_ENV`],
+/// or [`set_graph_backward`]).
+pub fn graph_backward() -> bool {
+    use std::sync::atomic::Ordering;
+    match GRAPH_BACKWARD.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var(GRAPH_BACKWARD_ENV).is_ok_and(|v| v == "1");
+            GRAPH_BACKWARD.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Sets [`graph_backward`] for this process (tests compare the two backwards).
+pub fn set_graph_backward(on: bool) {
+    GRAPH_BACKWARD.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Keys and values [B, kv_heads, T, head_dim] of one layer.
 pub type LayerKv = (Tensor, Tensor);
 
@@ -135,19 +162,14 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, hd) = (ctx.b, ctx.t, ctx.head_dim);
         let (nh, nkv) = (ctx.heads, ctx.kv_heads);
-        if ctx.use_fused
-            && h.device().is_cpu()
-            && prefix.is_none()
-            && ctx.offset == 0
-            && ctx.segments.iter().all(|s| s.offset == 0)
-        {
+        if prefix.is_none() && Block::backward_by_hand(ctx, h) {
             let project = |lin: &Linear| lin.forward(h, pass, ctx.gemm);
             let (q, k, v) = (
                 project(&self.q_proj)?,
                 project(&self.k_proj)?,
                 project(&self.v_proj)?,
             );
-            let packed: Vec<usize> = ctx.segments.iter().map(|s| s.len).collect();
+            let packed = attention_spans(ctx);
             let shape = self_attention::Heads {
                 heads: nh,
                 kv_heads: nkv,
@@ -208,6 +230,12 @@ impl Attention {
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&y, pass, ctx.gemm)
     }
+}
+
+/// The lengths of the sequences packed into the pass, for [`self_attention`] (empty: each row
+/// is one sequence).
+pub(crate) fn attention_spans(ctx: &BlockContext) -> Vec<usize> {
+    ctx.segments.iter().map(|s| s.len).collect()
 }
 
 /// Attention of a packed pass (`ctx.segments`): each sequence's queries over its own keys only
@@ -347,9 +375,20 @@ impl Block {
         capture: Option<&mut Vec<LayerKv>>,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x, ctx.use_fused)?;
-        let x = (x + self.self_attn.forward(&h, pass, ctx, prefix, capture)?)?;
+        let x = fused::add(x, &self.self_attn.forward(&h, pass, ctx, prefix, capture)?)?;
         let h = self.post_attention_layernorm.forward(&x, ctx.use_fused)?;
-        x + self.mlp.forward(&h, pass, ctx)?
+        fused::add(&x, &self.mlp.forward(&h, pass, ctx)?)
+    }
+
+    /// Whether the block's attention runs as one node from its projections' outputs, and a
+    /// checkpointed block's backward by hand (`block_grad`): the fused ops on the CPU, every
+    /// sequence from position 0 without a given prefix.
+    pub(crate) fn backward_by_hand(ctx: &BlockContext, x: &Tensor) -> bool {
+        ctx.use_fused
+            && x.device().is_cpu()
+            && fused::available(x)
+            && ctx.offset == 0
+            && ctx.segments.iter().all(|s| s.offset == 0)
     }
 
     /// The block with its intermediates recomputed in the backward instead of kept (see
@@ -372,6 +411,18 @@ impl Block {
         let (block, ctx) = (self.clone(), ctx.clone());
         // The projections' outputs kept by the forward, taken by the (single) recomputation.
         let kept = std::sync::Mutex::new(Some(kept));
+        if Block::backward_by_hand(&ctx, x) && !graph_backward() {
+            let backward: checkpoint::Backward = Arc::new(move |x, dy| {
+                let run = || block.grads_by_hand(x, dy, pass, &ctx);
+                match kept.lock().ok().and_then(|mut k| k.take()) {
+                    Some(k) => lora_linear::replay(k, run),
+                    None => run(),
+                }
+            });
+            return checkpoint::checkpointed_by_hand(x, &y, params, backward)?.ok_or_else(|| {
+                candle_core::Error::Msg("checkpoint: block without parameters".into())
+            });
+        }
         let recompute: checkpoint::Recompute =
             Arc::new(move |x| match kept.lock().ok().and_then(|mut k| k.take()) {
                 Some(k) => lora_linear::replay(k, || block.forward(x, pass, &ctx)),

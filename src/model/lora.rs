@@ -5,7 +5,7 @@ use super::pass::{DropoutKey, PassMode};
 use crate::kernels::frozen::FrozenWeight;
 use crate::kernels::fused;
 use crate::kernels::gemm::GemmMode;
-use crate::kernels::lora_linear::{lora_linear, LoraBranch};
+use crate::kernels::lora_linear::{lora_forward, lora_grads, lora_linear, LoraBranch, LoraForward};
 use crate::util::hash::splitmix64;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::Rng;
@@ -20,6 +20,9 @@ pub struct Lora {
     pub scale: f64,
     pub dropout: f64,
 }
+
+/// The gradients of a branch's A and B.
+pub(crate) type ParamGrads = [(Var, Tensor); 2];
 
 /// A projection with an optional LoRA branch.
 #[derive(Debug, Clone)]
@@ -45,26 +48,9 @@ impl Linear {
     /// `x W^T`, plus the LoRA branch when `pass` runs the policy.
     pub fn forward(&self, x: &Tensor, pass: PassMode, gemm: GemmMode) -> Result<Tensor> {
         let Some(lora) = self.lora.as_ref().filter(|_| pass.lora) else {
-            let y = self.weight.forward(x, gemm)?;
-            return match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            };
+            return self.frozen_forward(x, gemm);
         };
-        let mask = match pass.dropout {
-            Some(key) if lora.dropout > 0.0 => {
-                let k = x.dim(D::Minus1)?;
-                let rows = x.elem_count() / k;
-                Some(dropout_mask(
-                    (rows, k),
-                    x,
-                    lora.dropout,
-                    key,
-                    self.module_index,
-                )?)
-            }
-            _ => None,
-        };
+        let mask = self.dropout_mask(x, lora, pass)?;
         let branch = LoraBranch {
             a: lora.a.as_tensor(),
             b: lora.b.as_tensor(),
@@ -79,6 +65,85 @@ impl Linear {
             gemm,
             pass.grad,
         )
+    }
+
+    fn frozen_forward(&self, x: &Tensor, gemm: GemmMode) -> Result<Tensor> {
+        let y = self.weight.forward(x, gemm)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// [`Linear::forward`] outside the graph, with what [`Linear::grads`] reads (a backward
+    /// written by hand: `model::block_grad`). The same values as `forward`.
+    pub(crate) fn forward_saved(
+        &self,
+        x: &Tensor,
+        pass: PassMode,
+        gemm: GemmMode,
+    ) -> Result<(Tensor, Option<LoraForward>)> {
+        let Some(lora) = self.lora.as_ref().filter(|_| pass.lora) else {
+            return Ok((self.frozen_forward(&x.detach(), gemm)?, None));
+        };
+        let mask = self.dropout_mask(x, lora, pass)?;
+        let f = lora_forward(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            Self::branch(lora),
+            mask,
+            gemm,
+        )?;
+        Ok((f.y.clone(), Some(f)))
+    }
+
+    /// dx, and the gradients of A and B when the forward ran the LoRA branch (`saved`), for the
+    /// output's gradient `g`.
+    pub(crate) fn grads(
+        &self,
+        x: &Tensor,
+        saved: Option<&LoraForward>,
+        g: &Tensor,
+        gemm: GemmMode,
+    ) -> Result<(Tensor, Option<ParamGrads>)> {
+        match (self.lora.as_ref(), saved) {
+            (Some(lora), Some(f)) => {
+                let (dx, da, db) = lora_grads(x, &self.weight, Self::branch(lora), f, g, gemm)?;
+                Ok((dx, Some([(lora.a.clone(), da), (lora.b.clone(), db)])))
+            }
+            _ => {
+                let n = g.dim(D::Minus1)?;
+                let g2 = g.contiguous()?.reshape((g.elem_count() / n, n))?;
+                Ok((self.weight.input_grad(&g2, gemm)?.reshape(x.dims())?, None))
+            }
+        }
+    }
+
+    fn branch(lora: &Lora) -> LoraBranch<'_> {
+        LoraBranch {
+            a: lora.a.as_tensor(),
+            b: lora.b.as_tensor(),
+            scale: lora.scale,
+        }
+    }
+
+    /// This pass's inverted-dropout mask for the input `x`, if the branch has dropout.
+    fn dropout_mask(&self, x: &Tensor, lora: &Lora, pass: PassMode) -> Result<Option<Tensor>> {
+        Ok(match pass.dropout {
+            Some(key) if lora.dropout > 0.0 => {
+                let k = x.dim(D::Minus1)?;
+                let rows = x.elem_count() / k;
+                Some(dropout_mask(
+                    (rows, k),
+                    x,
+                    lora.dropout,
+                    key,
+                    self.module_index,
+                )?)
+            }
+            _ => None,
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Llama network with LoRA layers, built from a model's safetensors; PEFT adapter files
 //! (reading, writing, merging); sequence log-probs shared by training, scoring and evaluation.
 pub mod adapter;
+mod block_grad;
 pub mod config;
 pub mod llama;
 pub mod loading;
