@@ -115,46 +115,65 @@ impl Block {
             let _p = profile::phase("recomputation (checkpointed blocks)");
             self.forward_outside_graph(x, pass, ctx)?
         };
-        self.backward_from(x, dy, &f, ctx)
+        self.backward_from(x, dy, f, ctx)
     }
 
-    /// The backward over a recomputed forward `f`.
+    /// The backward over a recomputed forward `f`, which it drops piece by piece once read
+    /// (the peak of a block's backward is what is alive at its largest point).
     fn backward_from(
         &self,
         x: &Tensor,
         dy: &Tensor,
-        f: &Forward,
+        f: Forward,
         ctx: &BlockContext,
     ) -> Result<(Tensor, Vec<(Var, Tensor)>)> {
         let (attn, mlp, gemm) = (&self.self_attn, &self.mlp, ctx.gemm);
+        let Forward {
+            h1,
+            q,
+            k,
+            v,
+            attn: attention,
+            a,
+            o,
+            x_mid,
+            h2,
+            gate,
+            up,
+            s,
+            down,
+        } = f;
         let mut params = Vec::with_capacity(14);
-        let mut through = |lin: &Linear, x: &Tensor, p: &Projected, g: &Tensor| -> Result<Tensor> {
-            let (dx, grads) = lin.grads(x, p.saved.as_ref(), g, gemm)?;
+        let mut through = |lin: &Linear, x: &Tensor, p: Projected, g: Tensor| -> Result<Tensor> {
+            let (dx, grads) = lin.grads(x, p.saved.as_ref(), &g, gemm)?;
             params.extend(grads.into_iter().flatten());
             Ok(dx)
         };
         // y = x_mid + down(silu(gate(h2)) * up(h2)), h2 = norm2(x_mid)
-        let ds = through(&mlp.down_proj, &f.s, &f.down, dy)?;
-        let (dg, du) = fused::silu_mul_grads(&f.gate.y, &f.up.y, &ds)?;
-        let dh2 = fused::add(
-            &through(&mlp.gate_proj, &f.h2, &f.gate, &dg)?,
-            &through(&mlp.up_proj, &f.h2, &f.up, &du)?,
-        )?;
+        let ds = through(&mlp.down_proj, &s, down, dy.clone())?;
+        drop(s);
+        let (dg, du) = fused::silu_mul_grads(&gate.y, &up.y, &ds)?;
+        drop(ds);
+        let d_gate = through(&mlp.gate_proj, &h2, gate, dg)?;
+        let d_up = through(&mlp.up_proj, &h2, up, du)?;
+        drop(h2);
+        let dh2 = fused::add(&d_gate, &d_up)?;
+        drop((d_gate, d_up));
         let norm2 = &self.post_attention_layernorm;
         let dx_mid = fused::add(
             dy,
-            &fused::rms_norm_grad(&f.x_mid, &norm2.weight, &dh2, norm2.eps)?,
+            &fused::rms_norm_grad(&x_mid, &norm2.weight, &dh2, norm2.eps)?,
         )?;
+        drop((x_mid, dh2));
         // x_mid = x + o(attention(q(h1), k(h1), v(h1))), h1 = norm1(x)
-        let da = through(&attn.o_proj, &f.a, &f.o, &dx_mid)?;
-        let (dq, dk, dv) = f.attn.grads(&da)?;
-        let dh1 = fused::add(
-            &fused::add(
-                &through(&attn.q_proj, &f.h1, &f.q, &dq)?,
-                &through(&attn.k_proj, &f.h1, &f.k, &dk)?,
-            )?,
-            &through(&attn.v_proj, &f.h1, &f.v, &dv)?,
-        )?;
+        let da = through(&attn.o_proj, &a, o, dx_mid.clone())?;
+        drop(a);
+        let (dq, dk, dv) = attention.grads(&da)?;
+        drop((attention, da));
+        let dh1 = through(&attn.q_proj, &h1, q, dq)?;
+        let dh1 = fused::add(&dh1, &through(&attn.k_proj, &h1, k, dk)?)?;
+        let dh1 = fused::add(&dh1, &through(&attn.v_proj, &h1, v, dv)?)?;
+        drop(h1);
         let norm1 = &self.input_layernorm;
         let dx = fused::add(
             &dx_mid,
