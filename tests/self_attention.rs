@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use kto_train::kernels::attention::causal_attention_within;
 use kto_train::kernels::fused;
-use kto_train::kernels::self_attention::{self_attention, Heads};
+use kto_train::kernels::self_attention::{self_attention, Heads, PassAttention};
 use kto_train::kernels::GemmMode;
 
 mod common;
@@ -283,18 +283,15 @@ fn node_matches_separate_ops_and_the_definition() {
                 let (cos, sin) = tables(&case.positions(), hd, dtype);
                 let vars = [&q, &k, &v];
                 let inputs = [q.as_tensor(), k.as_tensor(), v.as_tensor()];
-                let (y, (kh, vh)) = self_attention(
-                    inputs[0],
-                    inputs[1],
-                    inputs[2],
-                    case.heads,
-                    &cos,
-                    &sin,
-                    &case.packed,
-                    GemmMode::F32,
+                let spec = PassAttention {
+                    heads: case.heads,
+                    cos: &cos,
+                    sin: &sin,
+                    packed: &case.packed,
+                    gemm: GemmMode::F32,
                     budget,
-                )
-                .unwrap();
+                };
+                let (y, (kh, vh)) = self_attention(inputs[0], inputs[1], inputs[2], &spec).unwrap();
                 let node = with_grads(&y, &g, vars);
                 let ops = with_grads(&separate_ops(inputs, case, &cos, &sin, budget), &g, vars);
                 let what = format!("case {ci} {dtype:?} budget {budget}");
@@ -350,38 +347,24 @@ fn node_gradients_match_finite_differences() {
     let v = Var::from_tensor(&rand(&[1, t, 8], 73, dtype)).unwrap();
     let g = rand(&[1, t, 16], 74, dtype);
     let (cos, sin) = tables(&case.positions(), 4, dtype);
+    let spec = PassAttention {
+        heads,
+        cos: &cos,
+        sin: &sin,
+        packed: &case.packed,
+        gemm: GemmMode::F32,
+        budget: usize::MAX,
+    };
+    let run = |q: &Tensor, k: &Tensor, v: &Tensor| self_attention(q, k, v, &spec).unwrap().0;
     let objective = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
-        let (y, _) = self_attention(
-            q,
-            k,
-            v,
-            heads,
-            &cos,
-            &sin,
-            &case.packed,
-            GemmMode::F32,
-            usize::MAX,
-        )
-        .unwrap();
-        (y * &g)
+        (run(q, k, v) * &g)
             .unwrap()
             .sum_all()
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
     };
-    let (y, _) = self_attention(
-        q.as_tensor(),
-        k.as_tensor(),
-        v.as_tensor(),
-        heads,
-        &cos,
-        &sin,
-        &case.packed,
-        GemmMode::F32,
-        usize::MAX,
-    )
-    .unwrap();
+    let y = run(q.as_tensor(), k.as_tensor(), v.as_tensor());
     let grads = with_grads(&y, &g, [&q, &k, &v]);
     let base = [q.as_tensor(), k.as_tensor(), v.as_tensor()].map(|x| x.detach());
     for (which, grad) in grads[1..].iter().enumerate() {

@@ -863,35 +863,46 @@ fn sigmoid<T: Fl>(x: T) -> T {
     T::one() / (T::one() + (-x).fast_exp())
 }
 
+/// f(a, b) element by element, in parallel chunks, for two operands of one length.
+fn zip_map<T: Fl>(
+    op: &str,
+    (as_, al): (&CpuStorage, &Layout),
+    (bs, bl): (&CpuStorage, &Layout),
+    f: impl Fn(T, T) -> T + Sync + Send,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = (contig::<T>(as_, al)?, contig::<T>(bs, bl)?);
+    if a.len() != b.len() {
+        candle_core::bail!("{op}: {} and {} elements", a.len(), b.len());
+    }
+    let fill = |i: usize, y: &mut [MaybeUninit<T>]| {
+        let r = i * CHUNK..i * CHUNK + y.len();
+        let (a, b) = (&a[r.clone()], &b[r]);
+        wide(
+            #[inline(always)]
+            || {
+                for (y, (&a, &b)) in y.iter_mut().zip(a.iter().zip(b)) {
+                    y.write(f(a, b));
+                }
+            },
+        )
+    };
+    // SAFETY: each chunk's elements are written, from inputs of the output's length.
+    let y = unsafe { par_out(a.len(), CHUNK, fill) };
+    Ok(out(y, al))
+}
+
 fn silu_mul_fwd<T: Fl>(
     gs: &CpuStorage,
     gl: &Layout,
     us: &CpuStorage,
     ul: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (g, u) = (contig::<T>(gs, gl)?, contig::<T>(us, ul)?);
-    if u.len() != g.len() {
-        candle_core::bail!(
-            "fused silu-mul: {} gate and {} up elements",
-            g.len(),
-            u.len()
-        );
-    }
-    let fill = |i: usize, y: &mut [MaybeUninit<T>]| {
-        let r = i * CHUNK..i * CHUNK + y.len();
-        let (g, u) = (&g[r.clone()], &u[r]);
-        wide(
-            #[inline(always)]
-            || {
-                for (y, (&g, &u)) in y.iter_mut().zip(g.iter().zip(u)) {
-                    y.write(g * sigmoid(g) * u);
-                }
-            },
-        )
-    };
-    // SAFETY: each chunk's elements are written, from inputs of the output's length.
-    let y = unsafe { par_out(g.len(), CHUNK, fill) };
-    Ok(out(y, gl))
+    zip_map(
+        "fused silu-mul (gate, up)",
+        (gs, gl),
+        (us, ul),
+        |g: T, u| g * sigmoid(g) * u,
+    )
 }
 
 impl CustomOp2 for SiluMul {
@@ -1024,25 +1035,7 @@ fn add_fwd<T: Fl>(
     bs: &CpuStorage,
     bl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (a, b) = (contig::<T>(as_, al)?, contig::<T>(bs, bl)?);
-    if a.len() != b.len() {
-        candle_core::bail!("fused add: {} and {} elements", a.len(), b.len());
-    }
-    let fill = |i: usize, y: &mut [MaybeUninit<T>]| {
-        let r = i * CHUNK..i * CHUNK + y.len();
-        let (a, b) = (&a[r.clone()], &b[r]);
-        wide(
-            #[inline(always)]
-            || {
-                for (y, (&a, &b)) in y.iter_mut().zip(a.iter().zip(b)) {
-                    y.write(a + b);
-                }
-            },
-        )
-    };
-    // SAFETY: each chunk's elements are written, from inputs of the output's length.
-    let y = unsafe { par_out(a.len(), CHUNK, fill) };
-    Ok(out(y, al))
+    zip_map("fused add", (as_, al), (bs, bl), |a: T, b| a + b)
 }
 
 impl CustomOp2 for Add {

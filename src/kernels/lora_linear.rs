@@ -39,12 +39,7 @@ pub fn lora_linear(
     gemm: GemmMode,
     grad: bool,
 ) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let k = dims[dims.len() - 1];
-    let m = x.elem_count() / k;
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(w.dims2().0);
-    let x2 = x.reshape((m, k))?;
+    let (x2, out_dims) = matrix_view(x, w)?;
     if grad && fused::available(x) {
         return lora_node(x, &x2, w, bias, lora, mask, gemm, &out_dims);
     }
@@ -64,6 +59,15 @@ pub fn lora_linear(
         keep(&y, &h);
     }
     y.reshape(out_dims)
+}
+
+/// x (any leading dims) as [M, K], and the dims of its product with `w` (x's leading dims, N).
+fn matrix_view(x: &Tensor, w: &FrozenWeight) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(w.dims2().0);
+    Ok((x.reshape((x.elem_count() / k, k))?, out_dims))
 }
 
 /// Selective recomputation: a checkpointed block's forward ([`record`]) keeps each
@@ -233,12 +237,8 @@ pub fn lora_forward(
     mask: Option<Tensor>,
     gemm: GemmMode,
 ) -> Result<LoraForward> {
-    let dims = x.dims().to_vec();
-    let k = dims[dims.len() - 1];
-    let m = x.elem_count() / k;
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(w.dims2().0);
-    let f = forward_parts(&x.reshape((m, k))?, w, bias, lora, mask, gemm)?;
+    let (x2, out_dims) = matrix_view(x, w)?;
+    let f = forward_parts(&x2, w, bias, lora, mask, gemm)?;
     Ok(LoraForward {
         y: f.y.reshape(out_dims)?,
         ..f

@@ -24,27 +24,34 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// The self-attention of projection outputs q [B, T, heads * d], k and v [B, T, kv_heads * d]
-/// at positions 0..T (RoPE tables `cos`, `sin` [T, d]), causal within each sequence of the
-/// pass: `packed` lists the lengths of sequences packed one after another into a single row
-/// (B = 1), each at positions 0.., attending only to itself (its table rows are at its place in
-/// the pass); empty, each of the B rows is one sequence. Returns the output [B, T, heads * d]
-/// (a node of the graph when q, k or v is) and the keys after RoPE and the values
-/// [B, kv_heads, T, d], detached. Probabilities above `budget` bytes are recomputed in the
-/// backward in chunks ([`attention::causal_attention_within`]).
-#[allow(clippy::too_many_arguments)]
+/// How a pass's attention runs: its heads, the RoPE tables `cos`, `sin` [T, d] of its
+/// positions, its packed sequences, the products' precision, and the probability bytes above
+/// which the attention is recomputed in the backward in query-row chunks
+/// ([`attention::causal_attention_within`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PassAttention<'a> {
+    pub heads: Heads,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// The lengths of the sequences packed one after another into a single row (B = 1), each
+    /// at positions 0.. and attending only to itself (its table rows are at its place in the
+    /// pass); empty: each of the B rows is one sequence.
+    pub packed: &'a [usize],
+    pub gemm: GemmMode,
+    pub budget: usize,
+}
+
+/// The self-attention of projection outputs q [B, T, heads * d], k and v [B, T, kv_heads * d],
+/// causal within each sequence of the pass. Returns the output [B, T, heads * d] (a node of the
+/// graph when q, k or v is) and the keys after RoPE and the values [B, kv_heads, T, d],
+/// detached.
 pub fn self_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    shape: Heads,
-    cos: &Tensor,
-    sin: &Tensor,
-    packed: &[usize],
-    gemm: GemmMode,
-    budget: usize,
+    pass: &PassAttention<'_>,
 ) -> Result<(Tensor, (Tensor, Tensor))> {
-    let (out, kv, saved) = attention_outside_graph(q, k, v, shape, cos, sin, packed, gemm, budget)?;
+    let (out, kv, saved) = attention_outside_graph(q, k, v, pass)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok((out, kv));
     }
@@ -57,18 +64,20 @@ pub fn self_attention(
 
 /// [`self_attention`] without a graph node: the output, the keys and values, and what the
 /// backward needs ([`SelfAttention::grads`]), for a backward written by hand.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_outside_graph(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    shape: Heads,
-    cos: &Tensor,
-    sin: &Tensor,
-    packed: &[usize],
-    gemm: GemmMode,
-    budget: usize,
+    pass: &PassAttention<'_>,
 ) -> Result<(Tensor, (Tensor, Tensor), SelfAttention)> {
+    let PassAttention {
+        heads: shape,
+        cos,
+        sin,
+        packed,
+        gemm,
+        budget,
+    } = *pass;
     let (b, t, _) = q.dims3()?;
     let Heads {
         heads: nh,

@@ -13,11 +13,11 @@
 //! the first norm's input gradient (tests/block_backward.rs; tests/checkpointing.rs against
 //! the non-checkpointed backward). On the real unit this ran 1.05-1.06x faster than the
 //! graph backward (`KTO_TRAIN_GRAPH_BACKWARD=1`; one epoch each, alternated, two rounds).
-use super::llama::{attention_spans, Block, BlockContext};
+use super::llama::{attention_spans, pass_attention, Block, BlockContext};
 use super::lora::Linear;
 use super::pass::PassMode;
-use crate::kernels::self_attention::{attention_outside_graph, Heads, SelfAttention};
-use crate::kernels::{attention, fused};
+use crate::kernels::fused;
+use crate::kernels::self_attention::{attention_outside_graph, SelfAttention};
 use crate::util::profile;
 use candle_core::{Result, Tensor, Var};
 
@@ -61,22 +61,9 @@ impl Block {
         let q = project(&attn.q_proj, &h1, pass, ctx)?;
         let k = project(&attn.k_proj, &h1, pass, ctx)?;
         let v = project(&attn.v_proj, &h1, pass, ctx)?;
-        let shape = Heads {
-            heads: ctx.heads,
-            kv_heads: ctx.kv_heads,
-            head_dim: ctx.head_dim,
-        };
-        let (a, _, attn_saved) = attention_outside_graph(
-            &q.y,
-            &k.y,
-            &v.y,
-            shape,
-            &ctx.cos,
-            &ctx.sin,
-            &attention_spans(ctx),
-            ctx.gemm,
-            attention::budget(),
-        )?;
+        let packed = attention_spans(ctx);
+        let (a, _, attn_saved) =
+            attention_outside_graph(&q.y, &k.y, &v.y, &pass_attention(ctx, &packed))?;
         let o = project(&attn.o_proj, &a, pass, ctx)?;
         let x_mid = fused::add(x, &o.y)?;
         let h2 = self.post_attention_layernorm.forward(&x_mid, true)?;

@@ -170,22 +170,8 @@ impl Attention {
                 project(&self.v_proj)?,
             );
             let packed = attention_spans(ctx);
-            let shape = self_attention::Heads {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-            };
-            let (y, (kh, vh)) = self_attention::self_attention(
-                &q,
-                &k,
-                &v,
-                shape,
-                &ctx.cos,
-                &ctx.sin,
-                &packed,
-                ctx.gemm,
-                attention::budget(),
-            )?;
+            let spec = pass_attention(ctx, &packed);
+            let (y, (kh, vh)) = self_attention::self_attention(&q, &k, &v, &spec)?;
             if let Some(c) = capture {
                 c.push((kh, vh));
             }
@@ -236,6 +222,25 @@ impl Attention {
 /// is one sequence).
 pub(crate) fn attention_spans(ctx: &BlockContext) -> Vec<usize> {
     ctx.segments.iter().map(|s| s.len).collect()
+}
+
+/// How the pass's attention runs, for [`self_attention`] (`packed` from [`attention_spans`]).
+pub(crate) fn pass_attention<'a>(
+    ctx: &'a BlockContext,
+    packed: &'a [usize],
+) -> self_attention::PassAttention<'a> {
+    self_attention::PassAttention {
+        heads: self_attention::Heads {
+            heads: ctx.heads,
+            kv_heads: ctx.kv_heads,
+            head_dim: ctx.head_dim,
+        },
+        cos: &ctx.cos,
+        sin: &ctx.sin,
+        packed,
+        gemm: ctx.gemm,
+        budget: attention::budget(),
+    }
 }
 
 /// Attention of a packed pass (`ctx.segments`): each sequence's queries over its own keys only
