@@ -90,7 +90,7 @@ impl Block {
 
     /// dL/dx and the gradients of the block's LoRA weights, for its input `x` and its output's
     /// gradient `dy` (inside a replay of kept projection outputs, the recomputation takes
-    /// them). Only where [`Block::backward_by_hand`] holds.
+    /// them). Only where [`Block::hand_written`] holds.
     pub(crate) fn grads_by_hand(
         &self,
         x: &Tensor,

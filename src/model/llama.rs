@@ -162,7 +162,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, hd) = (ctx.b, ctx.t, ctx.head_dim);
         let (nh, nkv) = (ctx.heads, ctx.kv_heads);
-        if prefix.is_none() && Block::backward_by_hand(ctx, h) {
+        if prefix.is_none() && Block::hand_written(ctx, h) {
             let project = |lin: &Linear| lin.forward(h, pass, ctx.gemm);
             let (q, k, v) = (
                 project(&self.q_proj)?,
@@ -379,16 +379,23 @@ impl Block {
         prefix: Option<&LayerKv>,
         capture: Option<&mut Vec<LayerKv>>,
     ) -> Result<Tensor> {
+        let add = |a: &Tensor, b: &Tensor| {
+            if ctx.use_fused {
+                fused::add(a, b)
+            } else {
+                a + b
+            }
+        };
         let h = self.input_layernorm.forward(x, ctx.use_fused)?;
-        let x = fused::add(x, &self.self_attn.forward(&h, pass, ctx, prefix, capture)?)?;
+        let x = add(x, &self.self_attn.forward(&h, pass, ctx, prefix, capture)?)?;
         let h = self.post_attention_layernorm.forward(&x, ctx.use_fused)?;
-        fused::add(&x, &self.mlp.forward(&h, pass, ctx)?)
+        add(&x, &self.mlp.forward(&h, pass, ctx)?)
     }
 
     /// Whether the block's attention runs as one node from its projections' outputs, and a
     /// checkpointed block's backward by hand (`block_grad`): the fused ops on the CPU, every
     /// sequence from position 0 without a given prefix.
-    pub(crate) fn backward_by_hand(ctx: &BlockContext, x: &Tensor) -> bool {
+    pub(crate) fn hand_written(ctx: &BlockContext, x: &Tensor) -> bool {
         ctx.use_fused
             && x.device().is_cpu()
             && fused::available(x)
@@ -416,7 +423,7 @@ impl Block {
         let (block, ctx) = (self.clone(), ctx.clone());
         // The projections' outputs kept by the forward, taken by the (single) recomputation.
         let kept = std::sync::Mutex::new(Some(kept));
-        if Block::backward_by_hand(&ctx, x) && !graph_backward() {
+        if Block::hand_written(&ctx, x) && !graph_backward() {
             let backward: checkpoint::Backward = Arc::new(move |x, dy| {
                 let run = || block.grads_by_hand(x, dy, pass, &ctx);
                 match kept.lock().ok().and_then(|mut k| k.take()) {

@@ -51,16 +51,11 @@ impl Linear {
             return self.frozen_forward(x, gemm);
         };
         let mask = self.dropout_mask(x, lora, pass)?;
-        let branch = LoraBranch {
-            a: lora.a.as_tensor(),
-            b: lora.b.as_tensor(),
-            scale: lora.scale,
-        };
         lora_linear(
             x,
             &self.weight,
             self.bias.as_ref(),
-            branch,
+            Self::branch(lora),
             mask,
             gemm,
             pass.grad,
