@@ -122,3 +122,65 @@ fn add_outside_the_graph_equals_candles_add() {
         assert_eq!(max_abs_diff(g.get(v.as_tensor()).unwrap(), &ones), 0.0);
     }
 }
+
+/// The head split with RoPE in one pass equals the transposed copy rotated by `fused::rope`,
+/// bit for bit, and the merge (with the inverse rotation) brings the projection layout back.
+#[test]
+fn split_and_merge_heads_equal_the_transposed_copy_and_rope() {
+    use candle_core::{Device, Tensor};
+    use kto_train::kernels::fused;
+    let (b, t, n, d) = (2, 7, 3, 8);
+    for dtype in [DType::F32, DType::F64] {
+        let x = Tensor::randn(0f32, 1.0, (b, t, n * d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let angles: Vec<f64> = (0..t * d)
+            .map(|i| (i / d) as f64 / 10000f64.powf(2.0 * ((i % d) % (d / 2)) as f64 / d as f64))
+            .collect();
+        let table = |f: fn(f64) -> f64| {
+            Tensor::from_vec(
+                angles.iter().map(|&a| f(a)).collect::<Vec<_>>(),
+                (t, d),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+        };
+        let (cos, sin) = (table(f64::cos), table(f64::sin));
+        let copy = x
+            .reshape((b, t, n, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let want = fused::rope(&copy, &cos, &sin).unwrap();
+        let got = fused::split_heads(&x, n, Some((&cos, &sin))).unwrap();
+        assert_eq!(got.dims(), &[b, n, t, d]);
+        assert_eq!(max_abs_diff(&got, &want), 0.0, "{dtype:?} split + rope");
+        let plain = fused::split_heads(&x, n, None).unwrap();
+        assert_eq!(max_abs_diff(&plain, &copy), 0.0, "{dtype:?} split");
+        // Back: the inverse rotation, then the projection layout.
+        let back = fused::merge_heads(&got, Some((&cos, &sin.neg().unwrap()))).unwrap();
+        assert_eq!(back.dims(), &[b, t, n * d]);
+        assert!(
+            max_abs_diff(&back, &x) < 1e-5,
+            "{dtype:?} merge undoes split"
+        );
+        let want_back = fused::rope(&got, &cos, &sin.neg().unwrap())
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, t, n * d))
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&back, &want_back),
+            0.0,
+            "{dtype:?} merge + rope"
+        );
+    }
+}

@@ -538,6 +538,151 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(cos, sin, Rope)
 }
 
+// ---------------------------------------------------------------- Heads layout
+
+/// Between a projection's layout [B, T, n * d] and the attention's heads [B, n, T, d], with
+/// RoPE (tables [T, d]) applied on the way when given: one pass instead of a transposed copy
+/// and a rotation pass, the same arithmetic as [`rope`] on the copy.
+struct Heads {
+    n: usize,
+    /// To heads ([B, T, n d] -> [B, n, T, d]), else back.
+    split: bool,
+}
+
+/// One row of d values, rotated by the tables' row when given (as `rope_fwd`).
+#[inline(always)]
+fn rotate_row<T: Fl>(x: &[T], y: &mut [MaybeUninit<T>], tables: Option<(&[T], &[T])>) {
+    let Some((c, s)) = tables else {
+        for (y, &x) in y.iter_mut().zip(x) {
+            y.write(x);
+        }
+        return;
+    };
+    let half = x.len() / 2;
+    for i in 0..half {
+        y[i].write(x[i] * c[i] - x[i + half] * s[i]);
+        y[i + half].write(x[i + half] * c[i + half] + x[i] * s[i + half]);
+    }
+}
+
+fn heads_fwd<T: Fl>(
+    op: &Heads,
+    xs: &CpuStorage,
+    xl: &Layout,
+    tables: Option<(&CpuStorage, &Layout, &CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let x = contig::<T>(xs, xl)?;
+    let dims = xl.dims();
+    let n = op.n;
+    let (b, t, d) = if op.split {
+        let (b, t, nd) = (dims[0], dims[1], dims[2]);
+        (b, t, nd / n.max(1))
+    } else {
+        (dims[0], dims[2], dims[3])
+    };
+    let tables = match tables {
+        Some((cs, cl, ss, sl)) => {
+            let (c, s) = (contig::<T>(cs, cl)?, contig::<T>(ss, sl)?);
+            if c.len() != t * d || s.len() != t * d || !d.is_multiple_of(2) {
+                candle_core::bail!("fused heads: tables of {} for [{t}, {d}]", c.len());
+            }
+            Some((c, s))
+        }
+        None => None,
+    };
+    let row_tables =
+        |p: usize| tables.map(|(c, s)| (&c[p * d..(p + 1) * d], &s[p * d..(p + 1) * d]));
+    let y = if op.split {
+        // Output blocks: one head of one batch row, [T, d].
+        let fill = |blk: usize, y: &mut [MaybeUninit<T>]| {
+            let (bi, h) = (blk / n, blk % n);
+            wide(
+                #[inline(always)]
+                || {
+                    for p in 0..t {
+                        let src = &x[((bi * t + p) * n + h) * d..][..d];
+                        rotate_row(src, &mut y[p * d..(p + 1) * d], row_tables(p));
+                    }
+                },
+            )
+        };
+        // SAFETY: each block of t * d values is written row by row.
+        unsafe { par_out(b * n * t * d, t * d, fill) }
+    } else {
+        // Output blocks: one position of one batch row, [n * d].
+        let fill = |blk: usize, y: &mut [MaybeUninit<T>]| {
+            let (bi, p) = (blk / t, blk % t);
+            wide(
+                #[inline(always)]
+                || {
+                    for h in 0..n {
+                        let src = &x[((bi * n + h) * t + p) * d..][..d];
+                        rotate_row(src, &mut y[h * d..(h + 1) * d], row_tables(p));
+                    }
+                },
+            )
+        };
+        // SAFETY: each block of n * d values is written head by head.
+        unsafe { par_out(b * n * t * d, n * d, fill) }
+    };
+    let shape = if op.split {
+        Shape::from((b, n, t, d))
+    } else {
+        Shape::from((b, t, n * d))
+    };
+    Ok((T::to_cpu_storage_owned(y), shape))
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "fused-heads"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        by_dtype!(s1, heads_fwd, self, s1, l1, None)
+    }
+}
+
+struct HeadsRope(Heads);
+
+impl CustomOp3 for HeadsRope {
+    fn name(&self) -> &'static str {
+        "fused-heads-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::util::profile::phase(self.name());
+        by_dtype!(s1, heads_fwd, &self.0, s1, l1, Some((s2, l2, s3, l3)))
+    }
+}
+
+/// x [B, T, n * d] as [B, n, T, d] (CPU, f32/f64, outside the graph), rotated by RoPE with
+/// tables `rope` = (cos, sin) [T, d] when given: `rope(split)` of the transposed copy, bit for bit.
+pub fn split_heads(x: &Tensor, n: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    heads(x, Heads { n, split: true }, rope)
+}
+
+/// The inverse layout: x [B, n, T, d] as [B, T, n * d], rotated first when `rope` is given.
+pub fn merge_heads(x: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let n = x.dim(1)?;
+    heads(x, Heads { n, split: false }, rope)
+}
+
+fn heads(x: &Tensor, op: Heads, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    match rope {
+        Some((c, s)) => x.apply_op3_no_bwd(&c.contiguous()?, &s.contiguous()?, &HeadsRope(op)),
+        None => x.apply_op1_no_bwd(&op),
+    }
+}
+
 // ---------------------------------------------------------------- Causal softmax
 
 /// softmax(scale * s + causal mask) over the last dim of scores [.., R, T], where row r is the

@@ -7,9 +7,10 @@
 //! narrows and copies of its rows, the attention, then the concatenation and the transpose
 //! back), and candle's backward allocates, zero-fills and adds a gradient buffer of the pass's
 //! size for each of them; a narrow's gradient is first padded with zeros to the whole tensor.
-//! The node runs the same kernels on the same values outside the graph and hands back dq, dk,
-//! dv in the projections' layout, so its values and gradients are bit for bit those of the
-//! separate ops (tests/self_attention.rs), with a fraction of the memory traffic.
+//! The node runs the same arithmetic on the same values outside the graph (the head split and
+//! RoPE in one pass: `fused::split_heads`, `fused::merge_heads`) and hands back dq, dk, dv in
+//! the projections' layout, so its values and gradients are bit for bit those of the separate
+//! ops (tests/self_attention.rs), with a fraction of the memory traffic.
 use super::attention::{attend, Attended};
 use super::fused;
 use super::gemm::GemmMode;
@@ -91,15 +92,9 @@ pub fn attention_outside_graph(
         candle_core::bail!("self attention: packed lengths {packed:?} do not fill [{b}, {t}]");
     }
     let group = nh / nkv;
-    let split = |x: &Tensor, n: usize| -> Result<Tensor> {
-        x.detach()
-            .reshape((b, t, n, hd))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    let qh = fused::rope(&split(q, nh)?, cos, sin)?;
-    let kh = fused::rope(&split(k, nkv)?, cos, sin)?;
-    let vh = split(v, nkv)?;
+    let qh = fused::split_heads(&q.detach(), nh, Some((cos, sin)))?;
+    let kh = fused::split_heads(&k.detach(), nkv, Some((cos, sin)))?;
+    let vh = fused::split_heads(&v.detach(), nkv, None)?;
     let scale = 1.0 / (hd as f64).sqrt();
     let mut parts = Vec::with_capacity(packed.len().max(1));
     let out = if packed.is_empty() {
@@ -136,10 +131,7 @@ pub fn attention_outside_graph(
         }
         Tensor::cat(&outs, 3)?.reshape((1, nh, t, hd))?
     };
-    let out = out
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, t, nh * hd))?;
+    let out = fused::merge_heads(&out, None)?;
     let saved = SelfAttention {
         parts,
         packed: packed.to_vec(),
@@ -179,7 +171,7 @@ impl SelfAttention {
     pub fn grads(&self, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, nkv, group, hd) = self.dims;
         let nh = nkv * group;
-        let gh = g.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let gh = fused::split_heads(g, nh, None)?;
         let (dq, dk, dv) = if self.packed.is_empty() {
             let p = &self.parts[0];
             let gs = gh.reshape((b, nkv, group * t, hd))?;
@@ -213,12 +205,9 @@ impl SelfAttention {
         };
         // RoPE's transpose is the rotation by -angle (see fused::rope).
         let neg_sin = self.sin.neg()?;
-        let merge = |x: &Tensor, n: usize| -> Result<Tensor> {
-            x.transpose(1, 2)?.contiguous()?.reshape((b, t, n * hd))
-        };
-        let dq = merge(&fused::rope(&dq, &self.cos, &neg_sin)?, nh)?;
-        let dk = merge(&fused::rope(&dk, &self.cos, &neg_sin)?, nkv)?;
-        let dv = merge(&dv, nkv)?;
+        let dq = fused::merge_heads(&dq, Some((&self.cos, &neg_sin)))?;
+        let dk = fused::merge_heads(&dk, Some((&self.cos, &neg_sin)))?;
+        let dv = fused::merge_heads(&dv, None)?;
         Ok((dq, dk, dv))
     }
 }
