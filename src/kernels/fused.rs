@@ -592,39 +592,27 @@ fn heads_fwd<T: Fl>(
     };
     let row_tables =
         |p: usize| tables.map(|(c, s)| (&c[p * d..(p + 1) * d], &s[p * d..(p + 1) * d]));
-    let y = if op.split {
-        // Output blocks: one head of one batch row, [T, d].
-        let fill = |blk: usize, y: &mut [MaybeUninit<T>]| {
-            let (bi, h) = (blk / n, blk % n);
-            wide(
-                #[inline(always)]
-                || {
-                    for p in 0..t {
-                        let src = &x[((bi * t + p) * n + h) * d..][..d];
-                        rotate_row(src, &mut y[p * d..(p + 1) * d], row_tables(p));
-                    }
-                },
-            )
-        };
-        // SAFETY: each block of t * d values is written row by row.
-        unsafe { par_out(b * n * t * d, t * d, fill) }
-    } else {
-        // Output blocks: one position of one batch row, [n * d].
-        let fill = |blk: usize, y: &mut [MaybeUninit<T>]| {
-            let (bi, p) = (blk / t, blk % t);
-            wide(
-                #[inline(always)]
-                || {
-                    for h in 0..n {
-                        let src = &x[((bi * n + h) * t + p) * d..][..d];
-                        rotate_row(src, &mut y[h * d..(h + 1) * d], row_tables(p));
-                    }
-                },
-            )
-        };
-        // SAFETY: each block of n * d values is written head by head.
-        unsafe { par_out(b * n * t * d, n * d, fill) }
+    // Output blocks: to heads, one head of one batch row ([T, d], a row per position); back,
+    // one position of one batch row ([n d], a row per head).
+    let (per_row, rows) = if op.split { (n, t) } else { (t, n) };
+    let fill = |blk: usize, y: &mut [MaybeUninit<T>]| {
+        let (bi, j) = (blk / per_row, blk % per_row);
+        wide(
+            #[inline(always)]
+            || {
+                for r in 0..rows {
+                    let (p, from) = if op.split {
+                        (r, ((bi * t + r) * n + j) * d)
+                    } else {
+                        (j, ((bi * n + r) * t + j) * d)
+                    };
+                    rotate_row(&x[from..][..d], &mut y[r * d..(r + 1) * d], row_tables(p));
+                }
+            },
+        )
     };
+    // SAFETY: each block of rows * d values is written row by row.
+    let y = unsafe { par_out(b * n * t * d, rows * d, fill) };
     let shape = if op.split {
         Shape::from((b, n, t, d))
     } else {
