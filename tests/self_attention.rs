@@ -87,6 +87,17 @@ impl Case {
     }
 }
 
+/// x [B, T, n * d] as [B, n, T, d], by candle's transposed copy.
+fn to_heads(x: &Tensor, n: usize, d: usize) -> Tensor {
+    let (b, t, _) = x.dims3().unwrap();
+    x.reshape((b, t, n, d))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+}
+
 /// The same attention as separate graph ops, the way a block composed it before the node.
 fn separate_ops(
     [q, k, v]: [&Tensor; 3],
@@ -101,14 +112,7 @@ fn separate_ops(
         head_dim: hd,
     } = case.heads;
     let (b, t, group) = (case.b, case.t(), nh / nkv);
-    let split = |x: &Tensor, n: usize| {
-        x.reshape((b, t, n, hd))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-    };
+    let split = |x: &Tensor, n: usize| to_heads(x, n, hd);
     let qh = fused::rope(&split(q, nh), cos, sin).unwrap();
     let kh = fused::rope(&split(k, nkv), cos, sin).unwrap();
     let vh = split(v, nkv);
@@ -308,14 +312,7 @@ fn node_matches_separate_ops_and_the_definition() {
                     );
                 }
                 // The keys after RoPE and the values, in heads layout.
-                let heads_of = |x: &Tensor, n: usize| {
-                    x.reshape((b, t, n, hd))
-                        .unwrap()
-                        .transpose(1, 2)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
-                };
+                let heads_of = |x: &Tensor, n: usize| to_heads(x, n, hd);
                 let want_k = fused::rope(&heads_of(inputs[1], nkv), &cos, &sin).unwrap();
                 assert!(same_bits(&kh, &want_k) && same_bits(&vh, &heads_of(inputs[2], nkv)));
                 let want = reference(inputs, case);

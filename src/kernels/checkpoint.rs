@@ -45,14 +45,7 @@ pub fn checkpointed(
     params: Vec<Var>,
     recompute: Recompute,
 ) -> Result<Option<Tensor>> {
-    let Some(anchor) = params.first().map(|v| v.as_tensor().clone()) else {
-        return Ok(None);
-    };
-    let op = Checkpoint {
-        params,
-        backward: PieceBackward::Recompute(recompute),
-    };
-    Ok(Some(x.apply_op3(&y.contiguous()?, &anchor, op)?))
+    record(x, y, params, PieceBackward::Recompute(recompute))
 }
 
 /// [`checkpointed`] for a piece whose backward is written by hand: candle's backward never sees
@@ -63,13 +56,19 @@ pub fn checkpointed_by_hand(
     params: Vec<Var>,
     backward: Backward,
 ) -> Result<Option<Tensor>> {
+    record(x, y, params, PieceBackward::ByHand(backward))
+}
+
+fn record(
+    x: &Tensor,
+    y: &Tensor,
+    params: Vec<Var>,
+    backward: PieceBackward,
+) -> Result<Option<Tensor>> {
     let Some(anchor) = params.first().map(|v| v.as_tensor().clone()) else {
         return Ok(None);
     };
-    let op = Checkpoint {
-        params,
-        backward: PieceBackward::ByHand(backward),
-    };
+    let op = Checkpoint { params, backward };
     Ok(Some(x.apply_op3(&y.contiguous()?, &anchor, op)?))
 }
 

@@ -468,19 +468,18 @@ fn rope_fwd<T: Fl>(
     if !d.is_multiple_of(2) {
         candle_core::bail!("fused rope: the head dimension {d} is odd");
     }
-    let half = d / 2;
     let fill = |block: usize, y: &mut [MaybeUninit<T>]| {
         let x = &x[block * t * d..(block + 1) * t * d];
         wide(
             #[inline(always)]
             || {
                 for p in 0..t {
-                    let (xr, yr) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
-                    let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-                    for i in 0..half {
-                        yr[i].write(xr[i] * c[i] - xr[i + half] * s[i]);
-                        yr[i + half].write(xr[i + half] * c[i + half] + xr[i] * s[i + half]);
-                    }
+                    let tables = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
+                    rotate_row(
+                        &x[p * d..(p + 1) * d],
+                        &mut y[p * d..(p + 1) * d],
+                        Some(tables),
+                    );
                 }
             },
         )
@@ -549,7 +548,7 @@ struct Heads {
     split: bool,
 }
 
-/// One row of d values, rotated by the tables' row when given (as `rope_fwd`).
+/// One row of d values, rotated by the tables' row when given (RoPE; d even).
 #[inline(always)]
 fn rotate_row<T: Fl>(x: &[T], y: &mut [MaybeUninit<T>], tables: Option<(&[T], &[T])>) {
     let Some((c, s)) = tables else {
@@ -576,7 +575,10 @@ fn heads_fwd<T: Fl>(
     let n = op.n;
     let (b, t, d) = if op.split {
         let (b, t, nd) = (dims[0], dims[1], dims[2]);
-        (b, t, nd / n.max(1))
+        if n == 0 || !nd.is_multiple_of(n) {
+            candle_core::bail!("fused heads: rows of {nd} values for {n} heads");
+        }
+        (b, t, nd / n)
     } else {
         (dims[0], dims[2], dims[3])
     };
@@ -1189,9 +1191,9 @@ impl CustomOp2 for Add {
 
 /// a + b for tensors of one shape. Outside the graph (neither tracked) on the CPU this is one
 /// parallel pass: the residual stream of passes without a gradient and the sums of a backward
-/// by hand. candle's add took 0.054 s of a 1.45 s step on the real unit (about 0.22 ms per
-/// [330, 576] sum; KTO_TRAIN_PROFILE with a phase around the residual adds), and this one ran
-/// the unit 1.07x faster (one epoch each, alternated, two rounds). Otherwise candle's add.
+/// by hand. candle's add took 0.054 s of a 1.45 s step on the real unit (KTO_TRAIN_PROFILE with
+/// a phase around the residual adds), and this one ran the unit 1.07x faster (one epoch each,
+/// alternated, two rounds). Otherwise candle's add.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.track_op()
         || b.track_op()
