@@ -35,12 +35,15 @@ struct Path {
     label: &'static str,
     engine: gemm::Engine,
     mode: GemmMode,
+    /// Our f32 kernel for products with a small side (LoRA, attention) before gemmkit.
+    small: bool,
 }
 
 impl Path {
     /// Switches the process to this path and returns the mode to pass to the ops.
     fn select(self) -> GemmMode {
         gemm::set_engine(self.engine);
+        gemm::set_small_kernel(self.small);
         self.mode
     }
 }
@@ -53,16 +56,25 @@ fn paths() -> Vec<Path> {
             label: "candle f32",
             engine: Native,
             mode: GemmMode::Candle,
+            small: false,
         },
         Path {
             label: "gemmkit f32",
             engine: Native,
             mode: GemmMode::F32,
+            small: false,
+        },
+        Path {
+            label: "native f32",
+            engine: Native,
+            mode: GemmMode::F32,
+            small: true,
         },
         Path {
             label: "native bf16",
             engine: Native,
             mode: GemmMode::Bf16,
+            small: true,
         },
     ];
     if cfg!(feature = "fast-gemm") && gemm::load_error().is_none() {
@@ -81,15 +93,27 @@ fn paths() -> Vec<Path> {
             label: f,
             engine: Library,
             mode: GemmMode::F32,
+            small: false,
         });
         v.push(Path {
             label: b,
             engine: Library,
             mode: GemmMode::Bf16,
+            small: false,
         });
     }
     v
 }
+
+/// A product of two activations: (pass, name, A's dims, A transposed, B's dims, B transposed).
+type Act = (
+    &'static str,
+    &'static str,
+    Vec<usize>,
+    bool,
+    Vec<usize>,
+    bool,
+);
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -170,19 +194,30 @@ fn main() -> anyhow::Result<()> {
         gemm::clear_bf16_cache();
     }
     // Products of two activations (ops::matmul): attention at T = m / 2 per sequence with batch
-    // 2 (q @ k^T with k^T a view, P @ v), and LoRA r 16 (x @ A^T, h @ B^T, views of A and B).
+    // 2 (q @ k^T with k^T a view, P @ v), and LoRA r 16 forward (x @ A^T, h @ B^T, views of A
+    // and B) and backward (g @ B, dh @ A, and the weight gradients g^T @ h, dh^T @ x). These
+    // take tens of microseconds: each timing repeats the product until it lasts 2 ms.
     let t = m / 2;
-    let acts: [(&str, Vec<usize>, Vec<usize>, bool); 5] = [
-        ("attn q@k^T", vec![2, 5, 3 * t, 64], vec![2, 5, t, 64], true),
-        ("attn P@v", vec![2, 5, 3 * t, t], vec![2, 5, t, 64], false),
-        ("lora x@A^T", vec![m, 960], vec![16, 960], true),
-        ("lora h@B^T", vec![m, 16], vec![960, 16], true),
-        ("lora h@B^T up", vec![m, 16], vec![2560, 16], true),
+    #[rustfmt::skip]
+    let acts: [Act; 11] = [
+        ("fwd", "attn q@k^T", vec![2, 5, 3 * t, 64], false, vec![2, 5, t, 64], true),
+        ("fwd", "attn P@v", vec![2, 5, 3 * t, t], false, vec![2, 5, t, 64], false),
+        ("fwd", "lora x@A^T", vec![m, 960], false, vec![16, 960], true),
+        ("fwd", "lora h@B^T", vec![m, 16], false, vec![960, 16], true),
+        ("fwd", "lora h@B^T up", vec![m, 16], false, vec![2560, 16], true),
+        ("bwd", "lora g@B", vec![m, 960], false, vec![960, 16], false),
+        ("bwd", "lora g@B up", vec![m, 2560], false, vec![2560, 16], false),
+        ("bwd", "lora dh@A", vec![m, 16], false, vec![16, 960], false),
+        ("bwd", "lora dh@A down", vec![m, 16], false, vec![16, 2560], false),
+        ("bwd", "lora g^T@h", vec![m, 960], true, vec![m, 16], false),
+        ("bwd", "lora dh^T@x", vec![m, 16], true, vec![m, 960], false),
     ];
-    for (name, da, db, transpose_b) in acts {
-        let a = Tensor::randn(0f32, 1.0, da.as_slice(), &dev)?;
-        let b0 = Tensor::randn(0f32, 1.0, db.as_slice(), &dev)?;
-        let b = if transpose_b { b0.t()? } else { b0 };
+    for (dir, name, da, transpose_a, db, transpose_b) in acts {
+        let view = |dims: Vec<usize>, t: bool| -> anyhow::Result<Tensor> {
+            let x = Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?;
+            Ok(if t { x.t()? } else { x })
+        };
+        let (a, b) = (view(da, transpose_a)?, view(db, transpose_b)?);
         let (r_, kk, n) = {
             let ad = a.dims();
             let bd = b.dims();
@@ -193,12 +228,23 @@ fn main() -> anyhow::Result<()> {
             )
         };
         let flop = 2.0 * r_ as f64 * kk as f64 * n as f64;
+        let once = |mode: GemmMode| -> anyhow::Result<()> {
+            let y = matmul_with(&a, &b, mode)?;
+            let _ = y.dims();
+            Ok(())
+        };
+        let t0 = Instant::now();
+        once(GemmMode::F32)?;
+        let inner = (2e-3 / t0.elapsed().as_secs_f64().max(1e-7))
+            .ceil()
+            .clamp(1.0, 1e4) as usize;
         let run = |path: Path| -> anyhow::Result<f64> {
             let mode = path.select();
             let t0 = Instant::now();
-            let y = matmul_with(&a, &b, mode)?;
-            let _ = y.dims();
-            Ok(t0.elapsed().as_secs_f64())
+            for _ in 0..inner {
+                once(mode)?;
+            }
+            Ok(t0.elapsed().as_secs_f64() / inner as f64)
         };
         for &mode in &modes {
             run(mode)?;
@@ -210,7 +256,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let gflops: Vec<f64> = times.into_iter().map(|t| flop / median(t) / 1e9).collect();
-        rows.push(("fwd", name, n, kk, gflops));
+        rows.push((dir, name, n, kk, gflops));
     }
     if json {
         for (dir, name, n, k, g) in &rows {

@@ -576,6 +576,106 @@ fn raw_products_match_f64_on_odd_shapes() {
     }
 }
 
+/// The f32 kernel for products with a small side (src/kernels/gemm/small.rs: LoRA's rank,
+/// attention's head width) against f64, at the edges of its tiles: output widths around its
+/// one to four vectors (16, 32, 48, 64) and past them (several column panels, a partial last
+/// one), inner dimensions from 1 to past 64, rows around its 6, 8, 12 and 16-row tiles (a
+/// partial last block, which a transposed A reads from a padded copy), products small enough
+/// to run on one thread and large enough to be shared, every transpose combination (a
+/// transposed B is copied to rows first). Each value is one FMA chain whichever thread ran it:
+/// two runs agree bit for bit. Then the accumulating form (beta = 1) through `add_product`.
+/// With another engine (oneDNN), or without AVX-512, the same products run there and must
+/// agree all the same.
+#[test]
+fn small_side_products_match_f64() {
+    let mut r = rng(12);
+    let shapes = [
+        // n <= 64 (one panel of 1-4 vectors), rows across the tile heights
+        (1, 1, 1),
+        (5, 16, 40),
+        (13, 15, 961),
+        (17, 17, 3),
+        (25, 32, 100),
+        (23, 33, 64),
+        (9, 48, 65),
+        (31, 49, 130),
+        (7, 64, 7),
+        (326, 16, 576),
+        (489, 64, 163),
+        // k <= 64, n past 64: several panels, the last partial
+        (13, 65, 16),
+        (326, 960, 16),
+        (489, 163, 64),
+        (6, 200, 1),
+        // m <= 16, n and k large: the weight gradient dA = dh^T x
+        (16, 960, 326),
+        (3, 130, 200),
+    ];
+    for (m, n, k) in shapes {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let (lda, ldb) = (ac + 1, bc + 2);
+            let a: Vec<f32> = (0..ar * lda).map(|_| r.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..br * ldb).map(|_| r.random_range(-1.0..1.0)).collect();
+            let at = |i: usize, j: usize| if ta { a[j * lda + i] } else { a[i * lda + j] };
+            let bt = |i: usize, j: usize| if tb { b[j * ldb + i] } else { b[i * ldb + j] };
+            let (pa, pb) = (
+                gemm::MatRef {
+                    data: &a[..],
+                    trans: ta,
+                    ld: lda,
+                },
+                gemm::MatRef {
+                    data: &b[..],
+                    trans: tb,
+                    ld: ldb,
+                },
+            );
+            let mut c = vec![f32::NAN; m * n];
+            let mut again = vec![f32::NAN; m * n];
+            gemm::sgemm(m, n, k, pa, pb, &mut c).unwrap();
+            gemm::sgemm(m, n, k, pa, pb, &mut again).unwrap();
+            assert!(
+                c.iter()
+                    .zip(&again)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m}x{n}x{k} ta={ta} tb={tb}: two runs differ"
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut want, mut scale) = (0.0f64, 0.0f64);
+                    for l in 0..k {
+                        let p = at(i, l) as f64 * bt(l, j) as f64;
+                        want += p;
+                        scale += p.abs();
+                    }
+                    let err = (c[i * n + j] as f64 - want).abs() / scale.max(1e-30);
+                    assert!(
+                        err < F32_TOL,
+                        "{m}x{n}x{k} ta={ta} tb={tb} at ({i},{j}): {} vs {want}: {err:e}",
+                        c[i * n + j]
+                    );
+                }
+            }
+        }
+    }
+    // acc + h @ b^T accumulated in place (beta = 1): rank-16 and rank-64 branches, odd widths.
+    for (m, n, rank) in [(7, 96, 16), (45, 163, 16), (326, 576, 16), (13, 65, 64)] {
+        let acc = rand_tensor(&mut r, &[m, n], 1.0);
+        let h = rand_tensor(&mut r, &[m, rank], 1.0);
+        let b = rand_tensor(&mut r, &[n, rank], 0.1);
+        let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let want = (f64_of(&acc) + f64_of(&h).matmul(&f64_of(&b).t().unwrap()).unwrap()).unwrap();
+        let scale = (abs_scale(&h, &b) + f64_of(&acc.abs().unwrap())).unwrap();
+        let got =
+            kto_train::kernels::products::add_product(acc.copy().unwrap(), &h, &b, GemmMode::F32)
+                .unwrap();
+        let err = max_scaled_err(&got, &want.to_dtype(DType::F32).unwrap(), &scale);
+        assert!(err < F32_TOL, "add_product {m}x{n} rank {rank}: {err:e}");
+    }
+}
+
 /// CI runs this suite a second time with `KTO_TRAIN_GEMM_ENGINE=library` in a `fast-gemm` build:
 /// then the library must really be the engine, or that run would silently test gemmkit again.
 #[test]

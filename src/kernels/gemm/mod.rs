@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 #[cfg(feature = "fast-gemm")]
 mod loader;
 mod native;
+mod small;
 
 /// How the frozen-weight products are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -251,6 +252,12 @@ pub fn set_engine(e: Engine) {
         Engine::Library => 2,
     };
     ENGINE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Turns the f32 kernel for products with a small side (LoRA, attention; `small.rs`) on or off
+/// for the whole process, where the CPU has it (benches compare it with gemmkit alone).
+pub fn set_small_kernel(on: bool) {
+    small::set_enabled(on);
 }
 
 fn gemmkit_forced() -> bool {

@@ -55,6 +55,11 @@ pub(super) unsafe fn sgemm(
     beta: f32,
     c: *mut f32,
 ) {
+    if super::small::takes(m, n, k) {
+        // SAFETY: the caller's contract, which the small kernel shares.
+        unsafe { super::small::sgemm(m, n, k, a, b, beta, c) };
+        return;
+    }
     let (rsa, csa) = strides(&a);
     let (rsb, csb) = strides(&b);
     // SAFETY: the caller's contract; `c` is dense row-major and aliases neither operand.

@@ -1,0 +1,412 @@
+//! f32 products with one small side: a LoRA rank (x A^T, h B^T and their gradients) or an
+//! attention head's width (q k^T, P v and theirs), at the few hundred rows of a training pass.
+//!
+//! A general GEMM packs both operands into cache-sized panels first; with r = 16 columns or a
+//! 16-long inner dimension that packing and the per-call setup cost as much as the product
+//! (gemmkit ran these at 62-113 GFLOP/s in a real-data step's profile, against 900 on the large
+//! frozen products). Here op(A) is read in place, one broadcast per element, and op(B) is read
+//! in place when its rows are contiguous (copied to rows once otherwise): each output tile of
+//! MR rows x up to 64 columns stays in registers for the whole inner dimension and is written
+//! once.
+//!
+//! Each output value is one FMA chain over k in order, whatever the split over threads, so the
+//! result does not depend on the thread count.
+use super::MatRef;
+
+/// Whether this kernel runs the f32 product (m, n, k) on this CPU: one side at most
+/// [`SMALL`] (the output's width or the inner dimension) or at most 16 output rows.
+pub(super) fn takes(m: usize, n: usize, k: usize) -> bool {
+    supported() && (n <= SMALL || k <= SMALL || m <= 16)
+}
+
+/// The largest "small" output width or inner dimension: one tile's four vectors.
+const SMALL: usize = 64;
+
+/// 0: not chosen yet, 1: on, 2: off.
+static SWITCH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Turns the kernel on (where the CPU has it) or off for the whole process; by default it is on
+/// unless `KTO_TRAIN_SMALL_GEMM=0` (benches compare it with gemmkit).
+pub(super) fn set_enabled(on: bool) {
+    let on = on && cpu_has_it();
+    SWITCH.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn cpu_has_it() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn supported() -> bool {
+    use std::sync::atomic::Ordering;
+    match SWITCH.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            set_enabled(std::env::var("KTO_TRAIN_SMALL_GEMM").map_or(true, |v| v.trim() != "0"));
+            SWITCH.load(Ordering::Relaxed) == 1
+        }
+    }
+}
+
+/// `c = op(a) @ op(b) + beta * c`; `c` is dense row-major [m, n].
+///
+/// # Safety
+/// As `native::sgemm`: the operands passed `super::check` for (m, n, k), `c` points to m * n
+/// writable values (initialized when `beta` is not 0), and [`takes`] returned true.
+pub(super) unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    beta: f32,
+    c: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract; AVX-512F was detected by `takes`.
+    unsafe {
+        avx512::sgemm(m, n, k, a, b, beta, c)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, n, k, a, b, beta, c);
+        unreachable!("small::takes is false off x86_64")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::MatRef;
+    use std::arch::x86_64::*;
+
+    /// op(M)'s (row stride, column stride) in elements.
+    fn strides(m: &MatRef<'_, f32>) -> (usize, usize) {
+        if m.trans {
+            (1, m.ld)
+        } else {
+            (m.ld, 1)
+        }
+    }
+
+    /// Products below this many multiply-adds run on the calling thread: handing work to
+    /// rayon's workers costs a few microseconds, the time of such a product.
+    const PARALLEL_FROM: usize = 1 << 16;
+
+    /// Pointers that the tasks share: the operands read, the output written in disjoint tiles.
+    #[derive(Clone, Copy)]
+    struct Ptrs {
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+    }
+    // SAFETY: the operands are only read, and every task writes disjoint tiles of C.
+    unsafe impl Send for Ptrs {}
+    unsafe impl Sync for Ptrs {}
+
+    impl Ptrs {
+        // A method, so that closures capture the whole (Sync) value, not its raw fields.
+        fn get(&self) -> (*const f32, *const f32, *mut f32) {
+            (self.a, self.b, self.c)
+        }
+    }
+
+    /// op(A) as a tile reads it: row-major (rows at stride `rs`, each contiguous), or
+    /// column-major (`cs` between columns, a column's rows adjacent: a transposed operand, whose
+    /// tile rows are then read at constant offsets).
+    #[derive(Clone, Copy)]
+    struct ALayout {
+        rs: usize,
+        cs: usize,
+    }
+
+    pub(super) unsafe fn sgemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+        beta: f32,
+        c: *mut f32,
+    ) {
+        // op(B) with contiguous rows, as the tiles load them: in place, or copied once (read
+        // along the stored rows, which are op(B)'s columns).
+        let (rsb, csb) = strides(&b);
+        let copy;
+        let (bp, ldb) = if csb == 1 {
+            (b.data.as_ptr(), rsb)
+        } else {
+            // SAFETY: op(B) [k, n] lies within `b` (the caller's contract).
+            copy = unsafe { rows_of(b.data.as_ptr(), rsb, csb, k, n) };
+            copy.rows()
+        };
+        let (rsa, csa) = strides(&a);
+        let al = ALayout { rs: rsa, cs: csa };
+        let ptrs = Ptrs {
+            a: a.data.as_ptr(),
+            b: bp,
+            c,
+        };
+        let nv = n.min(super::SMALL).div_ceil(16);
+        // Tile rows for the tile's vectors: at most 28 of the 32 registers hold accumulators.
+        // SAFETY (all arms): the caller's contract; `bp` holds k rows of n values at `ldb`.
+        unsafe {
+            match (a.trans, nv) {
+                (true, 1) => tiles::<16, 1, true>(m, n, k, ptrs, al, ldb, beta),
+                (true, 2) => tiles::<12, 2, true>(m, n, k, ptrs, al, ldb, beta),
+                (true, 3) => tiles::<8, 3, true>(m, n, k, ptrs, al, ldb, beta),
+                (true, _) => tiles::<6, 4, true>(m, n, k, ptrs, al, ldb, beta),
+                (false, 1) => tiles::<12, 1, false>(m, n, k, ptrs, al, ldb, beta),
+                (false, 2) => tiles::<12, 2, false>(m, n, k, ptrs, al, ldb, beta),
+                (false, 3) => tiles::<8, 3, false>(m, n, k, ptrs, al, ldb, beta),
+                (false, _) => tiles::<6, 4, false>(m, n, k, ptrs, al, ldb, beta),
+            }
+        }
+    }
+
+    /// A copy of op(B) whose rows start on cache lines, so that no vector load of a row
+    /// straddles two lines.
+    struct Rows {
+        data: Vec<f32>,
+        start: usize,
+        ld: usize,
+    }
+
+    impl Rows {
+        fn rows(&self) -> (*const f32, usize) {
+            (self.data[self.start..].as_ptr(), self.ld)
+        }
+    }
+
+    /// op(B) [k, n] (column stride `cs`, row stride `rs`) copied to rows: for each row, 16
+    /// columns at a time gathered in one instruction (a scalar loop writing the copy's strided
+    /// columns cost as much as the product it served).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_of(b: *const f32, rs: usize, cs: usize, k: usize, n: usize) -> Rows {
+        let ld = n.next_multiple_of(16);
+        let mut data: Vec<f32> = Vec::with_capacity(k * ld + 16);
+        let start = data.as_ptr().align_offset(64).min(15);
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(cs as i32),
+        );
+        let t = data.as_mut_ptr().wrapping_add(start);
+        for j0 in (0..ld).step_by(16) {
+            let left = n.saturating_sub(j0);
+            let mask: __mmask16 = if left >= 16 {
+                0xffff
+            } else {
+                (1u16 << left) - 1
+            };
+            for p in 0..k {
+                // SAFETY: columns j0..j0 + 16 (masked to n) of row p lie within op(B); the
+                // copy has room for k rows of `ld` values after `start`. Columns past n are
+                // written as zeros.
+                unsafe {
+                    let src = b.add(j0 * cs + p * rs);
+                    let v =
+                        _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, src.cast());
+                    _mm512_storeu_ps(t.add(p * ld + j0), v);
+                }
+            }
+        }
+        // SAFETY: the `start` values before the first row are zeroed here, the rows were
+        // written above.
+        unsafe {
+            std::ptr::write_bytes(data.as_mut_ptr(), 0, start);
+            data.set_len(start + k * ld);
+        }
+        Rows { data, start, ld }
+    }
+
+    /// Splits C into tiles of MR rows x 16 NV columns and runs them, over rayon's workers when
+    /// the product is large enough. With a column-major op(A) (`A_T`), the last, partial row
+    /// block reads a zero-padded copy of its rows, so that every tile reads MR rows.
+    unsafe fn tiles<const MR: usize, const NV: usize, const A_T: bool>(
+        m: usize,
+        n: usize,
+        k: usize,
+        ptrs: Ptrs,
+        al: ALayout,
+        ldb: usize,
+        beta: f32,
+    ) {
+        let nr = 16 * NV;
+        let (row_blocks, panels) = (m.div_ceil(MR), n.div_ceil(nr));
+        let count = row_blocks * panels;
+        let full = m / MR;
+        let edge: Vec<f32> = if A_T && full < row_blocks {
+            let mut e = vec![0f32; k * MR];
+            for p in 0..k {
+                for r in 0..m - full * MR {
+                    // SAFETY: row full * MR + r < m and column p < k of op(A).
+                    e[p * MR + r] = unsafe { *ptrs.a.add((full * MR + r) * al.rs + p * al.cs) };
+                }
+            }
+            e
+        } else {
+            Vec::new()
+        };
+        let edge_ptr = edge.as_ptr() as usize;
+        // Tile t: row block t / panels, panel t % panels (a row block's A stays in L1 across
+        // its panels).
+        let run = |range: std::ops::Range<usize>| {
+            let (pa, pb, pc) = ptrs.get();
+            for t in range {
+                let (blk, j0) = (t / panels, (t % panels) * nr);
+                let i0 = blk * MR;
+                let (rows, cols) = (MR.min(m - i0), nr.min(n - j0));
+                let (a, al) = if A_T && blk == full {
+                    (edge_ptr as *const f32, ALayout { rs: 1, cs: MR })
+                } else {
+                    (pa.wrapping_add(i0 * al.rs), al)
+                };
+                // SAFETY: the tile lies within op(A) [m, k] (or its padded copy), op(B) [k, n]
+                // and C [m, n].
+                unsafe {
+                    tile::<MR, NV, A_T>(
+                        k,
+                        a,
+                        al,
+                        pb.add(j0),
+                        ldb,
+                        pc.add(i0 * n + j0),
+                        n,
+                        (rows, cols),
+                        beta,
+                    )
+                }
+            }
+        };
+        if m * n * k < PARALLEL_FROM || count == 1 {
+            run(0..count);
+        } else {
+            shared(count, &run);
+        }
+    }
+
+    /// Runs `run` over the tiles 0..count on this thread and on rayon's workers, tiles claimed
+    /// from a shared counter. The calling thread (training's main thread, not a worker) starts
+    /// at once; a worker joins when it wakes. Waiting for two equal halves instead waited for a
+    /// sleeping worker to wake, and made these products no faster on two threads than on one.
+    fn shared(count: usize, run: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        struct Claims {
+            next: AtomicUsize,
+            done: AtomicUsize,
+        }
+        let helpers = rayon::current_num_threads()
+            .saturating_sub(1)
+            .min(count - 1);
+        // Claims of about an eighth of a thread's share: few counter updates, a balanced end.
+        let step = (count / (8 * (helpers + 1))).max(1);
+        let claims = Arc::new(Claims {
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+        });
+        let work = move |claims: &Claims, run: &(dyn Fn(std::ops::Range<usize>) + Sync)| loop {
+            let t0 = claims.next.fetch_add(step, Ordering::Relaxed);
+            if t0 >= count {
+                break;
+            }
+            let t1 = (t0 + step).min(count);
+            run(t0..t1);
+            claims.done.fetch_add(t1 - t0, Ordering::Release);
+        };
+        // A helper that starts after the last tile was claimed touches nothing but `claims`,
+        // which it co-owns: the caller returns once every claimed tile is done, not once every
+        // helper has run.
+        let run_addr: *const (dyn Fn(std::ops::Range<usize>) + Sync) = run;
+        // SAFETY: erases the lifetime only; the helper calls `run` for claimed tiles alone, and
+        // this function does not return before those are done.
+        let run_static: *const (dyn Fn(std::ops::Range<usize>) + Sync + 'static) =
+            unsafe { std::mem::transmute(run_addr) };
+        struct Run(*const (dyn Fn(std::ops::Range<usize>) + Sync + 'static));
+        // SAFETY: the closure is Sync, and outlives every call (above).
+        unsafe impl Send for Run {}
+        for _ in 0..helpers {
+            let (claims, f) = (claims.clone(), Run(run_static));
+            rayon::spawn(move || {
+                let f = f;
+                // SAFETY: see `run_static`.
+                work(&claims, unsafe { &*f.0 })
+            });
+        }
+        work(&claims, run);
+        while claims.done.load(Ordering::Acquire) < count {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// One tile: `rows` x `cols` of C (at most MR x 16 NV) from `k` columns of op(A) and `k`
+    /// rows of op(B) (stride `ldb`, contiguous). Row-major op(A): rows past `rows` repeat the
+    /// last one (computed, not written), so that the loop over the tile's rows has a constant
+    /// bound and its accumulators stay in registers. Column-major (`A_T`): all MR rows exist.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const MR: usize, const NV: usize, const A_T: bool>(
+        k: usize,
+        a: *const f32,
+        al: ALayout,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        (rows, cols): (usize, usize),
+        beta: f32,
+    ) {
+        let mask = |v: usize| -> __mmask16 {
+            let left = cols.saturating_sub(16 * v);
+            if left >= 16 {
+                0xffff
+            } else {
+                (1u16 << left) - 1
+            }
+        };
+        let masks: [__mmask16; NV] = std::array::from_fn(mask);
+        let rows_at: [*const f32; MR] =
+            std::array::from_fn(|r| a.wrapping_add(r.min(rows - 1) * al.rs));
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        // SAFETY (all below): the caller passes a tile within the operands; masked loads and
+        // stores touch only the valid columns.
+        for p in 0..k {
+            let bp = b.wrapping_add(p * ldb);
+            let bv: [__m512; NV] =
+                std::array::from_fn(|v| unsafe { _mm512_maskz_loadu_ps(masks[v], bp.add(16 * v)) });
+            let off = p * al.cs;
+            for r in 0..MR {
+                let x = if A_T {
+                    unsafe { *a.add(off + r) }
+                } else {
+                    unsafe { *rows_at[r].add(off) }
+                };
+                let av = _mm512_set1_ps(x);
+                for v in 0..NV {
+                    acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+                }
+            }
+        }
+        let bb = _mm512_set1_ps(beta);
+        for (r, row) in acc.iter().enumerate() {
+            if r < rows {
+                for v in 0..NV {
+                    let p = unsafe { c.add(r * ldc + 16 * v) };
+                    let x = if beta == 0.0 {
+                        row[v]
+                    } else {
+                        let old = unsafe { _mm512_maskz_loadu_ps(masks[v], p) };
+                        _mm512_fmadd_ps(bb, old, row[v])
+                    };
+                    unsafe { _mm512_mask_storeu_ps(p, masks[v], x) };
+                }
+            }
+        }
+    }
+}
