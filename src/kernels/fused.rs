@@ -14,7 +14,6 @@ use candle_core::{
 };
 use half::bf16;
 use num_traits::Float;
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 trait Fl: Float + WithDType + Send + Sync + std::ops::AddAssign + std::ops::MulAssign {
@@ -253,9 +252,7 @@ unsafe fn par_out<T: Send>(
     let mut v: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
     // SAFETY: MaybeUninit needs no initialization.
     unsafe { v.set_len(len) };
-    v.par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .for_each(|(i, c)| fill(i, c));
+    crate::util::parallel::for_each_chunk_mut(&mut v, chunk, fill);
     let mut v = std::mem::ManuallyDrop::new(v);
     // SAFETY: every element is written (the caller's contract) and MaybeUninit<T> has T's
     // layout; the allocation moves into the new Vec.
@@ -1283,17 +1280,17 @@ fn lsg_fwd<T: Fl>(
 ) -> Result<(CpuStorage, Shape)> {
     let (x, t) = (contig::<T>(ls, ll)?, contig::<u32>(ts, tl)?);
     let v = last_dim(ll);
-    let y: Vec<T> = x
-        .par_chunks(v)
-        .zip(t.par_iter())
-        .map(|(row, &k)| {
-            wide(
-                #[inline(always)]
-                || row[k as usize] - lse(row),
-            )
-        })
-        .collect();
-    let n = y.len();
+    let n = t.len();
+    // One row per chunk: a row is the whole vocabulary (196 KB at SmolLM2's).
+    let fill = |i: usize, out: &mut [MaybeUninit<T>]| {
+        let (row, k) = (&x[i * v..(i + 1) * v], t[i] as usize);
+        out[0].write(wide(
+            #[inline(always)]
+            || row[k] - lse(row),
+        ));
+    };
+    // SAFETY: each one-row chunk is written.
+    let y = unsafe { par_out(n, 1, fill) };
     Ok((T::to_cpu_storage_owned(y), Shape::from(n)))
 }
 
@@ -1437,7 +1434,7 @@ pub fn dropout_mask_values(seed: u64, p: f64, n: usize) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
     let (threshold, keep) = mask_params(p);
     let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+    crate::util::parallel::for_each_chunk_mut(&mut mask, CHUNK, |c, out| {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         rng.set_word_pos((c * CHUNK) as u128);
         for v in out {

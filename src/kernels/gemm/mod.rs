@@ -735,16 +735,15 @@ fn convert_serial(src: &[f32], dst: &mut [bf16]) {
 
 /// Rounds `src` into `dst` (same length), on all cores for large inputs.
 pub fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
-    use rayon::prelude::*;
     assert_eq!(src.len(), dst.len(), "f32_to_bf16: length mismatch");
     // Large enough that splitting pays for waking the pool.
     const CHUNK: usize = 1 << 16;
     if src.len() <= CHUNK {
         convert_serial(src, dst);
     } else {
-        dst.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| convert_serial(s, d));
+        crate::util::parallel::for_each_chunk_mut(dst, CHUNK, |i, d| {
+            convert_serial(&src[i * CHUNK..i * CHUNK + d.len()], d)
+        });
     }
 }
 

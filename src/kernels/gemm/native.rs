@@ -303,7 +303,6 @@ fn widen_operand(mat: &MatRef<'_, bf16>, rows: usize, cols: usize) -> Vec<f32> {
 mod dpbf16 {
     use super::{strides, MatRef, Out};
     use half::bf16;
-    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     const MR: usize = 12;
@@ -340,33 +339,31 @@ mod dpbf16 {
         let groups = lanes.div_ceil(width);
         let mut out = vec![0u32; groups * kp * width];
         let data = mat.data;
-        out.par_chunks_mut(kp * width)
-            .enumerate()
-            .for_each(|(g, chunk)| {
-                let lane0 = g * width;
-                let used = width.min(lanes - lane0);
-                let get = |lane: usize, kk: usize| {
-                    if kk < k {
-                        data[(lane0 + lane) * ls + kk * ks]
-                    } else {
-                        bf16::ZERO
-                    }
-                };
-                if ks == 1 {
-                    // k runs along memory: walk it innermost.
-                    for l in 0..used {
-                        for p in 0..kp {
-                            chunk[p * width + l] = pair(get(l, 2 * p), get(l, 2 * p + 1));
-                        }
-                    }
+        crate::util::parallel::for_each_chunk_mut(&mut out, kp * width, |g, chunk| {
+            let lane0 = g * width;
+            let used = width.min(lanes - lane0);
+            let get = |lane: usize, kk: usize| {
+                if kk < k {
+                    data[(lane0 + lane) * ls + kk * ks]
                 } else {
+                    bf16::ZERO
+                }
+            };
+            if ks == 1 {
+                // k runs along memory: walk it innermost.
+                for l in 0..used {
                     for p in 0..kp {
-                        for l in 0..used {
-                            chunk[p * width + l] = pair(get(l, 2 * p), get(l, 2 * p + 1));
-                        }
+                        chunk[p * width + l] = pair(get(l, 2 * p), get(l, 2 * p + 1));
                     }
                 }
-            });
+            } else {
+                for p in 0..kp {
+                    for l in 0..used {
+                        chunk[p * width + l] = pair(get(l, 2 * p), get(l, 2 * p + 1));
+                    }
+                }
+            }
+        });
         out
     }
 
@@ -447,7 +444,7 @@ mod dpbf16 {
         let pb = pack(b, n, k, NR, false);
         let out = Out(c);
         let (row_tiles, col_tiles) = (m.div_ceil(MC), n.div_ceil(NC));
-        (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
+        let task = |t: usize| {
             let (ti, tj) = (t / col_tiles, t % col_tiles);
             let blocks = (ti * MC / MR)..((ti + 1) * MC / MR).min(m.div_ceil(MR));
             let panels = (tj * NC / NR)..((tj + 1) * NC / NR).min(n.div_ceil(NR));
@@ -474,7 +471,8 @@ mod dpbf16 {
                 }
                 p0 += kc;
             }
-        });
+        };
+        crate::util::parallel::for_each_range(row_tiles * col_tiles, &|range| range.for_each(task));
     }
 }
 
@@ -569,10 +567,10 @@ mod amx {
             // is a column of the storage, and gathering it one value per cache line cost more
             // than the product at long k. A block of MB rows is read MB values of one stored
             // row at a time, contiguous, and spread into the block's rows.
-            out.spare_capacity_mut()[..mp * kp]
-                .par_chunks_mut(MB * kp)
-                .enumerate()
-                .for_each(|(blk, rows)| {
+            crate::util::parallel::for_each_chunk_mut(
+                &mut out.spare_capacity_mut()[..mp * kp],
+                MB * kp,
+                |blk, rows| {
                     let i0 = blk * MB;
                     let used = MB.min(m.saturating_sub(i0));
                     for l in 0..k {
@@ -589,32 +587,37 @@ mod amx {
                             row.fill(zero);
                         }
                     }
-                });
+                },
+            );
             // SAFETY: all mp * kp values were written above (mp is a multiple of MB).
             unsafe { out.set_len(mp * kp) };
             return out;
         }
-        out.spare_capacity_mut()[..mp * kp]
-            .par_chunks_mut(kp)
-            .with_min_len(PACK_TASK.div_ceil(kp))
-            .enumerate()
-            .for_each(|(i, row)| {
-                if i >= m {
-                    row.fill(zero);
-                    return;
-                }
-                let (vals, pad) = row.split_at_mut(k);
-                if cs == 1 {
-                    for (v, x) in vals.iter_mut().zip(&a.data[i * rs..i * rs + k]) {
-                        v.write(*x);
+        let per_task = PACK_TASK.div_ceil(kp);
+        crate::util::parallel::for_each_chunk_mut(
+            &mut out.spare_capacity_mut()[..mp * kp],
+            per_task * kp,
+            |task, rows| {
+                for (r, row) in rows.chunks_mut(kp).enumerate() {
+                    let i = task * per_task + r;
+                    if i >= m {
+                        row.fill(zero);
+                        continue;
                     }
-                } else {
-                    for (l, v) in vals.iter_mut().enumerate() {
-                        v.write(a.data[i * rs + l * cs]);
+                    let (vals, pad) = row.split_at_mut(k);
+                    if cs == 1 {
+                        for (v, x) in vals.iter_mut().zip(&a.data[i * rs..i * rs + k]) {
+                            v.write(*x);
+                        }
+                    } else {
+                        for (l, v) in vals.iter_mut().enumerate() {
+                            v.write(a.data[i * rs + l * cs]);
+                        }
                     }
+                    pad.fill(zero);
                 }
-                pad.fill(zero);
-            });
+            },
+        );
         // SAFETY: all mp * kp values were written above.
         unsafe { out.set_len(mp * kp) };
         out
@@ -787,7 +790,7 @@ mod amx {
         let pa = pack_a(a, m, k, mp, kp);
         let out = Out(c);
         let (row_blocks, col_tasks) = (mp / MB, n.div_ceil(NC));
-        // The order of the tasks (rayon hands each thread a contiguous range): by default a
+        // The order of the tasks (each thread claims contiguous ranges of them): by default a
         // thread's consecutive tasks share their A rows; for a B much larger than L2 (the
         // lm_head: 56 MB at SmolLM2-135M) they share their B columns instead, so that B is read
         // from memory about once instead of once per row block (1.2-1.4x there in a test that
@@ -795,18 +798,14 @@ mod amx {
         // down projections' shapes). Not for a long k (the
         // lm_head's input gradient), where a block's B panels alone outgrow L2.
         let b_outer = pb.len() * 4 > B_OUTER_BYTES && k <= 4096;
-        (0..row_blocks * col_tasks).into_par_iter().for_each(|t| {
+        // One task: row block ib, columns tj * NC.., the tile configuration loaded.
+        let task = |t: usize| {
             let (ib, tj) = if b_outer {
                 (t % row_blocks, t / row_blocks)
             } else {
                 (t / col_tasks, t % col_tasks)
             };
             let mut tmp = [0f32; 1024];
-            let cfg = &CONFIG;
-            // SAFETY: a valid configuration; tiles are released before the task ends.
-            unsafe {
-                asm!("ldtilecfg [{}]", in(reg) cfg as *const TileConfig, options(nostack, readonly))
-            };
             let i0 = ib * MB;
             let rows = MB.min(m - i0);
             let mut j0 = tj * NC;
@@ -843,8 +842,20 @@ mod amx {
                 }
                 j0 += MB;
             }
+        };
+        // Claimed ranges of tasks, the calling thread among the workers (util::parallel).
+        let run = |range: std::ops::Range<usize>| {
+            let cfg = &CONFIG;
+            // SAFETY: a valid configuration; tiles are released when the range is done.
+            unsafe {
+                asm!("ldtilecfg [{}]", in(reg) cfg as *const TileConfig, options(nostack, readonly))
+            };
+            for t in range {
+                task(t);
+            }
             // SAFETY: releases this thread's tile state.
             unsafe { asm!("tilerelease", options(nostack)) };
-        });
+        };
+        crate::util::parallel::for_each_range(row_blocks * col_tasks, &run);
     }
 }

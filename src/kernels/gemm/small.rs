@@ -287,61 +287,7 @@ mod avx512 {
         if m * n * k < PARALLEL_FROM || count == 1 {
             run(0..count);
         } else {
-            shared(count, &run);
-        }
-    }
-
-    /// Runs `run` over the tiles 0..count on this thread and on rayon's workers, tiles claimed
-    /// from a shared counter. The calling thread (training's main thread, not a worker) starts
-    /// at once; a worker joins when it wakes. Waiting for two equal halves instead waited for a
-    /// sleeping worker to wake, and made these products no faster on two threads than on one.
-    fn shared(count: usize, run: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        struct Claims {
-            next: AtomicUsize,
-            done: AtomicUsize,
-        }
-        let helpers = rayon::current_num_threads()
-            .saturating_sub(1)
-            .min(count - 1);
-        // Claims of about an eighth of a thread's share: few counter updates, a balanced end.
-        let step = (count / (8 * (helpers + 1))).max(1);
-        let claims = Arc::new(Claims {
-            next: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-        });
-        let work = move |claims: &Claims, run: &(dyn Fn(std::ops::Range<usize>) + Sync)| loop {
-            let t0 = claims.next.fetch_add(step, Ordering::Relaxed);
-            if t0 >= count {
-                break;
-            }
-            let t1 = (t0 + step).min(count);
-            run(t0..t1);
-            claims.done.fetch_add(t1 - t0, Ordering::Release);
-        };
-        // A helper that starts after the last tile was claimed touches nothing but `claims`,
-        // which it co-owns: the caller returns once every claimed tile is done, not once every
-        // helper has run.
-        let run_addr: *const (dyn Fn(std::ops::Range<usize>) + Sync) = run;
-        // SAFETY: erases the lifetime only; the helper calls `run` for claimed tiles alone, and
-        // this function does not return before those are done.
-        let run_static: *const (dyn Fn(std::ops::Range<usize>) + Sync + 'static) =
-            unsafe { std::mem::transmute(run_addr) };
-        struct Run(*const (dyn Fn(std::ops::Range<usize>) + Sync + 'static));
-        // SAFETY: the closure is Sync, and outlives every call (above).
-        unsafe impl Send for Run {}
-        for _ in 0..helpers {
-            let (claims, f) = (claims.clone(), Run(run_static));
-            rayon::spawn(move || {
-                let f = f;
-                // SAFETY: see `run_static`.
-                work(&claims, unsafe { &*f.0 })
-            });
-        }
-        work(&claims, run);
-        while claims.done.load(Ordering::Acquire) < count {
-            std::hint::spin_loop();
+            crate::util::parallel::for_each_range(count, &run);
         }
     }
 
