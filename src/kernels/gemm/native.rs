@@ -629,6 +629,10 @@ mod amx {
         let (np, kp) = (n.div_ceil(MB) * MB, k.div_ceil(KB) * KB);
         let (rs, cs) = strides(b);
         let (rs, cs) = (rs as usize, cs as usize);
+        if cs == 1 && std::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512BW; op(b) [k, n] has rows of n values at `rs`.
+            return unsafe { pack_b_rows(b.data, rs, k, n) };
+        }
         let pairs = kp / 2;
         let mut out = vec![0u32; np * pairs];
         out.par_chunks_mut(pairs * 16)
@@ -673,6 +677,74 @@ mod amx {
                     }
                 }
             });
+        out
+    }
+
+    /// [`pack_b`] of a B whose rows lie along memory (an activation: attention's
+    /// probabilities or their gradient, a transposed product's other operand): each pair of
+    /// rows read once, 32 columns at a time, their values interleaved by one permutation per
+    /// 16 columns and written as one line per panel. Walking a panel at a time instead read
+    /// each row's line once per panel, one line per row, and cost about as much as the product.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512BW; `data` holds k rows of n values `rs` apart.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_b_rows(data: &[bf16], rs: usize, k: usize, n: usize) -> Vec<u32> {
+        use std::arch::x86_64::{
+            __mmask32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, _mm512_permutex2var_epi16,
+            _mm512_setzero_si512, _mm512_storeu_si512,
+        };
+        let (np, kp) = (n.div_ceil(MB) * MB, k.div_ceil(KB) * KB);
+        let pairs = kp / 2;
+        let mut out: Vec<u32> = Vec::with_capacity(np * pairs);
+        // 16-bit lane e of the low half takes column e / 2 of row 2p (e even) or 2p + 1 (odd);
+        // the high half columns 16 + e / 2.
+        let lo: [i16; 32] = std::array::from_fn(|e| (e / 2 + 32 * (e % 2)) as i16);
+        let hi: [i16; 32] = std::array::from_fn(|e| (16 + e / 2 + 32 * (e % 2)) as i16);
+        let (lo, hi) = (
+            _mm512_loadu_si512(lo.as_ptr().cast()),
+            _mm512_loadu_si512(hi.as_ptr().cast()),
+        );
+        let dst = Out(out.as_mut_ptr().cast());
+        let src = data.as_ptr() as usize;
+        let run = |range: std::ops::Range<usize>| {
+            let dst = dst.ptr() as *mut u32;
+            let src = src as *const bf16;
+            for p in range {
+                let row = |kk: usize| (kk < k).then(|| src.wrapping_add(kk * rs));
+                let (r0, r1) = (row(2 * p), row(2 * p + 1));
+                for j0 in (0..np).step_by(32) {
+                    let left = n.saturating_sub(j0);
+                    let mask: __mmask32 = if left >= 32 {
+                        u32::MAX
+                    } else {
+                        (1u32 << left) - 1
+                    };
+                    // SAFETY: masked loads read columns j0.. below n of rows below k only;
+                    // both panels' lines lie inside `out` (np is a multiple of 32).
+                    unsafe {
+                        let load = |r: Option<*const bf16>| match r {
+                            Some(r) => _mm512_maskz_loadu_epi16(mask, r.add(j0).cast()),
+                            None => _mm512_setzero_si512(),
+                        };
+                        let (v0, v1) = (load(r0), load(r1));
+                        let panel = j0 / 16;
+                        let at = |panel: usize| dst.add(panel * pairs * 16 + p * 16);
+                        _mm512_storeu_si512(
+                            at(panel).cast(),
+                            _mm512_permutex2var_epi16(v0, lo, v1),
+                        );
+                        _mm512_storeu_si512(
+                            at(panel + 1).cast(),
+                            _mm512_permutex2var_epi16(v0, hi, v1),
+                        );
+                    }
+                }
+            }
+        };
+        crate::util::parallel::for_each_range(pairs, &run);
+        // SAFETY: every pair of every panel was written above.
+        unsafe { out.set_len(np * pairs) };
         out
     }
 
@@ -769,6 +841,40 @@ mod amx {
         b: &MatRef<'_, bf16>,
         c: *mut f32,
     ) {
+        if a.trans && m > n && std::is_x86_feature_detected!("avx512bw") {
+            // A transposed A (attention's dK = dS^T q, dV = P^T dO: A stored [k, m]) would be
+            // packed by gathering each tile row from a column of its storage, which cost more
+            // than the product (dK at 512 keys x 64 x 1536 query rows: 435 us against 160 for
+            // the same A stored untransposed, measured here). C^T = op(B)^T op(A)^T instead
+            // packs A's storage as B, along its rows ([`pack_b_rows`]), and transposes the
+            // smaller operand and C.
+            let bt = MatRef {
+                trans: !b.trans,
+                ..*b
+            };
+            let at = MatRef { trans: false, ..*a };
+            let mut ct: Vec<f32> = Vec::with_capacity(n * m);
+            // SAFETY: op(bt) [n, k] and op(at) [k, m] are the caller's operands viewed
+            // transposed; `ct` has room for n * m values, all written by the product.
+            unsafe {
+                gemm(n, m, k, &bt, &at, ct.as_mut_ptr());
+                ct.set_len(n * m);
+            }
+            // SAFETY: `c` holds m * n values (the caller's contract).
+            let c = unsafe { std::slice::from_raw_parts_mut(c, m * n) };
+            // Rows of C in chunks; each reads its 16-row strips of C^T column by column.
+            crate::util::parallel::for_each_chunk_mut(c, 64 * n, |chunk, rows| {
+                let i0 = chunk * 64;
+                for j0 in (0..n).step_by(16) {
+                    for (r, row) in rows.chunks_mut(n).enumerate() {
+                        for j in j0..(j0 + 16).min(n) {
+                            row[j] = ct[j * m + i0 + r];
+                        }
+                    }
+                }
+            });
+            return;
+        }
         let pb = pack_b(b, k, n);
         // SAFETY: the caller's contract; `pb` is op(b) packed.
         unsafe { gemm_packed(m, n, k, a, &pb, c) }
