@@ -235,6 +235,52 @@ fn bf16_attention_rounds_like_its_f64_model() {
     }
 }
 
+/// f32 attention, whole and in chunks, against the exact f64 model: the output and all three
+/// gradients. Its products skip what the causal mask zeroes (the small-product kernel: tiles of
+/// scores past every row's position, keys past a tile's last position, query rows before a
+/// tile's first key, per head block); the shapes put head-block boundaries inside tiles (heads
+/// of 29-70 rows against tiles of 6, 8, 12 and 16 rows), more than one 64-key panel, an
+/// offset, and d 16 and 64.
+#[test]
+fn f32_attention_matches_the_exact_model() {
+    // (65, 0): the second 64-key column panel starts at key 64, the last position of the row
+    // block [60, 66), which crosses from head 0 (positions 60-64) into head 1.
+    let shapes = [
+        (40, 0, 16, 3),
+        (37, 9, 64, 3),
+        (29, 3, 16, 5),
+        (1, 6, 64, 2),
+        (65, 0, 16, 3),
+        (70, 5, 64, 2),
+    ];
+    for (t_q, offset, d, n_rep) in shapes {
+        let (lead0, kvh) = (2, 2);
+        let t_k = t_q + offset;
+        let dims_q = [lead0, kvh, n_rep * t_q, d];
+        let (q, k, v) = (
+            Var::from_tensor(&rand(&dims_q, 31)).unwrap(),
+            Var::from_tensor(&rand(&[lead0, kvh, t_k, d], 32)).unwrap(),
+            Var::from_tensor(&rand(&[lead0, kvh, t_k, d], 33)).unwrap(),
+        );
+        let g = rand(&dims_q, 34);
+        let scale = 1.0 / (d as f64).sqrt();
+        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let (qv, kv, vv, gv) = (flat(&q), flat(&k), flat(&v), flat(&g));
+        let shape = (lead0 * kvh, n_rep * t_q, t_k, d);
+        let exact = model([&qv, &kv, &vv, &gv], shape, scale, t_q, offset, false);
+        for budget in [usize::MAX, 0] {
+            let got = run([&q, &k, &v], &g, scale, t_q, offset, GemmMode::F32, budget);
+            for (i, what) in ["forward", "dq", "dk", "dv"].into_iter().enumerate() {
+                let (max, _) = errs(&got[i], &exact[i]);
+                assert!(
+                    max < 2e-5,
+                    "t_q {t_q} offset {offset} d {d} budget {budget}: {what} off by {max:e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn short_attention_stays_f32_in_bf16_mode() {
     let (t_q, offset, d) = (40, 9, 32);

@@ -12,9 +12,9 @@
 //! them (FlashAttention's trade: memory linear in T for one more q k^T product in the backward).
 //! Each row's softmax sees all its keys either way, so the two paths agree to f32 rounding.
 use super::fused;
-use super::gemm::GemmMode;
+use super::gemm::{Causal, GemmMode};
 use super::precomputed::PrecomputedValue;
-use super::products::{matmul, matmul_with};
+use super::products::matmul_causal;
 use crate::util::env::MibSetting;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -55,12 +55,15 @@ impl Precision {
         Ok(Self { gemm, bf16 })
     }
 
-    fn product(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        if self.bf16 {
-            matmul_with(a, b, GemmMode::Bf16)
-        } else {
-            matmul(a, b, self.gemm)
-        }
+    /// A product of the attention, shaped by the causal mask as `causal` says (the f32 kernel
+    /// for products with a small side skips the masked half; see [`Causal`]).
+    fn product(self, a: &Tensor, b: &Tensor, causal: Causal) -> Result<Tensor> {
+        let mode = match (self.bf16, self.gemm) {
+            (true, _) => GemmMode::Bf16,
+            (false, GemmMode::Candle) => GemmMode::Candle,
+            (false, _) => GemmMode::F32,
+        };
+        matmul_causal(a, b, mode, causal)
     }
 
     fn softmax(self, scores: &Tensor, scale: f64, t_q: usize, offset: usize) -> Result<Tensor> {
@@ -143,8 +146,9 @@ pub(crate) fn attend(
         let saved = Saved::Chunked(plan);
         return Ok((out, Attended { saved, scale, prec }));
     }
-    let p = prec.softmax(&prec.product(q, &k.t()?)?, scale, t_q, offset)?;
-    let out = prec.product(&p, v)?;
+    let scores = prec.product(q, &k.t()?, Causal::Scores { t_q, offset })?;
+    let p = prec.softmax(&scores, scale, t_q, offset)?;
+    let out = prec.product(&p, v, Causal::RowsByKeys { t_q, offset })?;
     let saved = Saved::Probabilities { p, t_q, offset };
     Ok((out, Attended { saved, scale, prec }))
 }
@@ -179,14 +183,18 @@ impl Attended {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (prec, scale) = (self.prec, self.scale);
         let plan = match &self.saved {
-            Saved::Probabilities { p, t_q, offset } => {
+            &Saved::Probabilities { ref p, t_q, offset } => {
                 let g = g.contiguous()?;
-                let dp = prec.product(&g, &v.t()?)?;
+                let dp = prec.product(&g, &v.t()?, Causal::Scores { t_q, offset })?;
                 // dS = scale * P (dP - rowsum(dP * P)), zero where masked (in P's dtype).
-                let ds = fused::causal_softmax_grad(p, &dp, scale, *t_q, *offset)?;
-                let dq = prec.product(&ds, k)?;
-                let dk = prec.product(&ds.t()?, q)?;
-                let dv = prec.product(&p.t()?, &g)?;
+                let ds = fused::causal_softmax_grad(p, &dp, scale, t_q, offset)?;
+                let (rows, keys) = (
+                    Causal::RowsByKeys { t_q, offset },
+                    Causal::KeysByRows { t_q, offset },
+                );
+                let dq = prec.product(&ds, k, rows)?;
+                let dk = prec.product(&ds.t()?, q, keys)?;
+                let dv = prec.product(&p.t()?, &g, keys)?;
                 return Ok((dq, dk, dv));
             }
             Saved::Chunked(plan) => plan,
@@ -203,12 +211,16 @@ impl Attended {
         for &span in &plan.spans {
             let (qc, p) = plan.probs(q, k, span, scale, prec)?;
             let gc = g.narrow(D::Minus2, span.0, span.1)?.contiguous()?;
-            let dp = prec.product(&gc, &vt)?;
             let (t_q, offset) = plan.softmax_rows(span);
+            let dp = prec.product(&gc, &vt, Causal::Scores { t_q, offset })?;
             let ds = fused::causal_softmax_grad(&p, &dp, scale, t_q, offset)?;
-            dq.push(prec.product(&ds, k)?);
-            dk = add(dk, prec.product(&ds.t()?, &qc)?)?;
-            dv = add(dv, prec.product(&p.t()?, &gc)?)?;
+            let (rows, keys) = (
+                Causal::RowsByKeys { t_q, offset },
+                Causal::KeysByRows { t_q, offset },
+            );
+            dq.push(prec.product(&ds, k, rows)?);
+            dk = add(dk, prec.product(&ds.t()?, &qc, keys)?)?;
+            dv = add(dv, prec.product(&p.t()?, &gc, keys)?)?;
         }
         let dq = Tensor::cat(&dq, q.rank() - 2)?;
         // No query rows, no gradient.
@@ -310,8 +322,8 @@ impl Chunks {
         prec: Precision,
     ) -> Result<(Tensor, Tensor)> {
         let qc = q.narrow(D::Minus2, r0, n)?.contiguous()?;
-        let scores = prec.product(&qc, &k.t()?)?;
         let (t_q, offset) = self.softmax_rows((r0, n, j0));
+        let scores = prec.product(&qc, &k.t()?, Causal::Scores { t_q, offset })?;
         let p = prec.softmax(&scores, scale, t_q, offset)?;
         Ok((qc, p))
     }
@@ -333,7 +345,8 @@ impl Chunks {
         let mut outs = Vec::with_capacity(self.spans.len());
         for &span in &self.spans {
             let (_, p) = self.probs(q, k, span, scale, prec)?;
-            outs.push(prec.product(&p, v)?);
+            let (t_q, offset) = self.softmax_rows(span);
+            outs.push(prec.product(&p, v, Causal::RowsByKeys { t_q, offset })?);
         }
         Tensor::cat(&outs, q.rank() - 2)
     }

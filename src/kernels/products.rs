@@ -469,6 +469,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: GemmMode) -> Result<Tensor> {
 /// are rounded at each call (nothing is cached: they change every step).
 struct FastMatmul {
     mode: GemmMode,
+    /// Attention's causal mask, which lets the kernel skip what it zeroes (no backward then).
+    causal: Option<gemm::Causal>,
 }
 
 /// Offsets of each batch matrix in storage, for any strides of the leading dims.
@@ -603,7 +605,7 @@ impl FastMatmul {
                         trans: tb,
                         ld: ldb,
                     };
-                    gemm::sgemm_uninit(m, n, k, pa, pb, c)?;
+                    gemm::sgemm_uninit(m, n, k, pa, pb, c, self.causal)?;
                 }
                 (GemmMode::F32, _, _) => return Ok(None),
                 (GemmMode::Bf16, sa, sb) => {
@@ -691,7 +693,10 @@ impl CustomOp2 for FastMatmul {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // The transposes are views: the op reads them as column-major operands, no copy.
-        let op = FastMatmul { mode: self.mode };
+        let op = FastMatmul {
+            mode: self.mode,
+            causal: None,
+        };
         let da = grad.apply_op2_no_bwd(&b.t()?, &op)?;
         let db = a.t()?.apply_op2_no_bwd(grad, &op)?;
         Ok((Some(da), Some(db)))
@@ -732,7 +737,35 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
     if mode == GemmMode::Candle && !(usable && profile::enabled()) {
         return a.matmul(b);
     }
-    a.apply_op2(b, FastMatmul { mode })
+    a.apply_op2(b, FastMatmul { mode, causal: None })
+}
+
+/// [`matmul_with`] of a product that attention's causal mask shapes (`causal`, see
+/// [`gemm::Causal`]), outside any graph: the small-product kernel skips the masked tiles and
+/// terms; the other engines compute everything, which gives the same values.
+pub fn matmul_causal(
+    a: &Tensor,
+    b: &Tensor,
+    mode: GemmMode,
+    causal: gemm::Causal,
+) -> Result<Tensor> {
+    let f32_ok = |t: &Tensor| {
+        t.dtype() == DType::F32 || (t.dtype() == DType::BF16 && mode == GemmMode::Bf16)
+    };
+    if !(a.device().is_cpu() && f32_ok(a) && f32_ok(b)) {
+        return matmul_with(a, b, mode);
+    }
+    let mode = gemm::effective_mode(mode);
+    if mode == GemmMode::Candle {
+        return matmul_with(a, b, mode);
+    }
+    a.apply_op2_no_bwd(
+        b,
+        &FastMatmul {
+            mode,
+            causal: Some(causal),
+        },
+    )
 }
 
 /// `acc + h @ b^T` for `acc` [M, N], `h` [M, r], `b` [N, r] (a LoRA branch added to its base

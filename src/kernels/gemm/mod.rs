@@ -310,6 +310,23 @@ impl NoBackend {
     }
 }
 
+/// Where attention's causal mask makes a product's entries or terms zero, so that a kernel may
+/// skip them (src/kernels/gemm/small.rs does; the others compute everything, which gives the
+/// same values). The query rows are heads stacked in blocks of `t_q`: row r sits at position
+/// `offset + r % t_q` and sees the keys up to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Causal {
+    /// C [query rows, keys] (the scores, their gradient): the entries past a row's position are
+    /// never read; a kernel may write zeros there.
+    Scores { t_q: usize, offset: usize },
+    /// C = op(A) [query rows, keys] @ op(B) [keys, ..] (P v, dS k): A is zero past each row's
+    /// position.
+    RowsByKeys { t_q: usize, offset: usize },
+    /// C = op(A) [keys, query rows] @ op(B) [query rows, ..] (P^T dO, dS^T q): A is zero where
+    /// the query row's position is before the key.
+    KeysByRows { t_q: usize, offset: usize },
+}
+
 /// A row-major matrix operand as BLAS sees it: `data[offset..]`, leading dimension `ld`, and
 /// whether the product uses its transpose.
 #[derive(Debug, Clone, Copy)]
@@ -355,6 +372,7 @@ trait Operand: Copy {
         a: MatRef<'_, Self>,
         b: MatRef<'_, Self>,
         c: *mut f32,
+        causal: Option<Causal>,
     ) -> Result<()>;
 }
 
@@ -366,9 +384,10 @@ impl Operand for f32 {
         a: MatRef<'_, f32>,
         b: MatRef<'_, f32>,
         c: *mut f32,
+        causal: Option<Causal>,
     ) -> Result<()> {
         // SAFETY: the caller's contract.
-        unsafe { engine_sgemm(m, n, k, a, b, 0.0, c) }
+        unsafe { engine_sgemm(m, n, k, a, b, 0.0, c, causal) }
     }
 }
 
@@ -380,6 +399,8 @@ impl Operand for bf16 {
         a: MatRef<'_, bf16>,
         b: MatRef<'_, bf16>,
         c: *mut f32,
+        // The tile kernels compute every entry (what the mask zeroes is zero or unread anyway).
+        _causal: Option<Causal>,
     ) -> Result<()> {
         // SAFETY (both arms): the caller's contract.
         match library() {
@@ -427,7 +448,7 @@ fn product_into<T: Operand>(
 ) -> Result<()> {
     // SAFETY: f32 and MaybeUninit<f32> share their layout, and only f32 values are written.
     let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    product_uninit(m, n, k, a, b, c)
+    product_uninit(m, n, k, a, b, c, None)
 }
 
 /// The product into `c[..m * n]`, which need not be initialized: on success every one of its
@@ -440,6 +461,7 @@ fn product_uninit<T: Operand>(
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
     c: &mut [MaybeUninit<f32>],
+    causal: Option<Causal>,
 ) -> Result<()> {
     check(m, n, k, &a, &b)?;
     if c.len() < m * n {
@@ -454,7 +476,7 @@ fn product_uninit<T: Operand>(
     }
     // SAFETY: the operands were checked against (m, n, k) and `c` holds m * n values.
     profile::gemm(m, n, k, || unsafe {
-        T::run(m, n, k, a, b, c.as_mut_ptr().cast())
+        T::run(m, n, k, a, b, c.as_mut_ptr().cast(), causal)
     })
 }
 
@@ -466,13 +488,14 @@ fn product_new<T: Operand>(
     b: MatRef<'_, T>,
 ) -> Result<Vec<f32>> {
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    product_uninit(m, n, k, a, b, c.spare_capacity_mut())?;
+    product_uninit(m, n, k, a, b, c.spare_capacity_mut(), None)?;
     // SAFETY: on success the product wrote all m * n values.
     unsafe { c.set_len(m * n) };
     Ok(c)
 }
 
 /// [`sgemm`] into `c[..m * n]`, which need not be initialized (all of it is written on success).
+/// With `causal`, the kernel may skip what attention's causal mask zeroes (see [`Causal`]).
 pub(crate) fn sgemm_uninit(
     m: usize,
     n: usize,
@@ -480,8 +503,9 @@ pub(crate) fn sgemm_uninit(
     a: MatRef<'_, f32>,
     b: MatRef<'_, f32>,
     c: &mut [MaybeUninit<f32>],
+    causal: Option<Causal>,
 ) -> Result<()> {
-    product_uninit(m, n, k, a, b, c)
+    product_uninit(m, n, k, a, b, c, causal)
 }
 
 /// [`gemm_bf16`] into `c[..m * n]`, which need not be initialized.
@@ -493,7 +517,7 @@ pub(crate) fn gemm_bf16_uninit(
     b: MatRef<'_, bf16>,
     c: &mut [MaybeUninit<f32>],
 ) -> Result<()> {
-    product_uninit(m, n, k, a, b, c)
+    product_uninit(m, n, k, a, b, c, None)
 }
 
 /// `c[m, n] = op(a)[m, k] @ op(b)[k, n]` in f32 with the fast engine (`c` row-major, dense,
@@ -524,7 +548,7 @@ pub(crate) fn sgemm_accumulate(
     // SAFETY (both arms): the operands and `c` (initialized: beta = 1 reads it) were checked
     // against (m, n, k) above.
     profile::gemm(m, n, k, || unsafe {
-        engine_sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr())
+        engine_sgemm(m, n, k, a, b, 1.0, c.as_mut_ptr(), None)
     })
 }
 
@@ -542,6 +566,7 @@ unsafe fn engine_sgemm(
     b: MatRef<'_, f32>,
     beta: f32,
     c: *mut f32,
+    causal: Option<Causal>,
 ) -> Result<()> {
     // SAFETY (both arms): the caller's contract.
     match library() {
@@ -550,7 +575,7 @@ unsafe fn engine_sgemm(
         #[cfg(not(feature = "fast-gemm"))]
         Some(be) => match *be {},
         None => {
-            unsafe { native::sgemm(m, n, k, a, b, beta, c) };
+            unsafe { native::sgemm(m, n, k, a, b, beta, c, causal) };
             Ok(())
         }
     }

@@ -46,6 +46,7 @@ fn strides<T>(m: &MatRef<'_, T>) -> (isize, isize) {
 /// # Safety
 /// `a` and `b` passed `super::check` for (m, n, k); `c` points to m * n writable values,
 /// initialized when `beta` is not 0.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn sgemm(
     m: usize,
     n: usize,
@@ -54,10 +55,11 @@ pub(super) unsafe fn sgemm(
     b: MatRef<'_, f32>,
     beta: f32,
     c: *mut f32,
+    causal: Option<super::Causal>,
 ) {
     if super::small::takes(m, n, k) {
         // SAFETY: the caller's contract, which the small kernel shares.
-        unsafe { super::small::sgemm(m, n, k, a, b, beta, c) };
+        unsafe { super::small::sgemm(m, n, k, a, b, beta, c, causal) };
         return;
     }
     let (rsa, csa) = strides(&a);
@@ -121,7 +123,7 @@ pub(super) unsafe fn gemm_bf16(
         ld: cols,
     };
     // SAFETY: the widened operands are dense [m, k] and [k, n]; `c` is the caller's.
-    unsafe { sgemm(m, n, k, dense(&a32, k), dense(&b32, n), 0.0, c) }
+    unsafe { sgemm(m, n, k, dense(&a32, k), dense(&b32, n), 0.0, c, None) }
 }
 
 /// A frozen operand B [k, n] packed once for the tile kernel (see [`amx`]), reused at every call.
