@@ -145,13 +145,15 @@ pub fn startup_line(mode: GemmMode) -> String {
     let bf16_kernel = native::bf16_kernel_name();
     match mode {
         GemmMode::Candle => {
+            // Real-data unit, one epoch each, 2-core Intel Xeon with AMX: candle 0.503, f32
+            // 0.721, bf16 1.877 examples/s.
             "matrix products: candle's GEMM (train.gemm = \"candle\"); the default \
-             f32 products (gemmkit) ran 1.5x faster per step on real data, bf16 2.2x"
+             f32 products ran 1.4x faster per step on real data, bf16 3.7x (AMX CPU)"
                 .to_string()
         }
         GemmMode::F32 if native::bf16_native() => format!(
             "matrix products: f32 on {}; train.gemm = \"bf16\" (bf16 operands, f32 accumulation, \
-             {bf16_kernel} here) ran 1.7x faster per step on real data (scripts/bench-vs-trl.sh, AMX)",
+             {bf16_kernel} here) ran 2.6x faster per step on real data (scripts/bench-vs-trl.sh, AMX)",
             engine_name()
         ),
         // Measured back to back on a 2-core AMD Zen 3 (AVX2): bf16 0.14, f32 0.247 examples/s.
@@ -168,18 +170,17 @@ pub fn startup_line(mode: GemmMode) -> String {
                 "the built-in kernel".to_string()
             };
             let other = if library().is_some() || native::bf16_native() {
-                "1.7x slower per step on real data on an AMX CPU"
+                "2.6x slower per step on real data on an AMX CPU"
             } else {
                 "1.76x faster per step on real data on an AVX2 CPU, where bf16 is widened"
             };
             // Measured back to back on the real-data unit, 2-core Intel Xeon with AMX, one epoch
-            // each, alternated: the built-in kernel 1.425 and 1.344, oneDNN 3.13 1.633 and 1.604
-            // examples/s, and in scripts/bench-vs-trl.sh 1.414 against 1.707 (oneDNN's lead is
-            // its f32 products of attention and LoRA: `cargo bench --bench gemm -- --m 326`
-            // measured it at 1.8-2.0x gemmkit's on attention, 3.0x on x A^T, 1.1-1.4x on h B^T).
-            let library_note = if library().is_none() && native::packs_rhs() {
-                "; a `--features fast-gemm` build with oneDNN (python3 -m pip install \
-                 onednn==2026.1.0) ran 1.2x faster on real data on an AMX CPU"
+            // each: the built-in kernels 1.877, a `fast-gemm` build on oneDNN 3.13 1.683
+            // examples/s (f32 0.721, candle 0.503). oneDNN led until the built-in small-product
+            // kernel and the parallel loops that the main thread joins (util::parallel).
+            let library_note = if library().is_some() && native::packs_rhs() {
+                "; the built-in kernels (KTO_TRAIN_GEMM_ENGINE=gemmkit) ran 1.1x faster on real \
+                 data on an AMX CPU"
             } else {
                 ""
             };
@@ -269,6 +270,11 @@ fn gemmkit_forced() -> bool {
 pub fn engine_name() -> String {
     match library() {
         Some(b) => b.describe(),
+        None if small::active() => {
+            "gemmkit 0.1.2 (pure Rust; products with a side of 64 or less on the built-in \
+             AVX-512 kernel)"
+                .to_string()
+        }
         None => "gemmkit 0.1.2 (pure Rust)".to_string(),
     }
 }

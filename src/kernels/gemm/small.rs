@@ -43,6 +43,11 @@ fn cpu_has_it() -> bool {
     }
 }
 
+/// Whether the kernel runs here (this CPU, not turned off).
+pub(super) fn active() -> bool {
+    supported()
+}
+
 fn supported() -> bool {
     use std::sync::atomic::Ordering;
     match SWITCH.load(Ordering::Relaxed) {
