@@ -16,7 +16,7 @@ use super::{Causal, MatRef};
 /// Whether this kernel runs the f32 product (m, n, k) on this CPU: one side at most
 /// [`SMALL`] (the output's width or the inner dimension) or at most 16 output rows.
 pub(super) fn takes(m: usize, n: usize, k: usize) -> bool {
-    supported() && (n <= SMALL || k <= SMALL || m <= 16)
+    active() && (n <= SMALL || k <= SMALL || m <= 16)
 }
 
 /// The largest "small" output width or inner dimension: one tile's four vectors.
@@ -45,10 +45,6 @@ fn cpu_has_it() -> bool {
 
 /// Whether the kernel runs here (this CPU, not turned off).
 pub(super) fn active() -> bool {
-    supported()
-}
-
-fn supported() -> bool {
     use std::sync::atomic::Ordering;
     match SWITCH.load(Ordering::Relaxed) {
         1 => true,
@@ -150,6 +146,20 @@ mod avx512 {
         let copy;
         let (bp, ldb) = if csb == 1 {
             (b.data.as_ptr(), rsb)
+        } else if csb > i32::MAX as usize / 16 {
+            // Beyond the gather's 32-bit indices: column by column.
+            let mut t = vec![0f32; k * n];
+            for j in 0..n {
+                for p in 0..k {
+                    t[p * n + j] = b.data[j * csb + p * rsb];
+                }
+            }
+            copy = Rows {
+                data: t,
+                start: 0,
+                ld: n,
+            };
+            copy.rows()
         } else {
             // SAFETY: op(B) [k, n] lies within `b` (the caller's contract).
             copy = unsafe { rows_of(b.data.as_ptr(), rsb, csb, k, n) };
@@ -234,9 +244,10 @@ mod avx512 {
         Rows { data, start, ld }
     }
 
-    /// Splits C into tiles of MR rows x 16 NV columns and runs them, over rayon's workers when
-    /// the product is large enough. With a column-major op(A) (`A_T`), the last, partial row
-    /// block reads a zero-padded copy of its rows, so that every tile reads MR rows.
+    /// Splits C into tiles of MR rows x 16 NV columns and runs them, shared with rayon's
+    /// workers (`util::parallel`) when the product is large enough. With a column-major op(A)
+    /// (`A_T`), the last, partial row block reads a zero-padded copy of its rows, so that every
+    /// tile reads MR rows.
     #[allow(clippy::too_many_arguments)]
     unsafe fn tiles<const MR: usize, const NV: usize, const A_T: bool>(
         m: usize,
