@@ -487,6 +487,72 @@ fn add_product_accumulates_the_lora_branch() {
     assert!(err < F32_TOL, "add_product: {err:e}");
 }
 
+/// Random op(A) [m, k] and op(B) [k, n] in [-1, 1), stored row-major (their transposes when
+/// `ta` / `tb`) with leading dimensions wider than their rows by the given padding.
+struct Operands {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    ta: bool,
+    tb: bool,
+    lda: usize,
+    ldb: usize,
+}
+
+impl Operands {
+    fn random(
+        r: &mut rand_chacha::ChaCha8Rng,
+        (m, n, k): (usize, usize, usize),
+        (ta, tb): (bool, bool),
+        (pad_a, pad_b): (usize, usize),
+    ) -> Self {
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let (lda, ldb) = (ac + pad_a, bc + pad_b);
+        let a = (0..ar * lda).map(|_| r.random_range(-1.0..1.0)).collect();
+        let b = (0..br * ldb).map(|_| r.random_range(-1.0..1.0)).collect();
+        Operands {
+            a,
+            b,
+            ta,
+            tb,
+            lda,
+            ldb,
+        }
+    }
+
+    /// op(A)[i, j]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        if self.ta {
+            self.a[j * self.lda + i]
+        } else {
+            self.a[i * self.lda + j]
+        }
+    }
+
+    /// op(B)[i, j]
+    fn bt(&self, i: usize, j: usize) -> f32 {
+        if self.tb {
+            self.b[j * self.ldb + i]
+        } else {
+            self.b[i * self.ldb + j]
+        }
+    }
+
+    fn refs(&self) -> (gemm::MatRef<'_, f32>, gemm::MatRef<'_, f32>) {
+        let a = gemm::MatRef {
+            data: &self.a[..],
+            trans: self.ta,
+            ld: self.lda,
+        };
+        let b = gemm::MatRef {
+            data: &self.b[..],
+            trans: self.tb,
+            ld: self.ldb,
+        };
+        (a, b)
+    }
+}
+
 /// The raw products against an f64 reference on odd shapes: m and n below and across the
 /// kernels' block sizes, odd k (a half-filled last pair), k longer than one pass over k, leading
 /// dimensions wider than the operand, and every transpose combination.
@@ -516,30 +582,14 @@ fn raw_products_match_f64_on_odd_shapes() {
             if m * n * k > 100_000_000 && (ta, tb) != (false, true) {
                 continue;
             }
-            // Stored row-major with a padded leading dimension.
-            let (ar, ac) = if ta { (k, m) } else { (m, k) };
-            let (br, bc) = if tb { (n, k) } else { (k, n) };
-            let (lda, ldb) = (ac + 3, bc + 5);
-            let a: Vec<f32> = (0..ar * lda).map(|_| r.random_range(-1.0..1.0)).collect();
-            let b: Vec<f32> = (0..br * ldb).map(|_| r.random_range(-1.0..1.0)).collect();
-            let at = |i: usize, j: usize| if ta { a[j * lda + i] } else { a[i * lda + j] };
-            let bt = |i: usize, j: usize| if tb { b[j * ldb + i] } else { b[i * ldb + j] };
+            let ops = Operands::random(&mut r, (m, n, k), (ta, tb), (3, 5));
+            let (a, b, lda, ldb) = (&ops.a, &ops.b, ops.lda, ops.ldb);
+            let (at, bt) = (|i, j| ops.at(i, j), |i, j| ops.bt(i, j));
             let a16: Vec<bf16> = a.iter().map(|&v| gemm::round_bf16(v)).collect();
             let b16: Vec<bf16> = b.iter().map(|&v| gemm::round_bf16(v)).collect();
             let mut c32 = vec![f32::NAN; m * n];
             let mut c16 = vec![f32::NAN; m * n];
-            let (a32, b32) = (
-                gemm::MatRef {
-                    data: &a[..],
-                    trans: ta,
-                    ld: lda,
-                },
-                gemm::MatRef {
-                    data: &b[..],
-                    trans: tb,
-                    ld: ldb,
-                },
-            );
+            let (a32, b32) = ops.refs();
             let (a_16, b_16) = (
                 gemm::MatRef {
                     data: &a16[..],
@@ -613,25 +663,9 @@ fn small_side_products_match_f64() {
     ];
     for (m, n, k) in shapes {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let (ar, ac) = if ta { (k, m) } else { (m, k) };
-            let (br, bc) = if tb { (n, k) } else { (k, n) };
-            let (lda, ldb) = (ac + 1, bc + 2);
-            let a: Vec<f32> = (0..ar * lda).map(|_| r.random_range(-1.0..1.0)).collect();
-            let b: Vec<f32> = (0..br * ldb).map(|_| r.random_range(-1.0..1.0)).collect();
-            let at = |i: usize, j: usize| if ta { a[j * lda + i] } else { a[i * lda + j] };
-            let bt = |i: usize, j: usize| if tb { b[j * ldb + i] } else { b[i * ldb + j] };
-            let (pa, pb) = (
-                gemm::MatRef {
-                    data: &a[..],
-                    trans: ta,
-                    ld: lda,
-                },
-                gemm::MatRef {
-                    data: &b[..],
-                    trans: tb,
-                    ld: ldb,
-                },
-            );
+            let ops = Operands::random(&mut r, (m, n, k), (ta, tb), (1, 2));
+            let (at, bt) = (|i, j| ops.at(i, j), |i, j| ops.bt(i, j));
+            let (pa, pb) = ops.refs();
             let mut c = vec![f32::NAN; m * n];
             let mut again = vec![f32::NAN; m * n];
             gemm::sgemm(m, n, k, pa, pb, &mut c).unwrap();
