@@ -14,7 +14,7 @@
 use super::fused;
 use super::gemm::{Causal, GemmMode};
 use super::precomputed::PrecomputedValue;
-use super::products::matmul_causal;
+use super::products::{f32_products, matmul_causal};
 use crate::util::env::MibSetting;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -58,10 +58,10 @@ impl Precision {
     /// A product of the attention, shaped by the causal mask as `causal` says (the f32 kernel
     /// for products with a small side skips the masked half; see [`Causal`]).
     fn product(self, a: &Tensor, b: &Tensor, causal: Causal) -> Result<Tensor> {
-        let mode = match (self.bf16, self.gemm) {
-            (true, _) => GemmMode::Bf16,
-            (false, GemmMode::Candle) => GemmMode::Candle,
-            (false, _) => GemmMode::F32,
+        let mode = if self.bf16 {
+            GemmMode::Bf16
+        } else {
+            f32_products(self.gemm)
         };
         matmul_causal(a, b, mode, causal)
     }

@@ -708,20 +708,45 @@ impl CustomOp2 for FastMatmul {
 /// both operands would have to be rounded at every call, and at LoRA's and short sequences'
 /// attention shapes that costs about what it saves (`cargo bench --bench gemm -- --m 1536` on
 /// AMX: P @ v 304 against 291 GFLOP/s with P rounded at the product, LoRA's x A^T 47 against
-/// 74); long sequences' attention takes [`matmul_with`] in bf16, its probabilities already
+/// 74); long sequences' attention takes [`matmul_causal`] in bf16, its probabilities already
 /// rounded where they are computed (`super::attention`). Falls back to candle's matmul when the
 /// library is unavailable, the device is not a CPU or the dtype not f32.
 pub fn matmul(a: &Tensor, b: &Tensor, gemm_mode: GemmMode) -> Result<Tensor> {
-    let mode = match gemm_mode {
+    matmul_with(a, b, f32_products(gemm_mode))
+}
+
+/// The mode of [`matmul`]'s products in `gemm_mode`: f32 on the fast engine unless `Candle`.
+pub fn f32_products(gemm_mode: GemmMode) -> GemmMode {
+    match gemm_mode {
         GemmMode::Candle => GemmMode::Candle,
         GemmMode::F32 | GemmMode::Bf16 => GemmMode::F32,
-    };
-    matmul_with(a, b, mode)
+    }
 }
 
 /// [`matmul`] with the products in exactly `mode` (bf16 operands too, for benchmarks and
 /// tests); candle's matmul when the mode is unavailable.
 pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
+    fast_matmul(a, b, mode, None)
+}
+
+/// [`matmul_with`] of a product that attention's causal mask shapes (`causal`, see
+/// [`gemm::Causal`]), outside any graph: the small-product kernel skips the masked tiles and
+/// terms; the other engines compute everything, which gives the same values.
+pub fn matmul_causal(
+    a: &Tensor,
+    b: &Tensor,
+    mode: GemmMode,
+    causal: gemm::Causal,
+) -> Result<Tensor> {
+    fast_matmul(a, b, mode, Some(causal))
+}
+
+fn fast_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    mode: GemmMode,
+    causal: Option<gemm::Causal>,
+) -> Result<Tensor> {
     // bf16 operands (taken as they are) only in bf16 mode.
     let dtype_ok = |t: &Tensor| {
         t.dtype() == DType::F32 || (t.dtype() == DType::BF16 && mode == GemmMode::Bf16)
@@ -737,35 +762,12 @@ pub fn matmul_with(a: &Tensor, b: &Tensor, mode: GemmMode) -> Result<Tensor> {
     if mode == GemmMode::Candle && !(usable && profile::enabled()) {
         return a.matmul(b);
     }
-    a.apply_op2(b, FastMatmul { mode, causal: None })
-}
-
-/// [`matmul_with`] of a product that attention's causal mask shapes (`causal`, see
-/// [`gemm::Causal`]), outside any graph: the small-product kernel skips the masked tiles and
-/// terms; the other engines compute everything, which gives the same values.
-pub fn matmul_causal(
-    a: &Tensor,
-    b: &Tensor,
-    mode: GemmMode,
-    causal: gemm::Causal,
-) -> Result<Tensor> {
-    let f32_ok = |t: &Tensor| {
-        t.dtype() == DType::F32 || (t.dtype() == DType::BF16 && mode == GemmMode::Bf16)
-    };
-    if !(a.device().is_cpu() && f32_ok(a) && f32_ok(b)) {
-        return matmul_with(a, b, mode);
+    let op = FastMatmul { mode, causal };
+    match causal {
+        // The skipped terms have no backward: outside the graph only.
+        Some(_) => a.apply_op2_no_bwd(b, &op),
+        None => a.apply_op2(b, op),
     }
-    let mode = gemm::effective_mode(mode);
-    if mode == GemmMode::Candle {
-        return matmul_with(a, b, mode);
-    }
-    a.apply_op2_no_bwd(
-        b,
-        &FastMatmul {
-            mode,
-            causal: Some(causal),
-        },
-    )
 }
 
 /// `acc + h @ b^T` for `acc` [M, N], `h` [M, r], `b` [N, r] (a LoRA branch added to its base

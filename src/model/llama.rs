@@ -10,6 +10,7 @@ use crate::kernels::gemm::GemmMode;
 use crate::kernels::{
     attention, checkpoint, fused, lora_linear, products, self_attention, KernelSettings,
 };
+use crate::util::env::FlagSetting;
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId, Var, D};
 use std::sync::Arc;
 
@@ -65,27 +66,17 @@ pub const PACK_ENV: &str = "KTO_TRAIN_PACK";
 /// their recomputation instead of by hand (`block_grad`), for comparisons.
 pub const GRAPH_BACKWARD_ENV: &str = "KTO_TRAIN_GRAPH_BACKWARD";
 
-/// 0: not read yet, 1: by hand, 2: candle's graph.
-static GRAPH_BACKWARD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static GRAPH_BACKWARD: FlagSetting = FlagSetting::new(GRAPH_BACKWARD_ENV, false);
 
 /// Whether checkpointed blocks back-propagate through candle's graph ([`GRAPH_BACKWARD_ENV`],
 /// or [`set_graph_backward`]).
 pub fn graph_backward() -> bool {
-    use std::sync::atomic::Ordering;
-    match GRAPH_BACKWARD.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var(GRAPH_BACKWARD_ENV).is_ok_and(|v| v == "1");
-            GRAPH_BACKWARD.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-    }
+    GRAPH_BACKWARD.get()
 }
 
 /// Sets [`graph_backward`] for this process (tests compare the two backwards).
 pub fn set_graph_backward(on: bool) {
-    GRAPH_BACKWARD.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+    GRAPH_BACKWARD.set(on);
 }
 
 /// Keys and values [B, kv_heads, T, head_dim] of one layer.

@@ -1,5 +1,6 @@
-//! Sizes set in MiB by environment variables (memory budgets and thresholds of the kernels).
-use std::sync::atomic::{AtomicUsize, Ordering};
+//! Settings of the kernels read from environment variables: sizes in MiB (memory budgets and
+//! thresholds) and on/off switches.
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 /// A byte size given in MiB by the environment variable `var` (else `default_mb`), read at first
 /// use; [`MibSetting::set_mb`] overrides it for the process (tests, benchmarks).
@@ -41,9 +42,59 @@ impl MibSetting {
     }
 }
 
+/// An on/off switch: `var` = 1 turns it on, 0 off, anything else (or unset) leaves `default`;
+/// read at first use; [`FlagSetting::set`] overrides it for the process (tests, benchmarks).
+pub struct FlagSetting {
+    var: &'static str,
+    default: bool,
+    /// 0: not read yet, 1: on, 2: off.
+    state: AtomicU8,
+}
+
+impl FlagSetting {
+    pub const fn new(var: &'static str, default: bool) -> Self {
+        Self {
+            var,
+            default,
+            state: AtomicU8::new(0),
+        }
+    }
+
+    pub fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let on = match std::env::var(self.var).as_deref().map(str::trim) {
+                    Ok("1") => true,
+                    Ok("0") => false,
+                    _ => self.default,
+                };
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    /// Sets the switch for this process, as the variable does at start.
+    pub fn set(&self, on: bool) {
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::MibSetting;
+    use super::{FlagSetting, MibSetting};
+
+    #[test]
+    fn flag_default_then_override() {
+        static F: FlagSetting = FlagSetting::new("KTO_TRAIN_TEST_UNSET_FLAG_SETTING", true);
+        assert!(F.get());
+        F.set(false);
+        assert!(!F.get());
+        F.set(true);
+        assert!(F.get());
+    }
 
     #[test]
     fn default_then_override() {

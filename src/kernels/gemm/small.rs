@@ -12,6 +12,7 @@
 //! Each output value is one FMA chain over k in order, whatever the split over threads, so the
 //! result does not depend on the thread count.
 use super::{Causal, MatRef};
+use crate::util::env::FlagSetting;
 
 /// Whether this kernel runs the f32 product (m, n, k) on this CPU: one side at most
 /// [`SMALL`] (the output's width or the inner dimension) or at most 16 output rows.
@@ -22,37 +23,24 @@ pub(super) fn takes(m: usize, n: usize, k: usize) -> bool {
 /// The largest "small" output width or inner dimension: one tile's four vectors.
 const SMALL: usize = 64;
 
-/// 0: not chosen yet, 1: on, 2: off.
-static SWITCH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// `KTO_TRAIN_SMALL_GEMM=0` leaves these products to gemmkit.
+static SWITCH: FlagSetting = FlagSetting::new("KTO_TRAIN_SMALL_GEMM", true);
 
-/// Turns the kernel on (where the CPU has it) or off for the whole process; by default it is on
-/// unless `KTO_TRAIN_SMALL_GEMM=0` (benches compare it with gemmkit).
+/// Turns the kernel on (where the CPU has it) or off for the whole process (benches compare it
+/// with gemmkit).
 pub(super) fn set_enabled(on: bool) {
-    let on = on && cpu_has_it();
-    SWITCH.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
-fn cpu_has_it() -> bool {
+/// Whether the kernel runs here: the CPU has AVX-512F and it is not turned off.
+pub(super) fn active() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
+        std::is_x86_feature_detected!("avx512f") && SWITCH.get()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
-    }
-}
-
-/// Whether the kernel runs here (this CPU, not turned off).
-pub(super) fn active() -> bool {
-    use std::sync::atomic::Ordering;
-    match SWITCH.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            set_enabled(std::env::var("KTO_TRAIN_SMALL_GEMM").map_or(true, |v| v.trim() != "0"));
-            SWITCH.load(Ordering::Relaxed) == 1
-        }
     }
 }
 
